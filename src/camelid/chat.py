@@ -1,0 +1,99 @@
+"""Chatting with a model: turning a conversation into prompt tokens, and the interactive terminal session."""
+
+import sys
+from collections.abc import Callable
+
+from camelid.checkpoint import LoadedModel
+from camelid.errors import CamelidError
+from camelid.generate import SamplingParams, stream
+
+CHAT_HELP = """commands:
+  /reset          forget the conversation (the system prompt stays)
+  /system TEXT    set the system prompt and start over (/system alone removes it)
+  /help           show this help
+  /exit           leave (Ctrl-D too); Ctrl-C stops an answer in progress"""
+
+
+def chat_template_for(loaded: LoadedModel, name: str | None = None):
+    """The template to chat with: a named built-in when given, else the model's own."""
+    from camelid.chat_template import ChatTemplate
+
+    tok = loaded.tokenizer
+    if name:
+        return ChatTemplate.named(name, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    if not loaded.chat_template:
+        raise CamelidError(
+            f"{loaded.source.name} has no chat template; pick a built-in with --template "
+            "(alpaca, vicuna_v1.1, koala_v1, chatml, llama-2)"
+        )
+    return ChatTemplate(loaded.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+
+def encode_chat(loaded: LoadedModel, template, messages: list[dict], *, keep_tokens: int = 0) -> list[int]:
+    """Prompt tokens for a conversation, ending where the assistant's next turn begins.
+
+    When the conversation no longer fits the context (less `keep_tokens` for the answer), the oldest turns
+    after the system message are dropped, a user turn and its answer at a time, as chat front-ends do.
+    """
+    limit = loaded.config.max_sequence_length - keep_tokens
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while True:
+        ids = loaded.tokenizer.encode(template.render(system + turns, add_generation_prompt=True), add_special=False)
+        if len(ids) <= limit or len(turns) <= 1:
+            return ids
+        turns = turns[2:]
+
+
+def run_chat(
+    loaded: LoadedModel,
+    params: SamplingParams,
+    *,
+    template_name: str | None = None,
+    system: str | None = None,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+) -> None:
+    """The `camelid chat` loop: read a line, stream the answer, keep the history; commands start with '/'."""
+    template = chat_template_for(loaded, template_name)
+    history: list[dict] = []
+    write(f"camelid chat with {loaded.source.name} — /help for commands, Ctrl-D to leave\n")
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            write("\n")
+            return
+        except KeyboardInterrupt:
+            write("\n(use /exit or Ctrl-D to leave)\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                history = []
+                write("(conversation cleared)\n")
+            elif command == "/system":
+                system, history = (arg.strip() or None), []
+                write(f"(system prompt {'set' if system else 'removed'}; conversation cleared)\n")
+            elif command == "/help":
+                write(CHAT_HELP + "\n")
+            else:
+                write(f"unknown command {command}; /help lists the commands\n")
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        prompt = encode_chat(loaded, template, messages, keep_tokens=min(params.max_new_tokens, 512))
+        answer = ""
+        try:
+            for piece in stream(loaded.model, loaded.tokenizer, prompt, params):
+                answer += piece
+                write(piece)
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        write("\n")
+        history.append({"role": "assistant", "content": answer})

@@ -1,0 +1,337 @@
+"""Loading and saving models: Hugging Face directories (safetensors) and GGUF files, never pickles.
+
+`load_model("smollm2-135m-instruct" | "model.gguf" | "hf_dir/")` gives a `LoadedModel`: the network, its
+tokenizer and its chat template. `save_model` writes an HF directory that transformers loads, atomically.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+from camelid.gguf_file import GGUFFile
+from camelid.model import Llama, rope_inv_freq
+from camelid.models import NAMED_MODELS, named_model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    tokenizer: "Tokenizer"  # noqa: F821 (camelid.tokenizer.Tokenizer)
+    chat_template: str | None  # the model's own Jinja template, if it has one
+    source: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """A MODEL argument as a path: a named model's file, a GGUF file, or an HF-format directory."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if str(spec).lower() in NAMED_MODELS:
+        return named_model_path(str(spec))
+    if path.suffix == ".gguf" or os.sep in str(spec):
+        raise CamelidError(f"{spec}: no such file or directory")
+    return named_model_path(str(spec))  # raises with the list of names
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 matmuls are ~200x slower than fp32 on CPUs without AVX-512 BF16; on GPUs bf16 is the norm.
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CamelidError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}") from None
+
+
+def load_model(spec: str | Path, *, device: str | None = None, dtype=None) -> LoadedModel:
+    """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory."""
+    from camelid.chat_template import read_chat_template
+    from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+    path = resolve_model_path(spec)
+    device = device or default_device()
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    if path.is_dir():
+        config, state = read_hf_weights(path)
+        tokenizer = load_tokenizer(path)
+        template = read_chat_template(path)
+    else:
+        gguf = GGUFFile(path)
+        config, state = read_gguf_weights(gguf)
+        tokenizer = tokenizer_from_gguf(gguf.metadata)
+        template = gguf.metadata.get("tokenizer.chat_template")
+    model = build_model(config, state, device=device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu", dtype=torch.float32) -> Llama:
+    """A model holding exactly `state`, built without first allocating random weights."""
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        detail = "; ".join(
+            f"{what}: {', '.join(sorted(names)[:4])}{' ...' if len(names) > 4 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected))
+            if names
+        )
+        raise CamelidError(f"the checkpoint's tensors do not fit a {config.num_hidden_layers}-layer LLaMA ({detail})")
+    for name, param in model.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
+            raise CamelidError(
+                f"tensor {name} has shape {tuple(state[name].shape)}, the config implies {tuple(param.shape)}"
+            )
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.eval()
+
+
+# -- Hugging Face directories ----------------------------------------------------------------------------------
+
+
+def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = ModelConfig.load(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CamelidError(f"{index}: not a valid safetensors index ({exc})") from None
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+        if pickles:
+            raise CamelidError(
+                f"{directory}: weights are only in pickle files ({pickles[0]}), which camelid never loads; "
+                "convert them to safetensors with transformers' save_pretrained(safe_serialization=True)"
+            )
+        raise CamelidError(f"{directory}: no *.safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state.update(load_file(directory / name))
+        except FileNotFoundError:
+            raise CamelidError(f"{directory}: weight shard {name} named in the index is missing") from None
+        except (SafetensorError, OSError) as exc:
+            raise CamelidError(f"{directory / name}: unreadable safetensors file ({exc}); is it truncated?") from None
+    state.pop("model.rotary_emb.inv_freq", None)  # stored by some old exports; recomputed from the config
+    return config, state
+
+
+def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
+    """Write an HF-format directory (config, safetensors, tokenizer, chat template) atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not (overwrite and out.is_dir()) and (not out.is_dir() or any(out.iterdir())):
+        raise CamelidError(f"{out} already exists; choose a new directory or remove it first")
+    dtype = parse_dtype(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model = loaded.model
+        model.config.save(tmp)
+        state = {
+            k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+            for k, v in model.state_dict().items()
+            if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+        }
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        loaded.tokenizer.save(tmp, chat_template=loaded.chat_template)
+        gen = {"bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": sorted(loaded.tokenizer.stop_ids) or None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -- GGUF ------------------------------------------------------------------------------------------------------
+
+# GGUF tensor name -> HF name; {i} is the layer index.
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+SUPPORTED_GGUF_ARCHS = ("llama",)
+# Llama-3.1/3.2 scaling as released; a GGUF keeps only the resulting per-frequency factors (rope_freqs).
+KNOWN_LLAMA3_SCALINGS = [
+    {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for f in (8.0, 32.0)
+]
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) > 2:
+        return GGUF_NAMES.get(".".join(["blk", "{i}", *parts[2:]]), "").format(i=parts[1]) or None
+    return GGUF_NAMES.get(name)
+
+
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise CamelidError(
+            f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_ARCHS)})"
+        )
+    if f"{arch}.expert_count" in meta and meta[f"{arch}.expert_count"]:
+        raise CamelidError(f"{gguf.path}: mixture-of-experts models are not supported")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise CamelidError(f"{gguf.path}: metadata {arch}.{key} is missing; the file is incomplete")
+        return value
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    config = ModelConfig(
+        vocab_size=meta.get(f"{arch}.vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[0],
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads),
+        max_position_embeddings=get("context_length"),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in gguf.tensors,
+        attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+    )
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        config.rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling_type not in ("none", None):
+        raise CamelidError(f"{gguf.path}: rope scaling {scaling_type!r} is not supported (supported: linear, llama3)")
+    if "rope_freqs.weight" in gguf.tensors:
+        config.rope_scaling = _llama3_scaling_from_factors(config, gguf.dequantize("rope_freqs.weight"), gguf.path)
+    return config
+
+
+def _llama3_scaling_from_factors(config: ModelConfig, factors: np.ndarray, path) -> dict:
+    """The Llama-3.1 scaling whose per-frequency factors are those llama.cpp stored in `rope_freqs`."""
+    plain = rope_inv_freq(ModelConfig(**{**config.__dict__, "rope_scaling": None}))
+    for candidate in KNOWN_LLAMA3_SCALINGS:
+        scaling = {"rope_type": "llama3", **candidate}
+        scaled = rope_inv_freq(ModelConfig(**{**config.__dict__, "rope_scaling": scaling}))
+        if np.allclose((plain / scaled).numpy(), factors, rtol=1e-4):
+            return scaling
+    raise CamelidError(f"{path}: its rope_freqs factors match no known Llama-3 scaling; this file is not supported")
+
+
+def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows (interleaved rotary pairs back to the HF half-split layout)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    config = config_from_gguf(gguf)
+    state = {}
+    for name in gguf.tensors:
+        if name == "rope_freqs.weight":
+            continue
+        hf_name = gguf_to_hf_name(name)
+        if hf_name is None:
+            raise CamelidError(f"{gguf.path}: unexpected tensor {name}; this is not a plain LLaMA model")
+        w = dequantize_tensor(gguf, name)
+        if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+            w = _unpermute_rope(w, config.num_attention_heads)
+        elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+            w = _unpermute_rope(w, config.num_key_value_heads)
+        state[hf_name] = w
+    return config, state
+
+
+def dequantize_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
+    """A GGUF tensor as float32; the common llama.cpp block formats are unpacked in torch, the rest by `gguf`."""
+    from gguf import GGMLQuantizationType as Q
+
+    info = gguf.tensors[name]
+    fast = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1}.get(info.ggml_type)
+    if fast is None:
+        return torch.from_numpy(np.array(gguf.dequantize(name), dtype=np.float32))
+    raw = torch.from_numpy(gguf.raw(name).copy())
+    return fast(raw).reshape(info.shape)
+
+
+def _scale(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The little-endian float16 stored at byte `at` of every block, as float32 [n, 1]."""
+    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 packed bytes per block -> 32 floats 0..15: low nibbles are elements 0..15, high nibbles 16..31."""
+    out = torch.empty(qs.shape[0], 32)
+    out[:, :16] = qs & 0x0F
+    out[:, 16:] = qs >> 4
+    return out
+
+
+def _q8_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 32 x int8
+    blocks = raw.view(-1, 34)
+    return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(_scale(blocks, 0))
+
+
+def _q4_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 16 bytes of 4-bit values offset by 8
+    blocks = raw.view(-1, 18)
+    return _unpack_nibbles(blocks[:, 2:]).sub_(8).mul_(_scale(blocks, 0))
+
+
+def _q4_1(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, f16 minimum, 16 bytes of 4-bit values
+    blocks = raw.view(-1, 20)
+    return _unpack_nibbles(blocks[:, 4:]).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))

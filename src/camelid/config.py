@@ -1,0 +1,149 @@
+"""The model configuration: one dataclass, named presets, and the Hugging Face `config.json` it is stored as.
+
+Field names are those of transformers' `LlamaConfig`, so a camelid checkpoint directory is an HF directory and a
+user who knows one knows the other.
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from camelid.errors import CamelidError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (multi-head attention)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, {"rope_type": "linear", "factor": f}, or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} as in transformers.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral v0.1; camelid refuses sequences longer than the window
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CamelidError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.hidden_act != "silu":
+            raise CamelidError(f"hidden_act {self.hidden_act!r} is not supported (supported: silu)")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            kind = self.rope_scaling.setdefault("rope_type", self.rope_scaling.pop("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise CamelidError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence camelid will run exactly (the sliding window bounds it where there is one)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    def to_hf(self) -> dict[str, Any]:
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self)}
+        out.pop("sliding_window") if self.sliding_window is None else None
+        return out
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        arch = hf.get("model_type")
+        if arch not in ("llama", "mistral"):
+            raise CamelidError(f"model_type {arch!r} is not supported (supported: llama, mistral)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in known})
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise CamelidError(f"{directory}: no config.json; is this a Hugging Face model directory?")
+        try:
+            return cls.from_hf(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise CamelidError(f"{path}: not valid JSON ({exc})") from None
+        except TypeError as exc:
+            raise CamelidError(f"{path}: a field has the wrong type ({exc})") from None
+
+
+def _preset(**kw) -> ModelConfig:
+    return ModelConfig(**kw)
+
+
+# Each preset copies the config.json of the model it names; the source is given beside it.
+PRESETS: dict[str, ModelConfig] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json
+    "smollm2-135m": _preset(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    # TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json
+    "tinyllama-1.1b": _preset(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0,
+    ),
+    # meta-llama/Llama-2-7b-hf config.json
+    "llama-2-7b": _preset(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0,
+    ),
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama-3-8b": _preset(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        bos_token_id=128000, eos_token_id=128001,
+    ),
+    # meta-llama/Llama-3.1-8B config.json (the "llama3" frequency scaling)
+    "llama-3.1-8b": _preset(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=128001,
+    ),
+    # mistralai/Mistral-7B-v0.1 config.json (4,096-token sliding window)
+    "mistral-7b": _preset(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096,
+    ),
+    # meta-llama/Llama-2-13b-hf config.json (Vicuna-13B's base)
+    "llama-2-13b": _preset(
+        vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, max_position_embeddings=4096, rope_theta=10000.0,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return ModelConfig(**asdict(PRESETS[name.lower()]))
+    except KeyError:
+        raise CamelidError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+

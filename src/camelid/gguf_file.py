@@ -1,0 +1,180 @@
+"""Reading GGUF files: metadata, the tensor index, and tensors dequantized to float32.
+
+The `gguf` package (llama.cpp's own Python library) supplies the type tables and the dequantizers, but its
+`GGUFReader` builds a numpy view for every array element and takes seconds to open a file with a 50K-token
+vocabulary; this parser reads the same header in tens of milliseconds, which is most of a small model's load time.
+"""
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from camelid.errors import CamelidError
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# GGUF metadata value types -> (struct format, numpy dtype) for the fixed-size ones.
+_SCALARS = {
+    0: ("<B", np.uint8),
+    1: ("<b", np.int8),
+    2: ("<H", np.uint16),
+    3: ("<h", np.int16),
+    4: ("<I", np.uint32),
+    5: ("<i", np.int32),
+    6: ("<f", np.float32),
+    7: ("<?", np.bool_),
+    10: ("<Q", np.uint64),
+    11: ("<q", np.int64),
+    12: ("<d", np.float64),
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (outermost first); GGUF stores the reverse
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: `metadata` (plain Python values) and `tensors` (name -> TensorInfo)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CamelidError(f"{self.path}: no such GGUF file")
+        with open(self.path, "rb") as f:
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # empty file
+                raise CamelidError(f"{self.path}: the file is empty, not a GGUF model") from None
+        try:
+            self._parse()
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError) as exc:
+            raise CamelidError(f"{self.path}: damaged GGUF header ({exc}); is the file truncated or corrupt?") from None
+
+    # -- header --------------------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        buf = self._map
+        if buf[:4] != GGUF_MAGIC:
+            raise CamelidError(f"{self.path}: not a GGUF file (it does not start with 'GGUF')")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise CamelidError(f"{self.path}: GGUF version {version} is not supported (supported: 2, 3)")
+        self._pos = 24
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            (vtype,) = self._unpack("<I")
+            self.metadata[key] = self._value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            (n_dims,) = self._unpack("<I")
+            dims = self._unpack(f"<{n_dims}Q")
+            ggml_type, offset = self._unpack("<IQ")
+            infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
+        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors = {n: TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos}
+        for info in self.tensors.values():
+            if info.offset + self._nbytes(info) > len(buf):
+                raise CamelidError(
+                    f"{self.path}: tensor {info.name} runs past the end of the file; the file is truncated"
+                )
+
+    def _unpack(self, fmt: str) -> tuple:
+        out = struct.unpack_from(fmt, self._map, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return out
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        s = self._map[self._pos : self._pos + n]
+        if len(s) != n:
+            raise ValueError("string runs past the end of the file")
+        self._pos += n
+        return s.decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            (v,) = self._unpack(_SCALARS[vtype][0])
+            return v
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            item_type, n = self._unpack("<IQ")
+            if item_type in _SCALARS:
+                dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
+                arr = np.frombuffer(self._map, dtype=dtype, count=n, offset=self._pos)
+                self._pos += n * dtype.itemsize
+                return arr.tolist()
+            return [self._value(item_type) for _ in range(n)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+    # -- tensors -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _nbytes(info: TensorInfo) -> int:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+        except (ValueError, KeyError):
+            return 0  # unknown type: reported when the tensor is read
+        return int(np.prod(info.shape, dtype=np.int64)) // block * block_bytes
+
+    def type_name(self, name: str) -> str:
+        from gguf import GGMLQuantizationType
+
+        t = self.tensors[name].ggml_type
+        try:
+            return GGMLQuantizationType(t).name
+        except ValueError:
+            return f"type {t}"
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored (a uint8 view into the memory map)."""
+        info = self.tensors[name]
+        return np.frombuffer(self._map, dtype=np.uint8, count=self._nbytes(info), offset=info.offset)
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The tensor as a float32 array in PyTorch shape, whatever type it is stored in."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        info = self.tensors[name]
+        try:
+            qtype = GGMLQuantizationType(info.ggml_type)
+        except ValueError:
+            raise CamelidError(f"{self.path}: tensor {name} has unknown GGML type {info.ggml_type}") from None
+        raw = self.raw(name)
+        if qtype == GGMLQuantizationType.F32:
+            return raw.view(np.float32).reshape(info.shape)
+        if qtype == GGMLQuantizationType.F16:
+            return raw.view(np.float16).reshape(info.shape).astype(np.float32)
+        if qtype == GGMLQuantizationType.BF16:
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+        row = info.shape[-1]
+        try:
+            out = dequantize(raw.reshape(-1, raw.size // int(np.prod(info.shape[:-1], dtype=np.int64))), qtype)
+        except NotImplementedError:
+            raise CamelidError(
+                f"{self.path}: tensor {name} is stored as {qtype.name}, which the installed gguf package "
+                "cannot dequantize; re-quantize the model to Q8_0, Q4_K or F16 with llama.cpp"
+            ) from None
+        return out.reshape(*info.shape[:-1], row)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file as plain Python values."""
+    return GGUFFile(path).metadata

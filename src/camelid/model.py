@@ -1,0 +1,225 @@
+"""The LLaMA-family decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and a KV cache.
+
+Module names follow transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`, ...), so the state
+dict of a camelid model *is* a Hugging Face state dict and LoRA adapters get peft's names for free.
+
+Shapes: B batch, T new tokens, S cached slots, H query heads, K key/value heads, G = H // K, D head dim.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camelid.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the activation dtype, then scale in the activation dtype (as transformers).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse frequencies of the rotary embedding, with linear or Llama-3.1 scaling applied (float32, [D/2])."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin for integer positions [B, T], as [B, T, 1, D] in `dtype` (computed in float32)."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, T, heads, D] by position; pairs are (i, i + D/2), the Hugging Face layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values for every layer in fixed buffers [B, K, S, D], and how many slots each row has filled.
+
+    Rows are independent: row b's next tokens are written at slots lengths[b], lengths[b] + 1, ... so
+    prompts of different lengths share a batch without padding on the left, and a row can be reset alone.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache=None) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv, self.head_dim
+        G = H // K
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, K, D), cos, sin)
+        v = self.v_proj(x).view(B, T, K, D)
+        if cache is not None:
+            k_buf, v_buf, rows, slots, kv_len = cache
+            k_buf[rows, :, slots] = k  # rows [B, 1], slots [B, T]: writes [B, T, K, D]
+            v_buf[rows, :, slots] = v
+            k, v = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]  # [B, K, S, D]
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None:
+            # Plain causal attention (training): let SDPA pick its fastest kernel.
+            q = q.transpose(1, 2)
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        else:
+            # GQA without copying K/V: the G query heads that share a KV head are folded into the query
+            # length, [B, K, G*T, D]; `mask` was folded the same way, [B, 1, G*T, S].
+            q = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """A LLaMA-family causal language model (the equivalent of transformers' `LlamaForCausalLM`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, **kw) -> Tensor:
+        """Logits for every position, [B, T, vocab]."""
+        return self.lm_head(self.hidden(tokens, cache, **kw))
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        *,
+        valid: Tensor | None = None,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states [B, T, hidden] (after the last norm); apply `lm_head` only where logits are needed.
+
+        With a cache, row b's tokens continue from cache.lengths[b]; `valid` [B] says how many of each row's T
+        tokens are real (the rest are right padding), and the cache advances by that much.
+        Without a cache, attention is causal over the T tokens; training may pass `positions` [B, T] and a
+        boolean `mask` [B, T, T] (True = may attend) to keep packed examples apart.
+        """
+        B, T = tokens.shape
+        x = self.model.embed_tokens(tokens)
+        layer_cache = [None] * len(self.model.layers)
+        if cache is not None:
+            if positions is not None or mask is not None:
+                raise ValueError("positions and mask are derived from the cache when a cache is given")
+            positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+            kv_len = int(positions.max()) + 1
+            if kv_len > cache.max_len:
+                raise ValueError(f"sequence of {kv_len} tokens does not fit the cache of {cache.max_len}")
+            slots = torch.arange(kv_len, device=tokens.device)
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: causal within each row
+            rows = torch.arange(B, device=tokens.device)[:, None]
+            layer_cache = [(cache.k[i], cache.v[i], rows, positions, kv_len) for i in range(len(self.model.layers))]
+        elif positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if mask is not None:
+            G = self.config.num_attention_heads // self.config.num_key_value_heads
+            mask = mask[:, None, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, mask.shape[-1])
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer, lc in zip(self.model.layers, layer_cache):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, lc, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, lc)
+        if cache is not None:
+            cache.lengths += T if valid is None else valid.to(cache.lengths.device)
+        return self.model.norm(x)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.model.embed_tokens.weight  # (the head may have been swapped for a quantized one)
+        max_len = min(max_len or self.config.max_sequence_length, self.config.max_sequence_length)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

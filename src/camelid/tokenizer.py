@@ -1,0 +1,389 @@
+"""Tokenizers: a Hugging Face `tokenizers.Tokenizer` plus the special-token facts a checkpoint states.
+
+Two sources are read. An HF-format directory carries `tokenizer.json` (and usually `tokenizer_config.json`);
+a GGUF file carries only the vocabulary as metadata, so the tokenizer is rebuilt from it here the way llama.cpp
+interprets the same keys, since llama.cpp is the program those files are made for:
+
+- `tokenizer.ggml.model = "gpt2"`: byte-level BPE from the stored tokens and merges, split first by the regular
+  expressions that llama.cpp uses for the file's `tokenizer.ggml.pre` value.
+- `tokenizer.ggml.model = "llama"`: SentencePiece BPE. llama.cpp merges the adjacent pair whose joined text is
+  the highest-scoring token, which is BPE with merges ranked by the merged token's score; characters missing from
+  the vocabulary fall back to `<0xNN>` byte tokens, and a space is prefixed to every run of text (the start, and
+  after each special token) when `add_space_prefix` is set.
+
+Token types in a GGUF vocabulary: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. Unknown and
+control tokens become special added tokens, user-defined ones plain added tokens; llama.cpp matches all three
+whole in the text (with `parse_special`), and so does `encode` here.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+
+from camelid.errors import CamelidError
+
+# GGUF token types (llama.cpp's `llama_token_type`).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Tokens that end a turn or a document. Many files name only one EOS id, so llama.cpp finds the others by these
+# texts, and makes them control tokens (parsed whole from text) even where the file marks them normal.
+END_OF_GENERATION_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<end_of_utterance>",
+    "<|return|>",
+    "<|call|>",
+)
+# `stop_ids` also holds these when they are special tokens of the vocabulary.
+_STOP_TOKENS = END_OF_GENERATION_TOKENS + ("</s>",)
+
+# The split expressions llama.cpp applies, one after another, before byte-level BPE, by `tokenizer.ggml.pre`.
+# Each one splits every piece the previous one left into its matches and the text between them.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_SPLITS_BY_PRE = {
+    # llama.cpp's own fallback for a vocabulary whose pre-tokenizer its converter did not recognise.
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais"), (_GPT2,)),
+    # Each digit on its own first (SmolLM, StarCoder and relatives).
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b"), (r"\p{N}", _GPT2)
+    ),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "dbrx", "smaug-bpe"), (_LLAMA3,)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (_QWEN2,)),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
+}
+# Llama 3 and kin: BPE takes a whole pre-token that is itself a token before merging (tiktoken's rule, which
+# llama.cpp applies to these names only), and BOS is added unless the file says otherwise.
+_LLAMA3_LIKE = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
+
+_SPIECE_SPACE = "\u2581"  # SentencePiece writes a space as '▁'
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the checkpoint's special-token facts."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None = None,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        stop_ids: Iterable[int] = (),
+        vocab_size: int | None = None,
+    ):
+        self.backend = backend
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos and bos_id is not None  # a flag without the token cannot be honoured
+        self.add_eos = add_eos and eos_id is not None
+        self.stop_ids = frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
+        self.vocab_size = vocab_size if vocab_size is not None else backend.get_vocab_size(with_added_tokens=True)
+        # The backend's post-processor adds BOS/EOS for `add_special_tokens=True`; make it say what the file says,
+        # so that `encode`, `backend.encode` and transformers loading a saved copy all agree.
+        wanted = [bos_id] * self.add_bos + [eos_id] * self.add_eos
+        if backend.encode("", add_special_tokens=True).ids != wanted:
+            bos = self.bos_token if self.add_bos else None
+            eos = self.eos_token if self.add_eos else None
+            backend.post_processor = _wrapping(bos, bos_id, eos, eos_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.backend.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self.backend.id_to_token(self.eos_id)
+
+    @property
+    def pad_token(self) -> str | None:
+        return None if self.pad_id is None else self.backend.id_to_token(self.pad_id)
+
+    def encode(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in it are parsed as such, and BOS is added when
+        `add_special` and the checkpoint adds one."""
+        return self.backend.encode(text, add_special_tokens=add_special).ids
+
+    def encode_with_offsets(
+        self, text: str, *, add_special: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character offsets into `text` (an added BOS gets (0, 0))."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def save(self, directory: str | Path, *, chat_template: str | None = None) -> None:
+        """Write an HF-format tokenizer that `transformers.AutoTokenizer.from_pretrained` loads to the same ids."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = {
+            name: token
+            for name, token in (
+                ("bos_token", self.bos_token),
+                ("eos_token", self.eos_token),
+                ("pad_token", self.pad_token),
+                ("unk_token", _unk_token(self.backend)),
+            )
+            if token is not None
+        }
+        config = {
+            # The generic class loads tokenizer.json as written; a model-specific class (LlamaTokenizer, ...)
+            # would rebuild its own pre-tokenizer and could tokenize differently from this one.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
+            "clean_up_tokenization_spaces": False,
+        }
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=False))
+        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(directory / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        if chat_template is not None:
+            _write_atomic(directory / "chat_template.jinja", chat_template)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"add_bos={self.add_bos}, stop_ids={sorted(self.stop_ids)})"
+        )
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of an HF-format directory (`tokenizer.json` [+ `tokenizer_config.json`]) or a GGUF file."""
+    path = Path(path)
+    if path.is_dir():
+        return _tokenizer_from_directory(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
+        if is_gguf:
+            from camelid.gguf_file import GGUFFile
+
+            return tokenizer_from_gguf(GGUFFile(path).metadata)
+        raise CamelidError(f"{path}: not a GGUF file or a directory; give a .gguf model or an HF tokenizer directory")
+    raise CamelidError(f"{path}: no such file or directory; give a .gguf model or an HF tokenizer directory")
+
+
+def _tokenizer_from_directory(directory: Path) -> Tokenizer:
+    tokenizer_json = directory / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        hint = (
+            " (it has a SentencePiece tokenizer.model: convert it once with transformers, "
+            "AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
+            if (directory / "tokenizer.model").is_file()
+            else ""
+        )
+        raise CamelidError(f"{directory}: no tokenizer.json in this directory{hint}")
+    try:
+        backend = BackendTokenizer.from_file(str(tokenizer_json))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise CamelidError(f"{tokenizer_json}: cannot read this tokenizer ({exc})") from None
+    config = _read_json(directory / "tokenizer_config.json")
+    special_map = _read_json(directory / "special_tokens_map.json")
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name, special_map.get(name))
+        if isinstance(token, dict):  # a serialised AddedToken
+            token = token.get("content")
+        return backend.token_to_id(token) if isinstance(token, str) else None
+
+    bos_id, eos_id, pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+    # transformers rebuilds the post-processor from add_bos_token when the config states it; otherwise the
+    # post-processor in tokenizer.json decides.
+    add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
+    wrapped = backend.encode("", add_special_tokens=True).ids
+    if add_bos is None:
+        add_bos = bos_id is not None and wrapped[:1] == [bos_id]
+    if add_eos is None:
+        add_eos = eos_id is not None and wrapped[-1:] == [eos_id]
+
+    specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    stop_ids = {specials[text] for text in _STOP_TOKENS if text in specials}
+    # A model's generation_config.json may list several end ids (Llama 3: end_of_text, eom_id, eot_id).
+    generation_eos = _read_json(directory / "generation_config.json").get("eos_token_id")
+    if not isinstance(generation_eos, list):
+        generation_eos = [generation_eos]
+    stop_ids |= {i for i in generation_eos if isinstance(i, int)}
+    return Tokenizer(
+        backend,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        add_bos=bool(add_bos),
+        add_eos=bool(add_eos),
+        stop_ids=stop_ids,
+    )
+
+
+def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
+    """Build the tokenizer that a GGUF file's `tokenizer.ggml.*` metadata describes."""
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if kind is None or not tokens:
+        raise CamelidError("this GGUF file has no tokenizer (no tokenizer.ggml.model/tokens); use a full model file")
+    if kind not in ("gpt2", "llama"):
+        raise CamelidError(
+            f"GGUF tokenizer model {kind!r} is not supported; camelid reads 'gpt2' (byte-level BPE) and "
+            "'llama' (SentencePiece) vocabularies"
+        )
+    # llama.cpp names an empty token so that the text -> id map stays one-to-one.
+    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    vocab = {t: i for i, t in enumerate(tokens)}  # on a duplicate the last id wins, as in llama.cpp
+
+    def special_id(key: str, default: int | None) -> int | None:
+        value = metadata.get(f"tokenizer.ggml.{key}", default)
+        return value if value is not None and 0 <= value < len(tokens) else default
+
+    if kind == "gpt2":
+        pre = metadata.get("tokenizer.ggml.pre", "default")  # files older than the key get llama.cpp's default
+        backend = _byte_level_bpe(vocab, metadata.get("tokenizer.ggml.merges"), pre)
+        bos_id, eos_id = special_id("bos_token_id", None), special_id("eos_token_id", None)
+        add_bos_default = pre in _LLAMA3_LIKE
+    else:
+        # llama.cpp's defaults for a SentencePiece vocabulary that does not name them.
+        bos_id, eos_id = special_id("bos_token_id", 1), special_id("eos_token_id", 2)
+        unk_id = special_id("unknown_token_id", 0)
+        add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        backend = _sentencepiece_bpe(tokens, types, scores, vocab, unk_id, add_space_prefix)
+        add_bos_default = True
+
+    for text in END_OF_GENERATION_TOKENS:  # control tokens whatever the file says, as in llama.cpp
+        if text in vocab and types[vocab[text]] == NORMAL:
+            types[vocab[text]] = CONTROL
+    added = [
+        AddedToken(token, special=token_type != USER_DEFINED, normalized=False)
+        for token, token_type in zip(tokens, types)
+        if token_type in (UNKNOWN, CONTROL, USER_DEFINED)
+    ]
+    backend.add_tokens(added)
+
+    stop_ids = {vocab[text] for text in _STOP_TOKENS if text in vocab and types[vocab[text]] == CONTROL}
+    stop_ids |= {i for key in ("eot_token_id", "eom_token_id") if (i := special_id(key, None)) is not None}
+    return Tokenizer(
+        backend,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=special_id("padding_token_id", None),
+        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+        add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        stop_ids=stop_ids,
+        vocab_size=len(tokens),
+    )
+
+
+def _byte_level_bpe(vocab: dict[str, int], merges: list[str] | None, pre: str) -> BackendTokenizer:
+    if not merges:
+        raise CamelidError("this GGUF 'gpt2' vocabulary has no tokenizer.ggml.merges; the file is incomplete")
+    splits = _SPLITS_BY_PRE.get(pre)
+    if splits is None:
+        raise CamelidError(
+            f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(_SPLITS_BY_PRE))}"
+        )
+    backend = BackendTokenizer(
+        models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in _LLAMA3_LIKE)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        # The splitting is done above; ByteLevel only maps bytes to its printable alphabet. Offsets are left
+        # untrimmed so that the tokens of a text tile it exactly.
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(
+    tokens: list[str],
+    types: list[int],
+    scores: list[float],
+    vocab: dict[str, int],
+    unk_id: int | None,
+    add_space_prefix: bool,
+) -> BackendTokenizer:
+    # llama.cpp merges the adjacent pair whose joined text is the best-scoring token (leftmost on a tie). That is
+    # BPE whose merges are every split of a mergeable token into two tokens, ranked by the joined token's score.
+    mergeable = [i for i, t in enumerate(types) if t in (NORMAL, USER_DEFINED, UNUSED)]
+    mergeable.sort(key=lambda i: -scores[i])
+    merges = []
+    for i in mergeable:
+        token = tokens[i]
+        merges += [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+    unk = tokens[unk_id] if unk_id is not None else None
+    backend = BackendTokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=BYTE in types)
+    )
+    # A normalizer, not Metaspace: it runs on every stretch of text between special tokens and always prefixes,
+    # even text that starts with a space, which is what llama.cpp (and SentencePiece itself) do.
+    steps = [normalizers.Prepend(_SPIECE_SPACE)] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPIECE_SPACE)])
+    backend.pre_tokenizer = None
+    strip = [decoders.Strip(content=" ", left=1, right=0)] if add_space_prefix else []
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip
+    )
+    return backend
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _wrapping(bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None) -> processors.PostProcessor:
+    """A post-processor that puts BOS before and/or EOS after each sequence (either may be None)."""
+
+    def wrap(sequence: str, type_id: int) -> list[str]:
+        return [f"{bos}:{type_id}"] * bool(bos) + [f"${sequence}:{type_id}"] + [f"{eos}:{type_id}"] * bool(eos)
+
+    special = [(token, i) for token, i in ((bos, bos_id), (eos, eos_id)) if token]
+    return processors.TemplateProcessing(single=wrap("A", 0), pair=wrap("A", 0) + wrap("B", 1), special_tokens=special)
+
+
+def _unk_token(backend: BackendTokenizer) -> str | None:
+    return getattr(backend.model, "unk_token", None)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CamelidError(f"{path}: not valid JSON ({exc})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

