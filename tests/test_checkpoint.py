@@ -298,3 +298,31 @@ def test_save_refuses_existing_directory_and_leaves_nothing_behind(tmp_path, smo
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     shutil.rmtree(target)
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_smollm2_next_token_agreement_with_llamacpp(smollm2_gguf, sharegpt_texts, record_property):
+    """Top-1 next token, camelid (fp32 from the dequantized file) vs llama.cpp (its Q4_1 kernels with 8-bit
+    activations), over 400+ positions of real conversation text."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    loaded = load_model(smollm2_gguf, device="cpu")
+    llm = llama_cpp.Llama(str(smollm2_gguf), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    agree = total = 0
+    for text in sharegpt_texts[:40]:
+        ids = loaded.tokenizer.encode(text)[:128]
+        if len(ids) < 16:
+            continue
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)]).argmax(-1)
+        with torch.no_grad():
+            mine = loaded.model(torch.tensor([ids]))[0].argmax(-1).numpy()
+        agree += int((mine == theirs).sum())
+        total += len(ids)
+        if total >= 400:
+            break
+    rate = agree / total
+    record_property("llamacpp_top1_agreement", f"{rate:.4f} over {total} positions")
+    print(f"top-1 agreement with llama.cpp: {rate:.2%} over {total} positions")
+    assert total >= 200 and rate >= 0.95
