@@ -1,0 +1,468 @@
+"""Tokenizer tests: ids against transformers, llama.cpp and SentencePiece on real ShareGPT text.
+
+Two vocabularies: the real SmolLM2 GGUF (byte-level BPE), and a small SentencePiece BPE model trained here on
+ShareGPT text and written to a vocab-only GGUF, since no real SentencePiece GGUF is available offline.
+"""
+
+import json
+import re
+import time
+
+import pytest
+
+from camelid.errors import CamelidError
+from camelid.gguf_file import GGUFFile
+from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+CHAT_TEXTS = [
+    "<|im_start|>user\nhi<|im_end|>",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "text before<|im_end|>after <|endoftext|> and <|im_start|>",
+    "<|im_end|><|im_end|>\n\n<|im_start|>",
+]
+# Edge cases every tokenizer must agree on: whitespace runs, digits, contractions, non-Latin scripts, emoji.
+EDGE_TEXTS = [
+    "",
+    "\n",
+    "   ",
+    " leading space",
+    "  two leading spaces",
+    "trailing space ",
+    "tabs\tand\nnewlines\r\n\n\nend",
+    "Numbers 1234567 and 3.14159, 1,000,000 and ٣٤٥ and ½",
+    "I'm sure they'll say it's 'quoted' -- THEY'RE",
+    "日本語のテキストを書きます。",
+    "Привет, как дела? Всё хорошо.",
+    "मशीन लर्निंग और कृत्रिम बुद्धि",
+    "emoji 🦙🔥👍🏽 and symbols ∑∫√ ©®™",
+    "ﬁ ligature, combining é (e\u0301), zero\u200bwidth",
+    "```python\ndef f(x):\n    return x ** 2\n```",
+]
+
+
+def _first_difference(ours: list[int], theirs: list[int]) -> str:
+    i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return f"first difference at token {i}: ours {ours[i:i + 6]} vs reference {theirs[i:i + 6]}"
+
+
+def _assert_same_ids(texts, ours, reference, name: str) -> None:
+    mismatches = [(text, a, b) for text in texts if (a := ours(text)) != (b := reference(text))]
+    if mismatches:
+        text, a, b = mismatches[0]
+        example = f"e.g. {text[:80]!r}: {_first_difference(a, b)}"
+        pytest.fail(f"{len(mismatches)} of {len(texts)} texts differ from {name}; {example}")
+
+
+def _write_vocab_gguf(path, *, model, tokens, types, scores=None, merges=None, pre=None, ids=None, add_bos=None):
+    """A vocab-only GGUF: the tokenizer keys plus the few hyperparameters llama.cpp reads before the vocabulary."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(16)
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    for key, value in (ids or {}).items():
+        getattr(writer, f"add_{key}_token_id")(value)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _llama_cpp_vocab(path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+# -- SmolLM2: the real GGUF, byte-level BPE ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_metadata(smollm2_gguf):
+    return GGUFFile(smollm2_gguf).metadata
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_metadata):
+    return tokenizer_from_gguf(smollm2_metadata)
+
+
+@pytest.fixture(scope="module")
+def texts(sharegpt_texts):
+    assert len(sharegpt_texts) >= 1000
+    return sharegpt_texts + CHAT_TEXTS + EDGE_TEXTS
+
+
+def test_smollm2_builds_from_gguf_metadata_quickly(smollm2_metadata):
+    # Part of the model's load time (target: the whole load within 2 s).
+    tokenizer_from_gguf(smollm2_metadata)  # warm up the import and allocator
+    best = min(_timed(tokenizer_from_gguf, smollm2_metadata) for _ in range(3))
+    assert best < 0.5, f"building the SmolLM2 tokenizer took {best:.3f} s"
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def test_smollm2_special_token_facts(smollm2, smollm2_metadata):
+    tokens = smollm2_metadata["tokenizer.ggml.tokens"]
+    assert smollm2.vocab_size == len(tokens) == 49152
+    assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id) == (1, 2, 2)
+    assert (smollm2.bos_token, smollm2.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert smollm2.add_bos is smollm2_metadata["tokenizer.ggml.add_bos_token"] is False
+    assert smollm2.stop_ids == {tokens.index("<|im_end|>"), tokens.index("<|endoftext|>")}
+    ids = smollm2.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2 and len(ids) == 5  # specials whole, "user", "\n", "hi"
+
+
+def test_smollm2_decode_round_trips(smollm2, texts):
+    bad = [t for t in texts if smollm2.decode(smollm2.encode(t)) != t]
+    assert not bad, f"{len(bad)} texts do not survive encode/decode, e.g. {bad[0][:80]!r}"
+    assert smollm2.decode(smollm2.encode(CHAT_TEXTS[0]), skip_special=True) == "user\nhi"
+
+
+def test_offsets_index_the_text(smollm2, texts):
+    for text in texts:
+        ids, offsets = smollm2.encode_with_offsets(text)
+        assert len(ids) == len(offsets)
+        assert all(0 <= start <= end <= len(text) for start, end in offsets)
+        if text.isascii():  # every token is whole characters, so the pieces tile the text
+            assert "".join(text[s:e] for s, e in offsets) == text
+    ids, offsets = smollm2.encode_with_offsets("<|im_start|>user")
+    assert offsets == [(0, 12), (12, 16)]
+
+
+@pytest.fixture(scope="module")
+def transformers_smollm2(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.mark.slow
+def test_smollm2_ids_match_transformers(smollm2, transformers_smollm2, texts):
+    """transformers builds the vocabulary and specials from the same GGUF; on text without digits it must agree."""
+    digitless = [t for t in texts if not re.search(r"\d", t)]
+    assert len(digitless) >= 500
+    _assert_same_ids(digitless, smollm2.encode, transformers_smollm2.encode, "transformers (GGUF)")
+
+
+@pytest.mark.slow
+def test_smollm2_ids_match_transformers_with_smollm2_digit_rule(smollm2, transformers_smollm2, texts):
+    """transformers' GGUF loader splits 'smollm' text with the GPT-2 rule only. SmolLM2's own tokenizer.json (and
+    llama.cpp for pre='smollm') first cut every digit apart; with that one step added, all texts must agree."""
+    from tokenizers import pre_tokenizers
+
+    reference = transformers_smollm2.backend_tokenizer
+    original = reference.pre_tokenizer
+    reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), original])
+    try:
+        _assert_same_ids(texts, smollm2.encode, transformers_smollm2.encode, "transformers + SmolLM2's digit split")
+    finally:
+        reference.pre_tokenizer = original
+
+
+# A quick sample for every run, all texts for the slow runs (llama.cpp takes seconds over 1,500 texts).
+SAMPLES = [pytest.param(50, id="sample"), pytest.param(None, id="all", marks=pytest.mark.slow)]
+
+
+def _sample(texts, limit):
+    return texts if limit is None else texts[:limit] + CHAT_TEXTS + EDGE_TEXTS
+
+
+def _assert_llama_cpp_ids(ours, path, texts):
+    vocab = _llama_cpp_vocab(path)
+    for add_special in (True, False):
+        _assert_same_ids(
+            texts,
+            lambda t: ours.encode(t, add_special=add_special),
+            lambda t: vocab.tokenize(t.encode("utf-8"), add_bos=add_special, special=True),
+            f"llama.cpp (add_special={add_special})",
+        )
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("limit", SAMPLES)
+def test_smollm2_ids_match_llama_cpp(limit, smollm2, smollm2_gguf, texts):
+    _assert_llama_cpp_ids(smollm2, smollm2_gguf, _sample(texts, limit))
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("limit", SAMPLES)
+def test_smollm2_decode_matches_llama_cpp(limit, smollm2, smollm2_gguf, texts):
+    vocab = _llama_cpp_vocab(smollm2_gguf)
+    for text in _sample(texts, limit):
+        ids = smollm2.encode(text)
+        assert smollm2.decode(ids) == vocab.detokenize(ids, special=True).decode("utf-8"), text[:80]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+@pytest.mark.parametrize("pre", ["gpt-2", "default", "llama-bpe", "dbrx", "qwen2", "falcon"])
+def test_other_pre_tokenizers_match_llama_cpp(pre, smollm2_metadata, texts, tmp_path):
+    """The same byte-level vocabulary under other `tokenizer.ggml.pre` values: the split rules (and llama-bpe's
+    whole-word lookup and BOS default) must follow llama.cpp's."""
+    m = smollm2_metadata
+    path = _write_vocab_gguf(
+        tmp_path / f"{pre}.gguf",
+        model="gpt2",
+        pre=pre,
+        tokens=m["tokenizer.ggml.tokens"],
+        types=m["tokenizer.ggml.token_type"],
+        merges=m["tokenizer.ggml.merges"],
+        ids={"bos": 1, "eos": 2},
+    )
+    ours = load_tokenizer(path)
+    assert ours.add_bos is (pre == "llama-bpe")  # llama.cpp's default when the file does not say
+    vocab = _llama_cpp_vocab(path)
+
+    def reference(text):
+        return vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    _assert_same_ids(texts, ours.encode, reference, f"llama.cpp pre={pre}")
+
+
+# -- SentencePiece BPE: a model trained here, written as a 'llama' GGUF --------------------------------------------
+
+SPM_CONTROL, SPM_USER_DEFINED = ["<|im_start|>", "<|im_end|>"], ["<think>"]
+SPM_SPECIAL_TEXTS = [
+    "<s>hello</s>",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "reasoning<think>step one</think> done",
+    "unknown <unk> token",
+]
+
+
+@pytest.fixture(scope="module")
+def spm_model(sharegpt_texts, tmp_path_factory):
+    """A Llama-style SentencePiece BPE model (identity normalization, dummy prefix, byte fallback, split digits)
+    trained on the first 600 ShareGPT texts, and the same vocabulary as a vocab-only 'llama' GGUF."""
+    spm = pytest.importorskip("sentencepiece")
+    from sentencepiece import sentencepiece_model_pb2
+
+    directory = tmp_path_factory.mktemp("spm")
+    lines = [line for text in sharegpt_texts[:600] for line in text.splitlines() if line.strip()]
+    (directory / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(directory / "train.txt"),
+        model_prefix=str(directory / "spm"),
+        model_type="bpe",
+        vocab_size=1500,
+        character_coverage=0.995,  # rare characters stay out of the vocabulary and need byte fallback
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        control_symbols=SPM_CONTROL,
+        user_defined_symbols=SPM_USER_DEFINED,
+        max_sentence_length=16384,
+        num_threads=2,
+        minloglevel=2,
+    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((directory / "spm.model").read_bytes())
+    # SentencePiece's piece types use the same numbers as GGUF's token types.
+    gguf_path = _write_vocab_gguf(
+        directory / "spm.gguf",
+        model="llama",
+        tokens=[p.piece for p in proto.pieces],
+        scores=[p.score for p in proto.pieces],
+        types=[int(p.type) for p in proto.pieces],
+        ids={"bos": 1, "eos": 2, "unk": 0},
+        add_bos=True,
+    )
+    return spm.SentencePieceProcessor(model_file=str(directory / "spm.model")), gguf_path
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(spm_model):
+    return load_tokenizer(spm_model[1])
+
+
+def test_spm_special_token_facts(spm_tokenizer, spm_model):
+    processor, _ = spm_model
+    assert spm_tokenizer.vocab_size == processor.get_piece_size() == 1500
+    assert (spm_tokenizer.bos_token, spm_tokenizer.eos_token) == ("<s>", "</s>")
+    assert spm_tokenizer.add_bos is True
+    assert spm_tokenizer.stop_ids == {2, processor.piece_to_id("<|im_end|>")}
+    assert spm_tokenizer.encode("hi")[0] == 1 and spm_tokenizer.encode("hi", add_special=False)[0] != 1
+
+
+def test_spm_ids_match_sentencepiece(spm_tokenizer, spm_model, texts):
+    """SentencePiece itself, on text without special tokens (it does not parse them out of text)."""
+    processor, _ = spm_model
+    plain = [t for t in texts if t not in CHAT_TEXTS]
+    _assert_same_ids(plain, lambda t: spm_tokenizer.encode(t, add_special=False), processor.encode, "sentencepiece")
+    # The comparison must have exercised byte fallback and non-Latin text.
+    byte_ids = {processor.piece_to_id(f"<0x{b:02X}>") for b in range(256)}
+    assert sum(bool(byte_ids & set(processor.encode(t))) for t in plain) >= 20
+    assert sum(bool(re.search(r"[^\x00-\u024f]", t)) for t in plain) >= 20
+
+
+def test_spm_decode_round_trips(spm_tokenizer, spm_model, texts):
+    processor, _ = spm_model
+    for text in texts:
+        if text not in CHAT_TEXTS:
+            ids = spm_tokenizer.encode(text)  # with BOS, which SentencePiece's decode drops as a control token
+            assert spm_tokenizer.decode(ids, skip_special=True) == processor.decode(ids) == text, text[:80]
+            assert spm_tokenizer.decode(ids[1:]) == text, text[:80]
+
+
+@pytest.fixture(scope="module")
+def transformers_spm(spm_model):
+    transformers = pytest.importorskip("transformers")
+    _, path = spm_model
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.mark.slow
+def test_spm_ids_match_transformers(spm_tokenizer, transformers_spm, texts):
+    """transformers' GGUF loader agrees on all text except the two cases of the next tests."""
+    compared = [t for t in texts if t not in CHAT_TEXTS and not t.startswith(" ")]
+    assert len(compared) >= 1000
+    _assert_same_ids(compared, spm_tokenizer.encode, transformers_spm.encode, "transformers (GGUF)")
+
+
+@pytest.mark.slow
+def test_spm_leading_space_follows_sentencepiece_not_transformers(spm_tokenizer, transformers_spm, spm_model):
+    """Text that starts with a space: SentencePiece (and llama.cpp) put the dummy prefix before it all the same;
+    transformers' Metaspace(prepend_scheme='first') does not. SentencePiece made the vocabulary, so it decides."""
+    processor, _ = spm_model
+    for text in [" leading space", "  two leading spaces"]:
+        assert spm_tokenizer.encode(text, add_special=False) == processor.encode(text)
+        assert spm_tokenizer.encode(text) != transformers_spm.encode(text)
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_spm_text_after_special_tokens_follows_llama_cpp_not_transformers(spm_tokenizer, transformers_spm, spm_model):
+    """Text right after a special token: llama.cpp starts a new run of text with its own space prefix (as Meta's
+    Llama 2 code did by encoding each piece separately); transformers (legacy=False) does not. SentencePiece
+    cannot say, since it does not parse special tokens out of text. The file is llama.cpp's, so it decides."""
+    vocab = _llama_cpp_vocab(spm_model[1])
+    for text in CHAT_TEXTS[:2] + SPM_SPECIAL_TEXTS[:3]:
+        ours = spm_tokenizer.encode(text)
+        assert ours == vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert ours != transformers_spm.encode(text)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("limit", SAMPLES)
+def test_spm_ids_match_llama_cpp(limit, spm_tokenizer, spm_model, texts):
+    """Including special and user-defined tokens in the text, after which llama.cpp starts a new run of text
+    with its own space prefix, and text that starts with spaces."""
+    _assert_llama_cpp_ids(spm_tokenizer, spm_model[1], _sample(texts, limit) + SPM_SPECIAL_TEXTS)
+
+
+# -- save / load ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2", "spm_tokenizer"])
+def test_saved_directory_loads_in_transformers_with_same_ids(which, request, texts, tmp_path, smollm2_metadata):
+    transformers = pytest.importorskip("transformers")
+    ours = request.getfixturevalue(which)
+    template = smollm2_metadata["tokenizer.chat_template"]
+    ours.save(tmp_path, chat_template=template)
+
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reference.chat_template == template
+    assert (reference.bos_token, reference.eos_token) == (ours.bos_token, ours.eos_token)
+    _assert_same_ids(texts, ours.encode, reference.encode, "transformers loading the saved directory")
+    _assert_same_ids(
+        texts,
+        lambda t: ours.encode(t, add_special=False),
+        lambda t: reference.encode(t, add_special_tokens=False),
+        "transformers loading the saved directory (no specials)",
+    )
+
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == (tmp_path / "chat_template.jinja").read_text() == template
+    assert config["add_bos_token"] is ours.add_bos
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["eos_token"] == ours.eos_token
+
+    reloaded = load_tokenizer(tmp_path)
+    facts = ("bos_id", "eos_id", "pad_id", "bos_token", "eos_token", "add_bos", "stop_ids", "vocab_size")
+    assert {f: getattr(reloaded, f) for f in facts} == {f: getattr(ours, f) for f in facts}
+    _assert_same_ids(texts, ours.encode, reloaded.encode, "the reloaded copy")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["transformers_smollm2", "transformers_spm"])
+def test_load_directory_written_by_transformers(which, request, texts, tmp_path):
+    """A directory transformers wrote itself (its tokenizer.json, its config) loads to transformers' ids."""
+    reference = request.getfixturevalue(which)
+    reference.save_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert (ours.bos_token, ours.eos_token) == (reference.bos_token, reference.eos_token)
+    assert ours.add_bos is (reference.encode("x")[0] == reference.bos_token_id)
+    _assert_same_ids(texts, ours.encode, reference.encode, f"{which} saved by transformers")
+
+
+def test_load_directory_takes_add_bos_from_config(smollm2, tmp_path):
+    smollm2.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    reloaded = load_tokenizer(tmp_path)
+    assert reloaded.add_bos is True
+    assert reloaded.encode("hi") == [smollm2.bos_id] + smollm2.encode("hi")
+
+
+# -- user mistakes ----------------------------------------------------------------------------------------------
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(CamelidError, match="no such file or directory"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+def test_directory_without_tokenizer_json_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CamelidError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_file_that_is_not_gguf_is_a_clear_error(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(CamelidError, match="not a GGUF file"):
+        load_tokenizer(tmp_path / "model.bin")
+
+
+def test_unsupported_gguf_tokenizer_model_is_a_clear_error(tmp_path):
+    tokens, types = ["<pad>", "</s>", "<unk>", "\u2581a"], [3, 3, 2, 1]
+    path = _write_vocab_gguf(tmp_path / "t5.gguf", model="t5", tokens=tokens, types=types)
+    with pytest.raises(CamelidError, match="tokenizer model 't5' is not supported.*'gpt2'.*'llama'"):
+        load_tokenizer(path)
+
+
+def test_unknown_pre_tokenizer_is_a_clear_error(smollm2_metadata):
+    with pytest.raises(CamelidError, match="pre-tokenizer 'brand-new' is not supported; supported: .*smollm"):
+        tokenizer_from_gguf({**smollm2_metadata, "tokenizer.ggml.pre": "brand-new"})
+
+
+def test_gguf_without_vocabulary_is_a_clear_error():
+    with pytest.raises(CamelidError, match="no tokenizer"):
+        tokenizer_from_gguf({"general.architecture": "llama"})
