@@ -40,11 +40,7 @@ def bench_camelid(path, prompt, n_decode, repeats, quantize=None):
     from camelid.generate import SamplingParams, _generate
 
     start = time.perf_counter()
-    loaded = load_model(path, device="cpu")
-    if quantize:
-        from camelid.quantize import quantize_model
-
-        quantize_model(loaded.model, quantize)
+    loaded = load_model(path, device="cpu", quantize=quantize or "none")
     load_s = time.perf_counter() - start
     model = loaded.model
 
@@ -129,7 +125,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out transformers (slow to load)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
-    parser.add_argument("--quantize", choices=["int8"], help="also measure camelid with this weight quantization")
+    parser.add_argument("--quantize", choices=["f16"], help="also measure camelid with this weight quantization")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -4,10 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from camelid.models import DEFAULT_MODEL, NAMED_MODELS
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# One intra-op thread: on a 2-core machine shared with other work, torch's two spinning OpenMP threads made
+# small-model tests 4-5x slower than one thread. Speed is measured in bench/, not here.
+torch.set_num_threads(1)
+
 
 
 @pytest.fixture(scope="session")

@@ -85,9 +85,19 @@ def run_chat(
             else:
                 write(f"unknown command {command}; /help lists the commands\n")
             continue
-        history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        prompt = encode_chat(loaded, template, messages, keep_tokens=min(params.max_new_tokens, 512))
+        messages.append({"role": "user", "content": text})
+        try:
+            prompt = encode_chat(loaded, template, messages, keep_tokens=min(params.max_new_tokens, 512))
+            if len(prompt) >= loaded.config.max_sequence_length:
+                raise CamelidError(
+                    f"that message is too long: {len(prompt)} tokens with the template, the model's context "
+                    f"is {loaded.config.max_sequence_length}; send a shorter one"
+                )
+        except CamelidError as exc:  # a message the model cannot take ends this turn, not the conversation
+            write(f"error: {exc}\n")
+            continue
+        history.append({"role": "user", "content": text})
         answer = ""
         try:
             for piece in stream(loaded.model, loaded.tokenizer, prompt, params):

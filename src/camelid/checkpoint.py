@@ -65,11 +65,18 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise CamelidError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}") from None
 
 
-def load_model(spec: str | Path, *, device: str | None = None, dtype=None) -> LoadedModel:
-    """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory."""
+def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quantize: str = "none") -> LoadedModel:
+    """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory.
+
+    `quantize="f16"` stores the linear weights in float16 for faster CPU decoding (see camelid.quantize).
+    """
+    from camelid.quantize import QUANTIZATIONS, quantize_model
+
     from camelid.chat_template import read_chat_template
     from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
 
+    if quantize not in QUANTIZATIONS:
+        raise CamelidError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     path = resolve_model_path(spec)
     device = device or default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
@@ -82,7 +89,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None) -> Lo
         config, state = read_gguf_weights(gguf)
         tokenizer = tokenizer_from_gguf(gguf.metadata)
         template = gguf.metadata.get("tokenizer.chat_template")
-    model = build_model(config, state, device=device, dtype=dtype)
+    model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
 
 
@@ -155,11 +162,16 @@ def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: b
     from safetensors.torch import save_file
 
     out = Path(out)
+    if loaded.model.quantization != "none":
+        raise CamelidError(f"this model was loaded with --quantize {loaded.model.quantization}; load it without to save it")
     if out.exists() and not (overwrite and out.is_dir()) and (not out.is_dir() or any(out.iterdir())):
         raise CamelidError(f"{out} already exists; choose a new directory or remove it first")
     dtype = parse_dtype(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise CamelidError(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
         model = loaded.model
         model.config.save(tmp)
@@ -172,13 +184,26 @@ def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: b
         loaded.tokenizer.save(tmp, chat_template=loaded.chat_template)
         gen = {"bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": sorted(loaded.tokenizer.stop_ids) or None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CamelidError(f"cannot write {out}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give a directory made with mkdtemp (0700) and its files the permissions a plain mkdir/open would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # -- GGUF ------------------------------------------------------------------------------------------------------

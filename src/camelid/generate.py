@@ -131,15 +131,61 @@ def _generate(
         raise CamelidError(
             f"the prompt is {longest} tokens but the model's context is {context}; shorten the prompt"
         )
-    max_new = min(params.max_new_tokens, context - longest)
+    # each row's own budget: a short prompt batched with a long one still gets all its new tokens
+    budgets = [min(params.max_new_tokens, context - len(p)) for p in prompts]
     device = model.model.embed_tokens.weight.device
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
     generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    if params.seed is None:
+        generator.seed()  # a fresh random seed for this generator only; torch's global RNG is left alone
+    else:
+        generator.manual_seed(params.seed)
     rows[:] = [_Row(prompt_len=len(p)) for p in prompts]
-    B = len(prompts)
 
-    cache = model.new_cache(B, longest + max_new)
+    # Inference mode is entered around each step, never across a `yield`: the caller's code between pieces (and
+    # after an abandoned stream) runs in its own grad mode.
+    with torch.inference_mode():
+        cache, logits = _prefill(model, prompts, max(len(p) + b for p, b in zip(prompts, budgets)))
+
+    for _ in range(max(budgets)):
+        with torch.inference_mode():
+            hist = None
+            if params.repetition_penalty != 1.0:
+                # each row's prompt and output, right-padded with its last token (penalising twice is a no-op)
+                seqs = [p + r.ids for p, r in zip(prompts, rows)]
+                width = max(len(q) for q in seqs)
+                hist = torch.tensor([q + q[-1:] * (width - len(q)) for q in seqs], device=device)
+            next_ids = sample_next(logits, params, hist, generator).tolist()
+        events = []
+        for i, (row, tok) in enumerate(zip(rows, next_ids)):
+            if row.finish_reason:
+                continue
+            if tok in stop_ids:
+                row.finish_reason = "stop"
+            else:
+                row.ids.append(tok)
+                row.text = tokenizer.decode(row.ids)
+                hit = min((row.text.find(s) for s in params.stop if s in row.text), default=-1)
+                if hit >= 0:
+                    row.text, row.finish_reason = row.text[:hit], "stop"
+                elif len(row.ids) == budgets[i]:
+                    row.finish_reason = "length"
+            events.append((i, _release(row, params.stop, final=row.finish_reason is not None), row.finish_reason))
+        yield events
+        if all(r.finish_reason for r in rows):
+            return
+        with torch.inference_mode():
+            feed = torch.tensor([[t] for t in next_ids], device=device)
+            live = torch.tensor([r.finish_reason is None for r in rows], device=device)
+            # finished rows are fed but not advanced, so they never outgrow their budget's share of the cache
+            logits = model.lm_head(model.hidden(feed, cache, valid=live.long())[:, -1])
+
+
+def _prefill(model: Llama, prompts: list[list[int]], cache_len: int):
+    """Run the prompts into a new cache; return it and each row's logits after its last prompt token [B, vocab]."""
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    device = model.model.embed_tokens.weight.device
+    cache = model.new_cache(B, cache_len)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     padded = torch.zeros(B, longest, dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -153,36 +199,7 @@ def _generate(
         ends_here = (lengths > start) & (lengths <= end)
         idx = ends_here.nonzero().squeeze(-1)
         last_hidden[idx] = h[idx, lengths[idx] - 1 - start]
-    logits = model.lm_head(last_hidden)
-
-    for step in range(max_new):
-        hist = None
-        if params.repetition_penalty != 1.0:
-            # each row's prompt and output, right-padded by repeating its last token (penalising twice is a no-op)
-            seqs = [p + r.ids for p, r in zip(prompts, rows)]
-            width = max(len(q) for q in seqs)
-            hist = torch.tensor([q + q[-1:] * (width - len(q)) for q in seqs], device=device)
-        next_ids = sample_next(logits, params, hist, generator).tolist()
-        events = []
-        for i, (row, tok) in enumerate(zip(rows, next_ids)):
-            if row.finish_reason:
-                continue
-            if tok in stop_ids:
-                row.finish_reason = "stop"
-            else:
-                row.ids.append(tok)
-                row.text = tokenizer.decode(row.ids)
-                hit = min((row.text.find(s) for s in params.stop if s in row.text), default=-1)
-                if hit >= 0:
-                    row.text, row.finish_reason = row.text[:hit], "stop"
-                elif step == max_new - 1:
-                    row.finish_reason = "length"
-            events.append((i, _release(row, params.stop, final=row.finish_reason is not None), row.finish_reason))
-        yield events
-        if all(r.finish_reason for r in rows):
-            return
-        feed = torch.tensor([[t] for t in next_ids], device=device)
-        logits = model.lm_head(model.hidden(feed, cache)[:, -1])
+    return cache, model.lm_head(last_hidden)
 
 
 @torch.inference_mode()
@@ -201,8 +218,7 @@ def generate(model: Llama, tokenizer, prompts: list[list[int]], params: Sampling
 
 def stream(model: Llama, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[str]:
     """Yield the completion of one prompt piece by piece as it is generated."""
-    with torch.inference_mode():
-        for events in _generate(model, tokenizer, [prompt], params, []):
-            for _, new, _ in events:
-                if new:
-                    yield new
+    for events in _generate(model, tokenizer, [prompt], params, []):
+        for _, new, _ in events:
+            if new:
+                yield new

@@ -57,8 +57,8 @@ class GGUFFile:
                 raise CamelidError(f"{self.path}: the file is empty, not a GGUF model") from None
         try:
             self._parse()
-        except (struct.error, IndexError, UnicodeDecodeError, ValueError) as exc:
-            raise CamelidError(f"{self.path}: damaged GGUF header ({exc}); is the file truncated or corrupt?") from None
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError):
+            raise CamelidError(f"{self.path}: damaged GGUF header; the file is truncated or corrupt") from None
 
     # -- header --------------------------------------------------------------------------------------------
     def _parse(self) -> None:

@@ -22,6 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; bit-identical to the steps below in float32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 whatever the activation dtype, then scale in the activation dtype (as transformers).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -51,17 +53,23 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin for integer positions [B, T], as [B, T, 1, D] in `dtype` (computed in float32)."""
+    """cos and signed sin for integer positions [B, T], as [B, T, 1, D] in `dtype` (computed in float32).
+
+    The first half of `sin` is negated so that rotating is x * cos + roll(x, D/2) * sin (see apply_rope).
+    """
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    cos = torch.cat([cos, cos], dim=-1)[:, :, None, :]
+    sin = torch.cat([-sin, sin], dim=-1)[:, :, None, :]
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, T, heads, D] by position; pairs are (i, i + D/2), the Hugging Face layout."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x [B, T, heads, D] by position; pairs are (i, i + D/2), the Hugging Face layout.
+
+    Equal to transformers' x * cos + rotate_half(x) * sin: roll swaps the halves, the signed sin negates one.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -92,14 +100,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        # Inference may replace q/k/v by one product over their stacked weights (camelid.quantize).
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache=None) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv, self.head_dim
         G = H // K
-        q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, K, D), cos, sin)
-        v = self.v_proj(x).view(B, T, K, D)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rope(q.view(B, T, H, D), cos, sin)
+        k = apply_rope(k.view(B, T, K, D), cos, sin)
+        v = v.view(B, T, K, D)
         if cache is not None:
             k_buf, v_buf, rows, slots, kv_len = cache
             k_buf[rows, :, slots] = k  # rows [B, 1], slots [B, T]: writes [B, T, K, D]
@@ -115,8 +129,11 @@ class Attention(nn.Module):
         else:
             # GQA without copying K/V: the G query heads that share a KV head are folded into the query
             # length, [B, K, G*T, D]; `mask` was folded the same way, [B, 1, G*T, S].
+            # Written out rather than through SDPA: for the few queries of a decode step, SDPA's CPU flash
+            # kernel spent 5 ms per call (two thirds of a SmolLM2 step) on set-up.
             q = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5).masked_fill_(~mask, float("-inf"))
+            out = torch.matmul(scores.softmax(-1), v)
             out = out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(B, T, H * D))
 
@@ -128,9 +145,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # as Attention.qkv_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -166,6 +188,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
+        self.quantization = "none"  # set by camelid.quantize.quantize_model
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, **kw) -> Tensor:
         """Logits for every position, [B, T, vocab]."""
