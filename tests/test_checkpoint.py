@@ -2,7 +2,9 @@
 directories that transformers loads, and clear refusals of damaged or unsupported files."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -204,13 +206,16 @@ def test_sharded_hf_directory_loads(tmp_path):
     """A transformers checkpoint saved in several safetensors shards with an index."""
     torch.manual_seed(1)
     config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1e5,
+                         rope_scaling={"rope_type": "linear", "factor": 2.0})
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf())).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     from camelid.checkpoint import read_hf_weights
 
-    model = build_model(*read_hf_weights(tmp_path))
+    config_read, state = read_hf_weights(tmp_path)
+    assert (config_read.rope_theta, config_read.rope_scaling) == (1e5, {"rope_type": "linear", "factor": 2.0})
+    model = build_model(config_read, state)
     ids = torch.arange(20)[None]
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
@@ -260,11 +265,12 @@ def test_hf_directory_problems(tmp_path):
     config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
-    hf.save_pretrained(tmp_path / "pickled", safe_serialization=False) if _can_pickle_save() else None
     pickled = tmp_path / "pickled"
-    if pickled.is_dir():
-        with pytest.raises(CamelidError, match="never loads"):
-            load_model(pickled)
+    pickled.mkdir()
+    config.save(pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 not opened: camelid refuses pickles by name")
+    with pytest.raises(CamelidError, match="only in pickle files.*never loads"):
+        load_model(pickled)
     hf.save_pretrained(tmp_path / "ok")
     with pytest.raises(CamelidError, match="tokenizer"):
         load_model(tmp_path / "ok")  # weights fine, no tokenizer.json
@@ -280,12 +286,15 @@ def test_hf_directory_problems(tmp_path):
     (bad_arch / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(CamelidError, match="model_type 'gpt2' is not supported"):
         load_model(bad_arch)
-
-
-def _can_pickle_save() -> bool:
-    import inspect
-
-    return "safe_serialization" in inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters
+    (bad_arch / "config.json").write_text(json.dumps({"model_type": "llama", "num_key_value_heads": 0}))
+    with pytest.raises(CamelidError, match="num_key_value_heads must be a positive integer"):
+        load_model(bad_arch)
+    (bad_arch / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}))
+    with pytest.raises(CamelidError, match="rope_scaling of type llama3 lacks factor"):
+        load_model(bad_arch)
+    (bad_arch / "config.json").write_text("[1, 2]")
+    with pytest.raises(CamelidError, match="must hold a JSON object"):
+        load_model(bad_arch)
 
 
 def test_save_refuses_existing_directory_and_leaves_nothing_behind(tmp_path, smollm2_gguf):
@@ -297,7 +306,22 @@ def test_save_refuses_existing_directory_and_leaves_nothing_behind(tmp_path, smo
         save_model(loaded, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # --force replaces it whole; files get the permissions of any file the user creates
+    save_model(loaded, target, overwrite=True)
+    assert "keep.txt" not in {p.name for p in target.iterdir()} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o666 & ~umask}
     shutil.rmtree(target)
+
+
+def test_unusable_devices_are_refused(smollm2_gguf):
+    with pytest.raises(CamelidError, match="unknown device 'gpu'"):
+        load_model(smollm2_gguf, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CamelidError, match="no CUDA GPU; use --device cpu"):
+            load_model(smollm2_gguf, device="cuda")
 
 
 @pytest.mark.slow

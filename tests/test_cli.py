@@ -150,7 +150,7 @@ def mistakes(smollm2_gguf, tiny_loaded, tmp_path_factory):
         "prompt-too-long": (["generate", "-m", tiny, "-p", "hello " * 200],
                             rf"prompt is \d+ tokens.*context is {TINY_CONTEXT}"),
         "no-chat-template": (["generate", "-m", untemplated, "-p", "hi", "--chat"], r"bare has no chat template"),
-        "unknown-template": (["chat", "-m", tiny, "--template", "nope"], r"unknown chat template 'nope'"),
+        "unknown-template": (["chat", "-m", tiny, "--template", "nope"], r"invalid choice: 'nope' \(choose from 'alpaca'"),
         "convert-onto-nonempty-dir": (["convert", tiny, d / "parent" / "occupied"], r"occupied already exists"),
     }
     with ThreadPoolExecutor(3) as pool:
@@ -333,3 +333,20 @@ def test_chat_in_a_real_terminal(smollm2_gguf):
         assert "Traceback" not in screen()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_builtin_template_writes_bos_only_where_the_tokenizer_adds_one(smollm2_gguf):
+    """SmolLM2 adds no BOS, so `--template vicuna_v1.1` must not start with its BOS text '<|im_start|>'."""
+    from camelid.chat import chat_template_for
+    from camelid.checkpoint import LoadedModel
+    from camelid.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf)
+    assert not tokenizer.add_bos
+    loaded = LoadedModel(model=None, tokenizer=tokenizer, chat_template=None, source=smollm2_gguf)
+    for name in ("vicuna_v1.1", "koala_v1", "llama-2"):
+        text = chat_template_for(loaded, name).render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        assert not text.startswith(tokenizer.bos_token), (name, text)
+    chatml = chat_template_for(loaded, "chatml").render([{"role": "user", "content": "Hi"}])
+    assert chatml.startswith("<|im_start|>system") and not chatml.startswith(tokenizer.bos_token * 2)
+    assert chat_template_for(loaded, "vicuna_v1.1").render([{"role": "user", "content": "Hi"}]).startswith("A chat")

@@ -116,7 +116,11 @@ def test_greedy_equals_transformers_on_a_random_model(penalty, tokenizer):
     assert got == expected
 
 
-def test_batched_greedy_equals_one_by_one(tiny, tokenizer):
+@pytest.mark.parametrize("chunk", [512, 4])
+def test_batched_greedy_equals_one_by_one(tiny, tokenizer, chunk, monkeypatch):
+    """Prompts of different lengths in one batch; with chunk 4 the prompts are prefilled a few tokens at a time,
+    so rows end in different chunks."""
+    monkeypatch.setattr("camelid.generate.PREFILL_CHUNK", chunk)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 41, 17, 9)]
     for penalty in (1.0, 1.2):  # the penalty's token history is padded per row in a batch

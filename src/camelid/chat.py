@@ -16,15 +16,17 @@ CHAT_HELP = """commands:
 
 def chat_template_for(loaded: LoadedModel, name: str | None = None):
     """The template to chat with: a named built-in when given, else the model's own."""
-    from camelid.chat_template import ChatTemplate
+    from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 
     tok = loaded.tokenizer
     if name:
-        return ChatTemplate.named(name, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        # A built-in writes BOS itself, so only where this tokenizer would have added one.
+        bos = tok.bos_token if tok.add_bos else None
+        return ChatTemplate.named(name, bos_token=bos, eos_token=tok.eos_token)
     if not loaded.chat_template:
         raise CamelidError(
             f"{loaded.source.name} has no chat template; pick a built-in with --template "
-            "(alpaca, vicuna_v1.1, koala_v1, chatml, llama-2)"
+            f"({', '.join(BUILTIN_TEMPLATES)})"
         )
     return ChatTemplate(loaded.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
 

@@ -42,6 +42,7 @@ from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from camelid.errors import CamelidError
+from camelid.files import read_json
 from camelid.gguf_file import GGUFFile
 
 # Earlier jinja2 releases have known sandbox escapes; a chat template is code from the internet.
@@ -230,7 +231,9 @@ class _GenerationBlock(jinja2.ext.Extension):
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, also refusing `'x' * 10**10` and `2 ** 10**9`: a template must not exhaust memory.
+    """The immutable sandbox, also refusing `'x' * 10**10` and `2 ** 10**9`, the obvious memory bombs.
+
+    A best effort, not a bound: filters such as `center` or `%`-formatting can still build large strings.
 
     Intercepting these operators also stops Jinja from folding them at compile time.
     """
@@ -398,10 +401,7 @@ def read_chat_template(path: str | Path) -> str | None:
         config_file = path / "tokenizer_config.json"
         if not config_file.is_file():
             return None
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CamelidError(f"{config_file}: not valid JSON ({_one_line(exc)}); repair or replace it") from None
+        config = read_json(config_file)
         if not isinstance(config, dict):
             raise CamelidError(f"{config_file}: expected a JSON object; repair or replace the file")
         return _template_from_config(config.get("chat_template"), config_file)

@@ -7,7 +7,7 @@ tokenizer and its chat template. `save_model` writes an HF directory that transf
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
+from camelid.files import read_json
 from camelid.gguf_file import GGUFFile
 from camelid.model import Llama, rope_inv_freq
 from camelid.models import NAMED_MODELS, named_model_path
@@ -51,6 +52,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """The device name if torch can use it here, else a one-line error."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise CamelidError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CamelidError(f"device {device} asked for, but this torch build or machine has no CUDA GPU; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise CamelidError(f"device {device} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
 def default_dtype(device: str) -> torch.dtype:
     # bf16 matmuls are ~200x slower than fp32 on CPUs without AVX-512 BF16; on GPUs bf16 is the norm.
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -78,7 +92,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     if quantize not in QUANTIZATIONS:
         raise CamelidError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     path = resolve_model_path(spec)
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = parse_dtype(dtype) or default_dtype(device)
     if path.is_dir():
         config, state = read_hf_weights(path)
@@ -131,10 +145,11 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     config = ModelConfig.load(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CamelidError(f"{index}: not a valid safetensors index ({exc})") from None
+        weight_map = read_json(index, "safetensors index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CamelidError(f"{index}: no weight_map object; the index is damaged")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
@@ -167,9 +182,11 @@ def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: b
     if out.exists() and not (overwrite and out.is_dir()) and (not out.is_dir() or any(out.iterdir())):
         raise CamelidError(f"{out} already exists; choose a new directory or remove it first")
     dtype = parse_dtype(dtype)
+    # A fresh name beside the target, made with mkdir so it gets the user's usual permissions.
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.mkdir()
     except OSError as exc:
         raise CamelidError(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
@@ -181,13 +198,11 @@ def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: b
             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
         }
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         loaded.tokenizer.save(tmp, chat_template=loaded.chat_template)
         gen = {"bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": sorted(loaded.tokenizer.stop_ids) or None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        _apply_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CamelidError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -197,13 +212,15 @@ def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: b
     return out
 
 
-def _apply_umask(directory: Path) -> None:
-    """Give a directory made with mkdtemp (0700) and its files the permissions a plain mkdir/open would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put directory `new` at `out`; an existing `out` is moved aside first and removed only afterwards."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old)
 
 
 # -- GGUF ------------------------------------------------------------------------------------------------------
@@ -260,9 +277,10 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
 
     heads = get("attention.head_count")
     hidden = get("embedding_length")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    if "token_embd.weight" not in gguf.tensors:
+        raise CamelidError(f"{gguf.path}: no token_embd.weight tensor; this is not a complete LLaMA model")
     config = ModelConfig(
-        vocab_size=meta.get(f"{arch}.vocab_size") or len(tokens) or gguf.tensors["token_embd.weight"].shape[0],
+        vocab_size=gguf.tensors["token_embd.weight"].shape[0],  # the tensor says it; metadata may omit padding
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
         num_hidden_layers=get("block_count"),
@@ -283,7 +301,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     elif scaling_type not in ("none", None):
         raise CamelidError(f"{gguf.path}: rope scaling {scaling_type!r} is not supported (supported: linear, llama3)")
     if "rope_freqs.weight" in gguf.tensors:
-        config.rope_scaling = _llama3_scaling_from_factors(config, gguf.dequantize("rope_freqs.weight"), gguf.path)
+        config.rope_scaling = _llama3_scaling_from_factors(config, gguf.dequantize("rope_freqs.weight").numpy(), gguf.path)
     return config
 
 
@@ -313,50 +331,10 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
         hf_name = gguf_to_hf_name(name)
         if hf_name is None:
             raise CamelidError(f"{gguf.path}: unexpected tensor {name}; this is not a plain LLaMA model")
-        w = dequantize_tensor(gguf, name)
+        w = gguf.dequantize(name)
         if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
             w = _unpermute_rope(w, config.num_attention_heads)
         elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
             w = _unpermute_rope(w, config.num_key_value_heads)
         state[hf_name] = w
     return config, state
-
-
-def dequantize_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
-    """A GGUF tensor as float32; the common llama.cpp block formats are unpacked in torch, the rest by `gguf`."""
-    from gguf import GGMLQuantizationType as Q
-
-    info = gguf.tensors[name]
-    fast = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1}.get(info.ggml_type)
-    if fast is None:
-        return torch.from_numpy(np.array(gguf.dequantize(name), dtype=np.float32))
-    raw = torch.from_numpy(gguf.raw(name).copy())
-    return fast(raw).reshape(info.shape)
-
-
-def _scale(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """The little-endian float16 stored at byte `at` of every block, as float32 [n, 1]."""
-    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
-
-
-def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 packed bytes per block -> 32 floats 0..15: low nibbles are elements 0..15, high nibbles 16..31."""
-    out = torch.empty(qs.shape[0], 32)
-    out[:, :16] = qs & 0x0F
-    out[:, 16:] = qs >> 4
-    return out
-
-
-def _q8_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 32 x int8
-    blocks = raw.view(-1, 34)
-    return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(_scale(blocks, 0))
-
-
-def _q4_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 16 bytes of 4-bit values offset by 8
-    blocks = raw.view(-1, 18)
-    return _unpack_nibbles(blocks[:, 2:]).sub_(8).mul_(_scale(blocks, 0))
-
-
-def _q4_1(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, f16 minimum, 16 bytes of 4-bit values
-    blocks = raw.view(-1, 20)
-    return _unpack_nibbles(blocks[:, 4:]).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))

@@ -3,7 +3,9 @@
 import argparse
 import sys
 
+from camelid.checkpoint import DTYPES
 from camelid.errors import CamelidError
+from camelid.quantize import QUANTIZATIONS
 from camelid.models import DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -22,14 +24,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--device", help="where to run: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"],
+        "--dtype", choices=list(DTYPES),
         help="weight and activation precision (default: float32 on CPU, bfloat16 on CUDA)",
     )
     p.add_argument(
-        "--quantize", choices=["none", "f16"], default="none",
+        "--quantize", choices=list(QUANTIZATIONS), default="none",
         help="f16: keep the weights in float16 for ~1.8x faster CPU decoding (perplexity +0.01%% on SmolLM2); "
         "none: exact float32, equal to transformers (default)",
     )
+
+
+def _add_template_args(p: argparse.ArgumentParser, implies_chat: bool) -> None:
+    from camelid.chat_template import BUILTIN_TEMPLATES
+
+    also = " (implies --chat)" if implies_chat else ""
+    p.add_argument("--system", help=f"system prompt{also} (default: the template's own, if any)")
+    p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
+                   help=f"a built-in chat template instead of the model's own{also}: {', '.join(BUILTIN_TEMPLATES)}")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -118,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
     _add_model_args(p)
-    p.add_argument("--system", help="system prompt (default: the template's own, if any)")
-    p.add_argument("--template", help="a built-in chat template instead of the model's own: "
-                   "alpaca, vicuna_v1.1, koala_v1, chatml, llama-2")
+    _add_template_args(p, implies_chat=False)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -129,16 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the chat template (default: raw completion)")
-    p.add_argument("--system", help="system prompt (implies --chat)")
-    p.add_argument("--template", help="a built-in chat template (implies --chat): "
-                   "alpaca, vicuna_v1.1, koala_v1, chatml, llama-2")
+    _add_template_args(p, implies_chat=True)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="write a model (name, GGUF or HF directory) as an HF-format directory")
     p.add_argument("src", metavar="SRC", help=MODEL_HELP)
     p.add_argument("dst", metavar="DST", help="the directory to create (must not exist, or be empty)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=list(DTYPES),
                    help="precision of the written weights (default float32: exact for any GGUF source)")
     p.add_argument("--force", action="store_true", help="replace DST if it is an existing directory")
     p.set_defaults(func=cmd_convert)

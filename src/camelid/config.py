@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.files import read_json, write_atomic
 
 ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass
@@ -38,6 +44,13 @@ class ModelConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise CamelidError(f"config {name} must be a positive integer, not {getattr(self, name)!r}")
+        if self.num_key_value_heads is not None and (
+            not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 1
+        ):
+            raise CamelidError(f"config num_key_value_heads must be a positive integer, not {self.num_key_value_heads!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -54,6 +67,11 @@ class ModelConfig:
             kind = self.rope_scaling.setdefault("rope_type", self.rope_scaling.pop("type", "default"))
             if kind not in ROPE_TYPES:
                 raise CamelidError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            missing = [k for k in ROPE_KEYS[kind] if k not in self.rope_scaling]
+            if missing:
+                raise CamelidError(f"rope_scaling of type {kind} lacks {', '.join(missing)}")
+            if kind == "default":
+                self.rope_scaling = None
 
     @property
     def max_sequence_length(self) -> int:
@@ -64,20 +82,29 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self)}
-        out.pop("sliding_window") if self.sliding_window is None else None
+        if self.sliding_window is None:
+            del out["sliding_window"]
         return out
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise CamelidError("config.json must hold a JSON object")
         arch = hf.get("model_type")
         if arch not in ("llama", "mistral"):
             raise CamelidError(f"model_type {arch!r} is not supported (supported: llama, mistral)")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in hf.items() if k in known})
+        values = {k: v for k, v in hf.items() if k in known}
+        # transformers >= 5 writes theta and scaling together as rope_parameters
+        rope = hf.get("rope_parameters")
+        if isinstance(rope, dict):
+            values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            values["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        return cls(**values)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+        write_atomic(Path(directory) / "config.json", json.dumps(self.to_hf(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "ModelConfig":
@@ -85,43 +112,37 @@ class ModelConfig:
         if not path.is_file():
             raise CamelidError(f"{directory}: no config.json; is this a Hugging Face model directory?")
         try:
-            return cls.from_hf(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise CamelidError(f"{path}: not valid JSON ({exc})") from None
+            return cls.from_hf(read_json(path))
         except TypeError as exc:
             raise CamelidError(f"{path}: a field has the wrong type ({exc})") from None
-
-
-def _preset(**kw) -> ModelConfig:
-    return ModelConfig(**kw)
 
 
 # Each preset copies the config.json of the model it names; the source is given beside it.
 PRESETS: dict[str, ModelConfig] = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json
-    "smollm2-135m": _preset(
+    "smollm2-135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2,
     ),
     # TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json
-    "tinyllama-1.1b": _preset(
+    "tinyllama-1.1b": ModelConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
         num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0,
     ),
     # meta-llama/Llama-2-7b-hf config.json
-    "llama-2-7b": _preset(
+    "llama-2-7b": ModelConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0,
     ),
     # meta-llama/Meta-Llama-3-8B config.json
-    "llama-3-8b": _preset(
+    "llama-3-8b": ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
         bos_token_id=128000, eos_token_id=128001,
     ),
     # meta-llama/Llama-3.1-8B config.json (the "llama3" frequency scaling)
-    "llama-3.1-8b": _preset(
+    "llama-3.1-8b": ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -129,12 +150,12 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000, eos_token_id=128001,
     ),
     # mistralai/Mistral-7B-v0.1 config.json (4,096-token sliding window)
-    "mistral-7b": _preset(
+    "mistral-7b": ModelConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096,
     ),
     # meta-llama/Llama-2-13b-hf config.json (Vicuna-13B's base)
-    "llama-2-13b": _preset(
+    "llama-2-13b": ModelConfig(
         vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
         num_key_value_heads=40, max_position_embeddings=4096, rope_theta=10000.0,
     ),

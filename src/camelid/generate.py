@@ -211,7 +211,7 @@ def generate(model: Llama, tokenizer, prompts: list[list[int]], params: Sampling
         for i, new, _ in events:
             texts[i] += new
     return [
-        Completion(text=t, token_ids=r.ids, finish_reason=r.finish_reason or "length", prompt_tokens=r.prompt_len)
+        Completion(text=t, token_ids=r.ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_len)
         for t, r in zip(texts, rows)
     ]
 

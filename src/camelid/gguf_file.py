@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from camelid.errors import CamelidError
 
@@ -82,6 +83,8 @@ class GGUFFile:
             ggml_type, offset = self._unpack("<IQ")
             infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
         alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if alignment < 1:
+            raise ValueError(f"alignment {alignment}")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors = {n: TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos}
         for info in self.tensors.values():
@@ -130,51 +133,69 @@ class GGUFFile:
             return 0  # unknown type: reported when the tensor is read
         return int(np.prod(info.shape, dtype=np.int64)) // block * block_bytes
 
-    def type_name(self, name: str) -> str:
-        from gguf import GGMLQuantizationType
-
-        t = self.tensors[name].ggml_type
-        try:
-            return GGMLQuantizationType(t).name
-        except ValueError:
-            return f"type {t}"
-
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored (a uint8 view into the memory map)."""
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=self._nbytes(info), offset=info.offset)
 
-    def dequantize(self, name: str) -> np.ndarray:
-        """The tensor as a float32 array in PyTorch shape, whatever type it is stored in."""
-        from gguf import GGMLQuantizationType
+    def dequantize(self, name: str) -> torch.Tensor:
+        """The tensor as float32 in PyTorch shape, whatever type it is stored in.
+
+        The block formats of most published files (Q8_0, Q4_0, Q4_1) are unpacked here in torch, several
+        times faster than the `gguf` package's numpy code, which handles the rest.
+        """
+        from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 
         info = self.tensors[name]
         try:
-            qtype = GGMLQuantizationType(info.ggml_type)
+            qtype = Q(info.ggml_type)
         except ValueError:
             raise CamelidError(f"{self.path}: tensor {name} has unknown GGML type {info.ggml_type}") from None
         raw = self.raw(name)
-        if qtype == GGMLQuantizationType.F32:
-            return raw.view(np.float32).reshape(info.shape)
-        if qtype == GGMLQuantizationType.F16:
-            return raw.view(np.float16).reshape(info.shape).astype(np.float32)
-        if qtype == GGMLQuantizationType.BF16:
-            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
-        row = info.shape[-1]
+        if qtype == Q.F32:
+            return torch.from_numpy(raw.view(np.float32).reshape(info.shape).copy())
+        if qtype == Q.F16:
+            return torch.from_numpy(raw.view(np.float16).reshape(info.shape).astype(np.float32))
+        if qtype == Q.BF16:
+            return torch.from_numpy((raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info.shape))
+        fast = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1}.get(qtype)
+        if fast is not None:
+            return fast(torch.from_numpy(raw.copy())).reshape(info.shape)
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
         try:
-            out = dequantize(raw.reshape(-1, raw.size // int(np.prod(info.shape[:-1], dtype=np.int64))), qtype)
+            out = dequantize(raw.reshape(rows, -1), qtype)
         except NotImplementedError:
             raise CamelidError(
                 f"{self.path}: tensor {name} is stored as {qtype.name}, which the installed gguf package "
                 "cannot dequantize; re-quantize the model to Q8_0, Q4_K or F16 with llama.cpp"
             ) from None
-        return out.reshape(*info.shape[:-1], row)
-
-    def close(self) -> None:
-        self._map.close()
+        return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(info.shape))
 
 
-def gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file as plain Python values."""
-    return GGUFFile(path).metadata
+def _scale(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The little-endian float16 stored at byte `at` of every block, as float32 [n, 1]."""
+    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 packed bytes per block -> 32 floats 0..15: low nibbles are elements 0..15, high nibbles 16..31."""
+    out = torch.empty(qs.shape[0], 32)
+    out[:, :16] = qs & 0x0F
+    out[:, 16:] = qs >> 4
+    return out
+
+
+def _q8_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 32 x int8
+    blocks = raw.view(-1, 34)
+    return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(_scale(blocks, 0))
+
+
+def _q4_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 16 bytes of 4-bit values offset by 8
+    blocks = raw.view(-1, 18)
+    return _unpack_nibbles(blocks[:, 2:]).sub_(8).mul_(_scale(blocks, 0))
+
+
+def _q4_1(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, f16 minimum, 16 bytes of 4-bit values
+    blocks = raw.view(-1, 20)
+    return _unpack_nibbles(blocks[:, 4:]).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))

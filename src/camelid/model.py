@@ -133,7 +133,7 @@ class Attention(nn.Module):
             # kernel spent 5 ms per call (two thirds of a SmolLM2 step) on set-up.
             q = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
             scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5).masked_fill_(~mask, float("-inf"))
-            out = torch.matmul(scores.softmax(-1), v)
+            out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # as transformers
             out = out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(B, T, H * D))
 

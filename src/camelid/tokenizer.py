@@ -17,8 +17,6 @@ whole in the text (with `parse_special`), and so does `encode` here.
 """
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as BackendTokenizer
 
 from camelid.errors import CamelidError
+from camelid.files import read_json, write_atomic
 
 # GGUF token types (llama.cpp's `llama_token_type`).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -157,11 +156,11 @@ class Tokenizer:
         }
         if chat_template is not None:
             config["chat_template"] = chat_template
-        _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=False))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(directory / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=False))
+        write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(directory / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
         if chat_template is not None:
-            _write_atomic(directory / "chat_template.jinja", chat_template)
+            write_atomic(directory / "chat_template.jinja", chat_template)
 
     def __repr__(self) -> str:
         return (
@@ -371,19 +370,7 @@ def _unk_token(backend: BackendTokenizer) -> str | None:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CamelidError(f"{path}: not valid JSON ({exc})") from None
+    value = read_json(path)
     return value if isinstance(value, dict) else {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
