@@ -116,8 +116,13 @@ class Attention(nn.Module):
         v = v.view(B, T, K, D)
         if cache is not None:
             k_buf, v_buf, rows, slots, kv_len = cache
-            k_buf[rows, :, slots] = k  # rows [B, 1], slots [B, T]: writes [B, T, K, D]
-            v_buf[rows, :, slots] = v
+            if rows is None:  # one row: a plain slice write, cheaper than scattering
+                start = slots
+                k_buf[0, :, start : start + T] = k[0].transpose(0, 1)
+                v_buf[0, :, start : start + T] = v[0].transpose(0, 1)
+            else:
+                k_buf[rows, :, slots] = k  # rows [B, 1], slots [B, T]: writes [B, T, K, D]
+                v_buf[rows, :, slots] = v
             k, v = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]  # [B, K, S, D]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -128,11 +133,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         else:
             # GQA without copying K/V: the G query heads that share a KV head are folded into the query
-            # length, [B, K, G*T, D]; `mask` was folded the same way, [B, 1, G*T, S].
+            # length, [B, K, G*T, D]; `mask` was folded the same way and made additive (0 or -inf), [B, 1, G*T, S].
             # Written out rather than through SDPA: for the few queries of a decode step, SDPA's CPU flash
             # kernel spent 5 ms per call (two thirds of a SmolLM2 step) on set-up.
             q = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5).masked_fill_(~mask, float("-inf"))
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5).add_(mask)
             out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # as transformers
             out = out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(B, T, H * D))
@@ -222,13 +227,17 @@ class Llama(nn.Module):
                 raise ValueError(f"sequence of {kv_len} tokens does not fit the cache of {cache.max_len}")
             slots = torch.arange(kv_len, device=tokens.device)
             mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: causal within each row
-            rows = torch.arange(B, device=tokens.device)[:, None]
-            layer_cache = [(cache.k[i], cache.v[i], rows, positions, kv_len) for i in range(len(self.model.layers))]
+            rows, slots = torch.arange(B, device=tokens.device)[:, None], positions
+            if B == 1:
+                rows, slots = None, int(positions[0, 0])
+            layer_cache = [(cache.k[i], cache.v[i], rows, slots, kv_len) for i in range(len(self.model.layers))]
         elif positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if mask is not None:
             G = self.config.num_attention_heads // self.config.num_key_value_heads
-            mask = mask[:, None, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, mask.shape[-1])
+            S = mask.shape[-1]
+            mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer, lc in zip(self.model.layers, layer_cache):
             if self.gradient_checkpointing and self.training:
