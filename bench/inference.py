@@ -150,15 +150,14 @@ def main():
     for name, (load_s, prefill, decode) in rows.items():
         print(f"| {name} | {load_s:.2f} | {prefill:.0f} | {decode:.1f} |")
     print()
-    ours = rows["camelid (fp32)"]
+    print("camelid's speed relative to each peer (above 1: camelid is faster)")
     for name, theirs in rows.items():
         if name.startswith("camelid"):
             continue
         for cam_name, cam in rows.items():
             if cam_name.startswith("camelid"):
-                print(f"{cam_name} / {name}: load {theirs[0] / cam[0]:.2f}x faster, prefill {cam[1] / theirs[1]:.2f}x, "
+                print(f"- {cam_name} vs {name}: load {theirs[0] / cam[0]:.2f}x, prefill {cam[1] / theirs[1]:.2f}x, "
                       f"decode {cam[2] / theirs[2]:.2f}x")
-    del ours
     return 0
 
 

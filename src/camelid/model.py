@@ -134,11 +134,8 @@ class Attention(nn.Module):
         else:
             # GQA without copying K/V: the G query heads that share a KV head are folded into the query
             # length, [B, K, G*T, D]; `mask` was folded the same way and made additive (0 or -inf), [B, 1, G*T, S].
-            # Written out rather than through SDPA: for the few queries of a decode step, SDPA's CPU flash
-            # kernel spent 5 ms per call (two thirds of a SmolLM2 step) on set-up.
             q = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5).add_(mask)
-            out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # as transformers
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             out = out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(B, T, H * D))
 
