@@ -84,13 +84,11 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
 
     `quantize="f16"` stores the linear weights in float16 for faster CPU decoding (see camelid.quantize).
     """
-    from camelid.quantize import QUANTIZATIONS, quantize_model
-
     from camelid.chat_template import read_chat_template
+    from camelid.quantize import check_quantization, quantize_model
     from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
 
-    if quantize not in QUANTIZATIONS:
-        raise CamelidError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    check_quantization(quantize)
     path = resolve_model_path(spec)
     device = check_device(device or default_device())
     dtype = parse_dtype(dtype) or default_dtype(device)

@@ -46,15 +46,20 @@ class HalfWeightLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def check_quantization(kind: str) -> str:
+    """`kind` if it is a known quantization, else a one-line error listing them (checked before slow loads)."""
+    if kind not in QUANTIZATIONS:
+        raise CamelidError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    return kind
+
+
 def quantize_model(model: Llama, kind: str) -> Llama:
     """Store every linear layer (the output head included) as `kind`, in place.
 
     q/k/v and gate/up are stacked into one layer each: at batch 1, fewer and larger products were ~12% faster.
     A quantized model is for inference: it cannot be trained or saved as a checkpoint.
     """
-    if kind not in QUANTIZATIONS:
-        raise CamelidError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-    if kind == "none":
+    if check_quantization(kind) == "none":
         return model
     weight = model.model.embed_tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
