@@ -7,7 +7,6 @@ tokenizer and its chat template. `save_model` writes an HF directory that transf
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
+from camelid.files import atomic_dir
 from camelid.files import read_json
 from camelid.gguf_file import GGUFFile
 from camelid.model import Llama, rope_inv_freq
@@ -80,18 +80,22 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quantize: str = "none") -> LoadedModel:
-    """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory.
+    """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory, or a LoRA
+    adapter directory (its base model with the adapter merged in).
 
     `quantize="f16"` stores the linear weights in float16 for faster CPU decoding (see camelid.quantize).
     """
     from camelid.chat_template import read_chat_template
     from camelid.quantize import check_quantization, quantize_model
     from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
+    from camelid.train.lora import is_adapter_dir
 
     check_quantization(quantize)
     path = resolve_model_path(spec)
     device = check_device(device or default_device())
     dtype = parse_dtype(dtype) or default_dtype(device)
+    if is_adapter_dir(path):
+        return _load_adapter_as_model(path, device=device, dtype=dtype, quantize=quantize)
     if path.is_dir():
         config, state = read_hf_weights(path)
         tokenizer = load_tokenizer(path)
@@ -103,6 +107,21 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
         template = gguf.metadata.get("tokenizer.chat_template")
     model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
+
+
+def _load_adapter_as_model(path: Path, *, device: str, dtype: torch.dtype, quantize: str) -> LoadedModel:
+    """A LoRA adapter directory as a model: its base with the adapter merged in (as fast as the base), and the
+    adapter directory's own tokenizer and chat template where it carries them (those it was trained with)."""
+    from camelid.chat_template import read_chat_template
+    from camelid.quantize import quantize_model
+    from camelid.tokenizer import load_tokenizer
+    from camelid.train.lora import adapter_base, load_adapter, merge_lora
+
+    base = load_model(adapter_base(path), device=device, dtype=dtype)
+    model = merge_lora(load_adapter(base.model, path))  # merged before quantizing: quantize needs plain linears
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else base.tokenizer
+    template = read_chat_template(path) or base.chat_template
+    return LoadedModel(model=quantize_model(model, quantize), tokenizer=tokenizer, chat_template=template, source=path)
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu", dtype=torch.float32) -> Llama:
@@ -172,53 +191,37 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
 
 def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
     """Write an HF-format directory (config, safetensors, tokenizer, chat template) atomically."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
     if loaded.model.quantization != "none":
         raise CamelidError(f"this model was loaded with --quantize {loaded.model.quantization}; load it without to save it")
-    if out.exists() and not (overwrite and out.is_dir()) and (not out.is_dir() or any(out.iterdir())):
-        raise CamelidError(f"{out} already exists; choose a new directory or remove it first")
+    if getattr(loaded.model, "lora", None) is not None:
+        raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora) or use save_adapter")
+    return write_model_files(
+        loaded.config, loaded.model.state_dict(), out, tokenizer=loaded.tokenizer,
+        chat_template=loaded.chat_template, dtype=dtype, overwrite=overwrite,
+    )
+
+
+def write_model_files(
+    config: ModelConfig, state: dict, out: str | Path, *, tokenizer, chat_template: str | None,
+    dtype=None, overwrite: bool = False,
+) -> Path:
+    """An HF-format directory holding `state` (a Llama state dict), written atomically."""
+    from safetensors.torch import save_file
+
     dtype = parse_dtype(dtype)
-    # A fresh name beside the target, made with mkdir so it gets the user's usual permissions.
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise CamelidError(f"cannot create {out}: {exc.strerror or exc}") from None
-    try:
-        model = loaded.model
-        model.config.save(tmp)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        config.save(tmp)
         state = {
             k: v.detach().to(dtype or v.dtype).contiguous().cpu()
-            for k, v in model.state_dict().items()
-            if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+            for k, v in state.items()
+            if not (k == "lm_head.weight" and config.tie_word_embeddings)
         }
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
-        loaded.tokenizer.save(tmp, chat_template=loaded.chat_template)
-        gen = {"bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": sorted(loaded.tokenizer.stop_ids) or None}
+        tokenizer.save(tmp, chat_template=chat_template)
+        gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(tokenizer.stop_ids) or None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CamelidError(f"cannot write {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Put directory `new` at `out`; an existing `out` is moved aside first and removed only afterwards."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-    out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old)
+    return Path(out)
 
 
 # -- GGUF ------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The `camelid` command line: a thin layer over the library; each verb calls one library function."""
 
 import argparse
+import dataclasses
 import sys
 
 from camelid.checkpoint import DTYPES
@@ -9,7 +10,8 @@ from camelid.quantize import QUANTIZATIONS
 from camelid.models import DEFAULT_MODEL
 
 MODEL_HELP = (
-    f"a named model (see `camelid models`; default {DEFAULT_MODEL}), a GGUF file, or a Hugging Face model directory"
+    f"a named model (see `camelid models`; default {DEFAULT_MODEL}), a GGUF file, a Hugging Face model directory, "
+    "or a LoRA adapter directory (which names its base)"
 )
 
 
@@ -110,11 +112,69 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_train(args) -> None:
+    import os
+
+    from camelid.train.loop import train
+    from camelid.train.recipe import build_config, read_recipe
+
+    overrides = list(args.overrides)
+    recipe = args.recipe
+    if recipe and "=" in recipe:  # no recipe: every key on the command line
+        overrides.insert(0, recipe)
+        recipe = None
+    cfg = read_recipe(recipe, overrides) if recipe else build_config({}, overrides)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        rate = f"{result.tokens_per_second:,.0f} tokens/s"
+        print(f"trained {result.steps} steps in {result.seconds:.0f} s ({rate}); final loss {result.losses[-1]:.4f}"
+              + (f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+        print(f"model: {result.model_dir}   loss curve: {result.run / 'loss.png'}")
+        print(f"chat with it: camelid chat -m {result.model_dir}")
+
+
+def _train_epilog() -> str:
+    from camelid.train.recipe import FIELDS, HELP
+
+    lines = ["recipe keys (YAML keys, or KEY=VALUE on the command line; lists comma-separated):"]
+    for name, f in FIELDS.items():
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        shown = "required" if default is dataclasses.MISSING else f"default {default!r}"
+        lines.append(f"  {name:<24}{HELP[name]} ({shown})")
+    lines += [
+        "",
+        "examples:",
+        "  camelid train quickstart                       # the CPU recipe in recipes/quickstart.yaml",
+        "  camelid train alpaca model=./llama-7b data=alpaca_data.json out=runs/alpaca",
+        "  camelid train model=smollm2-135m-instruct data=chats.jsonl out=runs/mine method=lora lr=2e-4",
+        "  torchrun --nproc-per-node 8 -m camelid train vicuna model=./llama-13b data=sharegpt.json out=runs/v",
+    ]
+    return "\n".join(lines)
+
+
 def cmd_convert(args) -> None:
     from camelid.checkpoint import load_model, save_model
 
     loaded = load_model(args.src, device="cpu", dtype="float32")
     out = save_model(loaded, args.dst, dtype=args.dtype, overwrite=args.force)
+    print(f"wrote {out} ({loaded.model.num_parameters() / 1e6:.1f}M parameters, {args.dtype or 'float32'})")
+
+
+def cmd_export_merge(args) -> None:
+    from camelid.checkpoint import load_model, save_model
+    from camelid.train.lora import is_adapter_dir
+
+    if not is_adapter_dir(args.adapter):
+        raise CamelidError(f"{args.adapter}: not a LoRA adapter directory (no adapter_config.json); "
+                           "to copy a full model use `camelid convert`")
+    loaded = load_model(args.adapter, device="cpu", dtype="float32")  # the base with the adapter merged in
+    out = save_model(loaded, args.out, dtype=args.dtype, overwrite=args.force)
     print(f"wrote {out} ({loaded.model.num_parameters() / 1e6:.1f}M parameters, {args.dtype or 'float32'})")
 
 
@@ -149,6 +209,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the written weights (default float32: exact for any GGUF source)")
     p.add_argument("--force", action="store_true", help="replace DST if it is an existing directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "train", help="fine-tune a model, full or LoRA, from a recipe (one process, or many under torchrun)",
+        description="Supervised fine-tuning on chat data, learning only the assistant turns. Writes OUT/model "
+        "(an adapter or a full model), checkpoints, metrics.jsonl and loss.png into the run directory OUT.",
+        epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", metavar="RECIPE", nargs="?",
+                   help="a recipe name (alpaca, vicuna, koala, gpt4all, quickstart: recipes/NAME.yaml) or a YAML "
+                   "file; leave it out to give every key as KEY=VALUE")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="set or override a recipe key (listed below)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its latest checkpoint (model, optimizer, schedule, random "
+                   "state and data position), reproducing the uninterrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the log lines stay)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a model in another form (see: camelid export --help)")
+    export = p.add_subparsers(dest="export_command", required=True, metavar="KIND")
+    p = export.add_parser("merge", help="fold a LoRA adapter into its base model; write an HF-format directory")
+    p.add_argument("adapter", metavar="ADAPTER",
+                   help="a LoRA adapter directory (adapter_config.json naming its base, adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="the directory to create (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="precision of the written weights (default float32)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an existing directory")
+    p.set_defaults(func=cmd_export_merge)
     return parser
 
 

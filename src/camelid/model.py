@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from camelid.config import ModelConfig
 
+IGNORE = -100  # the target of a position that is not trained on (PyTorch's and transformers' ignore_index)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -126,11 +128,12 @@ class Attention(nn.Module):
             k, v = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]  # [B, K, S, D]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if mask is None:
-            # Plain causal attention (training): let SDPA pick its fastest kernel.
-            q = q.transpose(1, 2)
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        if cache is None:
+            # Training and scoring: causal, or `mask` [B, 1, T, T] (True = may attend) keeping packed examples
+            # apart. SDPA shares each KV head among its G query heads itself, without copying K/V.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1
+            ).transpose(1, 2)
         else:
             # GQA without copying K/V: the G query heads that share a KV head are folded into the query
             # length, [B, K, G*T, D]; `mask` was folded the same way and made additive (0 or -inf), [B, 1, G*T, S].
@@ -192,9 +195,17 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
         self.quantization = "none"  # set by camelid.quantize.quantize_model
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, **kw) -> Tensor:
-        """Logits for every position, [B, T, vocab]."""
-        return self.lm_head(self.hidden(tokens, cache, **kw))
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, *, targets: Tensor | None = None, **kw) -> Tensor:
+        """Logits for every position, [B, T, vocab]; or, given `targets` [B, T], the summed cross-entropy.
+
+        Targets are the next token to predict at each position, IGNORE where there is nothing to learn. The
+        vocabulary projection is computed only at supervised positions, in chunks (see linear_cross_entropy).
+        """
+        hidden = self.hidden(tokens, cache, **kw)
+        if targets is None:
+            return self.lm_head(hidden)
+        keep = targets != IGNORE
+        return linear_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
 
     def hidden(
         self,
@@ -230,7 +241,9 @@ class Llama(nn.Module):
             layer_cache = [(cache.k[i], cache.v[i], rows, slots, kv_len) for i in range(len(self.model.layers))]
         elif positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        if mask is not None:
+        if mask is not None and cache is None:
+            mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
+        elif mask is not None:
             G = self.config.num_attention_heads // self.config.num_key_value_heads
             S = mask.shape[-1]
             mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
@@ -252,3 +265,55 @@ class Llama(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+# -- training loss ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+    """sum(cross_entropy(hidden @ weight.T, targets)) without holding the [N, vocab] logits.
+
+    hidden [N, d], weight [V, d], targets [N]. For a small model the logits dominate training memory (4 x 512
+    tokens x 49K vocab x 4 bytes = 400 MB, three times over with softmax and gradients). Here `chunk` rows are
+    projected at a time and, when gradients are wanted, the loss's gradients are worked out in the same pass,
+    so nothing of size vocab survives the chunk and backward costs no second projection.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    wide = torch.promote_types(hidden.dtype, torch.float32)  # the softmax is done in float32 at least
+    total = hidden.new_zeros((), dtype=wide)
+    for s in range(0, hidden.shape[0], chunk):
+        logits = (hidden[s : s + chunk] @ weight.T).to(wide)
+        total += F.cross_entropy(logits, targets[s : s + chunk], reduction="sum")
+    return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        want_w = ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        total = hidden.new_zeros((), dtype=wide)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = (h @ weight.T).to(wide)  # [n, V]
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d(loss)/d(logits) = softmax - one_hot(target), computed in place over the logits
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            grad = grad.to(hidden.dtype)
+            grad_hidden[s : s + chunk] = grad @ weight
+            if want_w:
+                grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_w = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_w, None, None

@@ -1,0 +1,39 @@
+"""Pictures a person would rather look at than read: loss curves (and, later, win rates)."""
+
+from pathlib import Path
+
+
+def loss_curve(metrics: list[dict], path: str | Path, title: str = "training loss") -> Path:
+    """A PNG of the training loss per step (raw and smoothed) and the held-out loss where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or touched
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    held_out = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train (per step)")
+        smooth, avg = [], None
+        for x in losses:  # exponential moving average, as TensorBoard's smoothing
+            avg = x if avg is None else 0.9 * avg + 0.1 * x
+            smooth.append(avg)
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train (smoothed)")
+    if held_out:
+        steps, losses = zip(*held_out)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="held out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per supervised token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or held_out:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Fine-tuning: examples, LoRA, the training loop, recipes."""

@@ -1,0 +1,554 @@
+"""Supervised fine-tuning, full or LoRA, in one process or many (`torchrun`): `camelid train`.
+
+The run directory (`out`) holds:
+  config.json           the settings (a different run in the same directory is refused)
+  metrics.jsonl         one line per optimizer step (loss, lr, grad norm, tokens/s) and per evaluation
+  loss.png              the loss curve
+  checkpoints/step-N/   model (adapter or full) + trainer_state.pt, every `save_every` steps
+  model/                the final model: an adapter directory (LoRA) or an HF model directory (full)
+
+Every step's data is a function of (seed, step) alone: rows are packed once, each epoch shuffles them with
+seed + epoch, and step s takes the next `batch_size` rows. So resuming needs only the step number, and N
+processes see exactly the rows one process would (each takes every N-th), with the loss normalised by the
+supervised tokens of the whole global batch: 2 processes compute the same update as 1.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from camelid.errors import CamelidError
+from camelid.files import atomic_dir, write_atomic
+from camelid.train.examples import Row, collate, make_examples, one_per_row, pack, shuffled
+from camelid.train.recipe import RESUMABLE_KEYS, TrainConfig
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: str | None) -> Processes:
+    """This process's place among those `torchrun` started (or the only one), and its device."""
+    from camelid.checkpoint import check_device, default_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        use_cuda = (device or default_device()).startswith("cuda")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    name = check_device(device or default_device())
+    if name == "cuda" and world > 1:
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if name.startswith("cuda"):
+        torch.cuda.set_device(torch.device(name))
+    return Processes(rank, world, torch.device(name))
+
+
+def _barrier(procs: Processes) -> None:
+    if procs.world > 1:
+        dist.barrier()
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+def load_conversations(cfg: TrainConfig, log) -> list[list[dict]]:
+    from camelid.data.formats import read_conversations
+
+    conversations = []
+    for path in cfg.data:
+        result = read_conversations(path, skip_bad=cfg.skip_bad)
+        conversations += [r.messages for r in result.records]
+        line = f"{path}: {len(result.records)} conversations"
+        if result.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in result.skipped_by_reason().items())
+            line += f", skipped {len(result.skipped)} ({reasons})"
+        log(line)
+    if not conversations:
+        raise CamelidError("the data holds no usable conversation; check the files given as data")
+    return conversations
+
+
+def build_rows(cfg: TrainConfig, template, tokenizer, conversations, log) -> tuple[list[Row], list[Row]]:
+    """Training and held-out rows. The held-out conversations are a seeded random share of all of them."""
+    order = shuffled(conversations, cfg.seed)
+    n_eval = round(len(order) * cfg.eval_fraction)
+    if cfg.eval_fraction and n_eval == 0:
+        n_eval = 1
+    held_out, train = order[:n_eval], order[n_eval:]
+    examples, stats = make_examples(template, tokenizer, train, cfg.seq_len, cfg.overflow)
+    log(f"training data: {stats.summary()}")
+    eval_examples, _ = make_examples(template, tokenizer, held_out, cfg.seq_len, cfg.overflow)
+    if not examples:
+        raise CamelidError("no conversation yields anything to learn; check the data and seq_len")
+    if cfg.packing:
+        rows, eval_rows = pack(examples, cfg.seq_len), pack(eval_examples, cfg.seq_len)
+    else:
+        group = 64 * cfg.micro_batch_size
+        rows, eval_rows = one_per_row(examples, group), one_per_row(eval_examples, group)
+    tokens = sum(len(r.tokens) for r in rows)
+    supervised = sum(r.supervised for r in rows)
+    log(
+        f"{len(rows)} training sequences ({tokens:,} tokens, {supervised:,} supervised), "
+        f"{len(eval_rows)} held out; {'packed' if cfg.packing else 'one example each'}"
+    )
+    return rows, eval_rows
+
+
+def rows_for_step(n_rows: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The row indices of optimizer step `step` (all processes together); wraps around at an epoch's end."""
+    per_epoch = math.ceil(n_rows / batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = shuffled(range(n_rows), seed + 1 + epoch)
+    return [order[(i * batch_size + j) % n_rows] for j in range(batch_size)]
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+
+
+def prepare_model(cfg: TrainConfig, procs: Processes):
+    """The model to train (base weights loaded, LoRA applied when asked), its template, and the trainable params."""
+    from camelid.chat import chat_template_for
+    from camelid.checkpoint import load_model
+    from camelid.train.lora import apply_lora
+
+    cuda = procs.device.type == "cuda"
+    # LoRA's frozen base can sit in bf16 on a GPU; weights that are trained stay float32 (autocast does bf16).
+    dtype = torch.bfloat16 if (cuda and cfg.method == "lora") else torch.float32
+    loaded = load_model(cfg.model, device=str(procs.device), dtype=dtype)
+    template = chat_template_for(loaded, cfg.template)
+    model = loaded.model
+    if cfg.method == "lora":
+        apply_lora(model, cfg.lora_config())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        model.requires_grad_(True)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return loaded, template
+
+
+def wrap_model(model, cfg: TrainConfig, procs: Processes):
+    """The model as the training step calls it: itself, DDP, or FSDP2 (`fully_shard` on each block and the root)."""
+    if procs.world == 1:
+        return model
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [procs.device.index] if procs.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # As transformers' Trainer: no weight decay on biases and norm weights.
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio (transformers' schedule)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def _full_weights(model, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trained weights as plain CPU tensors under the model's own names (gathered from all processes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not isinstance(model, torch.nn.Module) or not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        model = _unwrapped(model)
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in model.state_dict().items()
+            if cfg.method == "full" or "lora_" in k
+        }
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.method == "lora")
+    state = get_model_state_dict(model, options=options)
+    return {k: v for k, v in state.items() if cfg.method == "full" or "lora_" in k}  # (a tied head shows up)
+
+
+def write_model_dir(loaded, cfg: TrainConfig, weights: dict, out: Path, template_source: str | None) -> None:
+    """The trained model as a directory camelid, transformers and peft read: an adapter or a full HF model."""
+    from camelid.checkpoint import write_model_files
+    from camelid.train.lora import write_adapter
+
+    if cfg.method == "lora":
+        write_adapter(weights, cfg.lora_config(), out, base_model=base_model_ref(cfg.model),
+                      tokenizer=loaded.tokenizer, chat_template=template_source, overwrite=True)
+    else:
+        write_model_files(loaded.config, weights, out, tokenizer=loaded.tokenizer, chat_template=template_source,
+                          overwrite=True)
+
+
+def base_model_ref(model: str) -> str:
+    """How an adapter names its base: a model name as it is, a path as an absolute path."""
+    from camelid.models import NAMED_MODELS
+
+    if model.lower() in NAMED_MODELS and not Path(model).exists():
+        return model
+    return str(Path(model).resolve())
+
+
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, loaded, cfg, procs, template_source) -> None:
+    weights = _full_weights(model, cfg)
+    optim_state = _optimizer_state(model, optimizer)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if procs.device.type == "cuda" else None}
+    rngs = [None] * procs.world
+    if procs.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if procs.main:
+        with atomic_dir(run / "checkpoints" / f"step-{step:06d}", overwrite=True) as tmp:
+            write_model_dir(loaded, cfg, weights, tmp / "model", template_source)
+            state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rngs,
+                     "world": procs.world}
+            torch.save(state, tmp / STATE_FILE)
+        for old in checkpoints(run)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(procs)
+
+
+def _optimizer_state(model, optimizer) -> dict:
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first (a checkpoint directory appears only once fully written)."""
+    directory = run / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("step-*") if (p / STATE_FILE).is_file())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, procs: Processes) -> int:
+    """Restore weights, optimizer, schedule and random state from a checkpoint; returns its step."""
+    from safetensors.torch import load_file
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    model_dir = path / "model"
+    if cfg.method == "lora":
+        from camelid.train.lora import PEFT_PREFIX, WEIGHTS_FILE
+
+        weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(model_dir / WEIGHTS_FILE).items()}
+    else:
+        weights = load_file(model_dir / "model.safetensors")
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    else:
+        target = _unwrapped(model)
+        params = dict(target.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                if name in params:
+                    params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    if len(rngs) == procs.world:
+        torch.set_rng_state(rngs[procs.rank]["cpu"])
+        if procs.device.type == "cuda" and rngs[procs.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[procs.rank]["cuda"])
+    return int(state["step"])
+
+
+# -- the run directory -------------------------------------------------------------------------------------------
+
+
+def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
+    """Whether the run continues from a checkpoint; refuses a directory that holds something else."""
+    saved = run / "config.json"
+    if run.exists() and not run.is_dir():
+        raise CamelidError(f"{run} is a file; choose a directory for out")
+    if not saved.is_file():
+        if run.is_dir() and any(run.iterdir()):
+            raise CamelidError(f"{run} already exists and is not a camelid run; choose a new out directory")
+        if resume:
+            print(f"camelid: no run to resume in {run}; starting it", file=sys.stderr)
+        return False
+    try:
+        previous = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CamelidError(f"{saved} is unreadable; choose a new out directory") from None
+    current = cfg.to_dict()
+    changed = sorted(k for k in set(previous) | set(current) if k not in RESUMABLE_KEYS and previous.get(k) != current.get(k))
+    if changed:
+        raise CamelidError(
+            f"{run} holds a different run (it differs in: {', '.join(changed)}); choose a new out directory"
+        )
+    if not resume:
+        raise CamelidError(f"{run} already holds this run; pass --resume to continue it, or choose a new out directory")
+    return bool(checkpoints(run))
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("step", 0) <= up_to_step]
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    model_dir: Path
+    steps: int
+    losses: list[float]  # the training loss of every step of this run (resumed steps from metrics.jsonl)
+    eval_loss: float | None
+    seconds: float
+    tokens_per_second: float  # all tokens (supervised or not) processed per second, all processes
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.data` and write the run directory `cfg.out` (see the module docstring)."""
+    procs = start_processes(cfg.device)
+    run = Path(cfg.out)
+
+    def say(message: str) -> None:
+        if procs.main:
+            (log or (lambda m: print(m, file=sys.stderr)))(message)
+
+    if procs.world > 1:
+        # Decide on rank 0 (which can see the directory) and share the verdict, so no process is left waiting.
+        verdict = [None]
+        if procs.main:
+            try:
+                verdict[0] = ("ok", check_run_dir(run, cfg, resume))
+            except CamelidError as exc:
+                verdict[0] = ("error", str(exc))
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0][0] == "error":
+            raise CamelidError(verdict[0][1])
+        resuming = verdict[0][1]
+    else:
+        resuming = check_run_dir(run, cfg, resume)
+
+    if cfg.batch_size % (procs.world * cfg.micro_batch_size):
+        raise CamelidError(
+            f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size} x "
+            f"{procs.world} process(es); change one of them"
+        )
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same new adapter weights in every process (FSDP keeps each one's shard)
+    loaded, template = prepare_model(cfg, procs)
+    torch.manual_seed(cfg.seed + procs.rank)  # dropout differs between processes, as their data does
+    template_source = template.source
+    conversations = load_conversations(cfg, say)
+    rows, eval_rows = build_rows(cfg, template, loaded.tokenizer, conversations, say)
+    if len(rows) < cfg.batch_size:
+        raise CamelidError(
+            f"the data makes {len(rows)} training sequences, fewer than one batch ({cfg.batch_size}); "
+            "lower batch_size or add data"
+        )
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    model = wrap_model(loaded.model, cfg, procs)
+    model.train()
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in _unwrapped(loaded.model).parameters() if p.requires_grad)
+    say(
+        f"{cfg.method} fine-tuning of {cfg.model}: {n_trainable:,} trainable parameters, {total_steps} steps "
+        f"of {cfg.batch_size} sequences x {cfg.seq_len} tokens, {procs.world} process(es) on {procs.device.type}"
+    )
+
+    start = 0
+    if resuming:
+        latest = checkpoints(run)[-1]
+        start = load_checkpoint(latest, model, optimizer, scheduler, cfg, procs)
+        say(f"resuming from {latest} (step {start})")
+    metrics_path = run / "metrics.jsonl"
+    metrics = _read_metrics(metrics_path, start) if procs.main else []
+    if procs.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+    _barrier(procs)
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if procs.device.type == "cuda" else contextlib.nullcontext()
+    )
+    accumulate = cfg.batch_size // (procs.world * cfg.micro_batch_size)
+    eval_loss = None
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    bar = None
+    if progress and procs.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    began, tokens_seen = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        step_start = time.perf_counter()
+        ids = rows_for_step(len(rows), step, cfg.batch_size, cfg.seed)
+        global_rows = [rows[i] for i in ids]
+        supervised = sum(r.supervised for r in global_rows)
+        mine = global_rows[procs.rank :: procs.world]
+        loss_sum = torch.zeros((), device=procs.device)
+        for k in range(accumulate):
+            batch = collate(mine[k * cfg.micro_batch_size : (k + 1) * cfg.micro_batch_size]).to(procs.device)
+            last = k == accumulate - 1
+            with _no_sync(model, procs, last), autocast:
+                loss = model(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets)
+            # Normalised by the global batch's supervised tokens; DDP/FSDP average over processes, hence * world.
+            (loss * (procs.world / supervised)).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if procs.world > 1:
+            dist.all_reduce(loss_sum)
+        step_tokens = sum(len(r.tokens) for r in global_rows)
+        tokens_seen += step_tokens
+        loss_value = float(loss_sum) / supervised
+        losses.append(loss_value)
+        record = {
+            "step": step + 1,
+            "epoch": round((step + 1) / steps_per_epoch, 4),
+            "loss": round(loss_value, 6),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": round(float(_local(grad_norm)), 6),
+            "tokens": step_tokens,
+            "supervised_tokens": supervised,
+            "tokens_per_second": round(step_tokens / (time.perf_counter() - step_start), 1),
+        }
+        done = step + 1 == total_steps
+        if eval_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+            eval_loss = evaluate(model, eval_rows, cfg, procs, autocast)
+            record["eval_loss"] = round(eval_loss, 6)
+        if procs.main:
+            metrics.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4f}", **({"eval": f"{eval_loss:.4f}"} if eval_loss else {}))
+            bar.update(1)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
+            save_checkpoint(run, step + 1, model, optimizer, scheduler, loaded, cfg, procs, template_source)
+            if procs.main:
+                _plot(metrics, run)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - began
+
+    model_dir = run / "model"
+    weights = _full_weights(model, cfg)
+    if procs.main:
+        write_model_dir(loaded, cfg, weights, model_dir, template_source)
+        _plot(metrics, run)
+    _barrier(procs)
+    return TrainResult(
+        run=run,
+        model_dir=model_dir,
+        steps=total_steps,
+        losses=losses,
+        eval_loss=eval_loss,
+        seconds=seconds,
+        tokens_per_second=tokens_seen / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _local(value):
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _no_sync(model, procs: Processes, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if procs.world == 1 or last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    model.set_requires_gradient_sync(False)  # FSDP2; the last micro-batch turns it back on below
+
+    @contextlib.contextmanager
+    def restore():
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return restore()
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[Row], cfg: TrainConfig, procs: Processes, autocast) -> float:
+    """Mean cross-entropy per supervised token over the held-out rows (every process computes all of them)."""
+    was_training = model.training
+    model.eval()
+    target = model if procs.world > 1 and cfg.parallel == "fsdp" else _unwrapped(model)
+    total, count = 0.0, 0
+    for s in range(0, len(rows), cfg.micro_batch_size):
+        batch = collate(rows[s : s + cfg.micro_batch_size]).to(procs.device)
+        with autocast:
+            total += float(target(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets))
+        count += batch.supervised
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _plot(metrics: list[dict], run: Path) -> None:
+    from camelid.plots import loss_curve
+
+    try:
+        loss_curve(metrics, run / "loss.png", title=f"{run.name}: loss per supervised token")
+    except ImportError:
+        pass  # matplotlib is a dependency; a broken install should not end a finished run

