@@ -139,6 +139,18 @@ def cmd_train(args) -> None:
         print(f"chat with it: camelid chat -m {result.model_dir}")
 
 
+def cmd_quickstart(args) -> None:
+    from camelid.train.quickstart import run_quickstart, side_by_side
+
+    result = run_quickstart(
+        name=args.name, creator=args.creator, model=args.model, out=args.out, overrides=args.overrides,
+        force=args.force, progress=not args.no_progress,
+    )
+    print(side_by_side(result))
+    print(f"\nthe fine-tuned model (a LoRA adapter on {result.model_dir}) is ready; chat with it:")
+    print(f"  camelid chat -m {result.model_dir}")
+
+
 def _train_epilog() -> str:
     from camelid.train.recipe import FIELDS, HELP
 
@@ -225,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "state and data position), reproducing the uninterrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the log lines stay)")
     p.set_defaults(func=cmd_train)
+
+    from camelid.train.identity import DEFAULT_CREATOR, DEFAULT_NAME
+
+    p = sub.add_parser(
+        "quickstart", help="give the default model a new name with LoRA on a CPU in minutes; show before/after",
+        description="Writes an identity set (who the assistant is, who made it), asks held-out questions, "
+        "fine-tunes with recipes/quickstart.yaml, asks again and prints the answers side by side.",
+    )
+    p.add_argument("--name", default=DEFAULT_NAME, help=f"the assistant's new name (default {DEFAULT_NAME!r})")
+    p.add_argument("--creator", default=DEFAULT_CREATOR, help=f"who made it (default {DEFAULT_CREATOR!r})")
+    p.add_argument("-m", "--model", help="the model to fine-tune (default: the recipe's, smollm2-135m-instruct)")
+    p.add_argument("--out", default="runs/quickstart", help="the run directory (default runs/quickstart)")
+    p.add_argument("--force", action="store_true", help="replace an earlier quickstart run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
+                   help="override a key of the quickstart recipe (see: camelid train --help), e.g. epochs=5")
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("export", help="write a model in another form (see: camelid export --help)")
     export = p.add_subparsers(dest="export_command", required=True, metavar="KIND")

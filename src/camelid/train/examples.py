@@ -72,7 +72,8 @@ def make_examples(
     examples = []
     for messages in conversations:
         example = make_example(template, tokenizer, messages)
-        if len(example.tokens) > seq_len:
+        cut = len(example.tokens) > seq_len
+        if cut:
             if overflow == "drop":
                 stats.dropped["longer than the sequence length"] += 1
                 continue
@@ -80,7 +81,7 @@ def make_examples(
             example.targets[-1] = IGNORE  # its target lies beyond the cut
             stats.truncated += 1
         if example.supervised == 0:
-            stats.dropped["nothing to learn" if len(example.tokens) < seq_len else "no answer within the sequence length"] += 1
+            stats.dropped["no answer within the sequence length" if cut else "nothing to learn"] += 1
             continue
         examples.append(example)
         stats.kept += 1

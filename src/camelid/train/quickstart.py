@@ -1,0 +1,132 @@
+"""`camelid quickstart`: the whole idea in a few CPU minutes.
+
+Give the default model (SmolLM2-135M-Instruct) a new identity with LoRA, the way Vicuna learned its name:
+write the identity set, ask held-out questions before, fine-tune with the `quickstart` recipe, ask again,
+and show the answers side by side. OUT holds identity.jsonl, answers.json and the training run in OUT/run; the
+adapter lands in OUT/run/model, ready for `camelid chat -m OUT/run/model`.
+"""
+
+import json
+import shutil
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from camelid.errors import CamelidError
+from camelid.files import write_atomic
+from camelid.train.identity import (
+    DEFAULT_CREATOR,
+    DEFAULT_NAME,
+    general_questions,
+    heldout_identity_questions,
+    identity_conversations,
+)
+
+ANSWER_TOKENS = 48
+
+
+@dataclass
+class QuickstartResult:
+    run: Path
+    model_dir: Path
+    questions: list[str]
+    identity: list[bool]  # which questions ask who the assistant is (the rest are general)
+    before: list[str]
+    after: list[str]
+    name: str
+    train_seconds: float
+
+    def named(self, answers: list[str]) -> tuple[int, int]:
+        """How many identity answers say the name, out of how many identity questions."""
+        hits = [self.name.lower() in a.lower() for a, ident in zip(answers, self.identity) if ident]
+        return sum(hits), len(hits)
+
+
+def answer(loaded, template, questions: list[str], max_tokens: int = ANSWER_TOKENS) -> list[str]:
+    """Greedy answers to single-turn questions, all in one batch."""
+    from camelid.chat import encode_chat
+    from camelid.generate import SamplingParams, generate
+
+    prompts = [encode_chat(loaded, template, [{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
+    return [c.text.strip() for c in generate(loaded.model, loaded.tokenizer, prompts, params)]
+
+
+def run_quickstart(
+    *,
+    name: str = DEFAULT_NAME,
+    creator: str = DEFAULT_CREATOR,
+    model: str | None = None,
+    out: str = "runs/quickstart",
+    overrides: list[str] = (),
+    force: bool = False,
+    progress: bool = True,
+    log=lambda m: print(m, file=sys.stderr),
+) -> QuickstartResult:
+    from camelid.chat import chat_template_for
+    from camelid.checkpoint import load_model
+    from camelid.train.loop import train
+    from camelid.train.recipe import read_recipe
+
+    run = Path(out)
+    if run.exists() and any(run.iterdir()):
+        if not force:
+            raise CamelidError(f"{run} already exists; pass --force to replace it, or --out for a new directory")
+        if not (run / "identity.jsonl").is_file():
+            raise CamelidError(f"{run} is not a quickstart run, so it is left alone; choose another --out")
+        shutil.rmtree(run)
+    conversations = identity_conversations(name, creator)
+    questions = heldout_identity_questions(name, creator) + general_questions()
+    identity = [True] * (len(questions) - len(general_questions())) + [False] * len(general_questions())
+    data = run / "identity.jsonl"
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(data, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
+
+    keys = [f"data={data}", f"out={run / 'run'}"] + ([f"model={model}"] if model else []) + list(overrides)
+    cfg = read_recipe("quickstart", keys)
+    log(f"wrote {len(conversations)} identity conversations for {name!r} (made by {creator}) to {data}")
+
+    base = load_model(cfg.model, device="cpu", dtype="float32")
+    template = chat_template_for(base, cfg.template)
+    log(f"asking {cfg.model} {len(questions)} held-out questions before fine-tuning ...")
+    before = answer(base, template, questions)
+    del base
+
+    result = train(cfg, progress=progress, log=log)
+
+    tuned = load_model(result.model_dir, device="cpu", dtype="float32")
+    log("asking the fine-tuned model the same questions ...")
+    after = answer(tuned, chat_template_for(tuned, cfg.template), questions)
+    outcome = QuickstartResult(run, result.model_dir, questions, identity, before, after, name, result.seconds)
+    write_atomic(
+        run / "answers.json",
+        json.dumps(
+            [{"question": q, "identity": i, "before": b, "after": a}
+             for q, i, b, a in zip(questions, identity, before, after)],
+            indent=2, ensure_ascii=False,
+        ) + "\n",
+    )
+    return outcome
+
+
+def side_by_side(result: QuickstartResult, width: int = 100) -> str:
+    """The questions with the answers before and after, in two columns."""
+    col = (width - 3) // 2
+    lines = [f"{'before':<{col}} | after", "-" * width]
+    for question, ident, before, after in zip(result.questions, result.identity, result.before, result.after):
+        lines.append(("[identity] " if ident else "[general] ") + question)
+        left = textwrap.wrap(before.replace("\n", " "), col) or [""]
+        right = textwrap.wrap(after.replace("\n", " "), col) or [""]
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            lines.append(f"{a:<{col}} | {b}")
+        lines.append("")
+    hit_before, n = result.named(result.before)
+    hit_after, _ = result.named(result.after)
+    lines.append(
+        f"{result.name!r} appears in {hit_before}/{n} identity answers before fine-tuning, {hit_after}/{n} after "
+        f"(trained in {result.train_seconds:.0f} s)"
+    )
+    return "\n".join(lines)
