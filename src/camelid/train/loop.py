@@ -56,7 +56,7 @@ def start_processes(device: str | None) -> Processes:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     name = check_device(device or default_device())
-    if name == "cuda" and world > 1:
+    if name == "cuda":  # each process its own GPU under torchrun
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if name.startswith("cuda"):
         torch.cuda.set_device(torch.device(name))
