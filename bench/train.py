@@ -185,7 +185,7 @@ def run_worker(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(loss.item())
     peak_kb, lifetime_kb = memory.stop()
 
     measured = seconds[args.warmup :]
@@ -255,7 +255,8 @@ def main():
     if "peft" in results:
         p = results["peft"]
         print(f"peft: {p['versions']}, attention {p['attention']}, packed rows kept apart by position_ids")
-    print(f"memory: {first['memory_method']}\n")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"memory: {first['memory_method']}; glibc malloc {malloc or 'defaults'}\n")
     print("| contender | tok/s | step s (median) | peak RSS MB | training peak MB |")
     print("|---|---:|---:|---:|---:|")
     names = {"camelid": "camelid", "peft": "transformers + peft"}

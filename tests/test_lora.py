@@ -374,3 +374,24 @@ def test_export_merge_help(capsys):
     with pytest.raises(SystemExit) as exc_info:
         main(["export"])
     assert exc_info.value.code == 2
+
+
+def test_fused_adapter_update_has_the_gradients_of_dropout_then_two_linears():
+    """The training path (one-byte masks, x kept once) against plain autograd with the same dropout mask."""
+    from camelid.train.lora import _LoRAUpdate
+
+    x = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: _LoRAUpdate.apply(x, a, b, 0.0, 2.0), (x, a, b))
+
+    torch.manual_seed(7)
+    out = _LoRAUpdate.apply(x, a, b, 0.25, 2.0)
+    grads = torch.autograd.grad(out.pow(2).sum(), (x, a, b))
+    torch.manual_seed(7)
+    keep = torch.rand(x.shape) >= 0.25  # the same draw as inside the function
+    assert 0 < keep.double().mean() < 1
+    reference = ((x * keep / 0.75) @ a.T @ b.T) * 2.0
+    torch.testing.assert_close(out, reference)
+    for mine, theirs in zip(grads, torch.autograd.grad(reference.pow(2).sum(), (x, a, b))):
+        torch.testing.assert_close(mine, theirs)

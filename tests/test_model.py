@@ -104,3 +104,13 @@ def test_config_round_trips_through_hf_json(tmp_path):
     assert ModelConfig.load(tmp_path) == config
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert hf.rope_scaling["rope_type"] == "llama3" and hf.num_key_value_heads == 8
+
+
+def test_swiglu_keeps_less_but_computes_the_same_gradients():
+    from camelid.model import _SwiGLU
+
+    gate = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate, up))
+    out = _SwiGLU.apply(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)

@@ -157,7 +157,32 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(_SwiGLU.apply(gate, up))
         return self.down_proj(F.silu(gate) * up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for backward (autograd would also keep silu(gate)).
+
+    In a small model the MLP's [tokens, intermediate] activations are the largest thing training stores.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        g32 = gate.float()
+        sig = torch.sigmoid(g32)
+        silu = g32 * sig
+        grad32 = grad.float()
+        d_up = (grad32 * silu).to(up.dtype)
+        d_gate = (grad32 * up.float() * sig * (1 + g32 * (1 - sig))).to(gate.dtype)  # silu'(g) = s (1 + g (1 - s))
+        return d_gate, d_up
 
 
 class Block(nn.Module):
