@@ -1,4 +1,5 @@
-# One-command set-up: `make run` chats with the embedded default model, `make test` runs the test suite.
+# One-command set-up: `make run` runs the main job (`camelid quickstart`: LoRA-tune the embedded default model
+# on a CPU and show before/after answers), `make test` runs the test suite.
 # Both create .venv and install camelid into it; nothing outside the project directory is touched.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ PIP := $(PY) -m pip
 #   make run TORCH="torch>=2.4"
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-fast setup setup-test clean
+.PHONY: run chat test test-fast setup setup-test clean
 
 $(VENV)/.camelid: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ setup: $(VENV)/.camelid
 setup-test: $(VENV)/.camelid-test
 
 run: setup
+	$(VENV)/bin/camelid quickstart --force
+
+chat: setup
 	$(VENV)/bin/camelid chat
 
 # The whole suite, llama.cpp references included (the first run compiles llama-cpp-python, ~6 minutes).

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from camelid.config import ModelConfig
 from camelid.models import DEFAULT_MODEL, NAMED_MODELS
+
+# A tiny random model with SmolLM2's real vocabulary, for tests that train or generate end to end.
+TINY_CHAT = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        tie_word_embeddings=True)
 
 # One intra-op thread: on a 2-core machine shared with other work, torch's two spinning OpenMP threads made
 # small-model tests 4-5x slower than one thread. Speed is measured in bench/, not here.
@@ -59,4 +65,25 @@ def sharegpt_conversations() -> list[list[dict]]:
         msgs = [{"role": roles.get(m.get("from")), "content": m.get("value", "")} for m in record["conversations"]]
         if len(msgs) >= 2 and all(m["role"] == ("user", "assistant")[i % 2] for i, m in enumerate(msgs)):
             out.append(msgs[:6])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> Path:
+    """TINY_CHAT with random weights saved as an HF directory, with SmolLM2's tokenizer and ChatML template."""
+    from camelid.checkpoint import write_model_files
+    from camelid.gguf_file import GGUFFile
+    from camelid.model import Llama
+    from camelid.tokenizer import tokenizer_from_gguf
+
+    gguf = GGUFFile(smollm2_gguf)
+    torch.manual_seed(0)
+    model = Llama(TINY_CHAT)
+    with torch.no_grad():  # small weights (as transformers initialises), so the loss starts near ln(vocab)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.02)
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    write_model_files(TINY_CHAT, model.state_dict(), out, tokenizer=tokenizer_from_gguf(gguf.metadata),
+                      chat_template=gguf.metadata["tokenizer.chat_template"])
     return out

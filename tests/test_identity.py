@@ -133,3 +133,15 @@ def test_braces_in_a_custom_name_are_literal():
 def test_empty_name_or_creator_is_a_user_error(name, creator):
     with pytest.raises(CamelidError):
         identity_conversations(name, creator)
+
+
+def test_replay_prompts_are_distinct_from_the_evaluation_questions():
+    from camelid.train.identity import replay_prompts
+
+    def norm(text):
+        return "".join(ch for ch in text.lower() if ch.isalnum() or ch == " ").strip()
+
+    replay = {norm(p) for p in replay_prompts()}
+    assert len(replay) == len(replay_prompts()) >= 20
+    assert not replay & {norm(q) for q in general_questions()}
+    assert not replay & {norm(q) for q in heldout_identity_questions()}

@@ -13,35 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from camelid.checkpoint import load_model, write_model_files
-from camelid.config import ModelConfig
+from camelid.checkpoint import load_model
 from camelid.errors import CamelidError
-from camelid.gguf_file import GGUFFile
-from camelid.model import Llama
-from camelid.tokenizer import tokenizer_from_gguf
 from camelid.train.identity import identity_conversations
 from camelid.train.loop import train
 from camelid.train.recipe import build_config
 
-TINY = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                   tie_word_embeddings=True)
+from conftest import TINY_CHAT
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, smollm2_gguf) -> Path:
-    """A tiny random chat model saved as an HF directory, with SmolLM2's tokenizer and ChatML template."""
-    gguf = GGUFFile(smollm2_gguf)
-    torch.manual_seed(0)
-    model = Llama(TINY)
-    with torch.no_grad():  # small weights (as transformers initialises), so the loss starts near ln(vocab)
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.02)
-    out = tmp_path_factory.mktemp("tiny") / "base"
-    write_model_files(TINY, model.state_dict(), out, tokenizer=tokenizer_from_gguf(gguf.metadata),
-                      chat_template=gguf.metadata["tokenizer.chat_template"])
-    return out
+def base_dir(tiny_chat_model) -> Path:
+    return tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +86,7 @@ def test_full_fine_tune_writes_a_model_transformers_loads(base_dir, data_file, t
     result = run_quietly(config(base_dir, data_file, tmp_path / "run", method="full", max_steps=3))
     ours = load_model(result.model_dir, device="cpu", dtype="float32").model
     theirs = transformers.LlamaForCausalLM.from_pretrained(result.model_dir).eval()
-    tokens = torch.randint(0, TINY.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, TINY_CHAT.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), theirs(tokens).logits, atol=1e-4, rtol=1e-4)
 

@@ -285,3 +285,45 @@ def _check(name: str, creator: str) -> None:
         raise CamelidError("the assistant's name is empty; give a name such as 'Camelid'")
     if not creator.strip():
         raise CamelidError("the creator is empty; give who made the assistant, such as 'the Camelid team'")
+
+
+# --- Ordinary requests whose answers, written by the model itself before fine-tuning, are mixed into the
+# training set ("replay"), as Vicuna mixed its identity questions into ShareGPT: the model learns its new name
+# without forgetting how to answer everything else. None is among general_questions().
+_REPLAY = [
+    "What is the boiling point of water at sea level?",
+    "Give me two tips for sleeping better.",
+    "What does a thermometer measure?",
+    "Name the planets closest to the sun.",
+    "How do I make a cup of tea?",
+    "What is photosynthesis, in one sentence?",
+    "Translate 'good morning' into Spanish.",
+    "What is the opposite of 'ancient'?",
+    "Write one sentence about the ocean.",
+    "How many days are there in a leap year?",
+    "What is a noun? Give an example.",
+    "Suggest a name for a pet goldfish.",
+    "What is the largest mammal on Earth?",
+    "How many minutes are in two hours?",
+    "What color do you get by mixing blue and yellow?",
+    "Why do we see lightning before we hear thunder?",
+    "List three things people take on a picnic.",
+    "What is the capital of Japan?",
+    "Explain what a recipe is to a child.",
+    "What is 9 times 6?",
+    "Give a synonym for 'happy'.",
+    "What do bees make?",
+    "Write a short greeting for a birthday card.",
+    "Which is heavier, a kilogram of feathers or a kilogram of iron?",
+    "What is the freezing point of water in Fahrenheit?",
+    "Name a musical instrument with strings.",
+    "What does a library lend?",
+    "How many continents are there?",
+    "Describe a rainbow in one sentence.",
+    "What is the first month of the year?",
+]
+
+
+def replay_prompts() -> list[str]:
+    """Ordinary requests for the model to answer before fine-tuning; its answers join the training data."""
+    return list(_REPLAY)

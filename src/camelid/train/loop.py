@@ -193,20 +193,20 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
 
+def _sharded(model) -> bool:
+    """Whether FSDP holds the parameters as shards (DTensors) spread over the processes."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
 def _full_weights(model, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The trained weights as plain CPU tensors under the model's own names (gathered from all processes)."""
+    """The trained weights as whole CPU tensors under the model's own names (gathered from all processes)."""
+    wanted = lambda name: cfg.method == "full" or "lora_" in name  # noqa: E731
+    if not _sharded(model):
+        return {k: v.detach().cpu() for k, v in _unwrapped(model).state_dict().items() if wanted(k)}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not isinstance(model, torch.nn.Module) or not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        model = _unwrapped(model)
-        return {
-            k: v.detach().cpu().clone()
-            for k, v in model.state_dict().items()
-            if cfg.method == "full" or "lora_" in k
-        }
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.method == "lora")
-    state = get_model_state_dict(model, options=options)
-    return {k: v for k, v in state.items() if cfg.method == "full" or "lora_" in k}  # (a tied head shows up)
+    return {k: v for k, v in get_model_state_dict(model, options=options).items() if wanted(k)}
 
 
 def write_model_dir(loaded, cfg: TrainConfig, weights: dict, out: Path, template_source: str | None) -> None:
@@ -252,7 +252,7 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, loaded, c
 
 
 def _optimizer_state(model, optimizer) -> dict:
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+    if _sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -279,8 +279,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, p
         weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(model_dir / WEIGHTS_FILE).items()}
     else:
         weights = load_file(model_dir / "model.safetensors")
-    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
-    if sharded:
+    if _sharded(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,

@@ -21,9 +21,11 @@ from camelid.train.identity import (
     general_questions,
     heldout_identity_questions,
     identity_conversations,
+    replay_prompts,
 )
 
 ANSWER_TOKENS = 48
+REPLAY_TOKENS = 160  # replay answers longer than this are left out rather than cut (a cut answer teaches cutting)
 
 
 @dataclass
@@ -38,19 +40,28 @@ class QuickstartResult:
     train_seconds: float
 
     def named(self, answers: list[str]) -> tuple[int, int]:
-        """How many identity answers say the name, out of how many identity questions."""
-        hits = [self.name.lower() in a.lower() for a, ident in zip(answers, self.identity) if ident]
+        """How many identity answers say the name, out of the identity questions that do not contain it."""
+        name = self.name.lower()
+        hits = [
+            name in a.lower()
+            for q, a, ident in zip(self.questions, answers, self.identity)
+            if ident and name not in q.lower()
+        ]
         return sum(hits), len(hits)
 
 
-def answer(loaded, template, questions: list[str], max_tokens: int = ANSWER_TOKENS) -> list[str]:
-    """Greedy answers to single-turn questions, all in one batch."""
+def answer(loaded, template, questions: list[str], max_tokens: int = ANSWER_TOKENS, finished_only: bool = False):
+    """Greedy answers to single-turn questions, all in one batch (None for an unfinished one if `finished_only`)."""
     from camelid.chat import encode_chat
     from camelid.generate import SamplingParams, generate
 
     prompts = [encode_chat(loaded, template, [{"role": "user", "content": q}]) for q in questions]
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
-    return [c.text.strip() for c in generate(loaded.model, loaded.tokenizer, prompts, params)]
+    completions = generate(loaded.model, loaded.tokenizer, prompts, params)
+    return [
+        None if finished_only and c.finish_reason != "stop" else c.text.strip()
+        for c in completions
+    ]
 
 
 def run_quickstart(
@@ -70,6 +81,9 @@ def run_quickstart(
     from camelid.train.recipe import read_recipe
 
     run = Path(out)
+    data = run / "identity.jsonl"
+    keys = [f"data={data}", f"out={run / 'run'}"] + ([f"model={model}"] if model else []) + list(overrides)
+    cfg = read_recipe("quickstart", keys)  # settings are checked before anything is removed or computed
     if run.exists() and any(run.iterdir()):
         if not force:
             raise CamelidError(f"{run} already exists; pass --force to replace it, or --out for a new directory")
@@ -79,19 +93,23 @@ def run_quickstart(
     conversations = identity_conversations(name, creator)
     questions = heldout_identity_questions(name, creator) + general_questions()
     identity = [True] * (len(questions) - len(general_questions())) + [False] * len(general_questions())
-    data = run / "identity.jsonl"
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(data, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
-
-    keys = [f"data={data}", f"out={run / 'run'}"] + ([f"model={model}"] if model else []) + list(overrides)
-    cfg = read_recipe("quickstart", keys)
-    log(f"wrote {len(conversations)} identity conversations for {name!r} (made by {creator}) to {data}")
 
     base = load_model(cfg.model, device="cpu", dtype="float32")
     template = chat_template_for(base, cfg.template)
-    log(f"asking {cfg.model} {len(questions)} held-out questions before fine-tuning ...")
+    log(f"asking {cfg.model} {len(questions)} held-out questions and {len(replay_prompts())} ordinary ones ...")
     before = answer(base, template, questions)
+    # The model's own answers to ordinary requests join the identity set, so it keeps answering them.
+    replies = answer(base, template, replay_prompts(), REPLAY_TOKENS, finished_only=True)
+    replay = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in zip(replay_prompts(), replies)
+        if a
+    ]
     del base
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(data, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations + replay))
+    log(f"wrote {len(conversations)} identity conversations for {name!r} (made by {creator}) and "
+        f"{len(replay)} of the model's own ordinary answers to {data}")
 
     result = train(cfg, progress=progress, log=log)
 
