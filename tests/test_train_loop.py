@@ -218,3 +218,11 @@ def test_missing_base_model_is_one_line_through_the_cli(data_file, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "no such file or directory" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_recomputes_exactly(base_dir, data_file, tmp_path):
+    """Recomputing each block in backward (dropout replayed from the saved random state) changes nothing."""
+    plain = run_quietly(config(base_dir, data_file, tmp_path / "a", max_steps=3, lora_dropout=0.1))
+    again = run_quietly(config(base_dir, data_file, tmp_path / "b", max_steps=3, lora_dropout=0.1,
+                               gradient_checkpointing=True))
+    assert again.losses == pytest.approx(plain.losses, rel=1e-6)
