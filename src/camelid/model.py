@@ -295,7 +295,7 @@ class Llama(nn.Module):
 # -- training loss ---------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
     """sum(cross_entropy(hidden @ weight.T, targets)) without holding the [N, vocab] logits.
 
     hidden [N, d], weight [V, d], targets [N]. For a small model the logits dominate training memory (4 x 512
