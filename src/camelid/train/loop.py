@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -385,7 +384,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size} x "
             f"{procs.world} process(es); change one of them"
         )
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same new adapter weights in every process (FSDP keeps each one's shard)
     loaded, template = prepare_model(cfg, procs)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs between processes, as their data does
