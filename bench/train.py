@@ -134,6 +134,7 @@ def shifted_labels(targets: torch.Tensor) -> torch.Tensor:
 
 
 def camelid_step(loaded, args):
+    from camelid.train.loop import release_freed_memory
     from camelid.train.lora import LoRAConfig, apply_lora
 
     model = apply_lora(loaded.model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets))
@@ -142,12 +143,17 @@ def camelid_step(loaded, args):
     def loss(batch):
         return model(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets) / batch.supervised
 
-    return model, loss, {}
+    def after_backward():  # as `camelid train` does after each backward pass
+        release_freed_memory(torch.device("cpu"))
+
+    return model, loss, after_backward, {}
 
 
 def peft_step(loaded, args):
     import peft
     import transformers
+
+    from camelid.train.loop import release_freed_memory
 
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(**loaded.config.to_hf())
@@ -173,7 +179,8 @@ def peft_step(loaded, args):
 
     info = {"attention": hf.config._attn_implementation, "versions": f"transformers {transformers.__version__}, "
             f"peft {peft.__version__}"}
-    return model, loss, info
+    after_backward = (lambda: release_freed_memory(torch.device("cpu"))) if args.trim_peft else (lambda: None)
+    return model, loss, after_backward, info
 
 
 def run_worker(args) -> dict:
@@ -183,7 +190,7 @@ def run_worker(args) -> dict:
     torch.manual_seed(0)
     loaded = load_model(MODEL, device="cpu", dtype="float32")
     batches, rows = training_batches(loaded, args.warmup + args.steps, args.batch_size, args.seq_len, args.min_fill)
-    model, compute_loss, info = (camelid_step if args.worker == "camelid" else peft_step)(loaded, args)
+    model, compute_loss, after_backward, info = (camelid_step if args.worker == "camelid" else peft_step)(loaded, args)
     del loaded
     gc.collect()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -197,6 +204,7 @@ def run_worker(args) -> dict:
         start = time.perf_counter()
         loss = compute_loss(batch)
         loss.backward()
+        after_backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,7 +242,8 @@ def run_contender(name: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                "--seq-len", str(args.seq_len), "--min-fill", str(args.min_fill), "--r", str(args.r),
-               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--targets", *args.targets]
+               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--targets", *args.targets,
+               *(["--trim-peft"] if args.trim_peft else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     print(f"running {name} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
@@ -258,6 +267,8 @@ def main():
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA targets (default q_proj v_proj)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the contenders in turn this many times and keep each one's fastest (default 1)")
+    parser.add_argument("--trim-peft", action="store_true",
+                        help="give peft's loop camelid's release of freed memory after each backward pass too")
     parser.add_argument("--only", choices=CONTENDERS, help="run one contender alone (no ratios)")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,7 +293,8 @@ def main():
         p = results["peft"]
         print(f"peft: {p['versions']}, attention {p['attention']}, packed examples kept apart by position_ids")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    print(f"memory: {first['memory_method']}; glibc malloc {malloc or 'defaults'}\n")
+    print(f"memory: {first['memory_method']}; glibc malloc {malloc or 'defaults'}; freed memory returned after "
+          f"each backward pass (malloc_trim) by camelid{' and by peft (--trim-peft)' if args.trim_peft else ''}\n")
     print("| contender | tok/s | step s (median) | peak RSS MB | training peak MB |")
     print("|---|---:|---:|---:|---:|")
     names = {"camelid": "camelid", "peft": "transformers + peft"}

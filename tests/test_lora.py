@@ -389,9 +389,60 @@ def test_fused_adapter_update_has_the_gradients_of_dropout_then_two_linears():
     out = _LoRAUpdate.apply(x, a, b, 0.25, 2.0)
     grads = torch.autograd.grad(out.pow(2).sum(), (x, a, b))
     torch.manual_seed(7)
-    keep = torch.rand(x.shape) >= 0.25  # the same draw as inside the function
+    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.75)  # the same draw as inside the function
     assert 0 < keep.double().mean() < 1
     reference = ((x * keep / 0.75) @ a.T @ b.T) * 2.0
     torch.testing.assert_close(out, reference)
     for mine, theirs in zip(grads, torch.autograd.grad(reference.pow(2).sum(), (x, a, b))):
         torch.testing.assert_close(mine, theirs)
+
+
+def test_adapters_on_a_bfloat16_base_train_under_autocast():
+    """The CUDA recipe (bfloat16 base, float32 adapters, bf16 autocast), run on the CPU: it must give the
+    float32 run's adapter gradients to within bfloat16's precision."""
+    reference = adapted(3).train()
+    mixed = adapted(3).train()
+    for name, p in mixed.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    targets = TOKENS.roll(-1, dims=1)
+    grads = []
+    for model, autocast in ((reference, False), (mixed, True)):
+        torch.manual_seed(5)  # the same dropout masks in both
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(TOKENS, targets=targets)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g.dtype == torch.float32 for g in grads[1].values())
+    for name, g in grads[0].items():
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), grads[1][name].flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
+
+
+def test_a_lora_training_pass_keeps_only_what_backward_needs():
+    """Training memory is the activations autograd keeps. Per block that is: the two norms' inputs, the x the
+    q and v adapters read (once) and their one-byte dropout masks, attention's q, k, v and output, the MLP's
+    gate and up, and a few numbers per token. Anything more (a normalised copy, a dropped-out copy of x, silu's
+    output, the vocabulary's logits) is a regression of the memory camelid promises."""
+    model = apply_lora(twin_models()[0].train(), LoRAConfig(r=4, targets=("q_proj", "v_proj"), dropout=0.1))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    B, T = TOKENS.shape
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(TOKENS, targets=TOKENS.roll(-1, dims=1))
+    c = TINY
+    d, heads, kv, inter, r = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 4
+    dim = c.hidden_size // heads
+    per_block = 4 * B * T * (2 * d + d + 2 * heads * dim + 2 * kv * dim + 2 * inter)  # float32 activations
+    per_block += 2 * B * T * d  # the two bool masks
+    per_block += 4 * B * T * (2 + heads + 2 * r)  # norms' 1/rms, attention's logsumexp, the adapters' x @ A.T
+    rest = 4 * B * T * (2 * dim + d + 1 + d) + 8 * B * T  # cos/sin, the final norm, the loss's d/dhidden, indices
+    assert sum(kept.values()) <= c.num_hidden_layers * per_block + rest
+    loss.backward()

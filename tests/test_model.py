@@ -114,3 +114,21 @@ def test_swiglu_keeps_less_but_computes_the_same_gradients():
     assert torch.autograd.gradcheck(_SwiGLU.apply, (gate, up))
     out = _SwiGLU.apply(gate, up)
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
+
+
+def test_training_norm_and_rope_compute_what_autograd_would():
+    """The hand-written backward passes of RMSNorm and RoPE against autograd through the plain formulas."""
+    from camelid.model import _RMSNorm, _Rope, rope_cos_sin
+
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-5), (x, w))
+    torch.testing.assert_close(_RMSNorm.apply(x, w, 1e-5), w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    q = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_cos_sin(1.0 / 10000 ** (torch.arange(0, 8, 2) / 8), torch.arange(5).expand(2, 5), torch.float64)
+    assert torch.autograd.gradcheck(lambda q: _Rope.apply(q, cos, sin), (q,))
+    angles = torch.arange(5, dtype=torch.float64)[:, None] * (1.0 / 10000 ** (torch.arange(0, 8, 2) / 8))
+    cos_hf, sin_hf = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+    rotate_half = torch.cat([-q[..., 4:], q[..., :4]], dim=-1)  # transformers' formulation
+    torch.testing.assert_close(_Rope.apply(q, cos, sin), q * cos_hf + rotate_half * sin_hf)

@@ -24,12 +24,47 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; bit-identical to the steps below in float32
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalise in float32 whatever the activation dtype, then scale in the activation dtype (as transformers).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dtype == torch.float32:  # one fused kernel; bit-identical to the steps below in float32
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Normalise in float32 at least, then scale in the activation dtype (as transformers).
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * wide.to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm keeping only its input (and one number per row) for backward.
+
+    Autograd would run the norm as five separate steps and keep their intermediates; here the forward is the
+    fused kernel and backward works from x again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        grad = grad.to(rstd.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        # d/dx of w * x * rstd(x): rstd * (gw - xhat * mean(gw * xhat)), gw = grad * w
+        gw = grad * weight.to(rstd.dtype)
+        mean = (gw * xhat).mean(-1, keepdim=True)
+        grad_x = gw.sub_(xhat.mul_(mean)).mul_(rstd).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, None
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -71,7 +106,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Equal to transformers' x * cos + rotate_half(x) * sin: roll swaps the halves, the signed sin negates one.
     """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rope.apply(x, cos, sin)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+class _Rope(torch.autograd.Function):
+    """apply_rope in two allocations instead of four; backward rotates the gradient back (nothing is kept).
+
+    y = x * cos + R(x) * sin, with R the half swap (its own inverse), so dL/dx = g * cos + R(g * sin).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return (grad * sin).roll(grad.shape[-1] // 2, dims=-1).addcmul_(grad, cos), None, None
 
 
 class KVCache:
@@ -171,17 +225,14 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        # What autograd would compute from silu(gate) * up, in three allocations: silu's own backward kernel.
         gate, up = ctx.saved_tensors
-        g32 = gate.float()
-        sig = torch.sigmoid(g32)
-        silu = g32 * sig
-        grad32 = grad.float()
-        d_up = (grad32 * silu).to(up.dtype)
-        d_gate = (grad32 * up.float() * sig * (1 + g32 * (1 - sig))).to(gate.dtype)  # silu'(g) = s (1 + g (1 - s))
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
         return d_gate, d_up
 
 
@@ -295,7 +346,7 @@ class Llama(nn.Module):
 # -- training loss ---------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
     """sum(cross_entropy(hidden @ weight.T, targets)) without holding the [N, vocab] logits.
 
     hidden [N, d], weight [V, d], targets [N]. For a small model the logits dominate training memory (4 x 512

@@ -14,6 +14,8 @@ supervised tokens of the whole global batch: 2 processes compute the same update
 """
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import os
@@ -355,6 +357,26 @@ class TrainResult:
     tokens_per_second: float  # all tokens (supervised or not) processed per second, all processes
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """After a backward pass on the CPU, hand the C heap's free pages back to the system (glibc's malloc_trim).
+
+    The activations a backward pass frees stay resident in glibc's heap, scattered between live blocks, and the
+    next pass lays its tensors out differently: without this, a process's memory creeps up over the first steps
+    to about twice what one pass holds at once. Touching the pages again costs little next to a CPU step. Does
+    nothing on other devices or without glibc.
+    """
+    if device.type == "cpu" and (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.data` and write the run directory `cfg.out` (see the module docstring)."""
     procs = start_processes(cfg.device)
@@ -448,6 +470,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             # Normalised by the global batch's supervised tokens; DDP/FSDP average over processes, hence * world.
             (loss * (procs.world / supervised)).backward()
             loss_sum += loss.detach()
+            release_freed_memory(procs.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()

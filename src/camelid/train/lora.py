@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
             update = _LoRAUpdate.apply(x, a, b, p, self.scaling)
         else:
             update = (x.to(a.dtype) @ a.T) @ b.T * self.scaling
-        return self.base_layer(x) + update.to(x.dtype)
+        return self.base_layer(x).add_(update.to(x.dtype))  # in place: the base output is kept by no one
 
     def merged(self) -> nn.Linear:
         """A plain linear layer computing the same function (without dropout): W + scaling * B @ A, bias kept."""
@@ -105,36 +105,40 @@ class _LoRAUpdate(torch.autograd.Function):
     """scaling * dropout(x) @ A.T @ B.T, keeping for backward only x and a one-byte dropout mask.
 
     nn.Dropout followed by a linear layer would keep the dropped-out copy of x and a mask as large as x; the
-    q and v adapters of a block read the same x, which is kept once. Same result, a third of the memory.
+    q and v adapters of a block read the same x, which is kept once. Same result, a third of the memory. The
+    dropout's 1 / (1 - p) and the scaling are applied to the rank-r products, never to a tensor as wide as x.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, a: Tensor, b: Tensor, p: float, scaling: float) -> Tensor:
         keep = None
-        xin = x.to(a.dtype)
         if p > 0:
-            keep = torch.rand(x.shape, device=x.device) >= p  # bool: one byte per element
-            xin = xin * keep / (1 - p)
-        h = xin @ a.T  # [..., r]
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)  # one byte each
+            h = (x * keep).to(a.dtype) @ a.T * (1 / (1 - p))  # [..., r]
+        else:
+            h = x.to(a.dtype) @ a.T
         ctx.save_for_backward(x, keep, a, b, h)
         ctx.p, ctx.scaling = p, scaling
-        return (h @ b.T) * scaling
+        return h @ (b.T * scaling)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, keep, a, b, h = ctx.saved_tensors
         p, scaling = ctx.p, ctx.scaling
-        g = grad.to(b.dtype) * scaling
-        grad_h = g @ b  # [..., r]
-        grad_b = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        # In the adapter's dtype throughout: under autocast the forward's products (h among them) were bfloat16.
+        g = grad.to(b.dtype).reshape(-1, grad.shape[-1])
+        grad_h = (g @ b).mul_(scaling)  # [N, r]
+        grad_b = (g.T @ h.to(b.dtype).reshape(-1, h.shape[-1])).mul_(scaling) if ctx.needs_input_grad[2] else None
         grad_x = grad_a = None
+        if keep is not None:
+            grad_h.mul_(1 / (1 - p))
         if ctx.needs_input_grad[1]:
-            xin = x.to(a.dtype) if keep is None else x.to(a.dtype) * keep / (1 - p)
-            grad_a = grad_h.reshape(-1, grad_h.shape[-1]).T @ xin.reshape(-1, xin.shape[-1])
+            xin = x if keep is None else x * keep
+            grad_a = grad_h.T @ xin.to(a.dtype).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ a
+            grad_x = (grad_h @ a).view(x.shape)
             if keep is not None:
-                grad_x = grad_x * keep / (1 - p)
+                grad_x.mul_(keep)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_a, grad_b, None, None
 
