@@ -15,11 +15,13 @@ packed examples); the two losses before the first update (a new adapter changes 
 checks data, supervision and masking at once.
 
 Resident memory depends on glibc's allocator as well as on what training keeps: freed tensors below its (growing)
-mmap threshold stay in the heap, so the RSS numbers vary by a few hundred MB between runs. The workers inherit the
-environment: `MALLOC_MMAP_THRESHOLD_=131072 python bench/train.py` measures with every large tensor mapped and
-returned on free (steady numbers close to the tensors' own peak, and slower steps for both).
+mmap threshold stay in the heap. camelid's worker does what `camelid train` does on the CPU: it hands freed heap
+pages back to the system (malloc_trim) after every third of the blocks in the forward pass and after each backward
+pass; peft's loop does not, unless --trim-peft gives it the same. The workers inherit the environment:
+`MALLOC_MMAP_THRESHOLD_=131072 python bench/train.py` measures with every large tensor mapped and returned on free
+(numbers close to the tensors' own peak, and slower steps for both).
 
-    python bench/train.py [--threads 2] [--steps 5] [--warmup 1] [--rounds 1] [--only camelid|peft]
+    python bench/train.py [--threads 2] [--steps 5] [--warmup 1] [--rounds 1] [--only camelid|peft] [--trim-peft]
 """
 
 import argparse
@@ -134,11 +136,12 @@ def shifted_labels(targets: torch.Tensor) -> torch.Tensor:
 
 
 def camelid_step(loaded, args):
-    from camelid.train.loop import release_freed_memory
+    from camelid.train.loop import release_freed_memory, release_memory_during_forward
     from camelid.train.lora import LoRAConfig, apply_lora
 
     model = apply_lora(loaded.model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets))
     model.train()
+    release_memory_during_forward(model.model.layers, torch.device("cpu"))  # as `camelid train` does
 
     def loss(batch):
         return model(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets) / batch.supervised
@@ -153,7 +156,7 @@ def peft_step(loaded, args):
     import peft
     import transformers
 
-    from camelid.train.loop import release_freed_memory
+    from camelid.train.loop import release_freed_memory, release_memory_during_forward
 
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(**loaded.config.to_hf())
@@ -170,6 +173,8 @@ def peft_step(loaded, args):
                            target_modules=list(args.targets), task_type="CAUSAL_LM")
     model = peft.get_peft_model(hf, lora)
     model.train()
+    if args.trim_peft:
+        release_memory_during_forward(hf.model.layers, torch.device("cpu"))
 
     def loss(batch):
         # No attention mask and no cache: transformers derives the block-diagonal mask from the position ids.
@@ -268,7 +273,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the contenders in turn this many times and keep each one's fastest (default 1)")
     parser.add_argument("--trim-peft", action="store_true",
-                        help="give peft's loop camelid's release of freed memory after each backward pass too")
+                        help="give peft's loop camelid's release of freed memory (in the forward and after the backward) too")
     parser.add_argument("--only", choices=CONTENDERS, help="run one contender alone (no ratios)")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -293,8 +298,8 @@ def main():
         p = results["peft"]
         print(f"peft: {p['versions']}, attention {p['attention']}, packed examples kept apart by position_ids")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    print(f"memory: {first['memory_method']}; glibc malloc {malloc or 'defaults'}; freed memory returned after "
-          f"each backward pass (malloc_trim) by camelid{' and by peft (--trim-peft)' if args.trim_peft else ''}\n")
+    print(f"memory: {first['memory_method']}; glibc malloc {malloc or 'defaults'}; freed memory returned during "
+          f"each pass (malloc_trim) by camelid{' and by peft (--trim-peft)' if args.trim_peft else ''}\n")
     print("| contender | tok/s | step s (median) | peak RSS MB | training peak MB |")
     print("|---|---:|---:|---:|---:|")
     names = {"camelid": "camelid", "peft": "transformers + peft"}
