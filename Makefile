@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 #   make run TORCH="torch>=2.4"
 TORCH ?= torch==2.13.0
 
-.PHONY: run chat test test-fast setup setup-test clean
+.PHONY: run chat serve test test-fast setup setup-test clean
 
 $(VENV)/.camelid: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ run: setup
 
 chat: setup
 	$(VENV)/bin/camelid chat
+
+serve: setup
+	$(VENV)/bin/camelid serve
 
 # The whole suite, llama.cpp references included (the first run compiles llama-cpp-python, ~6 minutes).
 # pytest's exit code 5 (nothing collected) is not a failure.

@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 GGUF, real ShareGPT texts, and markers for optional references."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -87,3 +88,48 @@ def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> Path:
     write_model_files(TINY_CHAT, model.state_dict(), out, tokenizer=tokenizer_from_gguf(gguf.metadata),
                       chat_template=gguf.metadata["tokenizer.chat_template"])
     return out
+
+
+# -- a live server ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def live_server(models, **app_options):
+    """Run create_app(models, **app_options) under uvicorn on a free port of 127.0.0.1; yield its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from camelid.serve.api import create_app
+
+    app = create_app(models, **app_options)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def served_models(smollm2_gguf, tiny_chat_model):
+    """Two models behind one engine each: the real SmolLM2 as "smollm2" and a tiny random one as "tiny"."""
+    pytest.importorskip("fastapi")
+    from camelid.serve.server import load_served_models
+
+    models = load_served_models([f"smollm2={smollm2_gguf}", f"tiny={tiny_chat_model}"], max_batch=8, max_queue=64)
+    yield models
+    for m in models:
+        m.engine.close()

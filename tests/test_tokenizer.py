@@ -452,3 +452,24 @@ def test_unknown_pre_tokenizer_is_a_clear_error(smollm2_metadata):
 def test_gguf_without_vocabulary_is_a_clear_error():
     with pytest.raises(CamelidError, match="no tokenizer"):
         tokenizer_from_gguf({"general.architecture": "llama"})
+
+
+def test_token_bytes_rebuild_the_text_even_mid_character(smollm2, texts):
+    for text in [*texts[:200], "おくない", "naïve café 🐪", "\u2581 leading"]:
+        ids = smollm2.encode(text, add_special=False)
+        assert b"".join(smollm2.token_bytes(i) for i in ids) == text.encode(), text[:80]
+    split = [smollm2.token_bytes(i) for i in smollm2.encode("🐪", add_special=False)]
+    assert len(split) > 1 and all(len(b) < 4 for b in split)  # a character cut across tokens
+
+
+@pytest.mark.llamacpp
+def test_token_bytes_match_llama_cpp(smollm2, smollm2_gguf):
+    vocab = _llama_cpp_vocab(smollm2_gguf)
+    longer = 0
+    for token in range(smollm2.vocab_size):
+        ours = smollm2.token_bytes(token)
+        if len(ours) > 32:  # llama-cpp-python's detokenize gives b"" for pieces over its 32-byte buffer
+            longer += 1
+            continue
+        assert ours == vocab.detokenize([token], special=True), token
+    assert longer < 100

@@ -190,6 +190,30 @@ def cmd_export_merge(args) -> None:
     print(f"wrote {out} ({loaded.model.num_parameters() / 1e6:.1f}M parameters, {args.dtype or 'float32'})")
 
 
+def cmd_serve(args) -> None:
+    from camelid.serve.api import ServerLimits
+    from camelid.serve.server import API_KEY_ENV, serve
+
+    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes", "port"):
+        value = getattr(args, flag)
+        if value < (0 if flag == "port" else 1):
+            raise CamelidError(f"--{flag.replace('_', '-')} must be at least {0 if flag == 'port' else 1}, not {value}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or _env(API_KEY_ENV)):
+        print(f"camelid: warning: serving on {args.host} without an API key: anyone who can reach it may use it "
+              f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
+    limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+          votes=args.votes, device=args.device, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch,
+          max_queue=args.max_queue, context=args.context, template=args.template,
+          log=lambda m: print(m, file=sys.stderr))
+
+
+def _env(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name) or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="camelid", description="Make your own chat assistant from an open LLaMA-family model."
@@ -254,6 +278,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
                    help="override a key of the quickstart recipe (see: camelid train --help), e.g. epochs=5")
     p.set_defaults(func=cmd_quickstart)
+
+    from camelid.chat_template import BUILTIN_TEMPLATES
+
+    p = sub.add_parser(
+        "serve", help="serve models over an OpenAI-compatible API, with a chat page and a blind arena",
+        description="Serves each MODEL at /v1 (chat/completions, completions, models; SSE streaming), a chat "
+        "page at /, a side-by-side arena at /arena, /health and /metrics (Prometheus). Concurrent requests "
+        "share decode steps (continuous batching).",
+    )
+    p.add_argument("-m", "--model", action="append", metavar="[NAME=]MODEL",
+                   help=f"a model to serve (repeatable), named NAME in the API (default: its file or model name); "
+                   f"MODEL is {MODEL_HELP}")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and the arena's API "
+                   "(default: the CAMELID_API_KEY environment variable; none when unset)")
+    p.add_argument("--device", help="where to run: cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="precision (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--quantize", choices=list(QUANTIZATIONS), default="none",
+                   help="f16: float16 weights, ~2x faster CPU decoding; none: exact float32 (default)")
+    p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
+                   help=f"a built-in chat template for every model instead of their own: {', '.join(BUILTIN_TEMPLATES)}")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together per model; more waits in line (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a batch row per model before the server answers 503 (default 64)")
+    p.add_argument("--context", type=int,
+                   help="tokens of context per sequence, prompt and answer together (default: the model's own, at most "
+                   "4096; the cache for every row is allocated up front)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the largest max_tokens a request may ask for (default 4096)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="the largest request body accepted; larger is refused with 413 (default 1048576)")
+    p.add_argument("--votes", default="arena-votes.jsonl",
+                   help="the JSONL file arena votes are appended to (default arena-votes.jsonl)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a model in another form (see: camelid export --help)")
     export = p.add_subparsers(dest="export_command", required=True, metavar="KIND")

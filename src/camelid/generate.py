@@ -61,15 +61,37 @@ class Completion:
     prompt_tokens: int
 
 
-@dataclass
-class _Row:
-    """Decoding state of one sequence: its tokens, the text released so far, and whether it is done."""
+class DecodedText:
+    """The text of one sequence being generated: its tokens, their text, and how much has been handed out."""
 
-    prompt_len: int
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already handed out
-    finish_reason: str | None = None
+    def __init__(self, prompt_len: int):
+        self.prompt_len = prompt_len
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out
+        self.finish_reason: str | None = None
+
+    def add(self, token: int, tokenizer, stops: Sequence[str]) -> str | None:
+        """Append a generated token; "stop" when the text now holds a stop string (cut before it), else None."""
+        self.ids.append(token)
+        self.text = tokenizer.decode(self.ids)
+        hit = min((self.text.find(s) for s in stops if s in self.text), default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            return "stop"
+        return None
+
+    def release(self, stops: Sequence[str], final: bool) -> str:
+        """The new text that is safe to hand out: no half-decoded character, no possible stop prefix."""
+        text = self.text
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; the next token completes it
+                text = text.rstrip("\ufffd")
+            held = max((len(s) - 1 for s in stops), default=0)
+            text = text[: max(len(text) - held, self.emitted)]
+        new = text[self.emitted :]
+        self.emitted = len(text)
+        return new
 
 
 def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | None) -> Tensor:
@@ -77,13 +99,18 @@ def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | Non
     temperature, top-k, top-p and min-p; tokens a filter removes are -inf. `history` [B, n] holds each row's
     tokens so far (None: no penalty)."""
     logits = logits.float()
+    finite = torch.finfo(logits.dtype).max
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
-        logits = logits.scatter(1, history, seen)
+        logits = logits.scatter(1, history, seen.clamp(-finite, finite))  # a tiny penalty must not make inf
     if params.temperature == 0:
         return logits
-    logits = logits / params.temperature
+    scaled = logits / params.temperature
+    if not scaled.isfinite().all():  # a tiny temperature overflowed: shift the largest to 0 first (same softmax)
+        tiny = max(params.temperature, torch.finfo(logits.dtype).tiny)  # not 0 in float32
+        scaled = (logits - logits.max(-1, keepdim=True).values) / tiny
+    logits = scaled
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -91,6 +118,7 @@ def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | Non
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and always the likeliest token (a top_p below float32's range would drop them all)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     if params.min_p > 0:
         probs = logits.softmax(-1)
@@ -106,21 +134,8 @@ def sample_next(logits: Tensor, params: SamplingParams, history: Tensor | None, 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _release(row: _Row, stops: Sequence[str], final: bool) -> str:
-    """The new text of a row that is safe to hand out: no half-decoded character, no possible stop prefix."""
-    text = row.text
-    if not final:
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; the next token completes it
-            text = text.rstrip("\ufffd")
-        held = max((len(s) - 1 for s in stops), default=0)
-        text = text[: max(len(text) - held, row.emitted)]
-    new = text[row.emitted :]
-    row.emitted = len(text)
-    return new
-
-
 def _generate(
-    model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams, rows: list[_Row]
+    model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams, rows: list[DecodedText]
 ) -> Iterator[list[tuple[int, str, str | None]]]:
     """Decode a batch into `rows`; yield, after every step, (row, new text, finish reason or None) per live row."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -140,12 +155,13 @@ def _generate(
         generator.seed()  # a fresh random seed for this generator only; torch's global RNG is left alone
     else:
         generator.manual_seed(params.seed)
-    rows[:] = [_Row(prompt_len=len(p)) for p in prompts]
+    rows[:] = [DecodedText(len(p)) for p in prompts]
 
     # Inference mode is entered around each step, never across a `yield`: the caller's code between pieces (and
     # after an abandoned stream) runs in its own grad mode.
     with torch.inference_mode():
-        cache, logits = _prefill(model, prompts, max(len(p) + b for p, b in zip(prompts, budgets)))
+        cache = model.new_cache(len(prompts), max(len(p) + b for p, b in zip(prompts, budgets)))
+        logits = prefill(model, cache, prompts)
 
     for _ in range(max(budgets)):
         with torch.inference_mode():
@@ -163,14 +179,10 @@ def _generate(
             if tok in stop_ids:
                 row.finish_reason = "stop"
             else:
-                row.ids.append(tok)
-                row.text = tokenizer.decode(row.ids)
-                hit = min((row.text.find(s) for s in params.stop if s in row.text), default=-1)
-                if hit >= 0:
-                    row.text, row.finish_reason = row.text[:hit], "stop"
-                elif len(row.ids) == budgets[i]:
+                row.finish_reason = row.add(tok, tokenizer, params.stop)
+                if row.finish_reason is None and len(row.ids) == budgets[i]:
                     row.finish_reason = "length"
-            events.append((i, _release(row, params.stop, final=row.finish_reason is not None), row.finish_reason))
+            events.append((i, row.release(params.stop, final=row.finish_reason is not None), row.finish_reason))
         yield events
         if all(r.finish_reason for r in rows):
             return
@@ -181,11 +193,11 @@ def _generate(
             logits = model.lm_head(model.hidden(feed, cache, valid=live.long())[:, -1])
 
 
-def _prefill(model: Llama, prompts: list[list[int]], cache_len: int):
-    """Run the prompts into a new cache; return it and each row's logits after its last prompt token [B, vocab]."""
+def prefill(model: Llama, cache, prompts: list[list[int]]) -> Tensor:
+    """Run the prompts into `cache` (row i from its current length); each row's logits after its last prompt
+    token [B, vocab]."""
     B, longest = len(prompts), max(len(p) for p in prompts)
     device = model.model.embed_tokens.weight.device
-    cache = model.new_cache(B, cache_len)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     padded = torch.zeros(B, longest, dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -199,13 +211,13 @@ def _prefill(model: Llama, prompts: list[list[int]], cache_len: int):
         ends_here = (lengths > start) & (lengths <= end)
         idx = ends_here.nonzero().squeeze(-1)
         last_hidden[idx] = h[idx, lengths[idx] - 1 - start]
-    return cache, model.lm_head(last_hidden)
+    return model.lm_head(last_hidden)
 
 
 @torch.inference_mode()
 def generate(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
     """Complete every prompt (token ids) in one batch."""
-    rows: list[_Row] = []
+    rows: list[DecodedText] = []
     texts = [""] * len(prompts)
     for events in _generate(model, tokenizer, prompts, params, rows):
         for i, new, _ in events:

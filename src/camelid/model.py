@@ -146,6 +146,15 @@ class KVCache:
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1 as a cache of their own that shares this one's memory (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.lengths = self.lengths[start:stop]
+        view.max_len = self.max_len
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):

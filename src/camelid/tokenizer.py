@@ -16,6 +16,7 @@ control tokens become special added tokens, user-defined ones plain added tokens
 whole in the text (with `parse_special`), and so does `encode` here.
 """
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,6 +132,23 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, which may be part of a character (decode() would show U+FFFD)."""
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if int(token_id) in self.backend.get_added_tokens_decoder():
+            return piece.encode()
+        decoder = type(self.backend.decoder).__name__
+        if decoder == "ByteLevel":  # GPT-2's byte-to-printable-character alphabet
+            table = _printable_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece's word-boundary mark is a space
+
     def save(self, directory: str | Path, *, chat_template: str | None = None) -> None:
         """Write an HF-format tokenizer that `transformers.AutoTokenizer.from_pretrained` loads to the same ids."""
         directory = Path(directory)
@@ -170,6 +188,20 @@ class Tokenizer:
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _printable_to_byte() -> dict[str, int]:
+    """The inverse of byte-level BPE's alphabet: printable bytes stand for themselves, the other 68 are moved
+    to the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in kept}
+    shifted = 0
+    for b in range(256):
+        if b not in kept:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -1,0 +1,702 @@
+"""`camelid serve` against the official `openai` client: answers equal `camelid generate`'s, under load too.
+
+The greedy text, token counts and logprobs of the live server are checked against camelid's own `generate` and
+the model's logits computed directly. Hostile input is sent with httpx: hundreds of malformed requests, each of
+which must get a 4xx in OpenAI's error shape, after which the server still answers correctly.
+"""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import live_server
+
+from camelid.chat import chat_template_for, encode_chat
+from camelid.generate import SamplingParams, generate
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]  # SmolLM2: "The capital of France is Paris."
+FOX = "The quick brown fox"  # SmolLM2 continues " with a quick brown bear.\n\nThe original sentence is..."
+
+
+def by_name(models, name: str):
+    return next(m for m in models if m.name == name)
+
+
+def chat_prompt(loaded, messages: list[dict]) -> list[int]:
+    return encode_chat(loaded, chat_template_for(loaded), messages)
+
+
+def reference(loaded, prompt: list[int], max_tokens: int, **sampling):
+    """What `camelid generate` answers alone for `prompt`, greedy unless told otherwise."""
+    params = SamplingParams(max_new_tokens=max_tokens, **{"temperature": 0.0, **sampling})
+    return generate(loaded.model, loaded.tokenizer, [prompt], params)[0]
+
+
+def logprobs_of(loaded, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits (no cache) at each answer token's step, [len(answer), vocab]."""
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt + answer]))[0, len(prompt) - 1 : len(prompt) + len(answer) - 1]
+    return logits.float().log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def server(served_models):
+    with live_server(served_models) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def stream_chat(client, **kw) -> tuple[str, str, object, list]:
+    """(text, finish_reason, usage, chunks) of a streamed chat completion with one choice."""
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    return text, finish[0], chunks[-1].usage, chunks
+
+
+def stream_completion(client, **kw) -> tuple[str, str, object, list]:
+    """The same for a completion."""
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    return text, finish[0], chunks[-1].usage, chunks
+
+
+# -- answers equal camelid generate's ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_tokens", [16, 4])  # SmolLM2 ends its answer after 7 tokens: "stop", then "length"
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_chat_greedy_equals_generate(client, served_models, streamed, max_tokens):
+    loaded = by_name(served_models, "smollm2").loaded
+    prompt = chat_prompt(loaded, CAPITAL)
+    expected = reference(loaded, prompt, max_tokens)
+    assert expected.finish_reason == ("stop" if max_tokens == 16 else "length")
+    kw = dict(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=max_tokens)
+    if streamed:
+        text, finish, usage, _ = stream_chat(client, **kw)
+    else:
+        answer = client.chat.completions.create(**kw)
+        assert answer.object == "chat.completion" and answer.model == "smollm2" and len(answer.choices) == 1
+        assert answer.choices[0].message.role == "assistant"
+        text, finish, usage = answer.choices[0].message.content, answer.choices[0].finish_reason, answer.usage
+    assert text == expected.text
+    assert finish == expected.finish_reason
+    assert usage.prompt_tokens == len(prompt)
+    assert usage.completion_tokens == len(expected.token_ids)
+    assert usage.total_tokens == len(prompt) + len(expected.token_ids)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_completion_greedy_equals_generate(client, served_models, streamed):
+    loaded = by_name(served_models, "smollm2").loaded
+    prompt = loaded.tokenizer.encode(FOX)
+    expected = reference(loaded, prompt, 12)
+    assert expected.finish_reason == "length"
+    kw = dict(model="smollm2", prompt=FOX, temperature=0, max_tokens=12)
+    if streamed:
+        text, finish, usage, chunks = stream_completion(client, **kw)
+        assert sum(bool(c.choices and c.choices[0].text) for c in chunks) > 1  # it did arrive in pieces
+    else:
+        answer = client.completions.create(**kw)
+        assert answer.object == "text_completion" and answer.model == "smollm2"
+        text, finish, usage = answer.choices[0].text, answer.choices[0].finish_reason, answer.usage
+    assert text == expected.text
+    assert finish == "length"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), 12)
+
+
+def test_completion_of_token_ids_equals_generate(client, served_models):
+    loaded = by_name(served_models, "smollm2").loaded
+    prompt = loaded.tokenizer.encode(FOX)
+    answer = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=5)
+    assert answer.choices[0].text == reference(loaded, prompt, 5).text
+    assert answer.usage.prompt_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+# of two stops the earlier in the text cuts; "k br" spans two tokens (" quick", " brown")
+@pytest.mark.parametrize("stop", [" brown", ["bear", "quick"], "\n", "k br"])
+def test_stop_strings_cut_the_completion(client, served_models, streamed, stop):
+    loaded = by_name(served_models, "smollm2").loaded
+    full = reference(loaded, loaded.tokenizer.encode(FOX), 8).text  # " with a quick brown bear.\n\n"
+    stops = [stop] if isinstance(stop, str) else stop
+    cut = min(full.index(s) for s in stops)
+    kw = dict(model="smollm2", prompt=FOX, temperature=0, max_tokens=8, stop=stop)
+    if streamed:
+        text, finish, _, _ = stream_completion(client, **kw)
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, finish = choice.text, choice.finish_reason
+    assert (text, finish) == (full[:cut], "stop")
+
+
+def test_stop_string_cuts_the_chat_answer(client):
+    kw = dict(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=16, stop=["Paris", "Lyon"])
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert (choice.message.content, choice.finish_reason) == ("The capital of France is ", "stop")
+    text, finish, _, _ = stream_chat(client, **kw)
+    assert (text, finish) == ("The capital of France is ", "stop")
+
+
+# -- logprobs -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_chat_logprobs_are_the_models(client, served_models, streamed):
+    loaded = by_name(served_models, "smollm2").loaded
+    tok = loaded.tokenizer
+    prompt = chat_prompt(loaded, CAPITAL)
+    expected = reference(loaded, prompt, 6)
+    logp = logprobs_of(loaded, prompt, expected.token_ids)
+    kw = dict(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=6, logprobs=True, top_logprobs=5)
+    if streamed:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        content = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == 6
+    for step, (entry, token) in enumerate(zip(content, expected.token_ids)):
+        assert entry.token == tok.decode([token])
+        assert entry.logprob == pytest.approx(float(logp[step, token]), abs=1e-3)
+        assert len(entry.top_logprobs) == 5
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        best = torch.topk(logp[step], 5)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in best.indices.tolist()]
+        assert values == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the likeliest
+        assert entry.top_logprobs[0].logprob == entry.logprob
+
+
+def test_chat_logprobs_without_top(client):
+    choice = client.chat.completions.create(model="tiny", messages=CAPITAL, temperature=0, max_tokens=3,
+                                            logprobs=True).choices[0]
+    assert len(choice.logprobs.content) == 3
+    assert all(e.top_logprobs == [] and e.logprob <= 0 for e in choice.logprobs.content)
+    plain = client.chat.completions.create(model="tiny", messages=CAPITAL, temperature=0, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprob_bytes_rebuild_the_text(client):
+    # OpenAI: `bytes` lets a client rebuild characters that span tokens. SmolLM2 writes this Japanese byte by byte.
+    messages = [{"role": "user", "content": "How do you say 'thank you' in Japanese? Answer in Japanese script only."}]
+    choice = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=7,
+                                            logprobs=True).choices[0]
+    assert any(e.token == "\ufffd" for e in choice.logprobs.content)  # the case this is about
+    rebuilt = b"".join(bytes(e.bytes) for e in choice.logprobs.content)
+    assert rebuilt.decode("utf-8") == choice.message.content
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_completion_logprobs_are_the_models(client, served_models, streamed):
+    loaded = by_name(served_models, "smollm2").loaded
+    tok = loaded.tokenizer
+    prompt = tok.encode(FOX)
+    expected = reference(loaded, prompt, 6)
+    logp = logprobs_of(loaded, prompt, expected.token_ids)
+    kw = dict(model="smollm2", prompt=FOX, temperature=0, max_tokens=6, logprobs=3)
+    if streamed:
+        tokens, token_logprobs, top, offsets, text = [], [], [], [], ""
+        for c in client.completions.create(stream=True, **kw):
+            if c.choices and c.choices[0].logprobs:
+                lp = c.choices[0].logprobs
+                tokens += lp.tokens
+                token_logprobs += lp.token_logprobs
+                top += lp.top_logprobs
+                offsets += lp.text_offset
+            text += c.choices[0].text if c.choices else ""
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        lp, text = choice.logprobs, choice.text
+        tokens, token_logprobs, top, offsets = lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    assert text == expected.text
+    assert tokens == [tok.decode([t]) for t in expected.token_ids]
+    assert "".join(tokens) == text
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    for step, token in enumerate(expected.token_ids):
+        assert token_logprobs[step] == pytest.approx(float(logp[step, token]), abs=1e-3)
+        best = torch.topk(logp[step], 3)
+        assert list(top[step]) == [tok.decode([i]) for i in best.indices.tolist()]  # in order, best first
+        assert list(top[step].values()) == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert max(top[step].values()) == token_logprobs[step]  # greedy picks the likeliest
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+
+
+def test_seed_repeats_a_sampled_answer(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt="Once upon a time", temperature=1, max_tokens=12,
+                                         seed=seed).choices[0].text
+
+    first = sample(1234)
+    assert first and sample(1234) == first
+    # the tiny random model's next-token distribution is nearly flat over 49152 tokens: two seeds all but never agree
+    assert sample(1) != sample(2)
+    chat = dict(model="tiny", messages=CAPITAL, temperature=1, max_tokens=8, seed=99)
+    assert client.chat.completions.create(**chat).choices[0].message.content == stream_chat(client, **chat)[0]
+
+
+def test_n_choices(client):
+    kw = dict(model="tiny", messages=CAPITAL, temperature=1, max_tokens=6, n=2, seed=7)
+    answer = client.chat.completions.create(**kw)
+    assert [c.index for c in answer.choices] == [0, 1]
+    texts = [c.message.content for c in answer.choices]
+    assert texts[0] != texts[1]  # one seed, two different (repeatable) choices
+    assert answer.usage.completion_tokens == 12  # the tiny model never says end-of-turn in 6 tokens
+    streamed = ["", ""]
+    finishes = [None, None]
+    for c in client.chat.completions.create(stream=True, **kw):
+        for choice in c.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert streamed == texts and finishes == ["length", "length"]
+
+    completion = client.completions.create(model="tiny", prompt="Hello", temperature=1, max_tokens=4, n=2, seed=7)
+    assert sorted(c.index for c in completion.choices) == [0, 1]
+
+
+@pytest.mark.parametrize(("presence", "frequency"), [(2.0, 0.0), (0.0, 1.0)])
+def test_penalties_apply_to_the_answer_so_far(client, served_models, presence, frequency):
+    loaded = by_name(served_models, "smollm2").loaded
+    prompt_text = "I like cats. I like cats. I like cats."
+    prompt = loaded.tokenizer.encode(prompt_text)
+    plain = client.completions.create(model="smollm2", prompt=prompt_text, temperature=0, max_tokens=8)
+    assert plain.choices[0].text == " I'm a cat. I'm a"  # unpenalised, SmolLM2 repeats itself
+    answer = client.completions.create(model="smollm2", prompt=prompt_text, temperature=0, max_tokens=8,
+                                       presence_penalty=presence, frequency_penalty=frequency)
+    # OpenAI's rule, by hand: logit - presence * (count > 0) - frequency * count, over the tokens generated so far
+    ids, counts = [], {}
+    with torch.inference_mode():
+        for _ in range(8):
+            logits = loaded.model(torch.tensor([prompt + ids]))[0, -1].float()
+            for token, count in counts.items():
+                logits[token] -= presence + frequency * count
+            token = int(logits.argmax())
+            if token in loaded.tokenizer.stop_ids:
+                break
+            ids.append(token)
+            counts[token] = counts.get(token, 0) + 1
+    assert answer.choices[0].text == loaded.tokenizer.decode(ids)
+    assert answer.choices[0].text != plain.choices[0].text
+
+
+# -- the other endpoints -------------------------------------------------------------------------------------------
+
+
+def test_models_health_and_errors_through_the_client(client, server):
+    assert [m.id for m in client.models.list().data] == ["smollm2", "tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4", messages=CAPITAL)
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="hi", temperature=3)
+    assert caught.value.param == "temperature" and "temperature" in caught.value.message
+    health = httpx.get(f"{server}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_null_means_the_default(client):
+    answer = client.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=None, top_p=None,
+                                       n=None, presence_penalty=None, frequency_penalty=None, seed=None, stop=None)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_max_completion_tokens_limit(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=CAPITAL, max_completion_tokens=10**6)
+    assert caught.value.param == "max_completion_tokens"
+
+
+def _samples(metrics_text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics_text) for s in family.samples}
+
+
+def test_metrics_count_requests_and_tokens(served_models):
+    with live_server(served_models) as url:  # a fresh app: its counters start at zero
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        before = _samples(httpx.get(f"{url}/metrics").text)
+        whole = c.completions.create(model="tiny", prompt="Hello there", temperature=0, max_tokens=5)
+        _, _, streamed, _ = stream_chat(c, model="tiny", messages=CAPITAL, temperature=0, max_tokens=3)
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="tiny", prompt="Hello", max_tokens=0)
+        after = _samples(httpx.get(f"{url}/metrics").text)
+    requests = "camelid_requests_total"
+
+    def grew(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew((requests, (("endpoint", "/v1/completions"), ("status", "200")))) == 1
+    assert grew((requests, (("endpoint", "/v1/chat/completions"), ("status", "200")))) == 1
+    assert grew((requests, (("endpoint", "/v1/completions"), ("status", "400")))) == 1
+    assert grew(("camelid_prompt_tokens_total", (("model", "tiny"),))) == (
+        whole.usage.prompt_tokens + streamed.prompt_tokens)
+    assert grew(("camelid_completion_tokens_total", (("model", "tiny"),))) == (
+        whole.usage.completion_tokens + streamed.completion_tokens) > 0
+    assert ("camelid_queue_depth", (("model", "smollm2"),)) in after
+    assert ("camelid_running_sequences", (("model", "tiny"),)) in after
+
+
+# -- many clients at once --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_concurrent_streams_with_disconnects(served_models, server):
+    """32 streaming clients at once, 8 of which hang up early: every finished answer equals `camelid generate`'s
+    alone, and the rows of those that hung up are freed (they asked for 400 tokens: held, they would stay busy)."""
+    served = by_name(served_models, "smollm2")
+    loaded, engine = served.loaded, served.engine
+    questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?", "Say hello in Spanish."]
+    texts = ["The quick brown fox", "Once upon a time", "def fibonacci(n):", "The three laws of robotics"]
+    prompts = [("chat", [{"role": "user", "content": q}]) for q in questions] + [("text", t) for t in texts]
+    ids = [chat_prompt(loaded, p) if kind == "chat" else loaded.tokenizer.encode(p) for kind, p in prompts]
+    max_tokens = 10
+    expected = [reference(loaded, p, max_tokens) for p in ids]
+
+    async def one(client, j: int):
+        kind, prompt = prompts[j % len(prompts)]
+        hang_up = j >= 24  # one of each prompt
+        kw = dict(model="smollm2", temperature=0, stream=True, stream_options={"include_usage": True},
+                  max_tokens=400 if hang_up else max_tokens, extra_body={"ignore_eos": True} if hang_up else None)
+        if kind == "chat":
+            stream = await client.chat.completions.create(messages=prompt, **kw)
+        else:
+            stream = await client.completions.create(prompt=prompt, **kw)
+        text, finish, usage, pieces = "", None, None, 0
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                piece = c.delta.content if kind == "chat" else c.text
+                text += piece or ""
+                pieces += bool(piece)
+                finish = c.finish_reason or finish
+            if hang_up and pieces == 2:
+                await stream.close()
+                return None
+        return text, finish, usage
+
+    async def everyone():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300) as c:
+            return await asyncio.gather(*(one(c, j) for j in range(32)))
+
+    busiest = 0
+
+    def watch():
+        nonlocal busiest
+        while not done.is_set():
+            busiest = max(busiest, engine.rows_in_use)
+            time.sleep(0.01)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = asyncio.run(everyone())
+    finally:
+        done.set()
+        watcher.join()
+    assert busiest == engine.max_batch  # the answers were decoded in full batches, not one by one
+    assert results[24:] == [None] * 8  # they hung up
+    wrong = []
+    for j, result in enumerate(results[:24]):
+        want = expected[j % len(prompts)]
+        text, finish, usage = result
+        if (text, finish, usage.prompt_tokens, usage.completion_tokens) != (
+                want.text, want.finish_reason, len(ids[j % len(prompts)]), len(want.token_ids)):
+            wrong.append(f"{prompts[j % len(prompts)]}: {text!r} ({finish}, {usage}), expected {want.text!r} "
+                         f"({want.finish_reason}, {len(want.token_ids)} tokens)")
+    assert not wrong, "\n".join(wrong)
+
+    deadline = time.monotonic() + 10
+    while (engine.rows_in_use, engine.queue_depth) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (engine.rows_in_use, engine.queue_depth) == (0, 0)
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0) as c:
+        again = c.chat.completions.create(model="smollm2", messages=prompts[0][1], temperature=0, max_tokens=10)
+    assert again.choices[0].message.content == expected[0].text
+
+
+def test_abandoned_whole_answer_frees_its_row(served_models, server):
+    engine = by_name(served_models, "smollm2").engine
+    body = {"model": "smollm2", "prompt": "Hello", "temperature": 0, "max_tokens": 400, "ignore_eos": True}
+    try:
+        with pytest.raises(httpx.TimeoutException):  # 400 tokens take SmolLM2 well over 3 s on CPU
+            httpx.post(f"{server}/v1/completions", json=body, timeout=1)
+        deadline = time.monotonic() + 2
+        while engine.rows_in_use and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.rows_in_use == 0
+    finally:  # free the row if the server did not, so that the tests after this one run at full speed
+        for slot in engine.slots:
+            if slot is not None:
+                slot.job.cancel()
+
+
+def test_full_queue_answers_503(served_models):
+    """One row and room for one waiting request: a third request is refused with 503, in OpenAI's shape."""
+    from camelid.serve.api import ServedModel
+    from camelid.serve.engine import Engine
+
+    # SmolLM2 decodes slowly enough on CPU that a 400-token answer still holds the row when the third one comes
+    smollm2 = by_name(served_models, "smollm2")
+    engine = Engine(smollm2.loaded, max_batch=1, max_queue=1, max_len=512)
+    try:
+        with live_server([ServedModel("smollm2", smollm2.loaded, engine, smollm2.template, 0)]) as url:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+            long = dict(model="smollm2", prompt="Hello", temperature=0, max_tokens=400, stream=True,
+                        extra_body={"ignore_eos": True})
+            running = c.completions.create(**long)
+            next(iter(running))  # it has the row
+            waiting = c.completions.create(**long)  # answered once queued
+            assert (engine.rows_in_use, engine.queue_depth) == (1, 1)
+            with pytest.raises(openai.APIStatusError) as caught:
+                c.completions.create(model="smollm2", prompt="Hello", max_tokens=1)
+            assert caught.value.status_code == 503
+            error = caught.value.response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert error["code"] == "queue_full"
+            with pytest.raises(openai.BadRequestError) as caught:  # more choices than rows can never run
+                c.completions.create(model="smollm2", prompt="Hello", max_tokens=1, n=2)
+            assert caught.value.param == "n"
+            running.close()
+            waiting.close()
+            deadline = time.monotonic() + 10
+            while (engine.rows_in_use, engine.queue_depth) != (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (engine.rows_in_use, engine.queue_depth) == (0, 0)
+            answer = c.completions.create(model="smollm2", prompt=FOX, temperature=0, max_tokens=5)
+            assert answer.choices[0].text == reference(smollm2.loaded, smollm2.loaded.tokenizer.encode(FOX), 5).text
+    finally:
+        engine.close()
+
+
+# -- hostile input -------------------------------------------------------------------------------------------------
+
+KEY = "sk-camelid-test"
+SMALL = dict(max_tokens=64, max_body_bytes=32 * 1024, max_prompt_chars=8000)
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+NAN, INF = float("nan"), float("inf")  # json.dumps writes these as the non-JSON tokens NaN and Infinity
+
+NOT_A_NUMBER = ["1", True, [], {}, [0.5]]  # (null is allowed: it means the default)
+NOT_AN_INT = ["1", True, [], {}, 1.5, [1]]
+NOT_A_BOOL = ["true", 1, 0, [], {}]
+HUGE = [NAN, INF, -INF, 1e308, -1e308]
+NOT_TEXT = [5, 1.5, True, {}, [], None]
+BAD_FIELDS = {  # both endpoints: field -> values that must be refused
+    "model": [5, True, None, [], {}, ["tiny"], "", "nope", "TINY", "tiny ", "../tiny", "tiny\u0000"],
+    "max_tokens": [0, -1, SMALL["max_tokens"] + 1, 10**30, -(10**30), 2**63, *NOT_AN_INT, *HUGE],
+    "temperature": [-0.01, 2.01, -1, 10**30, *NOT_A_NUMBER, *HUGE],
+    "top_p": [0, -0.5, 1.01, 10**30, *NOT_A_NUMBER, *HUGE],
+    "n": [0, -1, 9, 10**30, *NOT_AN_INT, *HUGE],
+    "stream": NOT_A_BOOL,
+    "stop": [["a", "b", "c", "d", "e"], "", [""], ["ok", ""], [1], ["a", 5], [None], [["a"]], 5, 1.5, True, {}],
+    "seed": [2**64, -(2**63) - 1, 10**30, -(10**30), *NOT_AN_INT, *HUGE],
+    "presence_penalty": [-2.01, 2.01, 10**30, *NOT_A_NUMBER, *HUGE],
+    "frequency_penalty": [-2.01, 2.01, -(10**30), *NOT_A_NUMBER, *HUGE],
+    "top_k": [-2, -(10**30), *NOT_AN_INT, *HUGE],
+    "min_p": [-0.01, 1.01, *NOT_A_NUMBER, *HUGE],
+    "repetition_penalty": [0, -1, 10.01, *NOT_A_NUMBER, *HUGE],
+    "ignore_eos": NOT_A_BOOL,
+    "stream_options": ["x", 1, True, [], {"include_usage": "yes"}, {"include_usage": 1}],
+}
+BAD_CHAT_FIELDS = {
+    "messages": [
+        *NOT_TEXT, "hi", ["hi"], [None], [5], [[]], [{}], [{"content": "hi"}],
+        *([{"role": role, "content": "hi"}] for role in ["tool", "function", "User", "", "bot", 5, None]),
+        *([{"role": "user", "content": content}] for content in [
+            5, True, {}, ["hi"], [None], [{"type": "text"}], [{"type": "text", "text": 5}], [{"text": "hi"}],
+            [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+            [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+            [{"type": "text", "text": "hi"}, {"type": "file", "file": {"file_id": "file-1"}}],
+            "1 " * 1500,  # 3,000 tokens: past the tiny model's context of 1,024
+            "x" * (SMALL["max_prompt_chars"] + 1),
+        ]),
+    ],
+    "max_completion_tokens": [0, -1, *NOT_AN_INT, *HUGE],  # over the limit: see test_max_completion_tokens_limit
+    "logprobs": [5, *NOT_A_BOOL],
+    "top_logprobs": [-1, 21, 10**30, *NOT_AN_INT, *HUGE],  # sent with logprobs: true
+}
+BAD_COMPLETION_FIELDS = {
+    "prompt": [
+        *NOT_TEXT, "", [""], [[]], ["a", "b"], [[1], [2]], [49152], [-1], [10**30], [1.5], [True], [None], [[49152]],
+        [1, "a"], ["a", 1], [[1, "a"]], [[[1]]], [{}], [1] * 1024, "x" * (SMALL["max_prompt_chars"] + 1),
+    ],
+    "logprobs": [-1, 21, 10**30, *NOT_AN_INT, *HUGE],
+    "echo": NOT_A_BOOL,
+}
+NOT_JSON = [
+    b"", b" ", b"{", b"}", b'{"model": "tiny"', b'{"model": tiny}', b"{'model': 'tiny'}", b'{"model": "tiny",}',
+    b'{"model": "tiny" "prompt": "hi"}', b'{"model": "tiny"} trailing', b'{"model": "\xff"}', b"\xff\xfe{\x00}\x00",
+    b'{"prompt": "\\ud800"}', b'{"model": "\\x41"}', b'{"model": "\\u12"}', b'{"model": "a\x01"}', b"\x00",
+    b'{"max_tokens": 01}', b'{"max_tokens": 1.}', b'{"max_tokens": .5}', b'{"max_tokens": +1}', b'{"n": 0x10}',
+    b'{"model": "tiny", "max_tokens": 1' + b"0" * 5000 + b"}", b"nul", b"[1, 2",
+]
+NOT_AN_OBJECT = [b"[]", b"[{}]", b'"hi"', b"null", b"1", b"-1.5", b"true", b"NaN", b"Infinity"]
+DEEP = [
+    b'{"model": "tiny", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"model": "tiny", "x": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
+    b'{"model": "tiny", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+]
+WRONG_KEYS = [None, "", "Bearer", "Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Bearer {KEY.upper()}",
+              f"Basic {KEY}", KEY, f"Token {KEY}"]
+
+
+def bad_requests() -> list[tuple[str, str, str, object, dict, str | None, int | None]]:
+    """(label, method, path, body (a dict as JSON, or bytes as they are), headers, param at fault, status)."""
+    cases = []
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path, base, fields in [("/v1/chat/completions", CHAT, BAD_CHAT_FIELDS),
+                               ("/v1/completions", COMPLETION, BAD_COMPLETION_FIELDS)]:
+        for field, values in {**BAD_FIELDS, **fields}.items():
+            for value in values:
+                extra = {"logprobs": True} if field == "top_logprobs" else {}
+                body = {**base, **extra, field: value}
+                cases.append((f"{field}={value!r:.60}", "POST", path, body, auth, field, None))
+        for field in ("model", "messages" if "messages" in base else "prompt"):
+            cases.append((f"no {field}", "POST", path, {k: v for k, v in base.items() if k != field}, auth, field, 400))
+        for body in NOT_JSON + NOT_AN_OBJECT + [b"{}"]:
+            cases.append((f"body {body[:40]!r}", "POST", path, body, auth, None, 400))
+        for body in DEEP:
+            cases.append((f"nested {body[:40]!r}", "POST", path, body, auth, None, 400))
+        big = json.dumps({**base, "padding": "x" * SMALL["max_body_bytes"]}).encode()
+        cases.append(("oversized body", "POST", path, big, auth, None, 413))
+        cases.append(("oversized chunked body", "POST", path, iter([big[:1000], big[1000:]]), auth, None, 413))
+        cases.append(("1 MB chunked body", "POST", path, (b" " * 65536 for _ in range(16)), auth, None, 413))
+        for key in WRONG_KEYS:
+            headers = {} if key is None else {"Authorization": key}
+            cases.append((f"key {key!r}", "POST", path, base, headers, None, 401))
+    for key in WRONG_KEYS:
+        headers = {} if key is None else {"Authorization": key}
+        cases.append((f"key {key!r}", "GET", "/v1/models", None, headers, None, 401))
+    cases += [
+        ("top_logprobs without logprobs", "POST", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, auth,
+         "top_logprobs", 400),
+        ("echo while streaming", "POST", "/v1/completions", {**COMPLETION, "echo": True, "stream": True}, auth,
+         "echo", 400),
+        ("unknown model card", "GET", "/v1/models/nope", None, auth, "model", 404),
+        ("unknown endpoint", "POST", "/v1/embeddings", {"model": "tiny", "input": "hi"}, auth, None, 404),
+        ("misspelt endpoint", "POST", "/v1/chat/completion", CHAT, auth, None, 404),
+        ("GET a POST endpoint", "GET", "/v1/chat/completions", None, auth, None, 405),
+        ("PUT", "PUT", "/v1/completions", COMPLETION, auth, None, 405),
+        ("DELETE a model", "DELETE", "/v1/models/tiny", None, auth, None, 405),
+    ]
+    return cases
+
+
+def what_is_wrong(response: httpx.Response, param: str | None, status: int | None) -> str | None:
+    """Why `response` is not a proper refusal (None when it is one)."""
+    if not 400 <= response.status_code < 500 or (status is not None and response.status_code != status):
+        return f"status {response.status_code}: {response.text[:200]}"
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"not OpenAI's error shape: {response.text[:200]}"
+    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+        return f"not OpenAI's error shape: {error!r:.200}"
+    if not isinstance(error["message"], str) or not error["message"].strip() or not error["type"]:
+        return f"no message or type: {error!r:.200}"
+    if param is not None and (error["param"] or "").split(".")[0] != param:
+        return f"param {error['param']!r}, expected {param!r} ({error['message']})"
+    return None
+
+
+def test_hostile_requests_get_4xx_in_openai_shape(served_models):
+    from camelid.serve.api import ServerLimits
+
+    cases = bad_requests()
+    assert len(cases) >= 200
+    with live_server(served_models, api_key=KEY, limits=ServerLimits(**SMALL)) as url:
+        wrong = []
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for label, method, path, body, headers, param, status in cases:
+                content = body if isinstance(body, bytes) or hasattr(body, "__next__") else None
+                data = None if content is not None or body is None else json.dumps(body).encode()
+                response = http.request(method, path, content=content if content is not None else data,
+                                        headers={"Content-Type": "application/json", **headers})
+                problem = what_is_wrong(response, param, status)
+                if problem:
+                    wrong.append(f"{method} {path} {label}: {problem}")
+        assert not wrong, f"{len(wrong)} of {len(cases)} bad requests were not refused properly:\n" + "\n".join(wrong)
+
+        # still serving, and right
+        tiny = by_name(served_models, "tiny").loaded
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as c:
+            answer = c.chat.completions.create(model="tiny", messages=CAPITAL, temperature=0, max_tokens=8)
+        assert answer.choices[0].message.content == reference(tiny, chat_prompt(tiny, CAPITAL), 8).text
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+EXTREME_BUT_VALID = [  # each a valid request: it must get an answer (or a 4xx), whatever the numbers do
+    {"temperature": 2, "top_p": 1e-30}, {"temperature": 2, "min_p": 1.0}, {"top_k": 10**30}, {"top_k": -1},
+    {"top_k": 1, "temperature": 2}, {"repetition_penalty": 10}, {"repetition_penalty": 10, "temperature": 2},
+    {"seed": -(2**63)}, {"seed": 2**64 - 1}, {"presence_penalty": -2, "frequency_penalty": -2},
+    {"presence_penalty": 2, "frequency_penalty": 2, "temperature": 0}, {"logprobs": 20, "n": 8},
+    {"stop": ["\u0000", "\U0001f600", "x" * 1000, "\ufffd"]}, {"prompt": "\u0000\u202e\U0001f600\ufeff\r\n"},
+    {"prompt": [0]}, {"prompt": [49151]}, {"prompt": "<|im_end|><|im_start|>system\n"}, {"echo": True, "logprobs": 0},
+    {"max_tokens": 1000, "ignore_eos": True},
+]
+# valid numbers that overflow (or underflow to 0 in) float32 once applied to the logits
+OVERFLOWING = [{"temperature": 1e-308}, {"temperature": 5e-324}, {"temperature": 1, "repetition_penalty": 1e-300},
+               {"temperature": 1, "top_p": 1e-300}]
+
+
+def answers_properly(response: httpx.Response) -> str | None:
+    """Why `response` to a valid request is neither a proper answer nor a proper refusal (None when it is)."""
+    if response.status_code != 200:
+        return what_is_wrong(response, None, None)
+    finishes = [c["finish_reason"] for c in response.json()["choices"]]
+    if any(f not in ("stop", "length") for f in finishes):
+        return f"finish_reason {finishes}"
+    return None
+
+
+def test_extreme_valid_values_get_answers(server):
+    with httpx.Client(base_url=server, timeout=60) as http:
+        wrong = [f"{extra}: {problem}" for extra in EXTREME_BUT_VALID
+                 if (problem := answers_properly(http.post("/v1/completions", json={**COMPLETION, **extra})))]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("extra", OVERFLOWING, ids=str)
+def test_overflowing_sampling_values_get_answers(server, extra):
+    response = httpx.post(f"{server}/v1/completions", json={**COMPLETION, **extra}, timeout=60)
+    assert answers_properly(response) is None
+
+
+def test_one_failing_request_leaves_the_others_alone(client, served_models):
+    loaded = by_name(served_models, "tiny").loaded
+    long = dict(model="tiny", prompt="Hello", temperature=0, max_tokens=1000, extra_body={"ignore_eos": True})
+    stream = client.completions.create(stream=True, **long)
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text  # decoding now
+    client.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=1e-308)
+    finish = None
+    for chunk in chunks:
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "length"
+    assert text == reference(loaded, loaded.tokenizer.encode("Hello"), 1000, ignore_eos=True).text

@@ -1,0 +1,69 @@
+"""`camelid serve` before the server starts: model names, flags, and a real start-up answering over HTTP."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from camelid.errors import CamelidError
+from camelid.serve.server import parse_model_specs
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+
+def test_models_are_named_by_flag_or_by_their_file():
+    assert parse_model_specs(["smollm2-135m-instruct", "mine=runs/q/run/model", "/m/tiny-q8.gguf"]) == [
+        ("smollm2-135m-instruct", "smollm2-135m-instruct"), ("mine", "runs/q/run/model"), ("tiny-q8", "/m/tiny-q8.gguf"),
+    ]
+    with pytest.raises(CamelidError, match="two models are served as 'a'; name them with NAME=MODEL"):
+        parse_model_specs(["a=x", "a=y"])
+    with pytest.raises(CamelidError, match="bad --model '=x'"):
+        parse_model_specs(["=x"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be at least 1, not 0"),
+    (["--port", "-1"], "--port must be at least 0, not -1"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, not 0"),
+])
+def test_bad_flags_are_one_line(flags, message):
+    done = subprocess.run([sys.executable, "-m", "camelid", "serve", *flags], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == f"camelid: error: {message}"
+
+
+def test_a_missing_model_is_one_line_before_listening():
+    done = subprocess.run([sys.executable, "-m", "camelid", "serve", "-m", "no/such/model"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no/such/model" in done.stderr
+
+
+def test_the_command_serves_a_model_and_honours_the_key_from_the_environment(tiny_chat_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CAMELID_API_KEY": "k3y"}
+    server = subprocess.Popen([sys.executable, "-m", "camelid", "serve", "-m", f"tiny={tiny_chat_model}",
+                               "--port", str(port), "--max-batch", "2"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"}).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "serving tiny at http://127.0.0.1:" in server.stderr.read()
