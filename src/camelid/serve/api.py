@@ -280,7 +280,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, limits:
         job = _submit(served, prompt, params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_chat_chunks(served, job, body, include_usage), job)
+            return sse_response(_chat_chunks(served, job, body, include_usage), job)
         return await _chat_response(served, job, body, request)
 
     @app.post("/v1/completions")
@@ -297,16 +297,11 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, limits:
         job = _submit(served, prompt, params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_completion_chunks(served, job, body, include_usage), job)
+            return sse_response(_completion_chunks(served, job, body, include_usage), job)
         return await _completion_response(served, job, body, request)
 
     def _submit(served: ServedModel, prompt: list[int], params: GenerationParams) -> Job:
-        try:
-            job = served.engine.submit(prompt, params)
-        except QueueFull as exc:
-            raise APIError(503, str(exc), type="server_overloaded", code="queue_full") from None
-        except CamelidError as exc:
-            raise APIError(400, str(exc)) from None
+        job = submit(served, prompt, params)
         metrics.prompt_tokens.labels(served.name).inc(len(prompt))
         return job
 
@@ -492,22 +487,6 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, limits:
         if include_usage:
             yield chunk([], _usage(job, sum(tokens)))
 
-    def _sse(chunks: AsyncIterator[dict], job: Job) -> StreamingResponse:
-        async def events():
-            try:
-                try:
-                    async for c in chunks:
-                        yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
-                except APIError as exc:  # the answer broke off after the 200 went out: say so in the stream
-                    body = error_body(exc.message, exc.type, exc.param, exc.code)
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()  # the client went away, or we are done: either way the rows are free
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     add_pages(app, models, votes)
     return app
 
@@ -525,6 +504,34 @@ async def read_body(request: Request, schema: type[BaseModel], limits: ServerLim
     except ValidationError as exc:
         message, param = explain_validation(exc.errors())
         raise APIError(400, message, param=param) from None
+
+
+def submit(served: ServedModel, prompt: list[int], params: GenerationParams, param: str | None = None) -> Job:
+    """Queue a request on the model's engine; a full line is 503, a request it refuses 400 (about `param`)."""
+    try:
+        return served.engine.submit(prompt, params)
+    except QueueFull as exc:
+        raise APIError(503, str(exc), type="server_overloaded", code="queue_full") from None
+    except CamelidError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def sse_response(events: AsyncIterator[dict], job: Job) -> StreamingResponse:
+    """`events` as server-sent events ending in [DONE]; the job is cancelled when the stream ends, however."""
+
+    async def lines():
+        try:
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            except APIError as exc:  # the answer broke off after the 200 went out: say so in the stream
+                yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client went away, or we are done: either way the rows are free
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _chunks(prefix: str, kind: str, model: str, include_usage: bool):

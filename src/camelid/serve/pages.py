@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 
 from camelid.errors import CamelidError
 from camelid.generate import SamplingParams
-from camelid.serve.api import APIError, ServedModel, read_body
-from camelid.serve.engine import GenerationParams, QueueFull
+from camelid.serve.api import APIError, ServedModel, read_body, sse_response, submit
+from camelid.serve.engine import GenerationParams
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_VOTES = "arena-votes.jsonl"
@@ -149,30 +149,20 @@ def add_pages(app: FastAPI, models: list[ServedModel], votes: str | Path | None)
         engine = side.model.engine
         params = GenerationParams(SamplingParams(max_new_tokens=min(ARENA_MAX_TOKENS, engine.context - len(prompt)),
                                                  **ARENA_SAMPLING))
-        try:
-            job = engine.submit(prompt, params)
-        except QueueFull as exc:
-            raise APIError(503, str(exc), type="server_overloaded", code="queue_full") from None
-        except CamelidError as exc:
-            raise APIError(400, str(exc), param="prompt") from None
+        job = submit(side.model, prompt, params, param="prompt")
         side.started = True
 
         async def events():
-            try:
-                while side.finish_reason is None:
-                    piece = await job.queue.get()
-                    side.text += piece.text
-                    if piece.text:
-                        yield _sse({"text": piece.text})
-                    if piece.finish_reason:
-                        side.finish_reason = piece.finish_reason
-                        yield _sse({"finish_reason": piece.finish_reason})
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()  # the person left mid-answer, or it is done: either way the row is free
+            while side.finish_reason is None:
+                piece = await job.queue.get()
+                side.text += piece.text
+                if piece.text:
+                    yield {"text": piece.text}
+                if piece.finish_reason:
+                    side.finish_reason = piece.finish_reason
+                    yield {"finish_reason": piece.finish_reason}
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(events(), job)  # which frees the row if the person leaves mid-answer
 
     @app.post("/arena/api/vote")
     async def vote(request: Request):
@@ -223,10 +213,6 @@ def append_line(path: Path, line: str, lock: threading.Lock) -> None:
             os.close(fd)
     if written != len(data):  # a full disk; the line is cut, and the person should hear it was not counted
         raise OSError(f"only {written} of {len(data)} bytes of the vote reached {path}")
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def _now() -> str:
