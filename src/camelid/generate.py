@@ -6,7 +6,7 @@ processors: repetition penalty, temperature, top-k, top-p, min-p.
 """
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
