@@ -37,3 +37,40 @@ def loss_curve(metrics: list[dict], path: str | Path, title: str = "training los
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def length_histogram(
+    lengths: list[int], path: str | Path, *, title: str, xlabel: str = "tokens per conversation", marks=()
+) -> Path:
+    """A PNG histogram of lengths with a dashed line at each of `marks` (context lengths within the range).
+
+    The counts are drawn on a log scale when the tallest bar is over 50 times the shortest non-empty one, as
+    with the long tail of conversation lengths, whose few long conversations a linear scale would hide.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or touched
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    counts, _, _ = ax.hist(lengths, bins=50, color="tab:blue", alpha=0.8)
+    filled = [c for c in counts if c > 0]
+    if filled and max(filled) > 50 * min(filled):
+        ax.set_yscale("log")
+    top = max(lengths, default=0)
+    for mark in marks:
+        if mark <= top:
+            ax.axvline(mark, color="tab:red", linestyle="--", linewidth=1)
+            ax.annotate(f"{mark:,}", (mark, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", color="tab:red", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("conversations")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,328 @@
+"""Mixing datasets into one training file, as Koala did: each source by weight or by count, with provenance.
+
+A source is a file of conversations (any format camelid reads) with a name and either a weight or a count:
+
+- Weights are relative: the `total` output examples are split in proportion to them, rounded by largest
+  remainder so the shares add up to `total` exactly. Without `total`, it is the largest total for which no
+  weighted source has to be repeated.
+- A count takes exactly that many examples from its source.
+- Both may be mixed: the counts are taken first and the weights split what is left of `total` (without
+  `total`: the counts plus the largest weighted total that needs no repeat).
+
+Within a source, a share no larger than the source is a seeded random subset. A larger share takes every
+record once per whole pass and a random subset of the records for the part of a pass left over, so every
+record appears before any appears twice, and no record appears twice more often than another. Everything is
+seeded: the same sources, shares and seed give the same file. The output is shuffled.
+
+Preference data becomes conditioned examples (Koala, after Chain of Hindsight, Liu et al. 2023): a record with
+`chosen` and `rejected` answers gives two examples, the chosen answer under the system message "a helpful
+answer" and the rejected one under "an unhelpful answer". The marker is a system message (put before an
+existing one, on its own line) because training learns only the assistant turns: the model reads the
+condition but is never trained to write it, and at inference `--system "a helpful answer"` asks for the good
+kind. A preference source's share counts examples, two per pair; both examples of a pair are taken together,
+except that an odd share keeps one example, drawn at random, of the last pair taken.
+
+Each output record is `{"messages": [...], "source": NAME}` (NAME replacing any `source` the record had), plus
+`"condition": "helpful" | "unhelpful"` on conditioned examples and the record's own `id` when it had one;
+training ignores the extra keys. Everything is read before anything is written, so `out` may be an input.
+"""
+
+import math
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from camelid.data.formats import BadRecord, _json_values, to_messages, write_jsonl
+from camelid.data.report import Report
+from camelid.errors import CamelidError
+
+HELPFUL = "a helpful answer"
+UNHELPFUL = "an unhelpful answer"
+
+
+@dataclass
+class MixSource:
+    """One input of a mix: a file, the name its records carry as `source`, and a weight or a count."""
+
+    path: str | Path
+    name: str
+    weight: float | None = None  # relative share of the total; weights need not add up to 1
+    count: int | None = None  # exactly this many examples
+
+
+def mix_datasets(
+    sources: list[MixSource],
+    out: str | Path,
+    *,
+    total: int | None = None,
+    seed: int = 0,
+    skip_bad: bool = False,
+    helpful: str = HELPFUL,
+    unhelpful: str = UNHELPFUL,
+) -> Report:
+    """Write the mixture of `sources` to `out` (JSONL) and its report beside it; return the report.
+
+    `total` is the number of examples to write (see the module docstring for its default); `helpful` and
+    `unhelpful` are the system-message markers given to preference pairs.
+    """
+    _check_sources(sources, total)
+    _check_markers(helpful, unhelpful)
+    _check_output(Path(out))
+    report = Report("mix")
+    report.facts["seed"] = seed
+    pools = [_read_source(source, report, skip_bad, helpful, unhelpful) for source in sources]
+    shares = _shares(sources, pools, total)
+
+    records: list[dict] = []
+    for source, pool, share in zip(sources, pools, shares):
+        # One generator per source, seeded by its name: adding a source does not change what another gives.
+        taken = _take(pool, share, random.Random(f"{seed}:{source.name}"))
+        records += taken
+        facts = report.facts[f"source {source.name}"]
+        facts["taken"] = len(taken)
+        facts["repeats"] = max(0, share - pool.examples)
+        if pool.preference:
+            facts["helpful"] = sum(r["condition"] == "helpful" for r in taken)
+            facts["unhelpful"] = sum(r["condition"] == "unhelpful" for r in taken)
+    random.Random(seed).shuffle(records)
+    write_jsonl(out, records)
+    report.written = len(records)
+    report.outputs["mix"] = str(out)
+    report.save(out)
+    return report
+
+
+def split_by_weight(total: int, weights: list) -> list[int]:
+    """`total` split in proportion to `weights`, each share the floor or ceiling of its exact quota.
+
+    Largest remainder (Hamilton's method): the floors first, then one more to the largest remainders, the
+    earlier source first on a tie. Weights are read as the decimals they print as, so 0.3 is exactly 3/10.
+    """
+    exact = [Fraction(str(w)) for w in weights]
+    whole = sum(exact)
+    quotas = [total * w / whole for w in exact]
+    shares = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (shares[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def condition_preference(record: dict, where: str, *, helpful: str = HELPFUL, unhelpful: str = UNHELPFUL):
+    """A preference record as its two conditioned conversations, (helpful, unhelpful); raises `BadRecord`.
+
+    Accepted shapes: `{"prompt": str, "chosen": str, "rejected": str}`; `{"chosen": [messages], "rejected":
+    [messages]}`, whole conversations that differ only in their last assistant turn; and `prompt` as a list of
+    messages with `chosen` and `rejected` as strings or lists of the messages that follow it. An optional
+    `system` string is the system message when the prompt has none.
+    """
+    chosen, rejected = _preference_conversations(record, where)
+    return _conditioned(chosen, helpful), _conditioned(rejected, unhelpful)
+
+
+def is_preference(record: Any) -> bool:
+    """Whether a record is a preference pair, told by its `chosen` and `rejected` keys."""
+    return isinstance(record, dict) and "chosen" in record and "rejected" in record
+
+
+# -- reading a source ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pool:
+    """A source's usable records: units of one example (plain) or two (a helpful and unhelpful pair)."""
+
+    units: list[tuple[dict, ...]]
+    preference: bool
+
+    @property
+    def examples(self) -> int:
+        return len(self.units) * (2 if self.preference else 1)
+
+
+def _read_source(source: MixSource, report: Report, skip_bad: bool, helpful: str, unhelpful: str) -> _Pool:
+    units, first = [], None  # first: (where, is_preference) of the first record, which sets the source's kind
+    read, dropped = 0, {}
+    for where, value in _json_values(Path(source.path)):
+        read += 1
+        preference = is_preference(value)
+        if isinstance(value, dict):  # anything else is no record of either kind, and is reported as bad below
+            if first is None:
+                first = (where, preference)
+            elif preference != first[1]:
+                kinds = ("plain", "preference (chosen/rejected)")
+                raise CamelidError(
+                    f"{where}: source {source.name!r} mixes {kinds[preference]} records with {kinds[first[1]]} "
+                    f"ones (such as {first[0]}); give each kind as its own source"
+                )
+        try:
+            if isinstance(value, BadRecord):
+                raise value
+            if preference:
+                pair = condition_preference(value, where, helpful=helpful, unhelpful=unhelpful)
+                if pair[0][-1] == pair[1][-1]:
+                    dropped["chosen equals rejected"] = dropped.get("chosen equals rejected", 0) + 1
+                    continue
+                units.append(tuple(_output(m, source.name, value, c) for m, c in zip(pair, ("helpful", "unhelpful"))))
+            else:
+                units.append((_output(to_messages(value, where), source.name, value),))
+        except BadRecord as bad:
+            if not skip_bad:
+                raise
+            dropped[bad.reason] = dropped.get(bad.reason, 0) + 1
+    if not units:
+        raise CamelidError(f"{source.path}: source {source.name!r} has no usable record; check the file")
+    report.read += read
+    for reason, n in dropped.items():
+        report.drop(reason, n)
+    pool = _Pool(units, preference=bool(first and first[1]))
+    facts = {"path": str(source.path)}
+    facts |= {"weight": source.weight} if source.weight is not None else {"count": source.count}
+    facts |= {"kind": "preference" if pool.preference else "plain", "read": read}
+    facts |= {"pairs" if pool.preference else "usable": len(units)}
+    if dropped:
+        facts["dropped"] = dropped
+    report.facts[f"source {source.name}"] = facts
+    return pool
+
+
+def _output(messages: list[dict], name: str, record: Any, condition: str | None = None) -> dict:
+    out = {"messages": messages, "source": name}
+    if condition:
+        out["condition"] = condition
+    if isinstance(record, dict) and "id" in record:
+        out["id"] = record["id"]
+    return out
+
+
+def _preference_conversations(record: dict, where: str) -> tuple[list[dict], list[dict]]:
+    prompt = record.get("prompt")
+    if prompt is None:
+        if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
+            raise BadRecord(
+                where, "preference record without 'prompt'",
+                "give 'prompt' with string answers, or 'chosen' and 'rejected' as whole conversations",
+            )
+        prompt = []
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
+        raise BadRecord(where, "'prompt' is not a string or a list of messages")
+    system = record.get("system")
+    if isinstance(system, str) and not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
+        prompt = [{"role": "system", "content": system}] + prompt
+    conversations = []
+    for key in ("chosen", "rejected"):
+        answer = record[key]
+        if isinstance(answer, str):
+            answer = [{"role": "assistant", "content": answer}]
+        elif not isinstance(answer, list):
+            raise BadRecord(where, f"'{key}' is not a string or a list of messages")
+        try:
+            conversations.append(to_messages({"messages": prompt + answer}, where))
+        except BadRecord as bad:
+            raise BadRecord(where, bad.reason, f"in '{key}'" + (f": {bad.detail}" if bad.detail else "")) from None
+    chosen, rejected = conversations
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord(
+            where, "'chosen' and 'rejected' do not share the prompt", "they may differ only in the last answer"
+        )
+    return chosen, rejected
+
+
+def _conditioned(messages: list[dict], marker: str) -> list[dict]:
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{marker}\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": marker}] + messages
+
+
+# -- shares and sampling ---------------------------------------------------------------------------------------
+
+
+def _check_sources(sources: list[MixSource], total: int | None) -> None:
+    if not sources:
+        raise CamelidError("no source to mix; give at least one")
+    names = set()
+    for s in sources:
+        if not s.name:
+            raise CamelidError(f"source {s.path} has no name; name every source")
+        if s.name in names:
+            raise CamelidError(f"two sources are named {s.name!r}; give each source its own name")
+        names.add(s.name)
+        if (s.weight is None) == (s.count is None):
+            raise CamelidError(f"source {s.name!r}: give a weight or a count (one of them, not both)")
+        if s.weight is not None and not (
+            isinstance(s.weight, int | float) and not isinstance(s.weight, bool) and math.isfinite(s.weight)
+            and s.weight > 0
+        ):
+            raise CamelidError(f"source {s.name!r}: weight must be a positive number, not {s.weight!r}")
+        if s.count is not None and not (isinstance(s.count, int) and not isinstance(s.count, bool) and s.count > 0):
+            raise CamelidError(f"source {s.name!r}: count must be a positive whole number, not {s.count!r}")
+    if total is not None and not (isinstance(total, int) and not isinstance(total, bool) and total > 0):
+        raise CamelidError(f"total must be a positive whole number, not {total!r}")
+    counted = sum(s.count for s in sources if s.count is not None)
+    if total is not None and all(s.count is not None for s in sources) and total != counted:
+        raise CamelidError(
+            f"total {total} differs from the sources' counts, which add up to {counted}; "
+            "drop the total or give some sources weights"
+        )
+    if total is not None and any(s.weight is not None for s in sources) and total <= counted:
+        raise CamelidError(
+            f"total {total} leaves nothing for the weighted sources after the counts ({counted}); raise the total"
+        )
+
+
+def _check_output(out: Path) -> None:
+    if out.is_dir():
+        raise CamelidError(f"{out} is a directory; give a file name for the output")
+    if not out.parent.is_dir():
+        raise CamelidError(f"{out.parent}: no such directory; create it or choose another output path")
+
+
+def _check_markers(helpful: str, unhelpful: str) -> None:
+    if not (isinstance(helpful, str) and helpful.strip() and isinstance(unhelpful, str) and unhelpful.strip()):
+        raise CamelidError("the helpful and unhelpful markers must be non-empty text")
+    if helpful == unhelpful:
+        raise CamelidError(f"the helpful and unhelpful markers are both {helpful!r}; they must differ")
+
+
+def _shares(sources: list[MixSource], pools: list[_Pool], total: int | None) -> list[int]:
+    """How many examples each source gives."""
+    shares = [s.count for s in sources]
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    if weighted:
+        weights = [sources[i].weight for i in weighted]
+        if total is None:
+            rest = _largest_total(weights, [pools[i].examples for i in weighted])
+        else:
+            rest = total - sum(s.count for s in sources if s.count is not None)
+        for i, share in zip(weighted, split_by_weight(rest, weights)):
+            shares[i] = share
+    return shares
+
+
+def _largest_total(weights: list, sizes: list[int]) -> int:
+    """The largest total whose split gives no source more than it holds.
+
+    Every quota within its source's size is a sufficient start; rounding may still allow a little more.
+    """
+    exact = [Fraction(str(w)) for w in weights]
+    whole = sum(exact)
+    t = min(math.floor(n * whole / w) for n, w in zip(sizes, exact))
+    while all(s <= n for s, n in zip(split_by_weight(t + 1, weights), sizes)):
+        t += 1
+    return t
+
+
+def _take(pool: _Pool, share: int, rng: random.Random) -> list[dict]:
+    """`share` examples of the pool: whole passes over its units, then a random subset for the rest."""
+    per_unit = 2 if pool.preference else 1
+    n_units = -(-share // per_unit)
+    passes, rest = divmod(n_units, len(pool.units))
+    order = list(range(len(pool.units))) * passes + rng.sample(range(len(pool.units)), rest)
+    out = [example for i in order for example in pool.units[i]]
+    if len(out) > share:  # an odd share of pairs: keep one side, at random, of the last pair
+        out.pop(len(out) - 1 - rng.randrange(2))
+    return out

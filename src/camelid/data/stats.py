@@ -1,0 +1,198 @@
+"""What is in a chat dataset: conversations, turns, lengths in characters and in the tokens training will see,
+sources and conditions, languages; as a Report, its text, and optionally a histogram of token lengths.
+
+Token counts are made as training makes them: each conversation rendered with the chat template and encoded
+without added special tokens, and its learned tokens are the assistant turns' (camelid.train.examples).
+Distributions are summarised by min, mean, median, p90, p99 and max, where pN is the nearest-rank percentile:
+the smallest value that N% of the conversations do not exceed.
+"""
+
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from camelid.data.formats import BadRecord, _json_values, to_messages
+from camelid.data.report import Report
+from camelid.errors import CamelidError
+
+CONTEXT_LENGTHS = (512, 1024, 2048, 4096)
+ROLES = ("system", "user", "assistant")
+LANGUAGE_SAMPLE_CHARS = 1000  # the first user turn's opening is enough to tell its language, and much faster
+
+
+def dataset_stats(
+    src: str | Path,
+    *,
+    tokenizer=None,
+    template=None,
+    context_lengths=CONTEXT_LENGTHS,
+    histogram: str | Path | None = None,
+    languages: bool | list[str] = False,
+    skip_bad: bool = False,
+) -> Report:
+    """Count what is in `src`; the numbers are the report's `facts` (see `stats_text` for a person's view).
+
+    With a `tokenizer` and chat `template` (both or neither), tokens per conversation and how many are longer
+    than each of `context_lengths`; `histogram` is then a PNG path for their distribution. `languages`: True
+    detects the language of each first user turn among all that lingua knows (its models take seconds to
+    load and about 1 GB); a list of ISO 639-1 codes ("en", "fr", ...) limits it to those, which is faster.
+    """
+    if (tokenizer is None) != (template is None):
+        raise CamelidError("token counts need both a tokenizer and a chat template; give both or neither")
+    if histogram is not None and tokenizer is None:
+        raise CamelidError("the token histogram needs a tokenizer and a chat template; give a model")
+    detector = _language_detector(languages) if languages else None
+
+    src = Path(src)
+    report = Report("stats")
+    messages_by_role: Counter = Counter()
+    chars: dict[str, list[int]] = {role: [] for role in ROLES}
+    exchanges, tokens, learned = [], [], []
+    system_prompts: Counter = Counter()
+    sources: Counter = Counter()
+    conditions: Counter = Counter()
+    first_turns = []
+    for where, value in _json_values(src):
+        report.read += 1
+        try:
+            if isinstance(value, BadRecord):
+                raise value
+            messages = to_messages(value, where)
+        except BadRecord as bad:
+            if not skip_bad:
+                raise
+            report.drop(bad.reason)
+            continue
+        for m in messages:
+            messages_by_role[m["role"]] += 1
+            chars[m["role"]].append(len(m["content"]))
+        exchanges.append(sum(m["role"] == "assistant" for m in messages))
+        if messages[0]["role"] == "system":
+            system_prompts[messages[0]["content"]] += 1
+        if "source" in value:
+            sources[str(value["source"])] += 1
+        if "condition" in value:
+            conditions[str(value["condition"])] += 1
+        if detector is not None:
+            first_turns.append(next(m["content"] for m in messages if m["role"] == "user")[:LANGUAGE_SAMPLE_CHARS])
+        if tokenizer is not None:
+            n, n_learned = _token_counts(template, tokenizer, messages, where)
+            tokens.append(n)
+            learned.append(n_learned)
+
+    n = len(exchanges)
+    facts = report.facts
+    facts["file"] = str(src)
+    facts["conversations"] = n
+    facts["messages"] = {role: messages_by_role[role] for role in ROLES}
+    facts["exchanges per conversation"] = summary(exchanges)
+    facts["system prompts"] = {"conversations with one": sum(system_prompts.values()), "distinct": len(system_prompts)}
+    for key, counts in (("sources", sources), ("conditions", conditions)):
+        if counts:  # conversations without the field are counted too, so the numbers add up
+            missing = n - sum(counts.values())
+            facts[key] = dict(counts.most_common()) | ({"(none)": missing} if missing else {})
+    facts["characters per message"] = {role: summary(chars[role]) for role in ROLES if chars[role]}
+    if tokenizer is not None:
+        facts["template"] = template.name or "the model's own"
+        facts["tokens per conversation"] = summary(tokens)
+        facts["tokens"] = {"all": sum(tokens), "learned": sum(learned)}
+        facts["longer than"] = {str(limit): sum(t > limit for t in tokens) for limit in context_lengths}
+    if detector is not None:
+        found = detector.detect_languages_in_parallel_of(first_turns)
+        counts = Counter(lang.name.lower() if lang is not None else "unknown" for lang in found)
+        facts["languages"] = dict(counts.most_common())
+    if histogram is not None:
+        from camelid.plots import length_histogram
+
+        title = f"{src.name}: {n:,} conversations, {sum(tokens):,} tokens"
+        length_histogram(tokens, histogram, title=title, marks=context_lengths)
+        report.outputs["histogram"] = str(histogram)
+    return report.finish()
+
+
+def summary(values: list[int]) -> dict:
+    """min, mean, median, p90, p99, max of `values` (nearest-rank percentiles); {} when there are none."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(p: float) -> int:
+        return ordered[math.ceil(p * len(ordered)) - 1]
+
+    median = statistics.median(ordered)
+    return {
+        "min": ordered[0],
+        "mean": round(sum(ordered) / len(ordered), 2),
+        "median": int(median) if median == int(median) else median,
+        "p90": rank(0.90),
+        "p99": rank(0.99),
+        "max": ordered[-1],
+    }
+
+
+def stats_text(report: Report) -> str:
+    """The statistics as aligned lines for a person."""
+    f = report.facts
+    rows: list[tuple[str, str]] = [("file", f["file"])]
+    conversations = f"{f['conversations']:,}"
+    if report.dropped:
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in report.dropped.most_common())
+        conversations += f" (skipped {sum(report.dropped.values()):,} bad records: {reasons})"
+    rows.append(("conversations", conversations))
+    rows.append(("messages", _counts(f["messages"])))
+    rows.append(("exchanges per conversation", _summary(f["exchanges per conversation"])))
+    system = f["system prompts"]
+    rows.append(("with a system prompt", f"{system['conversations with one']:,} ({system['distinct']:,} distinct)"))
+    for key in ("sources", "conditions"):
+        if key in f:
+            rows.append((key, _counts(f[key])))
+    for role, values in f["characters per message"].items():
+        rows.append((f"characters per {role} message", _summary(values)))
+    if "tokens per conversation" in f:
+        rows.append(("chat template", f["template"]))
+        rows.append(("tokens per conversation", _summary(f["tokens per conversation"])))
+        rows.append(("tokens", f"{f['tokens']['all']:,} ({f['tokens']['learned']:,} learned)"))
+        total = max(f["conversations"], 1)
+        for limit, count in f["longer than"].items():
+            rows.append((f"longer than {int(limit):,} tokens", f"{count:,} ({100 * count / total:.1f}%)"))
+    if "languages" in f:
+        rows.append(("languages (first user turn)", _counts(f["languages"])))
+    for name, path in report.outputs.items():
+        rows.append((name, path))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _token_counts(template, tokenizer, messages: list[dict], where: str) -> tuple[int, int]:
+    from camelid.train.examples import make_example
+
+    try:
+        example = make_example(template, tokenizer, messages)
+    except CamelidError as exc:
+        raise CamelidError(f"{where}: {exc}") from None
+    return len(example.tokens), example.supervised
+
+
+def _language_detector(languages):
+    from lingua import IsoCode639_1, LanguageDetectorBuilder
+
+    if languages is True:
+        return LanguageDetectorBuilder.from_all_languages().build()
+    if isinstance(languages, str):
+        raise CamelidError("languages must be True or a list of ISO 639-1 codes, not one string")
+    codes = []
+    for code in languages:
+        try:
+            codes.append(IsoCode639_1.from_str(str(code).lower()))
+        except ValueError:
+            raise CamelidError(f"unknown language code {code!r}; give ISO 639-1 codes such as en, fr, zh") from None
+    return LanguageDetectorBuilder.from_iso_codes_639_1(*codes).build()
+
+
+def _summary(s: dict) -> str:
+    return "  ".join(f"{key} {value:,}" for key, value in s.items()) if s else "-"
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{key} {n:,}" for key, n in counts.items())
