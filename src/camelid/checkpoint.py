@@ -109,6 +109,46 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
 
 
+def load_tokenizer_and_template(spec: str | Path, template_name: str | None = None):
+    """A model's tokenizer and chat template without its weights: (Tokenizer, ChatTemplate).
+
+    `spec` is what `load_model` takes; a LoRA adapter directory gives its own tokenizer and template where it
+    carries them, else its base's. A built-in `template_name` (chatml, vicuna_v1.1, ...) replaces the model's
+    template, as in `camelid chat --template`.
+    """
+    from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+
+    path = resolve_model_path(spec)
+    tokenizer, source = _tokenizer_and_template_source(path)
+    if template_name:
+        # A built-in writes BOS itself, so only where this tokenizer would have added one.
+        bos = tokenizer.bos_token if tokenizer.add_bos else None
+        return tokenizer, ChatTemplate.named(template_name, bos_token=bos, eos_token=tokenizer.eos_token)
+    if not source:
+        raise CamelidError(
+            f"{path.name} has no chat template; pick a built-in with --template ({', '.join(BUILTIN_TEMPLATES)})"
+        )
+    return tokenizer, ChatTemplate(source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def _tokenizer_and_template_source(path: Path):
+    from camelid.chat_template import read_chat_template
+    from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
+    from camelid.train.lora import adapter_base, is_adapter_dir
+
+    if is_adapter_dir(path):
+        tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+        source = read_chat_template(path)
+        if tokenizer is None or source is None:
+            base_tokenizer, base_source = _tokenizer_and_template_source(resolve_model_path(adapter_base(path)))
+            tokenizer, source = tokenizer or base_tokenizer, source or base_source
+        return tokenizer, source
+    if path.is_dir():
+        return load_tokenizer(path), read_chat_template(path)
+    metadata = GGUFFile(path).metadata  # the header only: the weights stay on disk
+    return tokenizer_from_gguf(metadata), metadata.get("tokenizer.chat_template") or None
+
+
 def _load_adapter_as_model(path: Path, *, device: str, dtype: torch.dtype, quantize: str) -> LoadedModel:
     """A LoRA adapter directory as a model: its base with the adapter merged in (as fast as the base), and the
     adapter directory's own tokenizer and chat template where it carries them (those it was trained with)."""

