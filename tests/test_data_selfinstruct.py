@@ -95,7 +95,7 @@ def test_alpaca_records_seed_too(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('{"instruction": "Fine.", "output": "ok"}\n{"instruction": "Broken", \n',
      "seeds.jsonl:2: invalid JSON (column 27: Expecting property name enclosed in double quotes)"),
-    ('["not an object"]', "seeds.jsonl: record 1: not a JSON object;"),
+    ('["not an object"]', "seeds.jsonl:1: not a JSON object;"),
     ('{"id": "seed_task_0", "instances": [{"input": "", "output": "x"}]}\n',
      "seeds.jsonl:1: 'instruction' is missing;"),
     ('{"instruction": "Do it.", "instances": []}\n', "seeds.jsonl:1: 'instances' is not a non-empty list"),

@@ -1,10 +1,12 @@
-"""Reading and writing the small files of a checkpoint: JSON with one-line errors, atomic replacement."""
+"""Reading and writing small files: JSON with one-line errors, atomic replacement, and append-only JSONL that
+resumes after a crash."""
 
 import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,73 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -- append-only JSONL: one fsync'ed line per result, so an interrupted run resumes --------------------------
+
+RESUME_HINT = "not a file this command wrote; choose another output file or fix the line"
+
+
+def open_to_append(path: Path):
+    """`path` opened to append text to (its directory made first), or a one-line error saying why it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise CamelidError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def append_json_line(f, record: dict) -> None:
+    """One record as one line, on disk before the next is made: a crash can tear at most the line being written."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_appended(path: Path, is_record: Callable[[Any], bool], what: str, *,
+                  convert: Callable[[bytes, str], Any] | None = None) -> tuple[list, str | None]:
+    """The records an earlier run appended to `path` ([] when there is no file), and where a torn line was cut.
+
+    A last line without its newline (a crash mid-write) is cut off, unless it is a whole record (`is_record` of
+    its JSON), which then gets its newline. Any other line that is not a record raises, naming the line as not
+    `what`: the file is not one this command wrote. `convert(line, "path:line")`, when given, makes each line
+    into the record instead, raising its own error for a line that is not one.
+    """
+    if path.is_dir():
+        raise CamelidError(f"{path}: is a directory; the output is a JSONL file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], None
+    except OSError as exc:
+        raise CamelidError(f"{path}: cannot read ({exc.strerror})") from None
+    torn_at = None
+    complete = data[: data.rfind(b"\n") + 1]
+    if torn := data[len(complete):]:
+        if is_record(_loads(torn)):
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            complete = data + b"\n"
+        else:
+            os.truncate(path, len(complete))
+            line = complete.count(b"\n") + 1
+            torn_at = f"{path}:{line}"
+    records = []
+    for line, raw in enumerate(complete.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        if convert is not None:
+            records.append(convert(raw, f"{path}:{line}"))
+            continue
+        value = _loads(raw)
+        if not is_record(value):
+            raise CamelidError(f"{path}:{line}: not {what}; {RESUME_HINT}")
+        records.append(value)
+    return records, torn_at
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None

@@ -1,6 +1,9 @@
-"""Pictures a person would rather look at than read: loss curves (and, later, win rates)."""
+"""Pictures a person would rather look at than read: loss curves, length histograms, and any figure saved as a PNG."""
 
+import io
 from pathlib import Path
+
+from camelid.files import write_atomic
 
 
 def loss_curve(metrics: list[dict], path: str | Path, title: str = "training loss") -> Path:
@@ -31,11 +34,8 @@ def loss_curve(metrics: list[dict], path: str | Path, title: str = "training los
     if train or held_out:
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    path = save_png(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -68,9 +68,15 @@ def length_histogram(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    path = save_png(fig, path)
     plt.close(fig)
-    tmp.replace(path)
+    return path
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure to `path` as a PNG, all at once: a reader never sees half a picture."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path = Path(path)
+    write_atomic(path, buffer.getvalue())
     return path

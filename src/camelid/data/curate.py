@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camelid.data.formats import BadRecord, _json_values, to_messages, write_jsonl
+from camelid.data.formats import BadRecord, json_records, to_messages, write_jsonl
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 
@@ -163,7 +163,7 @@ def curate(
     kept, dropped = [], []
     exact_seen: dict[bytes, str] = {}  # normalised conversation -> where the kept copy is
     kept_where: list[str] = []
-    for where, value in _json_values(Path(src)):
+    for where, value in json_records(Path(src)):
         report.read += 1
         try:
             if isinstance(value, BadRecord):

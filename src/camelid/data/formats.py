@@ -11,10 +11,10 @@ neither can be trained on). A record that cannot be made into one is an error na
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from camelid.errors import CamelidError
 from camelid.files import write_atomic
@@ -33,6 +33,8 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = ("system", "user", "assistant")
 
 SKIP_HINT = "fix the record or pass --skip-bad to drop such records"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,15 +81,65 @@ def read_conversations(path, *, skip_bad: bool = False) -> ReadResult:
 
 def iter_conversations(path, *, skip_bad: bool = False) -> Iterator[Record | Skipped]:
     """The file's records in order, as a `Record` each, or a `Skipped` for a bad one when `skip_bad`."""
-    for where, value in _json_values(Path(path)):
+    return iter_records(path, lambda value, where: Record(to_messages(value, where), where), skip_bad=skip_bad)
+
+
+def iter_records(path, convert: Callable[[Any, str], T], *, skip_bad: bool = False) -> Iterator[T | Skipped]:
+    """`convert(value, "path:line")` for each record of a JSONL or JSON-array file, in order.
+
+    A record that cannot be read, or that `convert` refuses by raising `BadRecord`, raises; with `skip_bad` it
+    comes out as a `Skipped` instead.
+    """
+    for where, value in json_records(path):
         try:
             if isinstance(value, BadRecord):
                 raise value
-            yield Record(to_messages(value, where), where)
+            item = convert(value, where)
         except BadRecord as bad:
             if not skip_bad:
                 raise
-            yield Skipped(bad.where, bad.reason)
+            item = Skipped(bad.where, bad.reason)
+        yield item
+
+
+def json_records(path) -> Iterator[tuple[str, Any]]:
+    """("path:line", parsed object or BadRecord) for each record of a JSONL or JSON-array file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CamelidError(f"{path}: is a directory; pass the .jsonl or .json file inside it")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise CamelidError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CamelidError(f"{path}: cannot read ({exc.strerror})") from None
+    with f:
+        if first_byte(f) == b"[":
+            yield from _array_values(path, f.read())
+        else:
+            yield from _jsonl_values(path, f)
+
+
+def strict_records(path, hint: str) -> Iterator[tuple[str, Any]]:
+    """("path:line", parsed object) for each record of a JSONL or JSON-array file, for readers without
+    --skip-bad: a record that cannot be read raises a one-line error ending with `hint`."""
+    for where, value in json_records(path):
+        if isinstance(value, BadRecord):
+            detail = f" ({value.detail})" if value.detail else ""
+            raise CamelidError(f"{where}: {value.reason}{detail}; {hint}")
+        yield where, value
+
+
+def first_byte(f) -> bytes:
+    """The first byte that is not whitespace (or a UTF-8 byte-order mark); leaves the file at its start."""
+    chunk = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+    while chunk:
+        if stripped := chunk.lstrip(b" \t\r\n"):
+            f.seek(0)
+            return stripped[:1]
+        chunk = f.read(1 << 16)
+    f.seek(0)
+    return b""
 
 
 def to_messages(record: Any, where: str) -> list[dict]:
@@ -210,42 +262,14 @@ def _validated(pairs: list[tuple[str, Any]], where: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system is not None else []) + turns
 
 
-def _json_values(path: Path) -> Iterator[tuple[str, Any]]:
-    """("path:line", parsed object or BadRecord) for each record of a JSONL or JSON-array file."""
-    if path.is_dir():
-        raise CamelidError(f"{path}: is a directory; pass the .jsonl or .json file inside it")
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise CamelidError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise CamelidError(f"{path}: cannot read ({exc.strerror})") from None
-    with f:
-        if _first_byte(f) == b"[":
-            yield from _array_values(path, f.read())
-        else:
-            yield from _jsonl_values(path, f)
-
-
-def _first_byte(f) -> bytes:
-    """The first byte that is not whitespace (or a UTF-8 byte-order mark); leaves the file at its start."""
-    chunk = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
-    while chunk:
-        if stripped := chunk.lstrip(b" \t\r\n"):
-            f.seek(0)
-            return stripped[:1]
-        chunk = f.read(1 << 16)
-    f.seek(0)
-    return b""
-
-
 def _jsonl_values(path: Path, f) -> Iterator[tuple[str, Any]]:
     for line, raw in enumerate(f, 1):
         if not raw.strip():
             continue
         where = f"{path}:{line}"
         try:
-            yield where, json.loads(raw.decode("utf-8-sig" if line == 1 else "utf-8"))
+            # Without its newline, so that a line cut short is reported at its end, not at column 1 of the next.
+            yield where, json.loads(raw.rstrip(b"\r\n").decode("utf-8-sig" if line == 1 else "utf-8"))
         except UnicodeDecodeError:
             yield where, BadRecord(where, "not UTF-8 text")
         except json.JSONDecodeError as exc:

@@ -34,7 +34,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from camelid.data.formats import BadRecord, _json_values, to_messages, write_jsonl
+from camelid.data.formats import BadRecord, json_records, to_messages, write_jsonl
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 
@@ -145,7 +145,7 @@ class _Pool:
 def _read_source(source: MixSource, report: Report, skip_bad: bool, helpful: str, unhelpful: str) -> _Pool:
     units, first = [], None  # first: (where, is_preference) of the first record, which sets the source's kind
     read, dropped = 0, {}
-    for where, value in _json_values(Path(source.path)):
+    for where, value in json_records(Path(source.path)):
         read += 1
         preference = is_preference(value)
         if isinstance(value, dict):  # anything else is no record of either kind, and is reported as bad below

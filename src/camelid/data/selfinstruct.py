@@ -26,12 +26,11 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import random
 import re
 import string
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,10 @@ from rapidfuzz.distance import LCSseq
 from tqdm import tqdm
 
 from camelid.client import ChatClient, Reply, TeacherError
+from camelid.data.formats import strict_records
 from camelid.data.report import Report
 from camelid.errors import CamelidError
+from camelid.files import RESUME_HINT, append_json_line, open_to_append, read_appended
 
 # Tasks a text-only model cannot do (Alpaca's list), matched as whole words in the instruction.
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
@@ -75,7 +76,7 @@ def read_seed_tasks(path: str | Path) -> list[Task]:
     `path:line`.
     """
     path = Path(path)
-    tasks = [_task_from_record(value, where) for where, value in _json_records(path)]
+    tasks = [_task_from_record(value, where) for where, value in strict_records(path, SEED_HINT)]
     if not tasks:
         raise CamelidError(f"{path}: no tasks in the file; {SEED_HINT}")
     return tasks
@@ -99,38 +100,6 @@ def _task_from_record(value: Any, where: str, hint: str = SEED_HINT) -> Task:
         raise CamelidError(f"{where}: empty 'instruction'; {hint}")
     input_ = (input_ or "").strip()
     return Task(instruction.strip(), "" if _means_no_input(input_) else input_, output.strip())
-
-
-def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """("path:line", value) for each record of a JSONL file, or ("path: record N", value) of a JSON array."""
-    if path.is_dir():
-        raise CamelidError(f"{path}: is a directory; pass the .jsonl file inside it")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise CamelidError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise CamelidError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise CamelidError(f"{path}: cannot read ({exc.strerror})") from None
-    if text.lstrip().startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CamelidError(f"{path}:{exc.lineno}: invalid JSON (column {exc.colno}: {exc.msg})") from None
-        yield from ((f"{path}: record {i}", value) for i, value in enumerate(values, 1))
-        return
-    for line, raw in enumerate(text.split("\n"), 1):
-        if raw.strip():
-            yield f"{path}:{line}", _json_line(raw, f"{path}:{line}")
-
-
-def _json_line(raw: str | bytes, where: str) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        detail = f"column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise CamelidError(f"{where}: invalid JSON ({detail})") from None
 
 
 # -- the prompt and the parser ---------------------------------------------------------------------------------
@@ -424,7 +393,7 @@ async def _generate(client: ChatClient, seeds: list[Task], kept: list[Task], out
     bar = tqdm(total=target, initial=min(resumed, target), desc="selfinstruct", unit="task", file=sys.stderr,
                dynamic_ncols=True, disable=not progress)
     try:
-        with _open_to_append(out) as f:
+        with open_to_append(out) as f:
             while len(kept) < target:
                 wanted = _in_flight_wanted(target - len(kept), report.written, replies, per_request, client)
                 for _ in range(wanted - len(pending)):
@@ -490,7 +459,7 @@ def _take(reply: Reply, first: int, f, kept: list[Task], pool: SimilarityPool, r
         if len(kept) >= target:
             report.drop("beyond target")
         elif record := _filtered(task, pool, rouge_threshold, report):
-            _write(f, record)
+            append_json_line(f, record)
             kept.append(task)
             pool.add(task.instruction)
             report.written += 1
@@ -543,55 +512,23 @@ def _account(report: Report, used, *, seeds: int, resumed: int, target: int, in_
 
 # -- the output file -------------------------------------------------------------------------------------------
 
-RESUME_HINT = "not a file this command wrote; choose another output file or fix the line"
-
 
 def _resume(out: Path, report: Report) -> list[Task]:
     """The tasks an earlier run kept in `out`. A last line without its newline (a crash mid-write) is cut off."""
-    if out.is_dir():
-        raise CamelidError(f"{out}: is a directory; the output is a JSONL file")
-    try:
-        data = out.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise CamelidError(f"{out}: cannot read ({exc.strerror})") from None
-    complete = data[: data.rfind(b"\n") + 1]
-    if torn := data[len(complete):]:
-        line = complete.count(b"\n") + 1
-        if _is_record(torn):  # whole, but its newline was never written: keep it
-            with open(out, "ab") as f:
-                f.write(b"\n")
-            complete = data + b"\n"
-        else:
-            os.truncate(out, len(complete))
-            report.facts["torn_line_removed"] = f"{out}:{line}"
-    tasks = []
-    for line, raw in enumerate(complete.split(b"\n"), 1):
-        if raw.strip():
-            where = f"{out}:{line}"
-            tasks.append(_task_from_record(_json_line(raw, where), where, RESUME_HINT))
+    tasks, torn_at = read_appended(out, _is_record, "a task record", convert=_task_from_line)
+    if torn_at:
+        report.facts["torn_line_removed"] = torn_at
     return tasks
 
 
-def _is_record(raw: bytes) -> bool:
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+def _is_record(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("instruction"), str)
 
 
-def _open_to_append(out: Path):
+def _task_from_line(raw: bytes, where: str) -> Task:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return open(out, "a", encoding="utf-8")
-    except OSError as exc:
-        raise CamelidError(f"cannot write {out}: {exc.strerror or exc}") from None
-
-
-def _write(f, record: dict) -> None:
-    """One record as one line, on disk before the next is made: a crash can tear at most the line being written."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        detail = f"column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise CamelidError(f"{where}: invalid JSON ({detail})") from None
+    return _task_from_record(value, where, RESUME_HINT)

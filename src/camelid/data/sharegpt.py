@@ -53,7 +53,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from camelid.data.formats import SHAREGPT_ROLES, BadRecord, _first_byte, _json_values, to_messages
+from camelid.data.formats import SHAREGPT_ROLES, BadRecord, first_byte, json_records, to_messages
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir
@@ -169,11 +169,11 @@ def _read(path: Path, recover: bool, report: Report, progress: bool) -> list[tup
     """The file's complete records as (where, value or BadRecord); a file cut off raises unless `recover`."""
     values = []
     with tqdm(desc="reading", unit=" records", disable=not progress, file=sys.stderr) as bar:
-        for where, value in _json_values(path):
+        for where, value in json_records(path):
             values.append((where, value))
             bar.update()
     with open(path, "rb") as f:
-        is_array = _first_byte(f) == b"["
+        is_array = first_byte(f) == b"["
         f.seek(max(0, path.stat().st_size - 1))
         ends_with_newline = f.read(1) == b"\n"
     last = values[-1][1] if values else None

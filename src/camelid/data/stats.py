@@ -12,7 +12,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from camelid.data.formats import BadRecord, _json_values, to_messages
+from camelid.data.formats import Skipped, iter_records, to_messages
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 
@@ -53,17 +53,12 @@ def dataset_stats(
     sources: Counter = Counter()
     conditions: Counter = Counter()
     first_turns = []
-    for where, value in _json_values(src):
+    for item in iter_records(src, lambda value, where: (where, value, to_messages(value, where)), skip_bad=skip_bad):
         report.read += 1
-        try:
-            if isinstance(value, BadRecord):
-                raise value
-            messages = to_messages(value, where)
-        except BadRecord as bad:
-            if not skip_bad:
-                raise
-            report.drop(bad.reason)
+        if isinstance(item, Skipped):
+            report.drop(item.reason)
             continue
+        where, value, messages = item
         for m in messages:
             messages_by_role[m["role"]] += 1
             chars[m["role"]].append(len(m["content"]))

@@ -25,7 +25,6 @@ the question file, as FastChat sorts its answer files.
 import asyncio
 import hashlib
 import json
-import os
 import sys
 import time
 import uuid
@@ -37,11 +36,10 @@ from typing import Any
 from tqdm import tqdm
 
 from camelid.client import ChatClient
-from camelid.data.formats import BadRecord, _json_values
+from camelid.data.formats import strict_records
 from camelid.data.report import Report
-from camelid.data.selfinstruct import _open_to_append, _write
 from camelid.errors import CamelidError
-from camelid.files import write_atomic
+from camelid.files import append_json_line, open_to_append, read_appended, write_atomic
 
 # FastChat's MT-bench temperatures by category (fastchat/llm_judge/common.py); other categories get DEFAULT.
 CATEGORY_TEMPERATURES = {
@@ -62,7 +60,6 @@ BATCH_SIZE = 8
 
 QUESTIONS_HINT = "expected FastChat's question JSONL: question_id, category, turns (a list of strings)"
 ANSWERS_HINT = "expected FastChat's answer JSONL: question_id, model_id, choices [{index, turns}]"
-RESUME_HINT = "not a file this command wrote; choose another output file or fix the line"
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ def read_questions(path: str | Path) -> list[Question]:
     """The questions of a FastChat question file, in file order; a bad record raises, naming `path:line`."""
     path = Path(path)
     questions, seen = [], {}
-    for where, value in _records(path, QUESTIONS_HINT):
+    for where, value in strict_records(path, QUESTIONS_HINT):
         question = _question(value, where)
         if question.question_id in seen:
             raise CamelidError(f"{where}: question_id {question.question_id!r} again (first at "
@@ -130,7 +127,7 @@ def read_answers(paths: str | Path | Iterable[str | Path]) -> dict[str, dict[int
     answers: dict[str, dict[int | str, list[str]]] = {}
     where_of: dict[tuple[str, int | str], str] = {}
     for path in files:
-        for where, value in _records(path, ANSWERS_HINT):
+        for where, value in strict_records(path, ANSWERS_HINT):
             model, qid, turns = _answer(value, where)
             if (model, qid) in where_of:
                 raise CamelidError(f"{where}: a second answer of {model} to question {qid!r} (the first at "
@@ -157,58 +154,7 @@ def _answer(value: Any, where: str) -> tuple[str, int | str, list[str]]:
     return model, qid, turns
 
 
-def _records(path: Path, hint: str):
-    """("path:line", value) for each record of a JSONL file (or JSON array), a broken line raising with `hint`."""
-    for where, value in _json_values(path):
-        if isinstance(value, BadRecord):
-            detail = f" ({value.detail})" if value.detail else ""
-            raise CamelidError(f"{where}: {value.reason}{detail}; {hint}")
-        yield where, value
-
-
 # -- append-only output that resumes ---------------------------------------------------------------------------
-
-
-def read_appended(out: Path, is_record: Callable[[Any], bool], what: str) -> tuple[list[dict], str | None]:
-    """The records an earlier run appended to `out` ([] when there is no file), and where a torn line was cut.
-
-    A last line without its newline (a crash mid-write) is cut off, unless it is a whole record, which then
-    gets its newline. Any other line that is not a record raises: the file is not one this command wrote.
-    """
-    if out.is_dir():
-        raise CamelidError(f"{out}: is a directory; the output is a JSONL file")
-    try:
-        data = out.read_bytes()
-    except FileNotFoundError:
-        return [], None
-    except OSError as exc:
-        raise CamelidError(f"{out}: cannot read ({exc.strerror})") from None
-    torn_at = None
-    complete = data[: data.rfind(b"\n") + 1]
-    if torn := data[len(complete):]:
-        if is_record(_loads(torn)):
-            with open(out, "ab") as f:
-                f.write(b"\n")
-            complete = data + b"\n"
-        else:
-            os.truncate(out, len(complete))
-            line = complete.count(b"\n") + 1
-            torn_at = f"{out}:{line}"
-    records = []
-    for line, raw in enumerate(complete.split(b"\n"), 1):
-        if raw.strip():
-            value = _loads(raw)
-            if not is_record(value):
-                raise CamelidError(f"{out}:{line}: not {what}; {RESUME_HINT}")
-            records.append(value)
-    return records, torn_at
-
-
-def _loads(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def rewrite_sorted(out: Path, records: list[dict], key: Callable[[dict], Any]) -> None:
@@ -291,9 +237,9 @@ def generate_answers(questions: str | Path | Sequence[Question], out: str | Path
                file=sys.stderr, dynamic_ncols=True, disable=not progress)
     stopped = None
     try:
-        with _open_to_append(out) as f:
+        with open_to_append(out) as f:
             def write(question: Question, turns: list[str]) -> None:
-                _write(f, {"question_id": question.question_id, "answer_id": uuid.uuid4().hex,
+                append_json_line(f, {"question_id": question.question_id, "answer_id": uuid.uuid4().hex,
                            "model_id": model_id, "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()})
                 report.written += 1
                 bar.update(1)

@@ -50,10 +50,9 @@ from tqdm import tqdm
 
 from camelid.client import ChatClient, TeacherError
 from camelid.data.report import Report
-from camelid.data.selfinstruct import _open_to_append, _write
 from camelid.errors import CamelidError
-from camelid.eval.answers import Question, read_answers, read_appended, read_questions, rewrite_sorted
-from camelid.files import write_atomic
+from camelid.eval.answers import Question, read_answers, read_questions, rewrite_sorted
+from camelid.files import append_json_line, open_to_append, read_appended, write_atomic
 
 MODES = ("single", "pairwise-baseline", "pairwise-all")
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # FastChat's categories that need a reference
@@ -278,7 +277,7 @@ class _Cache:
     def put(self, f, entry: dict) -> None:
         self.entries[entry["key"]] = entry
         if f is not None:
-            _write(f, entry)
+            append_json_line(f, entry)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -353,7 +352,7 @@ def judge(questions: str | Path | list[Question], answers, out: str | Path, *, c
         judge_cache = _Cache(cache_path)
         params = {"temperature": 0.0, "max_tokens": max_tokens}
         run = _Run(client, judge_cache, params, by_model, reference_categories, reminder, counts)
-        with _open_to_append(out) as f, (_open_to_append(cache_path) if cache_path else nullcontext()) as cache_file:
+        with open_to_append(out) as f, (open_to_append(cache_path) if cache_path else nullcontext()) as cache_file:
             run.cache_file = cache_file
             asyncio.run(run.all(todo, f, bar, report, on_error))
     except BaseException as exc:
@@ -450,7 +449,7 @@ class _Run:
                         raise
                     self.counts["failed_judgments"] += 1
                     continue
-                _write(f, record)
+                append_json_line(f, record)
                 report.written += 1
                 bar.update(1)
         finally:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from camelid.chat import chat_template_for
 from camelid.checkpoint import LoadedModel
-from camelid.data.formats import BadRecord, Skipped, _json_values, to_messages
+from camelid.data.formats import BadRecord, Skipped, iter_records, to_messages
 from camelid.errors import CamelidError
 from camelid.model import IGNORE, Llama
 from camelid.train.examples import make_example
@@ -310,25 +310,21 @@ def read_texts(path, *, skip_bad: bool = False) -> tuple[list[str | list[dict]],
         return [text], []
     texts: list[str | list[dict]] = []
     skipped: list[Skipped] = []
-    for where, value in _json_values(path):
-        try:
-            if isinstance(value, BadRecord):
-                raise value
-            if isinstance(value, dict) and "text" in value:
-                if not isinstance(value["text"], str):
-                    raise BadRecord(where, "'text' is not a string")
-                if not value["text"].strip():
-                    raise BadRecord(where, "empty text")
-                texts.append(value["text"])
-            else:
-                texts.append(to_messages(value, where))
-        except BadRecord as bad:
-            if not skip_bad:
-                raise
-            skipped.append(Skipped(bad.where, bad.reason))
+    for item in iter_records(path, _text_or_messages, skip_bad=skip_bad):
+        (skipped if isinstance(item, Skipped) else texts).append(item)
     if not texts:
         raise CamelidError(f"{path}: no text or conversation to score")
     return texts, skipped
+
+
+def _text_or_messages(value, where: str) -> str | list[dict]:
+    if isinstance(value, dict) and "text" in value:
+        if not isinstance(value["text"], str):
+            raise BadRecord(where, "'text' is not a string")
+        if not value["text"].strip():
+            raise BadRecord(where, "empty text")
+        return value["text"]
+    return to_messages(value, where)
 
 
 # -- multiple choice ---------------------------------------------------------------------------------------------
@@ -416,15 +412,8 @@ def check_question(record, where: str) -> Question:
 def read_questions(path, *, skip_bad: bool = False) -> tuple[list[Question], list[Skipped]]:
     """The multiple-choice questions of a JSONL (or JSON array) file, and the records skipped (with `skip_bad`)."""
     questions, skipped = [], []
-    for where, value in _json_values(Path(path)):
-        try:
-            if isinstance(value, BadRecord):
-                raise value
-            questions.append(check_question(value, where))
-        except BadRecord as bad:
-            if not skip_bad:
-                raise
-            skipped.append(Skipped(bad.where, bad.reason))
+    for item in iter_records(path, check_question, skip_bad=skip_bad):
+        (skipped if isinstance(item, Skipped) else questions).append(item)
     if not questions:
         raise CamelidError(f"{path}: no questions")
     return questions, skipped

@@ -20,7 +20,6 @@ mean rating is `center`; with one, the anchor model is put at `center` and every
 model's difference to the anchor (the anchor's own is then zero wide).
 """
 
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -30,9 +29,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from camelid.data.formats import BadRecord, Skipped, _json_values  # the same JSONL / JSON-array reading
+from camelid.data.formats import BadRecord, Skipped, iter_records  # the same JSONL / JSON-array reading
 from camelid.errors import CamelidError
-from camelid.files import write_atomic
+from camelid.plots import save_png
 
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 SCORE_A = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}  # model_a's share of the win
@@ -102,15 +101,8 @@ def read_battles(paths: str | Path | Iterable[str | Path], *, skip_bad: bool = F
     """
     battles, skipped = [], []
     for path in [paths] if isinstance(paths, str | Path) else paths:
-        for where, value in _json_values(Path(path)):
-            try:
-                if isinstance(value, BadRecord):
-                    raise value
-                battles.append(_battle(value, where))
-            except BadRecord as bad:
-                if not skip_bad:
-                    raise
-                skipped.append(Skipped(bad.where, bad.reason))
+        for item in iter_records(path, _battle, skip_bad=skip_bad):
+            (skipped if isinstance(item, Skipped) else battles).append(item)
     return battles, skipped
 
 
@@ -484,7 +476,7 @@ def ratings_plot(ratings: Ratings, path: str | Path, title: str | None = None) -
     ax.set_title(title or f"{_method_name(ratings)} ratings{anchor}")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def win_rate_plot(ratings: Ratings, path: str | Path, *, battles: Iterable[Battle | Mapping] | None = None,
@@ -519,12 +511,4 @@ def win_rate_plot(ratings: Ratings, path: str | Path, *, battles: Iterable[Battl
     axes[0].set_ylabel("model")
     fig.colorbar(image, ax=list(axes), label="P(model beats opponent)", shrink=0.8)
     fig.suptitle(title or f"win rates, {_method_name(ratings)}")
-    return _save_png(fig, path)
-
-
-def _save_png(fig, path: str | Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    path = Path(path)
-    write_atomic(path, buffer.getvalue())
-    return path
+    return save_png(fig, path)

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from camelid.data.formats import strict_records
 from camelid.errors import CamelidError
-from camelid.eval.answers import _records, read_questions
+from camelid.eval.answers import read_questions
 from camelid.eval.judge import PAIR_WINNERS, pair_outcome
-from camelid.eval.ratings import _save_png
 from camelid.files import write_atomic
+from camelid.plots import save_png
 
 JUDGMENTS_HINT = "expected judgments of `camelid eval judge` (FastChat's single or pairwise judgment JSONL)"
 EMPTY = "–"  # a cell without data
@@ -45,7 +46,7 @@ class EvalReport:
 def read_judgments(paths: str | Path | Iterable[str | Path]) -> list[dict]:
     """The judgment records of one or more files, each checked to be a single or a pairwise judgment."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    records = [_judgment(value, where) for path in paths for where, value in _records(Path(path), JUDGMENTS_HINT)]
+    records = [_judgment(value, where) for path in paths for where, value in strict_records(path, JUDGMENTS_HINT)]
     if not records:
         raise CamelidError(f"no judgments in {', '.join(map(str, paths))}; {JUDGMENTS_HINT}")
     return records
@@ -222,7 +223,7 @@ def scores_plot(summary: dict[str, dict], path: str | Path, title: str = "mean s
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def outcomes_plot(summary: dict[str, dict], path: str | Path, title: str = "pairwise outcomes") -> Path:
@@ -247,7 +248,7 @@ def outcomes_plot(summary: dict[str, dict], path: str | Path, title: str = "pair
     ax.set_xlabel("share of battles (counts on the bars)")
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 # -- the report ------------------------------------------------------------------------------------------------
