@@ -96,6 +96,7 @@ def test_401_raises_at_once_naming_the_fix():
     assert len(fake.requests) == 1
     assert str(caught.value) == (f"{fake.base_url}/chat/completions: HTTP 401 (Incorrect API key provided); "
                                  "check --api-key (or the OPENAI_API_KEY environment variable)")
+    assert caught.value.retryable is False  # asking again cannot help: a run stops here even with --on-error skip
     assert (client.usage.requests, client.usage.retries, client.usage.failures) == (1, 0, 1)
 
 
@@ -105,9 +106,26 @@ def test_other_client_errors_are_not_retried(status, fix):
     with FakeTeacher(in_order(error(status, "no such\nthing"), completion("never"))) as fake:
         with pytest.raises(TeacherError) as caught:
             ask(ChatClient(fake.base_url, "m", **FAST))
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 1 and caught.value.retryable is False
     message = str(caught.value)
     assert f"HTTP {status} (no such thing)" in message and fix in message and "\n" not in message
+
+
+@pytest.mark.parametrize("location, target, fix", [
+    ("https://api.example.com/v1/chat/completions", "https://api.example.com/v1/chat/completions",
+     "use https://api.example.com/v1 as the endpoint URL"),
+    ("/openai/v1/chat/completions", "{host}/openai/v1/chat/completions", "use {host}/openai/v1 as the endpoint URL"),
+    ("https://example.com/login", "https://example.com/login",
+     "use that URL's base (the part before /chat/completions) as the endpoint URL"),
+])
+def test_a_redirect_names_where_to_and_is_not_followed(location, target, fix):
+    with FakeTeacher(in_order(Response(307, b"", {"Location": location}), completion("never"))) as fake:
+        with pytest.raises(TeacherError) as caught:
+            ask(ChatClient(fake.base_url, "m", **FAST))
+    host = fake.base_url.removesuffix("/v1")
+    assert len(fake.requests) == 1 and caught.value.retryable is False
+    assert str(caught.value) == (f"{fake.base_url}/chat/completions: HTTP 307, redirected to "
+                                 f"{target.format(host=host)}; {fix.format(host=host)}")
 
 
 def test_exhausted_retries_raise_with_the_last_problem():
@@ -120,6 +138,19 @@ def test_exhausted_retries_raise_with_the_last_problem():
                                  "lower --concurrency, or wait and run again")
     assert (client.usage.requests, client.usage.retries, client.usage.failures) == (1, 2, 1)
     assert isinstance(caught.value, CamelidError)  # the CLI prints it as one line
+    assert caught.value.retryable is True  # it may pass: a run with --on-error skip goes on
+
+
+def test_a_body_that_will_not_decode_is_retried_then_reported():
+    not_gzip = Response(200, b"this is not gzip", {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    with FakeTeacher(in_order(not_gzip, completion("ok"))) as fake:
+        [reply] = ask(ChatClient(fake.base_url, "m", **FAST))
+    assert reply.text == "ok" and len(fake.requests) == 2
+    with FakeTeacher(in_order(not_gzip)) as fake, pytest.raises(TeacherError) as caught:
+        ask(ChatClient(fake.base_url, "m", retries=1, **FAST))
+    message = str(caught.value)
+    assert message.startswith(f"{fake.base_url}/chat/completions: request failed (DecodingError: ")
+    assert message.endswith("after 2 tries; check the server and the URL") and caught.value.retryable is True
 
 
 def test_a_timeout_is_retried_then_reported():

@@ -3,6 +3,7 @@ report, the dropped side file, pattern files, and near duplicates found among ha
 distinct answers on the same topic are kept."""
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,52 @@ def test_bad_records_are_errors_naming_the_line_or_counted_with_skip_bad(tmp_pat
     report = curate(src, tmp_path / "out.jsonl", skip_bad=True, write_dropped=True)
     assert report.written == 1 and dict(report.dropped) == {"invalid JSON": 1, "no user turn": 1}
     assert [d["rule"] for d in read_out(dropped_path(tmp_path / "out.jsonl"))] == ["invalid JSON", "no user turn"]
+
+
+def test_null_or_missing_answers_are_empty_responses_not_bad_records(tmp_path):
+    records = [
+        {"instruction": "Tell me a joke.", "input": "", "output": None},  # the commonest failed generation
+        {"instruction": "Tell me a riddle."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},
+        {"prompt": "Name a river.", "response": None, "source": "laion/unified_chip2"},
+        {"prompt": "Name a lake.", "response": "Lake Baikal, in Siberia.", "source": "laion/unified_chip2"},
+    ]
+    src = write_records(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    report = curate(src, out, write_dropped=True)  # without skip_bad: none of these is an error
+    assert (report.written, dict(report.dropped)) == (1, {"empty response": 5})
+    assert [(d["rule"], d["record"]) for d in read_out(dropped_path(out))] == [
+        ("empty response", r) for r in records[:5]
+    ]
+    # A GPT4All row keeps its `source` beside the messages, and leaves its prompt and response behind.
+    assert read_out(out) == [{"messages": [{"role": "user", "content": "Name a lake."},
+                                           {"role": "assistant", "content": "Lake Baikal, in Siberia."}],
+                              "source": "laion/unified_chip2"}]
+    # An answer that is there but is not text is still a bad record.
+    src = write_records(tmp_path / "bad.jsonl", [{"instruction": "Count.", "output": 5}])
+    with pytest.raises(BadRecord, match=f"{src}:1: message content is not a string"):
+        curate(src, out)
+
+
+def test_dropped_records_are_held_only_to_be_written(tmp_path):
+    # 200 refusals of 11 KB each, 2 MB in all: held for the side file, which they must not be without it.
+    answer = "As an AI language model, I cannot help. " + "Lorem ipsum dolor sit amet. " * 400
+    src = write_records(tmp_path / "in.jsonl", [chat(f"Question {i}?", f"{i} {answer}") for i in range(200)])
+    size = src.stat().st_size
+
+    def peak_memory(**kwargs) -> int:
+        tracemalloc.start()
+        try:  # no failure patterns: scanning every answer for them only makes the test slow
+            report = curate(src, tmp_path / "out.jsonl", near_duplicate_threshold=None, failure_patterns=[], **kwargs)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert report.dropped == {"refusal": 200}
+        return peak
+
+    assert peak_memory(write_dropped=True) > size  # the measure sees the records when they are held
+    assert peak_memory() < size / 4
 
 
 def test_pattern_files_extend_or_replace_the_defaults(tmp_path):

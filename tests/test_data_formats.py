@@ -1,4 +1,4 @@
-"""Reading chat datasets: the three formats in JSONL and JSON arrays, every bad record named by its line,
+"""Reading chat datasets: the four formats in JSONL and JSON arrays, every bad record named by its line,
 skipping by reason, and the real ShareGPT file (cut off at its end) read whole."""
 
 import json
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from camelid.data.formats import (
-    SKIP_HINT, ReadResult, iter_conversations, read_conversations, to_messages, write_jsonl,
+    CUT_INSIDE_ARRAY, CUT_INSIDE_RECORD, MISSING_CONTENT, SKIP_HINT, BadRecord, ReadResult, iter_conversations,
+    read_conversations, to_messages, write_jsonl,
 )
 from camelid.errors import CamelidError
 
@@ -24,10 +25,17 @@ OPENAI = {
         {"role": "assistant", "content": "4"},
     ]
 }
+# As in nomic-ai/gpt4all_prompt_generations: the prompt, the teacher's response, where the prompt came from.
+GPT4ALL = {
+    "prompt": "Generate a title for an article about morning walks.",
+    "response": "Step Into the Day: How a Morning Walk Sets You Up for Success",
+    "source": "laion/unified_chip2",
+}
 EXPECTED = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
     OPENAI["messages"],
+    [{"role": "user", "content": GPT4ALL["prompt"]}, {"role": "assistant", "content": GPT4ALL["response"]}],
 ]
 
 
@@ -51,16 +59,18 @@ def one_line_error(excinfo) -> str:
 
 def test_jsonl_with_every_format_and_blank_lines(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text(f"{json.dumps(ALPACA)}\n\n  \n{json.dumps(SHAREGPT)}\n{json.dumps(OPENAI)}\n\n")
+    path.write_text(
+        f"{json.dumps(ALPACA)}\n\n  \n{json.dumps(SHAREGPT)}\n{json.dumps(OPENAI)}\n\n{json.dumps(GPT4ALL)}\n"
+    )
     result = read_conversations(path)
     assert [r.messages for r in result.records] == EXPECTED
-    assert [r.where for r in result.records] == [f"{path}:1", f"{path}:4", f"{path}:5"]
+    assert [r.where for r in result.records] == [f"{path}:1", f"{path}:4", f"{path}:5", f"{path}:7"]
     assert result.skipped == []
 
 
 def test_json_array_with_every_format(tmp_path):
     path = tmp_path / "mixed.json"
-    starts = write_array(path, [ALPACA, SHAREGPT, OPENAI])
+    starts = write_array(path, [ALPACA, SHAREGPT, OPENAI, GPT4ALL])
     result = read_conversations(path)
     assert [r.messages for r in result.records] == EXPECTED
     assert [r.where for r in result.records] == [f"{path}:{n}" for n in starts]
@@ -82,6 +92,15 @@ def test_json_array_with_every_format(tmp_path):
 )
 def test_alpaca(record, expected):
     assert to_messages(record, "x:1") == [{"role": r, "content": c} for r, c in expected]
+
+
+def test_gpt4all_prompt_and_response():
+    assert to_messages({"prompt": "Hi", "response": "Hello"}, "x:1") == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    ]
+    # Told by `response`: a preference pair has a `prompt` too, and is no GPT4All row.
+    with pytest.raises(BadRecord, match=r"^x:1: unknown format \(expected .*, or 'prompt' and 'response'\)"):
+        to_messages({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away."}, "x:1")
 
 
 def test_sharegpt_roles():
@@ -132,7 +151,11 @@ BAD = [
     (sharegpt(("human", "a"), ("gpt", "b"), ("gpt", "c")), "turns do not alternate user/assistant"),
     (sharegpt(("human", "a")), "no assistant turn"),
     (openai(("system", "s"), ("assistant", "a")), "no user turn"),
-    (openai(("user", "a"), ("assistant", None)), "message content is not a string"),
+    (openai(("user", "a"), ("assistant", None)), MISSING_CONTENT),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]}, MISSING_CONTENT),
+    ({"instruction": "a", "output": None}, MISSING_CONTENT),
+    ({"prompt": "a", "response": None}, MISSING_CONTENT),
+    (openai(("system", None), ("user", "a"), ("assistant", "b")), "message content is not a string"),
     ({"instruction": "a", "output": 5}, "message content is not a string"),
     ({"instruction": "a", "input": ["x"], "output": "b"}, "message content is not a string"),
     (sharegpt(("human", " \n"), ("gpt", "b")), "empty message content"),
@@ -141,6 +164,7 @@ BAD = [
     (openai(("user", [{"type": "image_url", "image_url": {"url": "x"}}]), ("assistant", "b")),
      "content part is not text"),
     ({"instruction": "a"}, "missing 'output'"),
+    ({"response": "b", "source": "x"}, "missing 'prompt'"),
     ({"conversations": "human: hi"}, "'conversations' is not a list"),
     ({"messages": ["hi", "there"]}, "message is not an object"),
 ]
@@ -204,10 +228,10 @@ def test_array_cut_off_inside_a_record(tmp_path, cut_at):
     path.write_text(text[: text.index(cut_at) + len(cut_at)])
     with pytest.raises(CamelidError) as excinfo:
         read_conversations(path)
-    assert one_line_error(excinfo).startswith(f"{path}:{starts[2]}: file ends inside a record; ")
+    assert one_line_error(excinfo).startswith(f"{path}:{starts[2]}: {CUT_INSIDE_RECORD}; ")
     result = read_conversations(path, skip_bad=True)
     assert [r.messages for r in result.records] == [EXPECTED[0], EXPECTED[2]]
-    assert result.skipped == [(f"{path}:{starts[2]}", "file ends inside a record")]
+    assert result.skipped == [(f"{path}:{starts[2]}", CUT_INSIDE_RECORD)]
 
 
 def test_array_without_its_closing_bracket(tmp_path):
@@ -216,7 +240,7 @@ def test_array_without_its_closing_bracket(tmp_path):
     path.write_text(text[: text.rindex("}") + 1] + ",\n")
     result = read_conversations(path, skip_bad=True)
     assert len(result.records) == 2
-    assert result.skipped == [(f"{path}:{text.count(chr(10)) + 1}", "file ends inside the array")]
+    assert result.skipped == [(f"{path}:{text.count(chr(10)) + 1}", CUT_INSIDE_ARRAY)]
 
 
 def test_skip_bad_counts_by_reason(tmp_path):
@@ -274,7 +298,7 @@ def test_write_jsonl_reads_back(tmp_path):
         {"role": "user", "content": "Ünïcode ✓\nand a newline"}, {"role": "assistant", "content": "ok"}]}]
     write_jsonl(path, records)
     assert [r.messages for r in read_conversations(path).records] == [r["messages"] for r in records]
-    assert len(path.read_text(encoding="utf-8").splitlines()) == 4
+    assert len(path.read_text(encoding="utf-8").splitlines()) == len(records)
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
@@ -295,8 +319,8 @@ def test_real_sharegpt_file():
     for where in [r.where for r in result.records] + [where for where, _ in result.skipped]:
         assert where.startswith(f"{path}:") and lines[int(where.rsplit(":", 1)[1]) - 1] == "  {"
     counts = result.skipped_by_reason()
-    assert counts["file ends inside a record"] == 1
-    assert result.skipped[-1].reason == "file ends inside a record"
+    assert counts[CUT_INSIDE_RECORD] == 1
+    assert result.skipped[-1].reason == CUT_INSIDE_RECORD
     assert int(result.skipped[-1].where.rsplit(":", 1)[1]) > int(result.records[-1].where.rsplit(":", 1)[1])
     first_bad = result.skipped[0]
     message = one_line_error(excinfo)

@@ -239,6 +239,80 @@ def test_prompt_as_messages_custom_markers_and_pairs_that_cannot_be_used():
         condition_preference({"prompt": "q", "chosen": "a", "rejected": " "}, "f:1")
 
 
+def hh(*turns: str) -> str:
+    """An HH-RLHF transcript: Human and Assistant turns alternating, each after a blank line."""
+    return "".join(f"\n\n{('Human', 'Assistant')[i % 2]}: {turn}" for i, turn in enumerate(turns))
+
+
+# Written by hand in the shape of Anthropic/hh-rlhf rows: whole transcripts, no prompt, only the last answer differs.
+HH_ROWS = [
+    {"chosen": hh("What's a good way to keep cut flowers fresh longer?",
+                  "Trim the stems at an angle every couple of days, change the water often, and keep the vase out "
+                  "of direct sun and away from ripening fruit."),
+     "rejected": hh("What's a good way to keep cut flowers fresh longer?", "Just buy new ones.")},
+    {"chosen": hh("Can you help me write a birthday message for my grandma?",
+                  "Of course! How old is she turning, and is there anything she loves that I could mention?",
+                  "She's turning 90 and she loves gardening.",
+                  "Happy 90th birthday, Grandma!\n\nMay your year be as full of blooms as your garden."),
+     "rejected": hh("Can you help me write a birthday message for my grandma?",
+                    "Of course! How old is she turning, and is there anything she loves that I could mention?",
+                    "She's turning 90 and she loves gardening.",
+                    "Happy birthday. You are 90 now.")},
+    {"chosen": hh("How do I get into my house? I locked myself out.", "Is there a window or back door open?",
+                  "No, everything is locked.",
+                  "Then the safest option is to call a licensed locksmith, or your landlord if you rent."),
+     "rejected": hh("How do I get into my house? I locked myself out.", "Is there a window or back door open?",
+                    "No, everything is locked.", "Break a window.")},
+]
+
+
+def test_hh_rlhf_transcripts_are_read_as_conversations_sharing_all_but_the_last_answer(tmp_path):
+    prefs = tmp_path / "hh.jsonl"
+    prefs.write_text("".join(json.dumps(row) + "\n" for row in HH_ROWS))
+    report = mix_datasets([MixSource(prefs, "hh", weight=1)], tmp_path / "out.jsonl")
+    assert report.facts["source hh"]["pairs"] == 3 and report.written == 6
+    by_answer = {r["messages"][-1]["content"]: r for r in read_out(tmp_path / "out.jsonl")}
+    grandma = [
+        {"role": "user", "content": "Can you help me write a birthday message for my grandma?"},
+        {"role": "assistant",
+         "content": "Of course! How old is she turning, and is there anything she loves that I could mention?"},
+        {"role": "user", "content": "She's turning 90 and she loves gardening."},
+    ]
+    good = by_answer["Happy 90th birthday, Grandma!\n\nMay your year be as full of blooms as your garden."]
+    bad = by_answer["Happy birthday. You are 90 now."]
+    assert good["messages"][:-1] == [{"role": "system", "content": HELPFUL}] + grandma
+    assert bad["messages"][:-1] == [{"role": "system", "content": UNHELPFUL}] + grandma
+    assert (good["condition"], bad["condition"]) == ("helpful", "unhelpful")
+    assert by_answer["Just buy new ones."]["messages"][1] == {
+        "role": "user", "content": "What's a good way to keep cut flowers fresh longer?"}
+    # Copies that lost the leading blank line read the same.
+    stripped = {key: text.lstrip("\n") for key, text in HH_ROWS[1].items()}
+    assert condition_preference(stripped, "f:1") == condition_preference(HH_ROWS[1], "f:1")
+
+
+def test_a_string_that_is_no_hh_transcript_is_a_clear_error(tmp_path):
+    row = {"chosen": HH_ROWS[0]["chosen"], "rejected": "Just buy new ones."}  # the answer alone, no turns
+    with pytest.raises(BadRecord) as excinfo:
+        condition_preference(row, "f:3")
+    message = str(excinfo.value)
+    assert message.startswith("f:3: preference record without 'prompt' ('rejected' is a string but not a "
+                              "transcript of 'Human:' and 'Assistant:' turns as in HH-RLHF;")
+    assert "\n" not in message
+    with pytest.raises(BadRecord, match="f:1: preference record without 'prompt'.*'chosen'"):
+        condition_preference({"chosen": "Sure!" + hh("Hi", "Hello"), "rejected": hh("Hi", "Go away.")}, "f:1")
+    with pytest.raises(BadRecord, match="do not share the prompt"):
+        condition_preference({"chosen": hh("Hi", "Hello"), "rejected": hh("Hey", "Go away.")}, "f:1")
+    with pytest.raises(BadRecord, match=r"empty message content \(in 'rejected'"):
+        condition_preference({"chosen": hh("Hi", "Hello"), "rejected": hh("Hi", "")}, "f:1")
+    # In a file, a bad row names its line, or is counted with --skip-bad.
+    prefs = tmp_path / "hh.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in [HH_ROWS[0], row, HH_ROWS[1]]))
+    with pytest.raises(BadRecord, match=f"^{prefs}:2: preference record without 'prompt'"):
+        mix_datasets([MixSource(prefs, "hh", weight=1)], tmp_path / "out.jsonl")
+    report = mix_datasets([MixSource(prefs, "hh", weight=1)], tmp_path / "out.jsonl", skip_bad=True)
+    assert report.written == 4 and dict(report.dropped) == {"preference record without 'prompt'": 1}
+
+
 def test_a_preference_share_counts_examples_and_takes_pairs_whole(tmp_path):
     prefs = write_pairs(tmp_path / "p.jsonl", 4)
     (tmp_path / "p.jsonl").write_text((tmp_path / "p.jsonl").read_text()

@@ -467,6 +467,87 @@ def test_a_file_already_at_target_asks_nothing(tmp_path):
     assert (report.written, report.facts["resumed"], report.facts["requests"]) == (0, 3, 0)
 
 
+def test_totals_carry_over_every_run_that_wrote_the_file(tmp_path):
+    out = tmp_path / "out.jsonl"
+    saved = out.with_name("out.jsonl.report.json")
+    first = in_order(completion(reply(GOOD[0], NEAR_SEED)), completion(reply(GOOD[1])), error(500, "boom"))
+    with FakeTeacher(first) as fake, pytest.raises(TeacherError):
+        run(fake, out, target=6)
+    one = json.loads(saved.read_text())
+    assert (one["runs"], one["requests"], one["total_requests"], one["failed_requests"]) == (1, 3, 3, 1)
+    assert one["total_cost_usd"] == one["cost_usd"] > 0 and one["total_dropped"] == {"near-duplicate (ROUGE-L)": 1}
+
+    with FakeTeacher(in_order(completion(reply(GOOD[2], BREAKING[0], GOOD[3], GOOD[4], GOOD[5])))) as fake:
+        report, _ = run(fake, out, target=6)
+    two = report.facts
+    assert (two["runs"], two["requests"], two["total_requests"], two["total_failed_requests"]) == (2, 1, 4, 1)
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert two[f"total_{key}"] == one[key] + two[key]
+    assert two["total_cost_usd"] == pytest.approx(one["cost_usd"] + two["cost_usd"], abs=2e-6)
+    assert two["total_cost_usd"] == round((two["total_prompt_tokens"] + 3 * two["total_completion_tokens"]) / 1e6, 6)
+    assert two["total_dropped"] == {"near-duplicate (ROUGE-L)": 1, "instruction under 3 words": 1}
+    assert two["earlier_stops"] == {"run 1": one["stopped"]} and "HTTP 500 (boom)" in one["stopped"]
+    assert "stopped" not in two and json.loads(saved.read_text())["total_requests"] == 4
+
+    with FakeTeacher(in_order(completion("never asked"))) as fake:
+        report, _ = run(fake, out, target=6)
+    three = report.facts
+    assert (three["runs"], three["requests"], three["total_requests"]) == (3, 0, 4)
+    assert three["total_cost_usd"] == two["total_cost_usd"] and three["earlier_stops"] == {"run 1": one["stopped"]}
+
+    out.unlink()  # starting over: a report without its data file is not carried on
+    with FakeTeacher(in_order(completion(reply(GOOD[0])))) as fake:
+        report, _ = run(fake, out, target=1)
+    assert (report.facts["runs"], report.facts["total_requests"]) == (1, 1) and "earlier_stops" not in report.facts
+
+
+def test_an_unreadable_earlier_report_is_noted_and_the_totals_start_again(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with FakeTeacher(in_order(completion(reply(GOOD[0])))) as fake:
+        run(fake, out, target=1)
+    saved = out.with_name("out.jsonl.report.json")
+    saved.write_text("{not json")
+    with FakeTeacher(in_order(completion(reply(GOOD[1])))) as fake:
+        report, _ = run(fake, out, target=2)
+    assert (report.facts["runs"], report.facts["total_requests"]) == (1, 1)
+    assert report.facts["earlier_report_unreadable"] == f"{saved}; the totals count from this run"
+
+
+def test_a_users_file_without_its_final_newline_is_refused_and_left_whole(tmp_path):
+    out = tmp_path / "train.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    data = (json.dumps(chat) + "\n" + json.dumps(chat)).encode()
+    out.write_bytes(data)
+    with pytest.raises(CamelidError) as caught:
+        generate_instructions(ChatClient("http://127.0.0.1:1/v1", "m", retries=0), SEEDS, out, target=5,
+                              progress=False)
+    assert str(caught.value).startswith(f"{out}:1: 'instruction' is missing; not a file this command wrote;")
+    assert out.read_bytes() == data
+
+
+def test_a_seed_file_as_output_is_refused(tmp_path):
+    seeds = tmp_path / "seed_tasks.jsonl"
+    data = SEED_FILE.read_bytes()
+    seeds.write_bytes(data)
+    client = ChatClient("http://127.0.0.1:1/v1", "m", retries=0)
+    with pytest.raises(CamelidError) as caught:
+        generate_instructions(client, SEEDS, seeds, target=200, progress=False)
+    assert str(caught.value).startswith(f"{seeds}:1: a seed task ({{instruction, instances}}), not a task record; "
+                                        "not a file this command wrote;")
+    assert seeds.read_bytes() == data
+
+    alpaca = tmp_path / "alpaca.jsonl"  # one run's output seeding the next: its records are ours in shape
+    alpaca.write_text("".join(json.dumps({"instruction": t.instruction, "input": t.input, "output": t.output}) + "\n"
+                              for t in SEEDS))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(alpaca)
+    for out in (alpaca, tmp_path / "sub" / ".." / "alpaca.jsonl", tmp_path / "link.jsonl"):
+        with pytest.raises(CamelidError) as caught:
+            generate_instructions(client, alpaca, out, target=10, progress=False)
+        assert str(caught.value) == f"{out} is the seed file; write the new tasks to another file"
+    assert len(alpaca.read_text().splitlines()) == len(SEEDS)
+
+
 def test_an_output_that_is_not_ours_is_refused(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\nnot json\n{"x": 1}\n')
@@ -494,6 +575,18 @@ def test_skip_gives_up_after_ten_failures_in_a_row(tmp_path):
     assert str(caught.value).startswith(f"10 requests in a row failed, the last: {fake.base_url}/chat/completions: "
                                         "HTTP 503 (overloaded) after 2 tries;")
     assert kept(tmp_path / "out.jsonl") == GOOD[:1]
+
+
+@pytest.mark.parametrize("status, fix", [(401, "check --api-key"), (404, "ends in /v1"), (400, "check the parameters")])
+def test_skip_still_stops_at_once_when_asking_again_cannot_help(tmp_path, status, fix):
+    script = in_order(completion(reply(GOOD[0])), error(status, "no"))
+    with FakeTeacher(script) as fake, pytest.raises(TeacherError) as caught:
+        run(fake, tmp_path / "out.jsonl", target=4, on_error="skip", retries=3)
+    assert len(fake.requests) == 2
+    assert str(caught.value).startswith(f"{fake.base_url}/chat/completions: HTTP {status} (no); ")
+    assert fix in str(caught.value)
+    saved = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert saved["stopped"] == str(caught.value) and "request failed" not in saved["dropped"]
 
 
 def test_a_teacher_that_never_writes_a_task_ends_the_run(tmp_path):

@@ -15,7 +15,14 @@ from tokenizers import Tokenizer as BackendTokenizer
 from camelid.chat_template import ChatTemplate
 from camelid.checkpoint import load_tokenizer_and_template
 from camelid.data.formats import read_conversations
-from camelid.data.sharegpt import _TokenCounter, clean_sharegpt, html_to_markdown, looks_like_html, split_at_turns
+from camelid.data.sharegpt import (
+    _source_of,
+    _TokenCounter,
+    clean_sharegpt,
+    html_to_markdown,
+    looks_like_html,
+    split_at_turns,
+)
 from camelid.errors import CamelidError
 from camelid.tokenizer import Tokenizer
 from camelid.train.examples import make_examples
@@ -259,10 +266,20 @@ def test_languages_are_detected_counted_and_filtered(tmp_path):
 def test_the_chunks_of_one_conversation_share_its_language(tmp_path):
     pytest.importorskip("lingua")
     english = " ".join([ENGLISH[0], ENGLISH[1], ENGLISH[0].replace("today", "on Sunday")])
-    records = [qa("mix_0", english, ENGLISH[1]), qa("mix_1", *FRENCH), qa("fr_0", FRENCH[0] + " Vraiment ?", FRENCH[1])]
+    records = [qa("MiXed01_0", english, ENGLISH[1]), qa("MiXed01_2", *FRENCH),
+               qa("fr_0", FRENCH[0] + " Vraiment ?", FRENCH[1])]
     report, train, _ = run(tmp_path, records, languages=["en"])
     assert report.facts["languages"] == {"en": 2, "fr": 1}
-    assert [c["id"] for c in train] == ["mix_0", "mix_1"] and dict(report.dropped) == {"language": 1}
+    assert [c["id"] for c in train] == ["MiXed01_0", "MiXed01_2"] and dict(report.dropped) == {"language": 1}
+
+
+def test_ids_not_shaped_like_sharegpt_chunks_each_get_their_own_language(tmp_path):
+    pytest.importorskip("lingua")
+    # `row_0`, `row_1`: two rows of some other dataset, not two chunks of a conversation `row`.
+    records = [qa("row_0", *ENGLISH), qa("row_1", *FRENCH), qa("row_2", *GERMAN)]
+    report, train, _ = run(tmp_path, records, languages=["en"])
+    assert report.facts["languages"] == {"en": 1, "fr": 1, "de": 1}
+    assert [c["id"] for c in train] == ["row_0"] and dict(report.dropped) == {"language": 2}
 
 
 def test_code_is_left_out_of_the_language_sample(tmp_path):
@@ -332,11 +349,23 @@ def test_a_jsonl_file_cut_mid_line_and_an_array_left_open(tmp_path):
         clean_sharegpt(jsonl, tmp_path / "out")
     assert clean_sharegpt(jsonl, tmp_path / "out", recover=True).read == 3
 
-    # A bad line of JSONL, even the last one when it ends with its newline, is one bad record, not a cut.
-    for text in (lines[0] + "\n{oops\n" + lines[1] + "\n", lines[0] + "\n" + lines[1] + "\n{oops\n"):
+    # A bad line of JSONL, even the last one when it ends with its newline, is one bad record, not a cut: an
+    # error naming its line, or with skip_bad a counted drop.
+    for text, line in ((lines[0] + "\n{oops\n" + lines[1] + "\n", 2), (lines[0] + "\n" + lines[1] + "\n{oops\n", 3)):
         jsonl.write_text(text)
-        report = clean_sharegpt(jsonl, tmp_path / "out2", test_fraction=0, overwrite=True)
+        out = tmp_path / f"bad{line}"
+        with pytest.raises(CamelidError) as error:
+            clean_sharegpt(jsonl, out, test_fraction=0, recover=True)
+        assert re.fullmatch(rf"{re.escape(str(jsonl))}:{line}: invalid JSON \(column 2: .*\); fix the record or pass "
+                            r"--skip-bad to drop such records", str(error.value))
+        assert not out.exists()
+        report = clean_sharegpt(jsonl, out, test_fraction=0, skip_bad=True)
         assert report.read == 3 and dict(report.dropped) == {"invalid JSON": 1} and report.written == 2
+    jsonl.write_bytes(lines[0].encode() + b"\n\xff\xfe\n" + lines[1].encode() + b"\n")
+    with pytest.raises(CamelidError, match=r"cut.jsonl:2: not UTF-8 text; fix the record or pass --skip-bad"):
+        clean_sharegpt(jsonl, tmp_path / "out2", test_fraction=0, overwrite=True)
+    report = clean_sharegpt(jsonl, tmp_path / "out2", test_fraction=0, overwrite=True, skip_bad=True)
+    assert report.read == 3 and dict(report.dropped) == {"not UTF-8 text": 1} and report.written == 2
 
     open_array = tmp_path / "open.json"
     open_array.write_text("[" + ",\n".join(lines))
@@ -484,8 +513,8 @@ def test_the_real_conversations_count_exactly_with_each_template(smollm2_gguf, s
 def chunked_sources(n_sources: int) -> list[dict]:
     records = []
     for s in range(n_sources):
-        for k in range(1 + s % 3):  # 1 to 3 chunks of one conversation, like ShareGPT's <id>_<n>
-            records.append(qa(f"src{s}_{k}", f"Question {s}.{k}?", f"Answer {s}.{k}."))
+        for k in range(1 + s % 3):  # 1 to 3 chunks of one conversation, like ShareGPT's 7-character <id>_<n>
+            records.append(qa(f"Src{s:04d}_{k}", f"Question {s}.{k}?", f"Answer {s}.{k}."))
     return records
 
 
@@ -501,6 +530,7 @@ def test_train_and_test_never_share_a_source_and_the_split_is_seeded(tmp_path):
     assert report.facts["test"] == {"conversations": len(test), "sources": 20}
     for c in test:  # every chunk of a held-out source is held out
         assert sum(source(r_) == source(c) for r_ in test) == 1 + int(source(c)[3:]) % 3
+    assert len(train) + len(test) == sum(1 + s % 3 for s in range(200))
 
     _, train_again, test_again = run(tmp_path / "b", records, test_fraction=0.1, seed=3)
     assert (train_again, test_again) == (train, test)
@@ -511,6 +541,37 @@ def test_train_and_test_never_share_a_source_and_the_split_is_seeded(tmp_path):
 def test_a_small_fraction_still_holds_out_one_source(tmp_path):
     report, train, test = run(tmp_path, chunked_sources(5), test_fraction=0.01)
     assert report.facts["test"]["sources"] == 1 and len(train) + len(test) == report.written
+
+
+def test_ids_not_shaped_like_sharegpt_chunks_are_each_their_own_source(tmp_path):
+    # sample_0 ... sample_199 are 200 rows, not 200 chunks of one conversation "sample"; nor are ids of other
+    # lengths (ShareGPT's are 7 characters) or with other characters before the number.
+    for ids in ([f"sample_{i}" for i in range(200)], [f"Ab{i:03d}_{i % 3}" for i in range(200)],
+                [f"row-{i // 3:04d}_{i % 3}" for i in range(200)]):
+        records = [qa(cid, f"Question {cid}?", f"Answer {cid}.") for cid in ids]
+        report, train, test = run(tmp_path / ids[0], records, test_fraction=0.1)
+        assert len(test) == report.facts["test"]["sources"] == 20
+        assert len(train) == report.facts["train"]["sources"] == 180
+
+
+def test_the_real_ids_group_into_as_many_sources_as_before():
+    # Measured on the packaged file's 17,671 ids: the chunk-id pattern groups every one of them, into the same
+    # sources as splitting at the last underscore does.
+    records = _sharegpt_records(2000)
+    ids = [str(r["id"]) for r in records]
+    assert all(re.fullmatch(r"[A-Za-z0-9]{7}_\d+", cid) for cid in ids)
+    assert [_source_of(cid) for cid in ids] == [cid.rsplit("_", 1)[0] for cid in ids]
+    assert len({_source_of(cid) for cid in ids}) == 991
+
+
+def test_a_test_split_of_a_single_source_is_refused(tmp_path):
+    records = [qa("QWJhYvA_0", "Hi", "Hello"), qa("QWJhYvA_11", "And then?", "Then this.")]
+    with pytest.raises(CamelidError, match=r"^all 2 conversations kept are of one source conversation \('QWJhYvA'\): "
+                                           r"holding it out would leave nothing to train on; pass --test-fraction 0$"):
+        run(tmp_path, records, test_fraction=0.02)
+    assert not (tmp_path / "out").exists()
+    report, train, test = run(tmp_path, records, test_fraction=0)
+    assert len(train) == 2 and test == [] and report.facts["train"]["sources"] == 1
 
 
 def test_identity_conversations_join_the_train_split(tmp_path, smollm2):
@@ -549,7 +610,7 @@ def test_outputs_are_read_by_training_and_make_examples(tmp_path, smollm2):
 
 
 def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
-    source = write_array(tmp_path / "in.json", [qa("a_0", "Hi", "Hello")])
+    source = write_array(tmp_path / "in.json", [qa("a_0", "Hi", "Hello"), qa("b_0", "Hi", "Hey")])
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

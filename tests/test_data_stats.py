@@ -2,6 +2,7 @@
 with SmolLM2's real tokenizer and template, the histogram as a real PNG, and languages of real sentences."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,20 @@ def test_languages_of_the_first_user_turns(tmp_path):
     # The answers are all English: only the first user turn decides.
     path.write_text("".join(json.dumps({"instruction": q, "output": "Here is an answer in English."}) + "\n"
                             for q in firsts))
+    expected = {"en": 2, "fr": 1, "de": 1, "es": 1, "zh": 1, "ru": 1, "ja": 1}  # ISO 639-1, as sharegpt reports
     report = dataset_stats(path, languages=["en", "fr", "de", "es", "zh", "ru", "ja"])
-    assert report.facts["languages"] == {"english": 2, "french": 1, "german": 1, "spanish": 1, "chinese": 1,
-                                         "russian": 1, "japanese": 1}
-    assert "english 2, french 1" in stats_text(report)
+    assert report.facts["languages"] == expected
+    assert "en 2, fr 1" in stats_text(report)
+    assert dataset_stats(path, languages=True).facts["languages"] == expected
     with pytest.raises(CamelidError, match="unknown language code 'xx'"):
         dataset_stats(path, languages=["en", "xx"])
+
+
+def test_languages_without_lingua_is_one_line_naming_the_extra(crafted, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lingua", None)  # as if not installed: importing it raises ImportError
+    for languages in (True, ["en", "fr"]):
+        with pytest.raises(CamelidError, match=r"^language detection needs lingua: pip install 'camelid\[lang\]'$"):
+            dataset_stats(crafted, languages=languages, skip_bad=True)
 
 
 def test_tokens_need_both_a_tokenizer_and_a_template(crafted, smollm2, tmp_path):
@@ -143,3 +152,17 @@ def test_tokens_need_both_a_tokenizer_and_a_template(crafted, smollm2, tmp_path)
         dataset_stats(crafted, tokenizer=tok)
     with pytest.raises(CamelidError, match="histogram needs a tokenizer"):
         dataset_stats(crafted, histogram=tmp_path / "h.png")
+
+
+def test_a_histogram_into_a_missing_directory_is_refused_before_any_work(crafted, smollm2, tmp_path, monkeypatch):
+    import camelid.data.stats
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized before the histogram's directory was checked")
+
+    monkeypatch.setattr(camelid.data.stats, "_token_counts", no_tokenizing)
+    png = tmp_path / "plots" / "lengths.png"
+    with pytest.raises(CamelidError) as error:
+        dataset_stats(crafted, tokenizer=smollm2[0], template=smollm2[1], histogram=png, skip_bad=True)
+    assert str(error.value) == f"{png}: there is no directory {png.parent} to write it in; create it"
+    assert not png.parent.exists()

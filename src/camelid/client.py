@@ -3,9 +3,9 @@
 `ChatClient.chat` sends one chat completion request and returns its text. At most `concurrency` requests are in
 flight at once; a request that fails for a reason that may pass (429, 5xx, a dropped connection, a timeout, a
 200 whose body is not a completion) is retried with exponential backoff, honouring the server's `Retry-After`.
-A failure that will not pass (a bad key, an unknown model) or one that outlasts the retries raises
-`TeacherError`, one line naming the endpoint, what went wrong and what to do. `client.usage` counts requests,
-retries, failures, tokens and their cost as requests complete.
+A failure that will not pass (a bad key, an unknown model, a redirect) or one that outlasts the retries raises
+`TeacherError`, one line naming the endpoint, what went wrong and what to do; its `retryable` says which of the
+two it was. `client.usage` counts requests, retries, failures, tokens and their cost as requests complete.
 """
 
 import asyncio
@@ -23,7 +23,15 @@ RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx; the openai client retries t
 
 
 class TeacherError(CamelidError):
-    """The model endpoint (a teacher or a judge) could not give a completion."""
+    """The model endpoint (a teacher or a judge) could not give a completion.
+
+    `retryable` is True when the failure may pass (a 429, a 5xx, a dropped connection: the retries ran out) and
+    False when asking again cannot help (a bad key, an unknown model or URL, a refused request).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -140,8 +148,8 @@ class ChatClient:
                     reply, problem = None, _Problem(
                         f"cannot connect ({_one_line(str(exc)) or type(exc).__name__})",
                         "is the server running? start it with `camelid serve`, or check the URL", retry=True)
-                except httpx.TransportError as exc:
-                    reply, problem = None, _Problem(f"connection failed ({type(exc).__name__}: {_one_line(str(exc))})",
+                except httpx.RequestError as exc:  # a dropped connection, a body that will not decode...
+                    reply, problem = None, _Problem(f"request failed ({type(exc).__name__}: {_one_line(str(exc))})",
                                                     "check the server and the URL", retry=True)
                 if reply is not None:
                     self._count(reply)
@@ -150,7 +158,7 @@ class ChatClient:
                     self.usage.requests += 1
                     self.usage.failures += 1
                     after = f" after {tries} tries" if tries > 1 else ""
-                    raise TeacherError(f"{self.url}: {problem.what}{after}; {problem.fix}")
+                    raise TeacherError(f"{self.url}: {problem.what}{after}; {problem.fix}", retryable=problem.retry)
                 self.usage.retries += 1
                 await asyncio.sleep(self._wait(tries, problem.retry_after))
 
@@ -190,7 +198,21 @@ def _read_response(response: httpx.Response) -> tuple[Reply | None, _Problem | N
         return None, _Problem(what, "check that the URL ends in /v1 and that the server has the model", retry=False)
     if status == 413:
         return None, _Problem(what, "the request is too large for the server; shorten the prompt", retry=False)
+    if 300 <= status < 400:
+        return None, _redirected(response)
     return None, _Problem(what, "the server refused the request; check the parameters", retry=False)
+
+
+def _redirected(response: httpx.Response) -> _Problem:
+    """A redirect, which is not followed: a POST may not survive it, and the user should fix the URL once."""
+    location = response.headers.get("location")
+    if not location:
+        return _Problem(f"HTTP {response.status_code} (a redirect without a Location)", "check the URL", retry=False)
+    target = str(response.request.url.join(location))
+    endpoint = target.removesuffix("/chat/completions")
+    fix = (f"use {endpoint} as the endpoint URL" if endpoint != target else
+           "use that URL's base (the part before /chat/completions) as the endpoint URL")
+    return _Problem(f"HTTP {response.status_code}, redirected to {target}", fix, retry=False)
 
 
 def _reply(body: Any) -> Reply | None:

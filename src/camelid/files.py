@@ -102,10 +102,11 @@ def read_appended(path: Path, is_record: Callable[[Any], bool], what: str, *,
                   convert: Callable[[bytes, str], Any] | None = None) -> tuple[list, str | None]:
     """The records an earlier run appended to `path` ([] when there is no file), and where a torn line was cut.
 
-    A last line without its newline (a crash mid-write) is cut off, unless it is a whole record (`is_record` of
-    its JSON), which then gets its newline. Any other line that is not a record raises, naming the line as not
-    `what`: the file is not one this command wrote. `convert(line, "path:line")`, when given, makes each line
-    into the record instead, raising its own error for a line that is not one.
+    Every line is checked before the file is touched: one that is not a record (`is_record` of its JSON) raises,
+    naming the line as not `what`, since the file is not one this command wrote. `convert(line, "path:line")`,
+    when given, makes each line into the record instead, raising its own error for a line that is not one.
+    Only then is a last line without its newline (a crash mid-write) seen to: a whole record gets its newline,
+    and a torn one (the start of a JSON object, not yet valid JSON) is cut off. Anything else there raises too.
     """
     if path.is_dir():
         raise CamelidError(f"{path}: is a directory; the output is a JSONL file")
@@ -115,29 +116,32 @@ def read_appended(path: Path, is_record: Callable[[Any], bool], what: str, *,
         return [], None
     except OSError as exc:
         raise CamelidError(f"{path}: cannot read ({exc.strerror})") from None
-    torn_at = None
-    complete = data[: data.rfind(b"\n") + 1]
-    if torn := data[len(complete):]:
-        if is_record(_loads(torn)):
-            with open(path, "ab") as f:
-                f.write(b"\n")
-            complete = data + b"\n"
-        else:
-            os.truncate(path, len(complete))
-            line = complete.count(b"\n") + 1
-            torn_at = f"{path}:{line}"
-    records = []
-    for line, raw in enumerate(complete.split(b"\n"), 1):
-        if not raw.strip():
-            continue
+
+    def record(raw: bytes, line: int) -> Any:
         if convert is not None:
-            records.append(convert(raw, f"{path}:{line}"))
-            continue
+            return convert(raw, f"{path}:{line}")
         value = _loads(raw)
         if not is_record(value):
             raise CamelidError(f"{path}:{line}: not {what}; {RESUME_HINT}")
-        records.append(value)
-    return records, torn_at
+        return value
+
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = complete.split(b"\n")[:-1]
+    records = [record(raw, line) for line, raw in enumerate(lines, 1) if raw.strip()]
+    torn, last = data[len(complete):], len(lines) + 1
+    if not torn.strip():
+        if torn:
+            os.truncate(path, len(complete))  # spaces after the last newline: nothing to keep
+        return records, None
+    if _loads(torn) is not None or not torn.lstrip().startswith(b"{"):
+        # Not a torn write: no prefix of a JSON object is valid JSON, and these files hold objects. Whole or
+        # foreign, the line is checked like any other.
+        records.append(record(torn, last))
+        with open(path, "ab") as f:
+            f.write(b"\n")
+        return records, None
+    os.truncate(path, len(complete))
+    return records, f"{path}:{last}"
 
 
 def _loads(raw: bytes) -> Any:

@@ -3,8 +3,9 @@ answers, and exact and near duplicates, counting each rule.
 
 The rules run in this order, and a record is counted under the first that drops it:
 
-1. `empty response`: a message with no text (the reader refuses these as "empty message content"; in
-   distilled data they are almost always answers the API never gave) or an answer with no letter or digit.
+1. `empty response`: a message whose text is empty, null or missing (the reader refuses these as "empty
+   message content", "missing message content" or "missing 'output'"; in distilled data they are almost
+   always answers the API never gave), or an answer with no letter or digit.
 2. `failed generation`: an answer matching a failure pattern, the text a failed API call or chat page left
    behind ("Rate limit reached...", "An error occurred...", "None").
 3. `cut off`: the answers, read in order, end inside an unclosed ``` code block (an odd number of lines
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camelid.data.formats import BadRecord, json_records, to_messages, write_jsonl
+from camelid.data.formats import EMPTY_CONTENT, MISSING_CONTENT, BadRecord, json_records, to_messages, write_jsonl
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 
@@ -99,6 +100,9 @@ FAILURE_PATTERNS = (
     r"\bmaximum context length is \d+ tokens\b",
     r"\byou exceeded your current quota\b",
 )
+
+# The reader's reasons for a record with a message that has no text: counted as an empty response, not as bad.
+_NO_TEXT = (EMPTY_CONTENT, MISSING_CONTENT, "missing 'output'")
 
 NUM_PERM = 128
 LSH_RECALL = 0.99  # the least chance that the index proposes a pair whose similarity is exactly the threshold
@@ -161,6 +165,12 @@ def curate(
         }
 
     kept, dropped = [], []
+
+    def drop(entry: dict) -> None:
+        report.drop(entry["rule"])
+        if write_dropped:  # held only to be written: most of a large file may be dropped
+            dropped.append(entry)
+
     exact_seen: dict[bytes, str] = {}  # normalised conversation -> where the kept copy is
     kept_where: list[str] = []
     for where, value in json_records(Path(src)):
@@ -170,14 +180,13 @@ def curate(
                 raise value
             messages = to_messages(value, where)
         except BadRecord as bad:
-            if bad.reason == "empty message content":
+            if bad.reason in _NO_TEXT:
                 rule = "empty response"
             elif skip_bad:
                 rule = bad.reason
             else:
                 raise
-            report.drop(rule)
-            dropped.append({"rule": rule, "where": where} | ({"record": value} if isinstance(value, dict) else {}))
+            drop({"rule": rule, "where": where} | ({"record": value} if isinstance(value, dict) else {}))
             continue
 
         key = _exact_key(messages)
@@ -193,8 +202,7 @@ def curate(
             kept.append({"messages": messages} | _extra_keys(value))
         else:
             rule, detail = found
-            report.drop(rule)
-            dropped.append({"rule": rule, "where": where} | detail | {"messages": messages})
+            drop({"rule": rule, "where": where} | detail | {"messages": messages})
 
     write_jsonl(out, kept)
     report.written = len(kept)
@@ -346,11 +354,13 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _extra_keys(record: dict) -> dict:
-    """The record's keys other than those its format's conversation was read from."""
+    """The record's keys other than those its format's conversation was read from (told as `to_messages` does)."""
     if "messages" in record:
         used = {"messages"}
     elif "conversations" in record:
         used = {"conversations"}
-    else:
+    elif "instruction" in record or "output" in record:
         used = {"instruction", "input", "output", "system"}
+    else:
+        used = {"prompt", "response"}
     return {k: v for k, v in record.items() if k not in used}

@@ -1,4 +1,4 @@
-"""Reading chat datasets (Alpaca, ShareGPT, OpenAI messages) record by record into validated conversations.
+"""Reading chat datasets (Alpaca, ShareGPT, OpenAI messages, GPT4All) record by record into validated conversations.
 
 A file is JSONL (one object per line, blank lines ignored) or one JSON array of objects (its first
 non-whitespace character is `[`). Each record's format is told by its keys, so a file may mix them. Every
@@ -33,6 +33,13 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = ("system", "user", "assistant")
 
 SKIP_HINT = "fix the record or pass --skip-bad to drop such records"
+
+# Reasons that other modules act on: curation counts a message without text as an empty response, and the
+# ShareGPT reader tells a file cut off at its end from one broken in the middle.
+EMPTY_CONTENT = "empty message content"
+MISSING_CONTENT = "missing message content"  # a user or assistant turn's content is null or absent
+CUT_INSIDE_RECORD = "file ends inside a record"
+CUT_INSIDE_ARRAY = "file ends inside the array"
 
 T = TypeVar("T")
 
@@ -143,10 +150,11 @@ def first_byte(f) -> bytes:
 
 
 def to_messages(record: Any, where: str) -> list[dict]:
-    """One record, in any of the three formats, as validated messages; raises `BadRecord` if it cannot be.
+    """One record, in any of the four formats, as validated messages; raises `BadRecord` if it cannot be.
 
     Alpaca follows FastChat and axolotl: the user turn is the instruction, followed by a blank line and the
-    input when there is one; an optional `system` field becomes the system message.
+    input when there is one; an optional `system` field becomes the system message. GPT4All's released rows
+    are `{"prompt", "response"}` (and often `source`): the prompt is the user turn, the response the answer.
     """
     if not isinstance(record, dict):
         raise BadRecord(where, "not a JSON object")
@@ -156,8 +164,12 @@ def to_messages(record: Any, where: str) -> list[dict]:
         pairs = _sharegpt_pairs(record["conversations"], where)
     elif "instruction" in record or "output" in record:
         pairs = _alpaca_pairs(record, where)
+    elif "response" in record:  # told by `response`: `prompt` alone is also a preference pair's key
+        pairs = _gpt4all_pairs(record, where)
     else:
-        raise BadRecord(where, "unknown format", "expected 'messages', 'conversations' or 'instruction'")
+        raise BadRecord(
+            where, "unknown format", "expected 'messages', 'conversations', 'instruction', or 'prompt' and 'response'"
+        )
     return _validated(pairs, where)
 
 
@@ -179,6 +191,12 @@ def _alpaca_pairs(record: dict, where: str) -> list[tuple[str, Any]]:
     if record.get("system") is not None:
         pairs.insert(0, ("system", record["system"]))
     return pairs
+
+
+def _gpt4all_pairs(record: dict, where: str) -> list[tuple[str, Any]]:
+    if "prompt" not in record:
+        raise BadRecord(where, "missing 'prompt'")
+    return [("user", record["prompt"]), ("assistant", record["response"])]
 
 
 def _sharegpt_pairs(turns: Any, where: str) -> list[tuple[str, Any]]:
@@ -234,6 +252,8 @@ def _validated(pairs: list[tuple[str, Any]], where: str) -> list[dict]:
         raise BadRecord(where, "empty conversation")
     system, turns = None, []
     for i, (role, content) in enumerate(pairs, 1):
+        if content is None and role != "system":  # in generated data, a turn whose request failed
+            raise BadRecord(where, MISSING_CONTENT, f"message {i}")
         if not isinstance(content, str):
             raise BadRecord(where, "message content is not a string", f"message {i}")
         if role == "system":
@@ -242,7 +262,7 @@ def _validated(pairs: list[tuple[str, Any]], where: str) -> list[dict]:
             system = content if content.strip() else None  # an empty system prompt means none
             continue
         if not content.strip():
-            raise BadRecord(where, "empty message content", f"message {i}")
+            raise BadRecord(where, EMPTY_CONTENT, f"message {i}")
         turns.append({"role": role, "content": content})
     if not turns:
         raise BadRecord(where, "empty conversation")
@@ -306,13 +326,13 @@ def _array_values(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         while True:
             where = where_at(pos)
             if pos == len(text):
-                yield where, BadRecord(where, "file ends inside the array", "no closing ]")
+                yield where, BadRecord(where, CUT_INSIDE_ARRAY, "no closing ]")
                 return
             try:
                 value, pos = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
                 if exc.msg.startswith("Unterminated string") or not text[exc.pos :].strip():
-                    yield where, BadRecord(where, "file ends inside a record")
+                    yield where, BadRecord(where, CUT_INSIDE_RECORD)
                 else:
                     yield where, BadRecord(where, "invalid JSON", f"line {exc.lineno} column {exc.colno}: {exc.msg}")
                 return

@@ -19,7 +19,9 @@ Preference data becomes conditioned examples (Koala, after Chain of Hindsight, L
 answer" and the rejected one under "an unhelpful answer". The marker is a system message (put before an
 existing one, on its own line) because training learns only the assistant turns: the model reads the
 condition but is never trained to write it, and at inference `--system "a helpful answer"` asks for the good
-kind. A preference source's share counts examples, two per pair; both examples of a pair are taken together,
+kind. Pairs are read with a `prompt` and string answers, as whole conversations, or as Anthropic's HH-RLHF
+rows (the data Koala used), whose `chosen` and `rejected` are whole transcripts of "Human:" and "Assistant:"
+turns. A preference source's share counts examples, two per pair; both examples of a pair are taken together,
 except that an odd share keeps one example, drawn at random, of the last pair taken.
 
 Each output record is `{"messages": [...], "source": NAME}` (NAME replacing any `source` the record had), plus
@@ -29,6 +31,7 @@ training ignores the extra keys. Everything is read before anything is written, 
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +43,10 @@ from camelid.errors import CamelidError
 
 HELPFUL = "a helpful answer"
 UNHELPFUL = "an unhelpful answer"
+
+# An HH-RLHF transcript: "\n\nHuman: ...\n\nAssistant: ..." turns, repeated, each marker after a blank line.
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclass
@@ -114,7 +121,8 @@ def condition_preference(record: dict, where: str, *, helpful: str = HELPFUL, un
     """A preference record as its two conditioned conversations, (helpful, unhelpful); raises `BadRecord`.
 
     Accepted shapes: `{"prompt": str, "chosen": str, "rejected": str}`; `{"chosen": [messages], "rejected":
-    [messages]}`, whole conversations that differ only in their last assistant turn; and `prompt` as a list of
+    [messages]}`, whole conversations that differ only in their last assistant turn; the same as HH-RLHF
+    transcripts, `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}`; and `prompt` as a list of
     messages with `chosen` and `rejected` as strings or lists of the messages that follow it. An optional
     `system` string is the system message when the prompt has none.
     """
@@ -199,8 +207,11 @@ def _output(messages: list[dict], name: str, record: Any, condition: str | None 
 
 def _preference_conversations(record: dict, where: str) -> tuple[list[dict], list[dict]]:
     prompt = record.get("prompt")
+    answers = {"chosen": record["chosen"], "rejected": record["rejected"]}
     if prompt is None:
-        if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
+        if all(isinstance(answer, str) for answer in answers.values()):
+            answers = {key: _hh_transcript(text, key, where) for key, text in answers.items()}
+        elif not all(isinstance(answer, list) for answer in answers.values()):
             raise BadRecord(
                 where, "preference record without 'prompt'",
                 "give 'prompt' with string answers, or 'chosen' and 'rejected' as whole conversations",
@@ -214,8 +225,7 @@ def _preference_conversations(record: dict, where: str) -> tuple[list[dict], lis
     if isinstance(system, str) and not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
         prompt = [{"role": "system", "content": system}] + prompt
     conversations = []
-    for key in ("chosen", "rejected"):
-        answer = record[key]
+    for key, answer in answers.items():
         if isinstance(answer, str):
             answer = [{"role": "assistant", "content": answer}]
         elif not isinstance(answer, list):
@@ -230,6 +240,18 @@ def _preference_conversations(record: dict, where: str) -> tuple[list[dict], lis
             where, "'chosen' and 'rejected' do not share the prompt", "they may differ only in the last answer"
         )
     return chosen, rejected
+
+
+def _hh_transcript(text: str, key: str, where: str) -> list[dict]:
+    """An HH-RLHF transcript as messages; the shared turns are checked later, as for any whole conversation."""
+    parts = _HH_MARKER.split("\n\n" + text.lstrip())  # some copies drop the leading blank line
+    if len(parts) < 3 or parts[0].strip():  # no marker, or text before the first: not a transcript
+        raise BadRecord(
+            where, "preference record without 'prompt'",
+            f"'{key}' is a string but not a transcript of 'Human:' and 'Assistant:' turns as in HH-RLHF; "
+            "give 'prompt' with string answers",
+        )
+    return [{"role": _HH_ROLES[name], "content": turn.strip()} for name, turn in zip(parts[1::2], parts[2::2])]
 
 
 def _conditioned(messages: list[dict], marker: str) -> list[dict]:

@@ -19,7 +19,9 @@ last task.
 
 A kept task is appended to the output JSONL and fsync'ed at once, so an interrupted run loses nothing it wrote.
 Running again with the same output resumes: the tasks there count towards the target and join the ROUGE-L pool
-(a line torn by a crash is cut off first), and the run stops at exactly `target` tasks in the file.
+(a line torn by a crash is cut off first), and the run stops at exactly `target` tasks in the file. The report
+of a resumed run carries the earlier runs' totals forward (requests, tokens, cost, drops, why each stopped), so
+`total_cost_usd` is what the whole file cost.
 """
 
 import asyncio
@@ -30,6 +32,7 @@ import random
 import re
 import string
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +45,7 @@ from tqdm import tqdm
 
 from camelid.client import ChatClient, Reply, TeacherError
 from camelid.data.formats import strict_records
-from camelid.data.report import Report
+from camelid.data.report import Report, report_paths
 from camelid.errors import CamelidError
 from camelid.files import RESUME_HINT, append_json_line, open_to_append, read_appended
 
@@ -340,15 +343,21 @@ def generate_instructions(client: ChatClient, seed_tasks: str | Path | Sequence[
     seed_tasks: a seed file (see read_seed_tasks) or tasks already read. per_request: new tasks asked for in
     each request. examples_per_prompt: tasks shown in each request, a third of them (rounded down) from those
     kept once there are some. rouge_threshold: a task whose instruction has a ROUGE-L F1 this high against a kept
-    one is a near-duplicate. on_error: "stop" raises the teacher's TeacherError; "skip" counts the failed request
-    and goes on, until MAX_FAILURES_IN_ROW fail in a row. seed: picks the examples and each request's `seed`.
+    one is a near-duplicate. on_error: "stop" raises the teacher's TeacherError; "skip" counts a request that
+    failed for a reason that may pass (its retries ran out) and goes on, until MAX_FAILURES_IN_ROW fail in a row,
+    but still stops at once on one that cannot (a bad key, an unknown model, a refused request). seed: picks the
+    examples and each request's `seed`.
     temperature, top_p, max_tokens: the teacher's sampling, per request. Alpaca sampled text-davinci-003 at
     temperature 1 and top_p 1; SmolLM2-135M writes gibberish there and usable tasks at 0.7 and 0.9. Eight tasks
     take some 600-900 tokens.
 
     The report (`out`.report.json and .txt) is saved whether the run ends well or not. Its `read` is the tasks
     parsed from replies and `written` those kept in this run; its dropped counts are tasks, except "request
-    failed" and "reply without tasks", which count requests. The client is closed at the end (it reopens if
+    failed" and "reply without tasks", which count requests. `requests`, `prompt_tokens`, `cost_usd` and the
+    like are this run's; when it resumes an existing `out`, the totals of every run so far are read from the
+    report there and carried on: `runs`, `total_requests`, `total_retries`, `total_failed_requests`,
+    `total_prompt_tokens`, `total_completion_tokens`, `total_cost_usd`, `total_dropped` (by rule) and
+    `earlier_stops` (why each earlier run that stopped early did). The client is closed at the end (it reopens if
     used again).
     """
     for name, value in (("--target", target), ("--per-request", per_request),
@@ -359,17 +368,21 @@ def generate_instructions(client: ChatClient, seed_tasks: str | Path | Sequence[
         raise CamelidError(f"--rouge-threshold must be above 0 and at most 1 (got {rouge_threshold})")
     if on_error not in ON_ERROR:
         raise CamelidError(f"--on-error must be one of {', '.join(ON_ERROR)} (got {on_error!r})")
+    out = Path(out)
+    if isinstance(seed_tasks, (str, Path)) and _same_file(out, Path(seed_tasks)):
+        raise CamelidError(f"{out} is the seed file; write the new tasks to another file")
     seeds = read_seed_tasks(seed_tasks) if isinstance(seed_tasks, (str, Path)) else list(seed_tasks)
     if not seeds:
         raise CamelidError("no seed tasks: pass a seed file of self-instruct tasks or Alpaca records")
-    out = Path(out)
     report = Report("selfinstruct")
+    resuming = out.is_file()
     kept = _resume(out, report)
+    earlier = _earlier_totals(out, report) if resuming else None
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
 
     async def run() -> Report:
         try:
-            await _generate(client, seeds, kept, out, report, target=target, per_request=per_request,
+            await _generate(client, seeds, kept, out, report, earlier, target=target, per_request=per_request,
                             examples=examples_per_prompt, rouge_threshold=rouge_threshold, on_error=on_error,
                             rng=random.Random(seed), sampling=sampling, progress=progress)
         finally:
@@ -379,9 +392,9 @@ def generate_instructions(client: ChatClient, seed_tasks: str | Path | Sequence[
     return asyncio.run(run())
 
 
-async def _generate(client: ChatClient, seeds: list[Task], kept: list[Task], out: Path, report: Report, *,
-                    target: int, per_request: int, examples: int, rouge_threshold: float, on_error: str,
-                    rng: random.Random, sampling: dict, progress: bool) -> None:
+async def _generate(client: ChatClient, seeds: list[Task], kept: list[Task], out: Path, report: Report,
+                    earlier: dict | None, *, target: int, per_request: int, examples: int, rouge_threshold: float,
+                    on_error: str, rng: random.Random, sampling: dict, progress: bool) -> None:
     """Keep up to client.concurrency requests in flight and filter their replies as they come, until `target`."""
     resumed = len(kept)
     pool = SimilarityPool(task.instruction for task in seeds + kept)
@@ -410,12 +423,13 @@ async def _generate(client: ChatClient, seeds: list[Task], kept: list[Task], out
                     try:
                         reply = request.result()
                     except TeacherError as exc:
-                        if on_error == "stop":
+                        if on_error == "stop" or not exc.retryable:
                             raise
                         report.drop("request failed")
                         failures_in_row += 1
                         if failures_in_row >= MAX_FAILURES_IN_ROW:
-                            raise TeacherError(f"{failures_in_row} requests in a row failed, the last: {exc}") from None
+                            raise TeacherError(f"{failures_in_row} requests in a row failed, the last: {exc}",
+                                               retryable=True) from None
                         continue
                     failures_in_row = 0
                     replies += 1
@@ -441,6 +455,7 @@ async def _generate(client: ChatClient, seeds: list[Task], kept: list[Task], out
                  in_file=len(kept))
         if stopped:
             report.facts["stopped"] = stopped
+        _add_totals(report, earlier)
         report.outputs["data"] = str(out)
         report.save(out)
 
@@ -522,7 +537,9 @@ def _resume(out: Path, report: Report) -> list[Task]:
 
 
 def _is_record(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("instruction"), str)
+    """Whether `value` has the shape of what this command writes: Alpaca's three strings, not a seed task."""
+    return (isinstance(value, dict) and "instances" not in value
+            and all(isinstance(value.get(name), str) for name in ("instruction", "input", "output")))
 
 
 def _task_from_line(raw: bytes, where: str) -> Task:
@@ -531,4 +548,71 @@ def _task_from_line(raw: bytes, where: str) -> Task:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         detail = f"column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         raise CamelidError(f"{where}: invalid JSON ({detail})") from None
+    if isinstance(value, dict) and "instances" in value:
+        raise CamelidError(f"{where}: a seed task ({{instruction, instances}}), not a task record; {RESUME_HINT}")
+    if isinstance(value, dict) and not _is_record(value):
+        name = next(n for n in ("instruction", "input", "output") if not isinstance(value.get(n), str))
+        problem = "missing" if value.get(name) is None else "not a string"
+        raise CamelidError(f"{where}: '{name}' is {problem}; {RESUME_HINT}")
     return _task_from_record(value, where, RESUME_HINT)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths `a` and `b` name one file (through links, `..` or a second hard link)."""
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+# -- totals over every run that wrote the file -----------------------------------------------------------------
+
+_TOTALS = ("requests", "retries", "failed_requests", "prompt_tokens", "completion_tokens")
+
+
+def _earlier_totals(out: Path, report: Report) -> dict | None:
+    """The totals of the runs that wrote `out` so far, from the report beside it; None when there is none.
+
+    A report written before totals were kept counts as one run with its own numbers. One that cannot be read
+    is noted in `report`, and the totals then start again from this run.
+    """
+    path = report_paths(out)[0]
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    if not (isinstance(saved, dict) and saved.get("pipeline") == "selfinstruct"):
+        report.facts["earlier_report_unreadable"] = f"{path}; the totals count from this run"
+        return None
+
+    def number(key: str) -> float:
+        value = saved.get(f"total_{key}", saved.get(key))
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
+
+    runs = saved.get("runs")
+    runs = runs if isinstance(runs, int) and not isinstance(runs, bool) and runs > 0 else 1
+    dropped = saved.get("total_dropped", saved.get("dropped"))
+    dropped = {rule: n for rule, n in dropped.items() if isinstance(n, int)} if isinstance(dropped, dict) else {}
+    stops = saved.get("earlier_stops")
+    stops = dict(stops) if isinstance(stops, dict) else {}
+    if isinstance(saved.get("stopped"), str):
+        stops[f"run {runs}"] = saved["stopped"]
+    return {"runs": runs, **{key: number(key) for key in (*_TOTALS, "cost_usd")}, "dropped": dropped,
+            "stops": stops}
+
+
+def _add_totals(report: Report, earlier: dict | None) -> None:
+    """This run's numbers (already in `report`) added to the earlier runs' totals, as report facts."""
+    earlier = earlier or {"runs": 0, "dropped": {}, "stops": {}}
+    facts = report.facts
+    facts["runs"] = earlier["runs"] + 1
+    for key in _TOTALS:
+        facts[f"total_{key}"] = int(earlier.get(key, 0)) + facts[key]
+    facts["total_cost_usd"] = round(earlier.get("cost_usd", 0) + facts["cost_usd"], 6)
+    dropped = Counter(earlier["dropped"])
+    dropped.update(report.dropped)
+    facts["total_dropped"] = dict(dropped.most_common())
+    if earlier["stops"]:
+        facts["earlier_stops"] = earlier["stops"]

@@ -8,7 +8,9 @@
 The steps, in order, each counted in the report:
 
 1. Reading. A file that stops in the middle (the packaged ShareGPT file is cut off inside a record) is an error
-   naming where and how many records came before; with `recover` those complete records are kept.
+   naming where and how many records came before; with `recover` those complete records are kept. A record that
+   cannot be read (a JSONL line that is not JSON or not UTF-8) is an error naming its line; with `skip_bad` it is
+   dropped and counted.
 2. Validation, by the reader's rules (camelid.data.formats), whose reasons are the drop rules' names. Roles are
    normalised: human/user -> user; gpt/chatgpt/bing/bard/model/assistant -> assistant; system. Dropped: an
    unknown role, an empty conversation, content that is not a string, an empty message anywhere (in ShareGPT
@@ -25,9 +27,9 @@ The steps, in order, each counted in the report:
 4. De-duplication: a conversation equal to an earlier one up to case and whitespace is dropped (`duplicate`).
 5. Language (optional): lingua detects the language of each source conversation from its user turns (the first
    `LANGUAGE_SAMPLE` characters of prose, code and numbers left out; when the user wrote little, such as
-   "continue", the answers are added, which are in the same language and make the guess reliable). Chunks in
-   other languages, or in none lingua can name ("unknown"), are dropped (`language`); the languages of every
-   conversation checked are counted.
+   "continue", the answers are added, which are in the same language and make the guess reliable), as an
+   ISO 639-1 code (camelid.data.languages). Chunks in other languages, or in none lingua can name ("unknown"),
+   are dropped (`language`); the languages of every conversation checked are counted.
 6. Splitting to the context (when a tokenizer and chat template are given): a conversation whose rendering is
    longer than `context` tokens is cut at user/assistant pair boundaries into parts that each fit, the system
    message repeated at the start of each; parts get ids `<id>_part1`, `<id>_part2`, ... A single pair longer
@@ -35,8 +37,9 @@ The steps, in order, each counted in the report:
    model to stop mid-answer, or never. A conversation left with no pair is dropped (`longer than the context`).
    Counts are exact: `len(tokenizer.encode(template.render(messages), add_special=False))` of what is written,
    as training computes it.
-7. Train/test split by source conversation (ShareGPT ids are `<source>_<n>` chunks of one conversation), seeded,
-   so the chunks and parts of one conversation never land on both sides.
+7. Train/test split by source conversation (ShareGPT's 7-character ids with `_<n>` are chunks of one
+   conversation; any other id is its own), seeded, so the chunks and parts of one conversation never land on both
+   sides. A test split asked of a single source conversation is an error, not an empty split.
 8. Identity conversations (optional) are appended to the train split.
 """
 
@@ -53,7 +56,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from camelid.data.formats import SHAREGPT_ROLES, BadRecord, first_byte, json_records, to_messages
+from camelid.data.formats import (
+    CUT_INSIDE_ARRAY,
+    CUT_INSIDE_RECORD,
+    SHAREGPT_ROLES,
+    BadRecord,
+    first_byte,
+    json_records,
+    to_messages,
+)
+from camelid.data.languages import check_languages, detect_languages, language_detector
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir
@@ -62,10 +74,6 @@ DEFAULT_CONTEXT = 2048
 DEFAULT_TEST_FRACTION = 0.02
 LANGUAGE_SAMPLE = 300  # characters of prose (no code, links or numbers) that lingua reads per conversation
 LANGUAGE_MIN_USER_TEXT = 200  # below this many characters of user text, the answers are read too
-
-# Reasons the reader gives for a record that ends the file early (camelid.data.formats._array_values).
-_CUT_INSIDE = "file ends inside a record"
-_CUT_OPEN = "file ends inside the array"
 
 Messages = list[dict]
 
@@ -87,6 +95,7 @@ def clean_sharegpt(
     context: int = DEFAULT_CONTEXT,
     languages: Sequence[str] | None = None,
     recover: bool = False,
+    skip_bad: bool = False,
     test_fraction: float = DEFAULT_TEST_FRACTION,
     seed: int = 0,
     identity: tuple[str, str] | None = None,
@@ -100,6 +109,9 @@ def clean_sharegpt(
         `context` tokens and the report counts tokens; without them nothing is split.
     languages: ISO 639-1 codes to keep ("en", "fr", ...); None keeps every language without detecting any.
     recover: keep the complete records of a file that is cut off, instead of stopping.
+    skip_bad: drop and count the records that cannot be read (a JSONL line that is not JSON or not UTF-8)
+        instead of stopping at the first. Records that are read but are not valid conversations are always
+        dropped and counted: that is the cleaning.
     test_fraction: the share of source conversations held out in test.jsonl (0 for none).
     seed: decides which sources are held out.
     identity: (name, creator) to append camelid's identity conversations to the train split.
@@ -112,7 +124,7 @@ def clean_sharegpt(
         raise CamelidError(f"context {context} is not a positive number of tokens; give e.g. 2048")
     if not 0 <= test_fraction < 1:
         raise CamelidError(f"test fraction {test_fraction} is outside [0, 1); give e.g. {DEFAULT_TEST_FRACTION}")
-    wanted = _check_languages(languages) if languages is not None else None
+    wanted = check_languages(languages) if languages is not None else None
     if identity is not None:
         from camelid.train.identity import identity_conversations
 
@@ -120,7 +132,7 @@ def clean_sharegpt(
     report = Report("sharegpt")
     report.facts["source"] = str(source)
 
-    values = _read(Path(source), recover, report, progress)
+    values = _read(Path(source), recover, skip_bad, report, progress)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         convs = _clean(values, report, progress)
         del values
@@ -165,8 +177,9 @@ def clean_sharegpt(
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path, recover: bool, report: Report, progress: bool) -> list[tuple[str, Any]]:
-    """The file's complete records as (where, value or BadRecord); a file cut off raises unless `recover`."""
+def _read(path: Path, recover: bool, skip_bad: bool, report: Report, progress: bool) -> list[tuple[str, Any]]:
+    """The file's complete records as (where, value or BadRecord); a file cut off raises unless `recover`, and
+    a record that cannot be read raises unless `skip_bad`, whichever comes first in the file."""
     values = []
     with tqdm(desc="reading", unit=" records", disable=not progress, file=sys.stderr) as bar:
         for where, value in json_records(path):
@@ -178,27 +191,32 @@ def _read(path: Path, recover: bool, report: Report, progress: bool) -> list[tup
         ends_with_newline = f.read(1) == b"\n"
     last = values[-1][1] if values else None
     # In an array, a bad element ends the file (nothing after it can be trusted); in JSONL only a last line
-    # without its newline is a cut, and other bad lines are bad records, dropped like any other.
-    if isinstance(last, BadRecord) and (is_array or not ends_with_newline):
+    # without its newline is a cut, and other bad lines are bad records, an error unless `skip_bad`.
+    cut = last if isinstance(last, BadRecord) and (is_array or not ends_with_newline) else None
+    if cut is not None:
         values.pop()
+    if not skip_bad:
+        for _, value in values:
+            if isinstance(value, BadRecord):
+                raise value  # "path:line: invalid JSON (...); fix the record or pass --skip-bad ..."
+    if cut is not None:
         complete = len(values)
-        bad = last
-        line = bad.where.rsplit(":", 1)[1]
+        line = cut.where.rsplit(":", 1)[1]
         if not recover:
-            raise CamelidError(_cut_message(path, bad, complete, line, is_array))
+            raise CamelidError(_cut_message(path, cut, complete, line, is_array))
         report.facts["recovered"] = complete
-        report.facts["cut_at"] = f"line {line}, record {complete + 1} ({bad.reason})"
+        report.facts["cut_at"] = f"line {line}, record {complete + 1} ({cut.reason})"
     report.read = len(values)
     return values
 
 
 def _cut_message(path: Path, bad: BadRecord, complete: int, line: str, is_array: bool) -> str:
-    if bad.reason == _CUT_INSIDE or not is_array:
+    if bad.reason == CUT_INSIDE_RECORD or not is_array:
         return (
             f"{path}: the file is cut off inside record {complete + 1:,} at line {line}, after {complete:,} "
             f"complete records; pass --recover to keep those {complete:,} records"
         )
-    if bad.reason == _CUT_OPEN:
+    if bad.reason == CUT_INSIDE_ARRAY:
         return (
             f"{path}: the file ends at line {line} after {complete:,} complete records without closing the JSON "
             f"array; pass --recover to keep those {complete:,} records"
@@ -220,7 +238,7 @@ def _clean(values: list[tuple[str, Any]], report: Report, progress: bool) -> lis
     out = []
     for n, (where, value) in enumerate(tqdm(values, desc="cleaning", unit=" records", disable=not progress,
                                             file=sys.stderr), 1):
-        if isinstance(value, BadRecord):  # a bad line of a JSONL file
+        if isinstance(value, BadRecord):  # a bad line of a JSONL file, with skip_bad
             report.drop(value.reason)
             continue
         raw = _raw_roles(value, roles)
@@ -283,11 +301,14 @@ def _record_id(record: dict, n: int) -> str:
     return str(value) if isinstance(value, (str, int)) and str(value) else f"record{n}"
 
 
-_CHUNK_ID = re.compile(r"(.+)_\d+")
+# ShareGPT's ids are 7 letters and digits, and a conversation split into chunks gives them the ids
+# `<id>_<turn the chunk starts at>` (all 17,671 ids of the packaged file are so). Only ids of that shape are taken
+# for chunks: `sample_12` or `row_3` is a conversation of its own, not chunk 12 of `sample`.
+_CHUNK_ID = re.compile(r"([A-Za-z0-9]{7})_\d+")
 
 
 def _source_of(cid: str) -> str:
-    """The conversation a ShareGPT id belongs to: `abc_3` is chunk 3 of `abc`."""
+    """The conversation a ShareGPT id belongs to: `QWJhYvA_11` is a chunk of `QWJhYvA`; other ids are their own."""
     match = _CHUNK_ID.fullmatch(cid)
     return match.group(1) if match else cid
 
@@ -382,56 +403,20 @@ def _dedupe(convs: list[Conversation], report: Report) -> list[Conversation]:
     return out
 
 
-def _lingua():
-    try:
-        import lingua
-    except ImportError:
-        raise CamelidError(
-            "filtering by language needs lingua; install it with: pip install 'camelid[lang]' "
-            "(or lingua-language-detector), or leave out the language filter"
-        ) from None
-    return lingua
-
-
-def _check_languages(languages: Sequence[str]) -> list[str]:
-    """The codes, lower-cased, if lingua knows each; otherwise a one-line error listing the known ones."""
-    lingua = _lingua()
-    known = sorted(lang.iso_code_639_1.name.lower() for lang in lingua.Language.all_spoken_ones())
-    if isinstance(languages, str):
-        languages = [languages]
-    codes = [code.strip().lower() for code in languages if code.strip()]
-    if not codes:
-        raise CamelidError("no language given to keep; give ISO 639-1 codes such as en, fr, de")
-    for code in codes:
-        if code not in known:
-            raise CamelidError(f"unknown language code {code!r}; use ISO 639-1 codes: {', '.join(known)}")
-    return codes
-
-
 def _filter_languages(convs: list[Conversation], wanted: list[str], report: Report, progress: bool):
     """Keep the conversations whose detected language is in `wanted`; count every language seen.
 
     Chunks of one source conversation share its language, detected once from their user turns in order: they
     are kept or dropped together, and the detector, the slowest step after tokenizing, runs once per source.
     """
-    lingua = _lingua()
-    # Low accuracy mode reads trigrams only: 2-3x faster, and on samples of a few hundred characters it agreed
-    # with the full mode on all but ~0.1-0.3% of ShareGPT conversations. Short samples are where it errs, hence
-    # the answers added to a short user text.
-    detector = lingua.LanguageDetectorBuilder.from_all_spoken_languages().with_low_accuracy_mode().build()
+    # Among every language, not only the wanted ones: a text is not French because French is all that is asked.
+    # Low accuracy mode errs on short samples, hence the answers added to a short user text.
+    detector = language_detector(low_accuracy=True)
     chunks: dict[str, list[Messages]] = {}
     for c in convs:
         chunks.setdefault(c.source, []).append(c.messages)
-    sources = list(chunks)
-    samples = [_language_sample(chunks[source]) for source in sources]
-    found: dict[str, str] = {}
-    batch = 2000
-    with tqdm(total=len(samples), desc="languages", unit=" sources", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(samples), batch):
-            detected = detector.detect_languages_in_parallel_of(samples[start : start + batch])
-            for source, lang in zip(sources[start : start + batch], detected):
-                found[source] = lang.iso_code_639_1.name.lower() if lang is not None else "unknown"
-            bar.update(len(detected))
+    samples = [_language_sample(messages) for messages in chunks.values()]
+    found = dict(zip(chunks, detect_languages(detector, samples, progress=progress, unit=" sources")))
     report.facts["languages"] = dict(Counter(found[c.source] for c in convs).most_common())
     keep = set(wanted)
     out = []
@@ -612,7 +597,12 @@ def _train_test(convs: list[Conversation], test_fraction: float, seed: int):
     """Hold out `test_fraction` of the source conversations (at least one when the fraction is not 0)."""
     sources = sorted({c.source for c in convs})
     n_test = round(test_fraction * len(sources))
-    if test_fraction > 0 and n_test == 0 and len(sources) > 1:
+    if test_fraction > 0 and n_test == 0:
+        if len(sources) == 1:  # holding out the only one would leave nothing to train on
+            raise CamelidError(
+                f"all {len(convs):,} conversations kept are of one source conversation ({sources[0]!r}): holding "
+                "it out would leave nothing to train on; pass --test-fraction 0"
+            )
         n_test = 1
     random.Random(seed).shuffle(sources)
     held_out = set(sources[:n_test])

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from camelid.data.formats import Skipped, iter_records, to_messages
+from camelid.data.languages import detect_languages, language_detector
 from camelid.data.report import Report
 from camelid.errors import CamelidError
 
@@ -35,14 +36,17 @@ def dataset_stats(
 
     With a `tokenizer` and chat `template` (both or neither), tokens per conversation and how many are longer
     than each of `context_lengths`; `histogram` is then a PNG path for their distribution. `languages`: True
-    detects the language of each first user turn among all that lingua knows (its models take seconds to
-    load and about 1 GB); a list of ISO 639-1 codes ("en", "fr", ...) limits it to those, which is faster.
+    detects the language of each first user turn among every language lingua knows (its models take seconds to
+    load and about 1 GB); a list of ISO 639-1 codes ("en", "fr", ...) limits it to those, which is faster. The
+    languages are counted by ISO 639-1 code, "unknown" where none can be told (camelid.data.languages).
     """
     if (tokenizer is None) != (template is None):
         raise CamelidError("token counts need both a tokenizer and a chat template; give both or neither")
     if histogram is not None and tokenizer is None:
         raise CamelidError("the token histogram needs a tokenizer and a chat template; give a model")
-    detector = _language_detector(languages) if languages else None
+    if histogram is not None and not Path(histogram).parent.is_dir():  # found now, not after all the tokenizing
+        raise CamelidError(f"{histogram}: there is no directory {Path(histogram).parent} to write it in; create it")
+    detector = language_detector(None if languages is True else languages) if languages else None
 
     src = Path(src)
     report = Report("stats")
@@ -94,9 +98,7 @@ def dataset_stats(
         facts["tokens"] = {"all": sum(tokens), "learned": sum(learned)}
         facts["longer than"] = {str(limit): sum(t > limit for t in tokens) for limit in context_lengths}
     if detector is not None:
-        found = detector.detect_languages_in_parallel_of(first_turns)
-        counts = Counter(lang.name.lower() if lang is not None else "unknown" for lang in found)
-        facts["languages"] = dict(counts.most_common())
+        facts["languages"] = dict(Counter(detect_languages(detector, first_turns)).most_common())
     if histogram is not None:
         from camelid.plots import length_histogram
 
@@ -167,22 +169,6 @@ def _token_counts(template, tokenizer, messages: list[dict], where: str) -> tupl
     except CamelidError as exc:
         raise CamelidError(f"{where}: {exc}") from None
     return len(example.tokens), example.supervised
-
-
-def _language_detector(languages):
-    from lingua import IsoCode639_1, LanguageDetectorBuilder
-
-    if languages is True:
-        return LanguageDetectorBuilder.from_all_languages().build()
-    if isinstance(languages, str):
-        raise CamelidError("languages must be True or a list of ISO 639-1 codes, not one string")
-    codes = []
-    for code in languages:
-        try:
-            codes.append(IsoCode639_1.from_str(str(code).lower()))
-        except ValueError:
-            raise CamelidError(f"unknown language code {code!r}; give ISO 639-1 codes such as en, fr, zh") from None
-    return LanguageDetectorBuilder.from_iso_codes_639_1(*codes).build()
 
 
 def _summary(s: dict) -> str:
