@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion
 
 from camelid.data.formats import read_conversations
@@ -17,7 +18,6 @@ from camelid.data.mix import MixSource
 from camelid.errors import CamelidError
 
 CAMELID = Path(sys.executable).with_name("camelid")
-SEED_TASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_tasks.jsonl"
 
 
 def run_camelid(*args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -42,8 +42,7 @@ def chat(question: str, answer: str) -> dict:
 
 
 def test_selfinstruct_writes_the_teachers_tasks_and_its_report(tmp_path):
-    if not SEED_TASKS.is_file():
-        pytest.skip("shared seed tasks not found")
+    SEED_TASKS = shared_file("seed_tasks.jsonl")
     tasks = [
         ("Describe the picture in detail.", "<noinput>", "It shows a cat."),  # a blacklisted word
         ("Name three primary colours.", "<noinput>", "Red, yellow and blue."),
@@ -70,8 +69,7 @@ def test_selfinstruct_writes_the_teachers_tasks_and_its_report(tmp_path):
 
 
 def test_selfinstruct_with_no_teacher_says_how_to_start_one(tmp_path):
-    if not SEED_TASKS.is_file():
-        pytest.skip("shared seed tasks not found")
+    SEED_TASKS = shared_file("seed_tasks.jsonl")
     result = run_camelid("data", "selfinstruct", "--teacher", "http://127.0.0.1:9/v1", "--seed-tasks", SEED_TASKS,
                          "-o", tmp_path / "t.jsonl", "--target", 1, "--retries", 0, "--no-progress")
     assert "camelid serve" in one_error_line(result)
@@ -207,8 +205,7 @@ def test_killing_selfinstruct_keeps_the_tasks_and_saves_the_report(tmp_path):
     import signal
     import time
 
-    if not SEED_TASKS.is_file():
-        pytest.skip("shared seed tasks not found")
+    SEED_TASKS = shared_file("seed_tasks.jsonl")
     good = "Task 4\nInstruction: List two uses of a paperclip.\nInput: <noinput>\nOutput: Holding paper; a hook.\n###"
 
     def respond(body, index):

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion, error, in_order, prompt_words, slow
 
 from camelid.client import ChatClient, TeacherError
@@ -20,7 +21,6 @@ from camelid.data.selfinstruct import (
 )
 from camelid.errors import CamelidError
 
-SEED_FILE = Path("/work/shared/data/seed_tasks.jsonl")
 
 SEEDS = [
     Task("Give three reasons to learn a second language.", "", "Travel, work and a sharper memory."),
@@ -74,7 +74,7 @@ def run(fake: FakeTeacher, out: Path, *, seeds=SEEDS, concurrency: int = 1, retr
 
 
 def test_the_shared_seed_file_reads_as_175_tasks():
-    tasks = read_seed_tasks(SEED_FILE)
+    tasks = read_seed_tasks(shared_file("seed_tasks.jsonl"))
     assert len(tasks) == 175
     assert tasks[1] == Task("What is the relation between the given pairs?", "Night : Day :: Right : Left",
                             "The relation between the given pairs is that they are opposites.")
@@ -527,7 +527,7 @@ def test_a_users_file_without_its_final_newline_is_refused_and_left_whole(tmp_pa
 
 def test_a_seed_file_as_output_is_refused(tmp_path):
     seeds = tmp_path / "seed_tasks.jsonl"
-    data = SEED_FILE.read_bytes()
+    data = shared_file("seed_tasks.jsonl").read_bytes()
     seeds.write_bytes(data)
     client = ChatClient("http://127.0.0.1:1/v1", "m", retries=0)
     with pytest.raises(CamelidError) as caught:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion, error
 
 from camelid.client import ChatClient, TeacherError
@@ -17,7 +18,6 @@ from camelid.eval.answers import (
     temperature_for,
 )
 
-DATA = Path("/work/shared/data")
 
 QUESTIONS = [
     Question(1, "writing", ("Write a haiku about rain.", "Now make it about snow.")),
@@ -44,13 +44,13 @@ def client_for(fake: FakeTeacher, **options) -> ChatClient:
 
 
 def test_the_shared_question_files():
-    mt = read_questions(DATA / "mt_bench_question.jsonl")
+    mt = read_questions(shared_file("mt_bench_question.jsonl"))
     assert len(mt) == 80 and all(len(q.turns) == 2 for q in mt)
     assert [q.question_id for q in mt] == list(range(81, 161))
     math = [q for q in mt if q.category == "math"]
     assert len(math) == 10 and all(q.reference and len(q.reference) == 2 for q in math)
     assert mt[0].reference is None and mt[0].category == "writing"
-    vicuna = read_questions(DATA / "vicuna_bench_question.jsonl")
+    vicuna = read_questions(shared_file("vicuna_bench_question.jsonl"))
     assert len(vicuna) == 80 and all(len(q.turns) == 1 for q in vicuna)
 
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion, error, in_order, prompt_words
 
 from camelid.client import ChatClient, TeacherError
@@ -25,7 +26,6 @@ from camelid.eval.judge import (
 )
 from camelid.eval.ratings import read_battles
 
-DATA = Path("/work/shared/data")
 STRENGTH = {"alpha": 8, "beta": 5, "gamma": 3}  # the fake judge's rating of each model; the stronger wins pairs
 SINGLE_KEYS = {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
 PAIR_KEYS = {"question_id", "model_1", "model_2", "g1_winner", "g2_winner", "judge", "g1_user_prompt", "g1_judgment",
@@ -35,7 +35,7 @@ PAIR_KEYS = {"question_id", "model_1", "model_2", "g1_winner", "g2_winner", "jud
 @pytest.fixture(scope="module")
 def questions() -> list[Question]:
     """Two real MT-bench questions: 81 (writing, no reference) and 111 (math, a reference for both turns)."""
-    chosen = [q for q in read_questions(DATA / "mt_bench_question.jsonl") if q.question_id in (81, 111)]
+    chosen = [q for q in read_questions(shared_file("mt_bench_question.jsonl")) if q.question_id in (81, 111)]
     assert [q.category for q in chosen] == ["writing", "math"] and chosen[1].reference
     return chosen
 
@@ -203,7 +203,7 @@ def test_all_pairs_of_a_fair_judge_rank_the_models(tmp_path, questions, answers)
 
 def test_references_are_shown_only_for_the_categories_that_need_them():
     """Question 131 (extraction) has a reference in MT-bench, but FastChat judges extraction without one."""
-    extraction = next(q for q in read_questions(DATA / "mt_bench_question.jsonl") if q.question_id == 131)
+    extraction = next(q for q in read_questions(shared_file("mt_bench_question.jsonl")) if q.question_id == 131)
     assert extraction.category == "extraction" and extraction.reference
     for turn in (1, 2):
         prompt, messages = single_messages(extraction, ["x", "y"], turn)

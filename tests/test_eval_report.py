@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion
 from PIL import Image
 
@@ -147,7 +148,7 @@ def test_answers_judge_and_report_end_to_end(tmp_path):
     from camelid.eval.ratings import read_battles
 
     questions = tmp_path / "q.jsonl"
-    vicuna = Path("/work/shared/data/vicuna_bench_question.jsonl").read_text().splitlines()
+    vicuna = shared_file("vicuna_bench_question.jsonl").read_text().splitlines()
     shared = [json.loads(line) for line in vicuna]
     write_jsonl(questions, [q for q in shared if q["question_id"] in (1, 71)])
     for model, words in (("terse", 2), ("wordy", 9)):
