@@ -205,6 +205,7 @@ def good(instruction: str, output: str = "An answer.") -> Task:
 
 @pytest.mark.parametrize("task, rule", [
     (good("Name two."), "instruction under 3 words"),
+    (good(""), "no instruction"),
     (good("Name two oceans."), None),
     (good("Describe " + "very " * 149 + "slowly."), "instruction over 150 words"),
     (good("Describe " + "very " * 148 + "slowly."), None),

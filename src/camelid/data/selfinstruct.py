@@ -272,6 +272,8 @@ def rule_broken(task: Task) -> str | None:
     """The first of Alpaca's filters that `task` fails, by the rule's name, or None; near-duplicates are apart."""
     instruction = task.instruction
     words = len(instruction.split())
+    if not words:  # a numbered heading with nothing under it: what weak teachers write most
+        return "no instruction"
     if words < MIN_WORDS:
         return f"instruction under {MIN_WORDS} words"
     if words > MAX_WORDS:
