@@ -70,7 +70,8 @@ class _RMSNorm(torch.autograd.Function):
 def rope_inv_freq(config: ModelConfig) -> Tensor:
     """Inverse frequencies of the rotary embedding, with linear or Llama-3.1 scaling applied (float32, [D/2])."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU even while a model is built on the meta device (meta arithmetic imports torch._dynamo: 2 s)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -261,7 +262,12 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Built on the meta device (to load a checkpoint into), the embedding is left uninitialised: normal_ on a
+        # meta tensor imports torch._dynamo, which took 2 s of a load that otherwise takes half a second.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)  # nn.Embedding's own initialisation
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -276,7 +282,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(self.lm_head.weight.device), persistent=False)
         self.gradient_checkpointing = False
         self.quantization = "none"  # set by camelid.quantize.quantize_model
 
