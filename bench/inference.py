@@ -9,7 +9,6 @@ of threads; the table gives tokens per second and camelid's ratio to each peer.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,6 +64,7 @@ def bench_camelid(path, prompt, n_decode, repeats, quantize=None):
 
 def bench_llamacpp(path, prompt, n_decode, repeats, threads):
     import llama_cpp
+    import numpy as np
 
     start = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
@@ -82,8 +82,9 @@ def bench_llamacpp(path, prompt, n_decode, repeats, threads):
         llm.eval(prompt[:16])
         start = time.perf_counter()
         for _ in range(n_decode):
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
-            llm.eval([token])
+            # llm.scores is filled only with logits_all=True; the last logits come straight from llama.cpp
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(logits.argmax())])
         return n_decode / (time.perf_counter() - start)
 
     decode_tps = max(decode() for _ in range(repeats))
@@ -125,7 +126,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out transformers (slow to load)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
-    parser.add_argument("--quantize", choices=["f16"], help="also measure camelid with this weight quantization")
+    parser.add_argument("--quantize", choices=["f16", "int8"], help="also measure camelid with this weight quantization")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -55,8 +55,13 @@ def run_chat(
     system: str | None = None,
     read: Callable[[str], str] = input,
     write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+    stream_answer: Callable | None = None,
 ) -> None:
-    """The `camelid chat` loop: read a line, stream the answer, keep the history; commands start with '/'."""
+    """The `camelid chat` loop: read a line, stream the answer, keep the history; commands start with '/'.
+
+    `stream_answer` is `camelid.generate.stream` (the default), or `camelid.llamacpp.stream` for a model on
+    llama.cpp."""
+    stream_answer = stream_answer or stream
     template = chat_template_for(loaded, template_name)
     history: list[dict] = []
     write(f"camelid chat with {loaded.source.name} — /help for commands, Ctrl-D to leave\n")
@@ -102,7 +107,7 @@ def run_chat(
         history.append({"role": "user", "content": text})
         answer = ""
         try:
-            for piece in stream(loaded.model, loaded.tokenizer, prompt, params):
+            for piece in stream_answer(loaded.model, loaded.tokenizer, prompt, params):
                 answer += piece
                 write(piece)
         except KeyboardInterrupt:

@@ -83,7 +83,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory, or a LoRA
     adapter directory (its base model with the adapter merged in).
 
-    `quantize="f16"` stores the linear weights in float16 for faster CPU decoding (see camelid.quantize).
+    `quantize="f16"` or `"int8"` stores the linear weights smaller for faster CPU decoding (see camelid.quantize).
     """
     from camelid.chat_template import read_chat_template
     from camelid.quantize import check_quantization, quantize_model

@@ -32,8 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize", choices=list(QUANTIZATIONS), default="none",
-        help="f16: keep the weights in float16 for ~2x faster CPU decoding (perplexity +0.01%% on SmolLM2); "
-        "none: exact float32, equal to transformers (default)",
+        help="f16: float16 weights, ~2x faster CPU decoding (SmolLM2's perplexity +0.005%%); int8: f16 with an "
+        "int8 output head, faster still (perplexity -0.06%%); none: exact float32, equal to transformers (default)",
     )
 
 
@@ -76,6 +76,61 @@ def _load(args):
     return load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend", choices=["camelid", "llamacpp"], default="camelid",
+        help="camelid: camelid's own PyTorch model (default); llamacpp: run a GGUF file on llama.cpp "
+        "(pip install 'camelid[llamacpp]'), with camelid's tokenizer, chat template, sampling and stop strings "
+        "around its logits; --device, --dtype and --quantize do not apply to it",
+    )
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for the model's arithmetic (default: torch's, one per core); with llamacpp, "
+                   "llama.cpp's threads (torch samples on one)")
+
+
+def _refuse_llamacpp_flags(args) -> None:
+    """Flags of camelid's own backend that llama.cpp has no use for are refused, not ignored."""
+    if args.threads is not None and args.threads < 1:
+        raise CamelidError(f"--threads must be at least 1, not {args.threads}")
+    if args.backend != "llamacpp":
+        return
+    reasons = {
+        "device": "llama.cpp runs where llama-cpp-python was built to run",
+        "dtype": "llama.cpp computes in the GGUF file's own types",
+        "quantize": "llama.cpp runs the GGUF file's own quantization; pick a quantized GGUF file instead",
+    }
+    for flag, reason in reasons.items():
+        if getattr(args, flag) not in (None, "none"):
+            raise CamelidError(f"--{flag} does not apply to --backend llamacpp ({reason}); leave it out")
+
+
+def _threads(args) -> int | None:
+    """--threads for torch with camelid's backend; for llama.cpp's with llamacpp, where torch only samples, on one
+    thread: more would only wait for the cores llama.cpp's threads are using."""
+    import torch
+
+    if args.backend == "camelid":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args.threads
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def _load_for_backend(args):
+    """The model and the `stream` function that decodes it, for chat and generate: camelid's or llama.cpp's."""
+    _refuse_llamacpp_flags(args)
+    threads = _threads(args)
+    if args.backend == "llamacpp":
+        from camelid.llamacpp import load_llamacpp, stream
+
+        return load_llamacpp(args.model, threads=threads), stream
+    from camelid.generate import stream
+
+    return _load(args), stream
+
+
 def cmd_models(args) -> None:
     from camelid.models import NAMED_MODELS
 
@@ -90,15 +145,15 @@ def cmd_chat(args) -> None:
     from camelid.chat import run_chat
 
     params = _sampling(args)  # validate flags before the slow load
-    run_chat(_load(args), params, template_name=args.template, system=args.system)
+    loaded, stream = _load_for_backend(args)
+    run_chat(loaded, params, template_name=args.template, system=args.system, stream_answer=stream)
 
 
 def cmd_generate(args) -> None:
     from camelid.chat import chat_template_for, encode_chat
-    from camelid.generate import stream
 
     params = _sampling(args)
-    loaded = _load(args)
+    loaded, stream = _load_for_backend(args)
     if args.chat or args.template or args.system:
         template = chat_template_for(loaded, args.template)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -152,6 +207,57 @@ def cmd_quickstart(args) -> None:
     print(f"  camelid chat -m {result.model_dir}")
 
 
+def cmd_cost(args) -> None:
+    from camelid.cost import GPUS, cost_json, cost_table, estimate_cost, gpu_table, parse_count
+
+    if args.list_gpus:
+        print(gpu_table())
+        return
+    if not args.recipe:
+        raise CamelidError("give a RECIPE (a name from recipes/ or a YAML file), or --list-gpus")
+    if not args.gpu:
+        raise CamelidError(f"give --gpu NAME, one of: {', '.join(GPUS)} (see: camelid cost --list-gpus)")
+    counts = {flag: None if value is None else parse_count(value, flag) for flag, value in (
+        ("--examples", args.examples), ("--tokens-per-example", args.tokens_per_example), ("--tokens", args.tokens),
+        ("--model-size", args.model_size))}
+    estimate = estimate_cost(
+        args.recipe, gpu=args.gpu, count=args.count, utilization=args.utilization, price=args.price,
+        overrides=args.overrides, preset_name=args.preset, model_size=counts["--model-size"],
+        examples=counts["--examples"], tokens_per_example=counts["--tokens-per-example"], tokens=counts["--tokens"],
+        tokenizer=args.tokenizer,
+    )
+    print(cost_json(estimate) if args.json else cost_table(estimate))
+
+
+def _cost_epilog() -> str:
+    from camelid.cost import DEFAULT_UTILIZATION
+
+    return f"""\
+FLOPs (N: weights that multiply each token, i.e. all but the input embedding and norms, a tied head counted;
+D: token positions run, padding included; S: sum of padded row lengths squared; L layers; d = heads x head dim):
+  full fine-tuning        6·N·D + 12·L·d·S
+  LoRA                    4·N·D + 6·N_lora·D + 12·L·d·S    (frozen weights get no weight gradients)
+  gradient checkpointing  + 2·(N + N_lora)·D + 4·L·d·S      (the forward runs again in backward)
+  evaluation              + 2·(N + N_lora)·D_eval + 4·L·d·S_eval a pass over the held-out rows, on every GPU
+hours = FLOPs / (count x peak dense bf16 TFLOP/s x utilisation) / 3600; dollars = hours x count x price.
+The default utilisation, {DEFAULT_UTILIZATION:g}, is what the Hugging Face Trainer with FSDP reached in 2023
+(about half of tuned Megatron-LM's 41.5% MFU on A100s; GPT-3 trained at 21.3%): the camelid.cost docstring cites
+the sources.
+Memory: 16 bytes a parameter for full fine-tuning (float32 weights, gradients, Adam's two moments), 2 per frozen
+bf16 parameter plus 16 per adapter weight for LoRA, sharded over --count with FSDP; activations come on top.
+
+Tokens come from the recipe's data when the files are here (tokenized as training does), else from --examples
+with --tokens-per-example (default with packing off: seq_len, every row padded to full length), or --tokens.
+
+examples:
+  camelid cost --list-gpus
+  camelid cost alpaca --gpu A100-80GB --count 8 --preset llama-2-7b --examples 52002 --price 1.5
+  camelid cost vicuna --gpu A100-80GB --count 8 --preset llama-2-13b --examples 70000
+  camelid cost quickstart data=runs/quickstart/identity.jsonl --gpu RTX-4090 --json
+  camelid cost alpaca epochs=1 model=./llama-7b-hf data=alpaca_data.json --gpu H100-SXM --count 8
+"""
+
+
 def _train_epilog() -> str:
     from camelid.train.recipe import FIELDS, HELP
 
@@ -172,23 +278,39 @@ def _train_epilog() -> str:
 
 
 def cmd_convert(args) -> None:
-    from camelid.checkpoint import load_model, save_model
-
-    loaded = load_model(args.src, device="cpu", dtype="float32")
-    out = save_model(loaded, args.dst, dtype=args.dtype, overwrite=args.force)
-    print(f"wrote {out} ({loaded.model.num_parameters() / 1e6:.1f}M parameters, {args.dtype or 'float32'})")
+    _export_hf(args.src, args.dst, dtype=args.dtype, force=args.force)
 
 
 def cmd_export_merge(args) -> None:
-    from camelid.checkpoint import load_model, save_model
     from camelid.train.lora import is_adapter_dir
 
     if not is_adapter_dir(args.adapter):
         raise CamelidError(f"{args.adapter}: not a LoRA adapter directory (no adapter_config.json); "
-                           "to copy a full model use `camelid convert`")
-    loaded = load_model(args.adapter, device="cpu", dtype="float32")  # the base with the adapter merged in
-    out = save_model(loaded, args.out, dtype=args.dtype, overwrite=args.force)
-    print(f"wrote {out} ({loaded.model.num_parameters() / 1e6:.1f}M parameters, {args.dtype or 'float32'})")
+                           "to copy a full model use `camelid export hf`")
+    _export_hf(args.adapter, args.out, dtype=args.dtype, force=args.force)
+
+
+def cmd_export_hf(args) -> None:
+    _export_hf(args.model, args.out, dtype=args.dtype, force=args.force)
+
+
+def _export_hf(model: str, out: str, *, dtype: str | None, force: bool) -> None:
+    """`export hf`, `export merge` and `convert`: one library call (an adapter directory comes merged)."""
+    from camelid.export import export_hf
+
+    path = export_hf(model, out, dtype=dtype, overwrite=force)
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    print(f"wrote {path} (HF directory, {dtype or 'float32'}, {size / 1e6:.1f} MB)")
+
+
+def cmd_export_gguf(args) -> None:
+    import time
+
+    from camelid.export import export_gguf
+
+    start = time.perf_counter()
+    path = export_gguf(args.model, args.out, type=args.type, name=args.name, overwrite=args.force)
+    print(f"wrote {path} (GGUF {args.type}, {path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
 
 
 def cmd_serve(args) -> None:
@@ -199,14 +321,16 @@ def cmd_serve(args) -> None:
         value = getattr(args, flag)
         if value < (0 if flag == "port" else 1):
             raise CamelidError(f"--{flag.replace('_', '-')} must be at least {0 if flag == 'port' else 1}, not {value}")
+    _refuse_llamacpp_flags(args)
+    threads = _threads(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or _env(API_KEY_ENV)):
         print(f"camelid: warning: serving on {args.host} without an API key: anyone who can reach it may use it "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr)
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, api_key=args.api_key, limits=limits,
           votes=args.votes, device=args.device, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch,
-          max_queue=args.max_queue, context=args.context, template=args.template,
-          log=lambda m: print(m, file=sys.stderr))
+          max_queue=args.max_queue, context=args.context, template=args.template, backend=args.backend,
+          threads=threads, log=lambda m: print(m, file=sys.stderr))
 
 
 # -- camelid data ----------------------------------------------------------------------------------------------
@@ -473,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_template_args(p, implies_chat=False)
     _add_sampling_args(p)
+    _add_backend_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="complete one prompt and print the result as it is generated")
@@ -482,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send the prompt as a user message through the chat template (default: raw completion)")
     _add_template_args(p, implies_chat=True)
     _add_sampling_args(p)
+    _add_backend_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="write a model (name, GGUF or HF directory) as an HF-format directory")
@@ -525,6 +651,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the quickstart recipe (see: camelid train --help), e.g. epochs=5")
     p.set_defaults(func=cmd_quickstart)
 
+    from camelid.config import PRESETS
+
+    p = sub.add_parser(
+        "cost", help="estimate a recipe's training tokens, FLOPs, hours and dollars on a given GPU",
+        description="Estimates what training RECIPE costs on --count GPUs of kind --gpu: the tokens it processes, "
+        "its FLOPs, hours at a stated utilisation, GPU-hours and dollars, with the assumptions; warns when the "
+        "weights and optimizer state will not fit the GPUs' memory.",
+        epilog=_cost_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", metavar="RECIPE", nargs="?",
+                   help="a recipe name (alpaca, vicuna, koala, gpt4all, quickstart: recipes/NAME.yaml) or a YAML file")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
+                   help="override a recipe key as `camelid train` does (e.g. epochs=1 seq_len=1024)")
+    p.add_argument("--gpu", metavar="NAME", help="the GPU kind (see --list-gpus), e.g. A100-80GB")
+    p.add_argument("--count", type=int, default=1, help="how many GPUs train together (default 1)")
+    p.add_argument("--price", type=float, metavar="DOLLARS",
+                   help="dollars per GPU-hour, for the dollar cost (default: none, dollars not computed)")
+    from camelid.cost import DEFAULT_UTILIZATION
+
+    p.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, metavar="U",
+                   help="the share of peak FLOP/s a run reaches, 0 to 1 (default %(default)s: Hugging Face Trainer + "
+                   "FSDP in 2023; about 0.5 for tuned 2024 stacks)")
+    p.add_argument("--preset", metavar="NAME",
+                   help=f"take the model's shapes from this preset when the recipe's model is not on this machine: "
+                   f"{', '.join(PRESETS)} (LLaMA-7B and 13B have llama-2-7b's and llama-2-13b's shapes)")
+    p.add_argument("--model-size", metavar="N",
+                   help="the model's parameter count instead (e.g. 6.7B or 6.7e9): 6·N·D without the attention term")
+    p.add_argument("--examples", metavar="N",
+                   help="examples (conversations) in the data, when the data file is not here (e.g. 52002 or 70K)")
+    p.add_argument("--tokens-per-example", metavar="T",
+                   help="mean tokens a training row holds per example, padding included (default with packing off: "
+                   "seq_len; required with packing on unless --tokens is given)")
+    p.add_argument("--tokens", metavar="N",
+                   help="tokens in one pass over the whole data set, padding included (e.g. 80M), instead of "
+                   "--tokens-per-example")
+    p.add_argument("--tokenizer", metavar="MODEL",
+                   help="count the data's tokens with this model's tokenizer when the recipe's model is not here")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.add_argument("--list-gpus", action="store_true",
+                   help="print the GPU table (peak dense bf16 TFLOP/s, memory, source of each) and exit")
+    p.set_defaults(func=cmd_cost)
+
     from camelid.chat_template import BUILTIN_TEMPLATES
 
     p = sub.add_parser(
@@ -544,11 +712,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where to run: cpu, cuda, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), help="precision (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--quantize", choices=list(QUANTIZATIONS), default="none",
-                   help="f16: float16 weights, ~2x faster CPU decoding; none: exact float32 (default)")
+                   help="f16: float16 weights, ~2x faster CPU decoding; int8: f16 with an int8 output head; "
+                   "none: exact float32 (default)")
     p.add_argument("--template", choices=list(BUILTIN_TEMPLATES), metavar="NAME",
                    help=f"a built-in chat template for every model instead of their own: {', '.join(BUILTIN_TEMPLATES)}")
     p.add_argument("--max-batch", type=int, default=8,
-                   help="sequences decoded together per model; more waits in line (default 8)")
+                   help="sequences decoded together per model; more waits in line (default 8; with --backend "
+                   "llamacpp requests are answered one at a time and this only bounds a request's n)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a batch row per model before the server answers 503 (default 64)")
     p.add_argument("--context", type=int,
@@ -560,11 +730,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the largest request body accepted; larger is refused with 413 (default 1048576)")
     p.add_argument("--votes", default="arena-votes.jsonl",
                    help="the JSONL file arena votes are appended to (default arena-votes.jsonl)")
+    _add_backend_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="write a model in another form (see: camelid export --help)")
+    from camelid.export import GGUF_TYPES
+
+    p = sub.add_parser("export", help="write a model as a GGUF file or an HF directory (see: camelid export --help)")
     export = p.add_subparsers(dest="export_command", required=True, metavar="KIND")
-    p = export.add_parser("merge", help="fold a LoRA adapter into its base model; write an HF-format directory")
+    p = export.add_parser(
+        "gguf", help="write one GGUF file that llama.cpp runs: weights, tokenizer and chat template",
+        description="Writes MODEL as a GGUF file for llama.cpp (and camelid): the llama architecture, the "
+        "tokenizer as llama.cpp reads it, and the chat template. A LoRA adapter directory is merged into its base "
+        "first. Norms and biases stay float32, as llama.cpp's own converter keeps them; 4- and 5-bit types keep "
+        "the vocabulary projection in q8_0. The file appears whole or not at all.",
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_KINDS)
+    p.add_argument("out", metavar="OUT.gguf", help="the file to write (refused if it exists, unless --force)")
+    p.add_argument("--type", default="f16", metavar="TYPE",
+                   help=f"weight type: {', '.join(GGUF_TYPES)} (default f16: half the size of f32 and practically "
+                   "lossless; q8_0: a quarter of f32, slightly lossy; q5_1 to q4_0: smaller again and lossy, "
+                   "meant for 7B-size models; the K-quants come from llama.cpp's llama-quantize on an f16 file)")
+    p.add_argument("--name", help="the model name stored in the file (general.name; default: the source's own, "
+                   "or its file or directory name)")
+    p.add_argument("--force", action="store_true", help="replace OUT.gguf if it exists")
+    p.set_defaults(func=cmd_export_gguf)
+
+    p = export.add_parser(
+        "hf", help="write a Hugging Face model directory that transformers loads (adapters merged)",
+        description="Writes MODEL as an HF-format directory: config.json, model.safetensors, tokenizer.json, "
+        "tokenizer_config.json and the chat template. A LoRA adapter directory is merged into its base first. "
+        "`camelid convert` and `camelid export merge` do the same.",
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_KINDS)
+    p.add_argument("out", metavar="OUT_DIR", help="the directory to create (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="precision of the written weights (default float32: exact for any source)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it is an existing directory")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = export.add_parser("merge", help="fold a LoRA adapter into its base model; write an HF-format directory "
+                          "(export hf, for adapter directories only)")
     p.add_argument("adapter", metavar="ADAPTER",
                    help="a LoRA adapter directory (adapter_config.json naming its base, adapter_model.safetensors)")
     p.add_argument("out", metavar="OUT", help="the directory to create (must not exist, or be empty)")

@@ -10,6 +10,7 @@ from camelid.serve.engine import Engine
 
 API_KEY_ENV = "CAMELID_API_KEY"
 DEFAULT_CONTEXT = 4096
+BACKENDS = ("camelid", "llamacpp")
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -32,20 +33,31 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 def load_served_models(specs: list[str], *, device: str = "cpu", dtype: str = "float32", quantize: str = "none",
                        max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-                       template: str | None = None) -> list[ServedModel]:
+                       template: str | None = None, backend: str = "camelid",
+                       threads: int | None = None) -> list[ServedModel]:
+    """`backend="llamacpp"` runs GGUF files on llama.cpp with `threads` (device, dtype and quantize are camelid's)."""
     from camelid.chat import chat_template_for
     from camelid.checkpoint import load_model
 
+    if backend not in BACKENDS:
+        raise CamelidError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     served = []
     for name, spec in parse_model_specs(specs):
-        loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
+        if backend == "llamacpp":
+            from camelid.llamacpp import load_llamacpp
+            from camelid.serve.llamacpp_engine import LlamaCppEngine
+
+            loaded = load_llamacpp(spec, n_ctx=context, threads=threads)
+            engine = LlamaCppEngine(loaded, max_batch=max_batch, max_queue=max_queue)
+        else:
+            loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
+            # The cache is allocated whole, rows x context: a default of 4K tokens keeps SmolLM2's 8 rows at 1.5 GB.
+            length = context or min(loaded.config.max_sequence_length, DEFAULT_CONTEXT)
+            engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, max_len=length)
         try:
             chat_template = chat_template_for(loaded, template)
         except CamelidError:
             chat_template = None  # completions only
-        # The cache is allocated whole, rows x context: a default of 4K tokens keeps SmolLM2's 8 rows at 1.5 GB.
-        length = context or min(loaded.config.max_sequence_length, DEFAULT_CONTEXT)
-        engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, max_len=length)
         served.append(ServedModel(name, loaded, engine, chat_template, int(time.time())))
     return served
 

@@ -1,0 +1,465 @@
+"""Writing a model out: a Hugging Face directory that transformers loads, or a GGUF file that llama.cpp runs.
+
+`export_gguf` is the inverse of reading a GGUF (camelid.checkpoint.read_gguf_weights, config_from_gguf and
+camelid.tokenizer.tokenizer_from_gguf): camelid loads its own f32 export back with identical weights, config and
+tokenization. Tensors are named, laid out and typed as llama.cpp's own converter writes them: q/k rows in
+llama.cpp's interleaved rotary order, 1-D tensors (norms, biases, rope factors) in f32, no output.weight for
+tied embeddings. The vocabulary is rebuilt from the tokenizer as GGUF metadata and read back before anything is
+written, so a tokenizer GGUF cannot express is refused instead of exported to tokenize differently.
+"""
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from camelid.checkpoint import GGUF_NAMES, LoadedModel, load_model, save_model
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+from camelid.model import rope_inv_freq
+from camelid.tokenizer import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    Tokenizer,
+    tokenizer_from_gguf,
+)
+
+# What `--type` offers: everything the `gguf` package quantizes in Python bit for bit as ggml's reference code
+# does. The K-quants are missing there (the package only dequantizes them); llama.cpp's llama-quantize makes them
+# from an f16 or f32 export.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# 4- and 5-bit files keep the vocabulary projection (output.weight, or the tied embedding that serves as one) in
+# Q8_0: llama-quantize keeps it at 6 bits or more for these types, since every logit goes through it.
+_LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
+
+
+def export_hf(model: LoadedModel | str | Path, out: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
+    """Write `model` as an HF-format directory (config.json, model.safetensors, tokenizer, chat template).
+
+    `model` is a LoadedModel or anything `load_model` takes; a LoRA adapter directory comes merged into its base.
+    `dtype` is float32 (default), bfloat16 or float16.
+    """
+    out = Path(out)
+    check_output(out, overwrite=overwrite)
+    loaded = _loaded(model)
+    return save_model(loaded, out, dtype=dtype, overwrite=overwrite)
+
+
+def export_gguf(
+    model: LoadedModel | str | Path,
+    out: str | Path,
+    *,
+    type: str = "f16",
+    name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write `model` as one GGUF file that llama.cpp runs: weights, config, tokenizer and chat template.
+
+    `model` is a LoadedModel or anything `load_model` takes (a LoRA adapter directory comes merged). `type` is one
+    of GGUF_TYPES; 1-D tensors stay f32 whatever it is. `name` is stored as general.name (default: the source's
+    own general.name, or its file or directory name). The file appears whole or not at all; an existing `out` is
+    replaced only with `overwrite`.
+    """
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    qtype = _gguf_type(type)
+    out = Path(out)
+    if out.is_dir():
+        raise CamelidError(f"{out} is a directory; give the file to write, e.g. {out / 'model.gguf'}")
+    check_output(out, overwrite=overwrite)
+    loaded = _loaded(model)
+    config = loaded.config
+    _check_exportable(loaded)
+    metadata = gguf_vocabulary(loaded.tokenizer, config.vocab_size)
+    tensors = _gguf_tensor_plan(config, loaded.model.state_dict(), type)
+
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = GGUFWriter(tmp, "llama")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _add_model_metadata(writer, config, name or _default_name(loaded), qtype)
+        for key, value in metadata.items():
+            _add_value(writer, key, value)
+        if loaded.chat_template:
+            writer.add_chat_template(loaded.chat_template)
+        for gguf_name, (tensor, tensor_type) in tensors.items():
+            nbytes = _nbytes(tensor.shape, tensor_type)
+            # The dtype only matters to the writer for raw byte arrays; the shape is the logical one.
+            writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.dtype(np.float32), nbytes,
+                                   raw_dtype=GGMLQuantizationType[tensor_type.upper()])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(_nbytes(t.shape, k) for t, k in tensors.values())
+        # On a terminal only (disable=None): seconds for SmolLM2, minutes for a 7B model.
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}",
+                  disable=None if progress else True) as bar:
+            for gguf_name, (tensor, tensor_type) in tensors.items():
+                data = _encode(gguf_name, tensor, tensor_type, config)  # one tensor in memory at a time
+                writer.write_tensor_data(data)
+                bar.update(data.nbytes)
+        writer.close()
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CamelidError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def check_output(out: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse an existing `out` (an empty directory is fine) unless `overwrite`, before any slow work."""
+    out = Path(out)
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if out.exists() and not overwrite:
+        raise CamelidError(f"{out} already exists; choose another path, or pass --force to replace it")
+
+
+def _loaded(model: LoadedModel | str | Path) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(model, device="cpu", dtype="float32")
+
+
+def _check_exportable(loaded: LoadedModel) -> None:
+    model, config = loaded.model, loaded.config
+    if model.quantization != "none":
+        raise CamelidError(
+            f"this model was loaded with --quantize {model.quantization}; "
+            "load it without (quantize='none') to export it"
+        )
+    if getattr(model, "lora", None) is not None:
+        raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora)")
+    if config.mlp_bias:
+        raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")
+
+
+def _gguf_type(kind: str):
+    from gguf import GGMLQuantizationType
+
+    if kind not in GGUF_TYPES:
+        raise CamelidError(f"unknown GGUF type {kind!r}; choose one of: {', '.join(GGUF_TYPES)}")
+    return GGMLQuantizationType[kind.upper()]
+
+
+def _default_name(loaded: LoadedModel) -> str:
+    source = Path(loaded.source)
+    if source.is_file():
+        from camelid.gguf_file import GGUFFile
+
+        try:
+            return str(GGUFFile(source).metadata.get("general.name") or source.stem)
+        except CamelidError:
+            return source.stem
+    return source.name
+
+
+# -- the model -------------------------------------------------------------------------------------------------
+
+_HF_TO_GGUF = {hf: gguf for gguf, hf in GGUF_NAMES.items()}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def hf_to_gguf_name(name: str) -> str:
+    """The GGUF name of a camelid (HF) tensor name: model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight."""
+    if m := _LAYER.fullmatch(name):
+        template = _HF_TO_GGUF.get(f"model.layers.{{i}}.{m[2]}")
+        if template is not None:
+            return template.format(i=m[1])
+    elif name in _HF_TO_GGUF:
+        return _HF_TO_GGUF[name]
+    raise CamelidError(f"tensor {name} has no counterpart in GGUF's llama architecture; this model cannot be exported")
+
+
+def _gguf_tensor_plan(config: ModelConfig, state: dict[str, torch.Tensor], kind: str) -> dict[str, tuple]:
+    """GGUF name -> (tensor in camelid's layout, type name), in the order they are written."""
+    plan = {}
+    if (config.rope_scaling or {}).get("rope_type") == "llama3":
+        # llama.cpp keeps Llama-3.1 scaling as per-frequency divisors of the plain frequencies.
+        plain = rope_inv_freq(ModelConfig(**{**config.__dict__, "rope_scaling": None}))
+        plan["rope_freqs.weight"] = ((plain / rope_inv_freq(config)).float(), "f32")
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp uses token_embd for the output when there is no output.weight
+        gguf_name = hf_to_gguf_name(hf_name)
+        plan[gguf_name] = (tensor, _tensor_type(gguf_name, tensor.shape, kind, config))
+    return plan
+
+
+def _tensor_type(gguf_name: str, shape, kind: str, config: ModelConfig) -> str:
+    """The type llama.cpp's converter would give this tensor in a file of type `kind`."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if len(shape) < 2 or not gguf_name.endswith(".weight"):
+        return "f32"  # norms and biases: tiny, and precision-critical
+    if kind in _LOW_BIT and (gguf_name == "output.weight" or (gguf_name == "token_embd.weight"
+                                                               and config.tie_word_embeddings)):
+        kind = "q8_0"
+    block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]]
+    if shape[-1] % block:
+        return "f16"  # rows that do not fill whole blocks cannot be quantized; the converter falls back the same way
+    return kind
+
+
+def _nbytes(shape, kind: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]]
+    return int(np.prod(shape, dtype=np.int64)) // block * block_bytes
+
+
+def _permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q/k rows from the HF half-split rotary layout to llama.cpp's interleaved pairs (inverse of _unpermute_rope)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _encode(gguf_name: str, tensor: torch.Tensor, kind: str, config: ModelConfig) -> np.ndarray:
+    """The tensor's bytes as GGUF stores them."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    w = tensor.detach().to(device="cpu", dtype=torch.float32)
+    if ".attn_q." in gguf_name:
+        w = _permute_rope(w, config.num_attention_heads)
+    elif ".attn_k." in gguf_name:
+        w = _permute_rope(w, config.num_key_value_heads)
+    return quantize(np.ascontiguousarray(w.numpy()), GGMLQuantizationType[kind.upper()])
+
+
+def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:
+    from gguf import GGML_QUANT_VERSION, LlamaFileType, RopeScalingType
+
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_file_type(LlamaFileType["ALL_F32" if qtype.name == "F32" else f"MOSTLY_{qtype.name}"])
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    # llama's GGUF architecture has no sliding window: a Mistral-v0.1-style model is exact only up to it.
+    writer.add_context_length(config.max_sequence_length)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    # llama3 scaling travels as the rope_freqs tensor, as llama.cpp's converter writes it.
+
+
+def _add_value(writer, key: str, value: Any) -> None:
+    """One metadata value, typed as llama.cpp reads it (ids uint32, flags bool, arrays by element)."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, value)
+
+
+# -- the vocabulary --------------------------------------------------------------------------------------------
+
+# Texts that tell llama.cpp's pre-tokenizers apart (digits one by one, in threes or in runs; case-insensitive
+# contractions; punctuation glued to letters or newlines; whitespace runs) and check a rebuilt vocabulary.
+PROBE_TEXTS = (
+    "Hello world! I'm here, you're there; THEY'LL say 'hi' and we'd've gone. It's 'quoted' -- DON'T.",
+    "Numbers: 7, 42, 314, 2718, 31415926 and 3.14159 or 1,000,000 (in 2024) cost $5.99 + 10% = <x>",
+    "  two spaces,\tthen a tab\nand lines\r\n\n\n   indented\n\n",
+    "code: def f(x):\n    return {'a': [1, 2, 3]}  # done...!?\n```python\nprint(f(2) ** 2)\n```",
+    "ünïcödé café naïve — 日本語のテキスト, Привет мир, مرحبا بالعالم, हिन्दी, 🦙🔥👍🏽 emoji ½ ٣٤٥",
+    "(parenthesised)words\"quoted\"and...ellipsis!!! ~^|`<=> @user #tag https://example.com/a?b=c&d=e",
+    " leading space",
+    "trailing space ",
+    "\n",
+    "",
+)
+# A preferred name for each distinct pre-tokenizer camelid and llama.cpp know, tried in this order.
+_PRE_NAMES = ("llama-bpe", "smaug-bpe", "smollm", "gpt-2", "qwen2", "falcon", "default")
+
+
+def gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int | None = None) -> dict[str, Any]:
+    """The tokenizer.ggml.* metadata that makes llama.cpp and `tokenizer_from_gguf` tokenize as `tokenizer` does.
+
+    Byte-level BPE (SmolLM2, Llama 3, GPT-2) becomes model 'gpt2' with its merges and the llama.cpp pre-tokenizer
+    name whose splitting it matches; SentencePiece-style BPE (Llama 2, TinyLlama, Mistral) becomes model 'llama'
+    with scores ranked as its merges are. The vocabulary is padded with unused tokens to `vocab_size` (the
+    embedding's rows), as llama.cpp requires. The result is read back and compared with `tokenizer` on test texts;
+    a tokenizer GGUF cannot express raises.
+    """
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise CamelidError(
+            f"a {model.get('type')} tokenizer cannot be written to GGUF; camelid writes byte-level BPE ('gpt2') "
+            "and SentencePiece-style BPE ('llama') vocabularies"
+        )
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    tokens, types = _token_list(tokenizer, model, byte_level, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2" if byte_level else "llama"}
+    if byte_level:
+        meta["tokenizer.ggml.pre"] = _pre_tokenizer_name(tokenizer, bool(model.get("ignore_merges")))
+    meta["tokenizer.ggml.tokens"] = tokens
+    meta["tokenizer.ggml.token_type"] = types
+    if byte_level:
+        meta["tokenizer.ggml.merges"] = merges
+    else:
+        meta["tokenizer.ggml.scores"] = _scores_from_merges(tokens, types, merges)
+        meta["tokenizer.ggml.add_space_prefix"] = _adds_space_prefix(spec)
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "unknown": _unk_id(tokenizer, model),
+           "padding": tokenizer.pad_id}
+    meta.update({f"tokenizer.ggml.{key}_token_id": i for key, i in ids.items() if i is not None})
+    meta["tokenizer.ggml.add_bos_token"] = tokenizer.add_bos
+    meta["tokenizer.ggml.add_eos_token"] = tokenizer.add_eos
+
+    rebuilt = tokenizer_from_gguf(meta)
+    # Stop tokens that llama.cpp would not find by their text go in its two extra end-of-generation slots.
+    extra = sorted(tokenizer.stop_ids - rebuilt.stop_ids)
+    if extra:
+        meta.update(dict(zip(("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"), extra)))
+        rebuilt = tokenizer_from_gguf(meta)
+    _check_same_tokenization(tokenizer, rebuilt, byte_level)
+    return meta
+
+
+def _token_list(tokenizer: Tokenizer, model: dict, byte_level: bool, vocab_size: int | None):
+    backend = tokenizer.backend
+    by_id = {i: token for token, i in backend.get_vocab(with_added_tokens=True).items()}
+    added = backend.get_added_tokens_decoder()
+    n = max(by_id) + 1
+    if vocab_size is not None and n > vocab_size:
+        raise CamelidError(
+            f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows; "
+            "the two do not belong together"
+        )
+    unk_id = _unk_id(tokenizer, model)
+    byte_fallback = bool(model.get("byte_fallback"))
+    tokens, types = [], []
+    for i in range(max(n, vocab_size or 0)):
+        token = by_id.get(i)
+        if token is None:  # a gap, or padding up to the embedding's rows: llama.cpp's converter names these so
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+            continue
+        if i == unk_id and not byte_level:
+            kind = UNKNOWN
+        elif i in added:
+            kind = CONTROL if added[i].special else USER_DEFINED
+        elif byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            kind = BYTE
+        else:
+            kind = NORMAL
+        tokens.append(token)
+        types.append(kind)
+    return tokens, types
+
+
+def _unk_id(tokenizer: Tokenizer, model: dict) -> int | None:
+    unk = model.get("unk_token")
+    return tokenizer.backend.token_to_id(unk) if unk else None
+
+
+def _scores_from_merges(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """SentencePiece-style scores that rank tokens as the merges do.
+
+    llama.cpp (and tokenizer_from_gguf) merge the adjacent pair whose joined text is the best-scoring token, so a
+    token scores minus the rank of the first merge that makes it; tokens no merge makes score below them all.
+    """
+    first = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        first.setdefault(left + right, rank)
+    floor = -float(len(merges))
+    return [0.0 if kind in (CONTROL, BYTE, UNKNOWN) else -float(first[t]) if t in first else floor
+            for t, kind in zip(tokens, types)]
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts '▁' before the text (a Prepend normalizer or a Metaspace
+    pre-tokenizer that prepends), as `add_dummy_prefix` did in SentencePiece."""
+    normalizer = json.dumps(spec.get("normalizer"))
+    if '"Prepend"' in normalizer:
+        return True
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
+def _pre_tokenizer_name(tokenizer: Tokenizer, ignore_merges: bool) -> str:
+    """The llama.cpp pre-tokenizer name whose splitting equals this byte-level tokenizer's on PROBE_TEXTS."""
+    from tokenizers import Regex, pre_tokenizers
+
+    # The split tables tokenizer_from_gguf builds from: one source for reading and writing.
+    from camelid.tokenizer import _LLAMA3_LIKE, _SPLITS_BY_PRE
+
+    probe = "\n".join(PROBE_TEXTS)
+    ours = [piece for piece, _ in tokenizer.backend.pre_tokenizer.pre_tokenize_str(probe)]
+    for name in _PRE_NAMES:
+        if (name in _LLAMA3_LIKE) != ignore_merges:
+            continue  # whole-word lookup before merging comes with the Llama-3 names only
+        candidate = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS_BY_PRE[name]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
+        )
+        if [piece for piece, _ in candidate.pre_tokenize_str(probe)] == ours:
+            return name
+    raise CamelidError(
+        "this byte-level tokenizer splits text unlike any llama.cpp pre-tokenizer camelid knows "
+        f"({', '.join(_PRE_NAMES)}); it cannot be written to GGUF"
+    )
+
+
+def _check_same_tokenization(ours: Tokenizer, rebuilt: Tokenizer, byte_level: bool) -> None:
+    facts = ("bos_id", "eos_id", "pad_id", "add_bos", "add_eos")
+    for fact in facts:
+        if getattr(ours, fact) != getattr(rebuilt, fact):
+            raise CamelidError(
+                f"the tokenizer's {fact} ({getattr(ours, fact)}) does not survive as GGUF metadata "
+                f"(read back: {getattr(rebuilt, fact)}); it cannot be exported"
+            )
+    if lost := sorted(ours.stop_ids - rebuilt.stop_ids):
+        raise CamelidError(
+            f"the tokenizer ends turns with more tokens than GGUF can name (ids {lost} would be lost); "
+            "it cannot be exported"
+        )
+    if byte_level:
+        specials = [t.content for t in ours.backend.get_added_tokens_decoder().values()]
+        texts = [*PROBE_TEXTS, *(f"{s}user\n{PROBE_TEXTS[0]}{s}\n" for s in specials[:50])]
+    else:
+        # Where Hugging Face's SentencePiece emulation is known to differ from SentencePiece, the GGUF follows
+        # SentencePiece (as llama.cpp does): the '▁' prefix goes before text that starts with a space, and after
+        # every special token, not only the first. So these are checked on plain text that starts with no space.
+        texts = [t for t in PROBE_TEXTS if not t[:1].isspace()]
+    for text in texts:
+        if ours.encode(text) != rebuilt.encode(text):
+            raise CamelidError(
+                f"the tokenizer cannot be written as a GGUF vocabulary that tokenizes the same (it differs on "
+                f"{text[:40]!r}); export to an HF directory instead (camelid export hf)"
+            )
