@@ -92,7 +92,39 @@ class _Slot:
     last: int = 0  # the token to feed next
 
 
-class Engine:
+class JobQueue:
+    """The asyncio side of an engine: requests are checked and queued here for the engine's worker thread.
+
+    An engine sets `context`, `max_batch`, `max_queue`, `waiting` (a deque of Jobs) and `_wake` (a Condition
+    its worker waits on); `n_limit` says what bounds a request's `n`.
+    """
+
+    n_limit = "sequences at once"
+
+    def submit(self, prompt: list[int], params: GenerationParams) -> Job:
+        """Queue a request; refuses one that cannot fit the context, and any once `max_queue` are waiting."""
+        if not prompt:
+            raise CamelidError("the prompt is empty: give at least one token of input")
+        if len(prompt) >= self.context:
+            raise CamelidError(
+                f"the prompt is {len(prompt)} tokens but the context is {self.context}; shorten the prompt"
+            )
+        if params.n > self.max_batch:
+            raise CamelidError(f"n is {params.n} but this server runs at most {self.max_batch} {self.n_limit}")
+        job = Job(prompt, params, asyncio.get_running_loop())
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); try again shortly")
+            self.waiting.append(job)
+            self._wake.notify()
+        return job
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+
+class Engine(JobQueue):
     """Generates for many requests at once on one model; `submit` from the asyncio side, `close` to stop."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
@@ -111,28 +143,6 @@ class Engine:
         self._thread.start()
 
     # -- the asyncio side --------------------------------------------------------------------------------------
-
-    def submit(self, prompt: list[int], params: GenerationParams) -> Job:
-        """Queue a request; refuses one that cannot fit the context, and any once `max_queue` are waiting."""
-        if not prompt:
-            raise CamelidError("the prompt is empty: give at least one token of input")
-        if len(prompt) >= self.context:
-            raise CamelidError(
-                f"the prompt is {len(prompt)} tokens but the context is {self.context}; shorten the prompt"
-            )
-        if params.n > self.max_batch:
-            raise CamelidError(f"n is {params.n} but this server runs at most {self.max_batch} sequences at once")
-        job = Job(prompt, params, asyncio.get_running_loop())
-        with self._wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); try again shortly")
-            self.waiting.append(job)
-            self._wake.notify()
-        return job
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.waiting)
 
     @property
     def rows_in_use(self) -> int:

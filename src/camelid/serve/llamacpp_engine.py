@@ -7,7 +7,6 @@ cache still holds of the previous request (a shared system prompt, the earlier t
 Sampling, penalties, stop strings and logprobs are camelid's, from llama.cpp's logits (see camelid.llamacpp).
 """
 
-import asyncio
 import collections
 import dataclasses
 import sys
@@ -15,16 +14,17 @@ import threading
 import traceback
 from contextlib import closing
 
-from camelid.errors import CamelidError
 from camelid.llamacpp import LlamaCppModel, steps
-from camelid.serve.engine import GenerationParams, Job, Piece, QueueFull, _logprob
+from camelid.serve.engine import Job, JobQueue, Piece, _logprob
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(JobQueue):
     """Answers requests one at a time on a llama.cpp model; `submit` from the asyncio side, `close` to stop.
 
     `max_batch` only bounds a request's `n` here (its choices run one after another).
     """
+
+    n_limit = "sequences a request"
 
     def __init__(self, loaded: LlamaCppModel, *, max_batch: int = 8, max_queue: int = 64):
         self.loaded = loaded
@@ -40,28 +40,6 @@ class LlamaCppEngine:
         self._thread.start()
 
     # -- the asyncio side --------------------------------------------------------------------------------------
-
-    def submit(self, prompt: list[int], params: GenerationParams) -> Job:
-        """Queue a request; refuses one that cannot fit the context, and any once `max_queue` are waiting."""
-        if not prompt:
-            raise CamelidError("the prompt is empty: give at least one token of input")
-        if len(prompt) >= self.context:
-            raise CamelidError(
-                f"the prompt is {len(prompt)} tokens but the context is {self.context}; shorten the prompt"
-            )
-        if params.n > self.max_batch:
-            raise CamelidError(f"n is {params.n} but this server runs at most {self.max_batch} sequences a request")
-        job = Job(prompt, params, asyncio.get_running_loop())
-        with self._wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); try again shortly")
-            self.waiting.append(job)
-            self._wake.notify()
-        return job
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.waiting)
 
     @property
     def rows_in_use(self) -> int:
