@@ -6,8 +6,8 @@ which storage a layer gets was chosen by measuring each layer of SmolLM2 on a 2-
 (`bench/quantize.py` prints the table):
 
 - `f16`: float16 weights everywhere, multiplied by fbgemm's float16 kernels (the weights are widened to
-  float32 in registers, so the arithmetic is float32's). Half the bytes of float32: SmolLM2 decodes 2.1x (batch
-  1) and 2.4x (batch 8) as fast as in float32 (bench/peers.py), though one small matrix alone, in cache, can
+  float32 in registers, so the arithmetic is float32's). Half the bytes of float32: SmolLM2 decoded 1.6-2.1x
+  (batch 1) and 1.7-2.4x (batch 8) as fast as in float32 in two runs of bench/peers.py, though one small matrix alone, in cache, can
   still be faster in float32 (bench/quantize.py). SmolLM2's perplexity moved by 0.005%.
 - `int8`: as f16, except the output head, which is stored as int8 with a scale per row: at 49,152 x 576 it
   is a fifth of SmolLM2's weights and the largest single product per token. fbgemm's int8 products also
