@@ -123,6 +123,40 @@ def live_server(models, **app_options):
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def serve_command(args: list[str], env: dict | None = None):
+    """Run `camelid serve ARGS --port P` as a process on a free port; yield (process, base URL) once /health
+    answers. The process is stopped afterwards; its stderr stays readable."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "camelid", "serve", *args, "--port", str(port)],
+                              env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def served_models(smollm2_gguf, tiny_chat_model):
     """Two models behind one engine each: the real SmolLM2 as "smollm2" and a tiny random one as "tiny"."""

@@ -7,8 +7,6 @@ backend reuses llama.cpp's KV cache across prompts, and must give the answers a 
 """
 
 import asyncio
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import live_server
+from conftest import live_server, serve_command
 
 from camelid.chat import chat_template_for, encode_chat
 from camelid.cli import main
@@ -478,23 +476,8 @@ def test_clients_that_give_up_free_the_engine(served, client, server):
 def test_serve_command_answers_the_openai_client(backend, smollm2_gguf):
     openai = pytest.importorskip("openai")
     expected = ours(backend, chat_ids(backend, QUESTIONS[0]), 16).text
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(CAMELID), "serve", "--backend", "llamacpp", "--threads", "1", "-m",
-                               f"smollm2={smollm2_gguf}", "--port", str(port)], stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "CAMELID_API_KEY": ""})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+    args = ["--backend", "llamacpp", "--threads", "1", "-m", f"smollm2={smollm2_gguf}"]
+    with serve_command(args, {"CAMELID_API_KEY": ""}) as (server, url):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
             messages = [{"role": "user", "content": QUESTIONS[0]}]
             whole = c.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)
@@ -502,7 +485,4 @@ def test_serve_command_answers_the_openai_client(backend, smollm2_gguf):
                                                  stream=True)
             text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
         assert whole.choices[0].message.content == text == expected
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert f"serving smollm2 at http://127.0.0.1:{port}" in server.stderr.read()
+    assert f"serving smollm2 at {url}" in server.stderr.read()

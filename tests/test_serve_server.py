@@ -1,12 +1,10 @@
 """`camelid serve` before the server starts: model names, flags, and a real start-up answering over HTTP."""
 
-import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import serve_command
 
 from camelid.errors import CamelidError
 from camelid.serve.server import parse_model_specs
@@ -43,27 +41,9 @@ def test_a_missing_model_is_one_line_before_listening():
 
 
 def test_the_command_serves_a_model_and_honours_the_key_from_the_environment(tiny_chat_model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CAMELID_API_KEY": "k3y"}
-    server = subprocess.Popen([sys.executable, "-m", "camelid", "serve", "-m", f"tiny={tiny_chat_model}",
-                               "--port", str(port), "--max-batch", "2"], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+    args = ["-m", f"tiny={tiny_chat_model}", "--max-batch", "2"]
+    with serve_command(args, {"CAMELID_API_KEY": "k3y"}) as (server, url):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert "serving tiny at http://127.0.0.1:" in server.stderr.read()
+    assert f"serving tiny at {url}" in server.stderr.read()
