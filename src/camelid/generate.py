@@ -13,6 +13,7 @@ from torch import Tensor
 
 from camelid.errors import CamelidError
 from camelid.model import Llama
+from camelid.native import torch_single_threaded
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds attention memory for long prompts
 
@@ -159,12 +160,12 @@ def _generate(
 
     # Inference mode is entered around each step, never across a `yield`: the caller's code between pieces (and
     # after an abandoned stream) runs in its own grad mode.
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_single_threaded(model):
         cache = model.new_cache(len(prompts), max(len(p) + b for p, b in zip(prompts, budgets)))
         logits = prefill(model, cache, prompts)
 
     for _ in range(max(budgets)):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_single_threaded(model):
             hist = None
             if params.repetition_penalty != 1.0:
                 # each row's prompt and output, right-padded with its last token (penalising twice is a no-op)
@@ -186,7 +187,7 @@ def _generate(
         yield events
         if all(r.finish_reason for r in rows):
             return
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_single_threaded(model):
             feed = torch.tensor([[t] for t in next_ids], device=device)
             live = torch.tensor([r.finish_reason is None for r in rows], device=device)
             # finished rows are fed but not advanced, so they never outgrow their budget's share of the cache

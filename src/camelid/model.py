@@ -285,6 +285,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config).to(self.lm_head.weight.device), persistent=False)
         self.gradient_checkpointing = False
         self.quantization = "none"  # set by camelid.quantize.quantize_model
+        self.native: nn.Module | None = None  # the int8 kernels' decoder, which then runs `hidden` (camelid.native)
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *, targets: Tensor | None = None, **kw) -> Tensor:
         """Logits for every position, [B, T, vocab]; or, given `targets` [B, T], the summed cross-entropy.
@@ -314,6 +315,8 @@ class Llama(nn.Module):
         Without a cache, attention is causal over the T tokens; training may pass `positions` [B, T] and a
         boolean `mask` [B, T, T] (True = may attend) to keep packed examples apart.
         """
+        if self.native is not None:
+            return self.native.hidden(tokens, cache, valid=valid, positions=positions, mask=mask)
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
         layer_cache = [None] * len(self.model.layers)

@@ -1,27 +1,24 @@
 """Smaller weights for faster CPU inference, as a module swap of `nn.Linear`.
 
 At batch 1 a small model's decode reads every weight once per token, so it is bound by memory traffic, not
-arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind stores every linear layer smaller;
-which storage a layer gets was chosen by measuring each layer of SmolLM2 on a 2-core AVX2 CPU
-(`bench/quantize.py` prints the table):
+arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind stores every linear layer smaller
+(`bench/quantize.py` times each of SmolLM2's layer shapes per kind, and measures perplexity):
 
 - `f16`: float16 weights everywhere, multiplied by fbgemm's float16 kernels (the weights are widened to
   float32 in registers, so the arithmetic is float32's). Half the bytes of float32: SmolLM2 decoded 1.6-2.1x
-  (batch 1) and 1.7-2.4x (batch 8) as fast as in float32 in two runs of bench/peers.py, though one small matrix alone, in cache, can
-  still be faster in float32 (bench/quantize.py). SmolLM2's perplexity moved by 0.005%.
-- `int8`: as f16, except the output head, which is stored as int8 with a scale per row: at 49,152 x 576 it
-  is a fifth of SmolLM2's weights and the largest single product per token. fbgemm's int8 products also
-  quantize the activations, with one scale for the whole input and only 7 bits (its AVX2 kernels would
-  overflow with 8); done plainly that made SmolLM2's head alone cost 4% of perplexity, and all layers 270%.
-  Here each row is scaled to [-1, 1] first (a per-token scale in effect) and what the 7-bit rounding loses is
-  fed through the same product as extra rows, which gives ~14-bit activations: SmolLM2's perplexity moved by
-  -0.06% (measured on ShareGPT answers). The decoder's own layers stay float16: for matrices of their size the
-  eight extra element-wise steps cost more time than the int8 product saves.
-Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products and `int8` is refused.
+  (batch 1) and 1.7-2.4x (batch 8) as fast as in float32 in two runs of bench/peers.py, though one small
+  matrix alone, in cache, can still be faster in float32 (bench/quantize.py). SmolLM2's perplexity moved by
+  0.005%.
+- `int8`: every linear layer, the output head included, stored as int8 with a scale per row, and the whole
+  decoder run by camelid's own kernels (camelid.native: C built on first use with the machine's compiler).
+  A quarter of float32's bytes, one call per forward pass instead of ~10 PyTorch operations per layer, and
+  activations rounded to int16 per row so that the products are integer dot products (vpmaddwd). SmolLM2's
+  perplexity moved by +0.6% (bench/quantize.py --perplexity); nearly all of it is the decoder's weights
+  (with a scale per block of 64 instead of per row it was +0.05%, emulated in PyTorch; not built, since the
+  extra scaling per block costs time in the products).
+Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` needs a C compiler.
 Quantize a model loaded for inference, not one being trained: the float32 weights are not kept.
 """
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +26,7 @@ from torch import Tensor, nn
 
 from camelid.errors import CamelidError
 from camelid.model import Llama
+from camelid.native import Int8Linear, NativeDecoder, compiler
 
 QUANTIZATIONS = ("none", "f16", "int8")
 F16_MAX_ROWS = 4  # without fbgemm: up to this many rows the float16 product is the faster one
@@ -64,59 +62,13 @@ class HalfWeightLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (a scale per output row) computed by fbgemm's int8 products.
-
-    fbgemm quantizes its whole input with one scale taken from the input's minimum and maximum. Each call
-    stacks three things: the rows scaled to [-1, 1], what rounding them to that grid loses (scaled up to
-    [-1, 1] too), and one row holding -1 and 1, which pins the range, so the grid is known here and the lost
-    part can be computed exactly.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
-        super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(1).clamp_min(1e-12) / 127
-        with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm's int8 products take them
-            warnings.simplefilter("ignore", UserWarning)
-            zeros = torch.zeros(len(w), dtype=torch.long)
-            qweight = torch.quantize_per_channel(w, scale.double(), zeros, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.out_features, self.in_features = w.shape
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        pin = torch.zeros(1, self.in_features)
-        pin[0, 0], pin[0, -1] = -1.0, 1.0
-        self.register_buffer("pin", pin, persistent=False)
-        # the grid fbgemm picks for inputs spanning [-1, 1] (7 bits: its AVX2 kernels need reduce_range)
-        self.step, self.zero = torch._choose_qparams_per_tensor(pin, True)
-        self.gain = 2 / self.step  # the rounding loss is at most step / 2: scaled to at most 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        n = rows.shape[0]
-        size = rows.abs().amax(-1, keepdim=True).clamp_min_(1e-30)
-        scaled = rows / size
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            lost = torch.quantize_per_tensor(scaled, self.step, self.zero, torch.quint8).dequantize()
-        lost = torch.sub(scaled, lost).mul_(self.gain)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([scaled, lost, self.pin]), self.packed, True)
-        y = y[:n].add_(y[n : 2 * n], alpha=1 / self.gain).mul_(size)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-# The storage of each kind: (the decoder blocks' linear layers, the output head).
-PLAN = {"f16": (HalfWeightLinear, HalfWeightLinear), "int8": (HalfWeightLinear, Int8Linear)}
-
-
 def check_quantization(kind: str) -> str:
     """`kind` if it is a known quantization, else a one-line error listing them (checked before slow loads)."""
     if kind not in QUANTIZATIONS:
         raise CamelidError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-    if kind == "int8" and not has_fbgemm():
-        raise CamelidError("--quantize int8 needs PyTorch's fbgemm kernels (x86 CPUs); use --quantize f16")
+    if kind == "int8" and compiler() is None:
+        raise CamelidError("--quantize int8 builds camelid's kernels with a C compiler and none was found: "
+                           "install gcc or clang (or set CC), or use --quantize f16")
     return kind
 
 
@@ -131,13 +83,21 @@ def quantize_model(model: Llama, kind: str) -> Llama:
     weight = model.model.embed_tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise CamelidError(f"--quantize {kind} is for float32 models on the CPU; on a GPU use --dtype bfloat16")
-    block, head = PLAN[kind]
+    if kind == "int8":
+        threads = torch.get_num_threads()  # captured: decoding loops set PyTorch to one thread (torch_single_threaded)
+        model.native = NativeDecoder(model, threads)
+        for layer in model.model.layers:  # the float weights are not kept: the native decoder has its own
+            layer.self_attn.q_proj = layer.self_attn.k_proj = layer.self_attn.v_proj = layer.self_attn.o_proj = None
+            layer.mlp.gate_proj = layer.mlp.up_proj = layer.mlp.down_proj = None
+        model.lm_head = Int8Linear(model.lm_head.weight, model.lm_head.bias, threads)
+        model.quantization = kind
+        return model
 
-    def stacked(layers: list[nn.Linear], linear=block) -> nn.Module:
+    def stacked(layers: list[nn.Linear]) -> nn.Module:
         """One layer computing several that read the same input (q, k, v; gate, up): one product, not three."""
         biases = [lin.bias for lin in layers]
         bias = None if biases[0] is None else torch.cat(biases)
-        return linear(torch.cat([lin.weight for lin in layers]), bias)
+        return HalfWeightLinear(torch.cat([lin.weight for lin in layers]), bias)
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -147,6 +107,6 @@ def quantize_model(model: Llama, kind: str) -> Llama:
         mlp.gate_up_proj = stacked([mlp.gate_proj, mlp.up_proj])
         mlp.gate_proj = mlp.up_proj = None
         mlp.down_proj = stacked([mlp.down_proj])
-    model.lm_head = stacked([model.lm_head], head)
+    model.lm_head = stacked([model.lm_head])
     model.quantization = kind
     return model

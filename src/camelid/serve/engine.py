@@ -23,6 +23,7 @@ from torch import Tensor
 from camelid.checkpoint import LoadedModel
 from camelid.errors import CamelidError
 from camelid.generate import DecodedText, SamplingParams, prefill, process_logits
+from camelid.native import torch_single_threaded
 
 
 class QueueFull(CamelidError):
@@ -174,7 +175,7 @@ class Engine(JobQueue):
                 if self._closed:
                     return
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), torch_single_threaded(self.model):
                     self._drop_cancelled()
                     self._admit(logits)
                     if any(self.slots):

@@ -1,0 +1,288 @@
+"""camelid's own CPU kernels (native.c): int8 weights with float32 activations, and the decoder's layers in one call.
+
+The C source ships with the package and is compiled with the machine's C compiler the first time it is needed
+(under a second), into camelid's cache directory ($CAMELID_CACHE, else $XDG_CACHE_HOME/camelid or
+~/.cache/camelid), keyed by the source, the compiler and the CPU, since it is built for this CPU's instructions.
+It is loaded with ctypes: no Python headers, no build step at install time.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camelid.errors import CamelidError
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CAMELID_CACHE"):
+        return Path(os.environ["CAMELID_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camelid"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else cc, gcc or clang on the PATH; None if there is none."""
+    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else what platform knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name", "Features"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernels, built first if this machine has no copy yet (CamelidError if it cannot be built)."""
+    cc = compiler()
+    if cc is None:
+        raise CamelidError("camelid's int8 kernels need a C compiler and none was found: install gcc or clang "
+                           "(or set CC), or use --quantize f16")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
+    path = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                raise CamelidError(f"building camelid's int8 kernels with {cc} failed ({first}); "
+                                   "set CC to another compiler, or use --quantize f16")
+            os.replace(tmp, path)  # atomic: a concurrent build of the same source writes the same file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.camelid_linear.argtypes = [ptr, ptr, ptr, i32, i32, ptr, i32, ptr, i32]
+    lib.camelid_linear.restype = i32
+    lib.camelid_quantize_rows.argtypes = [ptr, i32, i32, ptr, ptr, i32]
+    lib.camelid_quantize_rows.restype = None
+    lib.camelid_decoder_forward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32]
+    lib.camelid_decoder_forward.restype = i32
+    for struct, name in ((_Layer, "camelid_sizeof_layer"), (_Decoder, "camelid_sizeof_decoder")):
+        if getattr(lib, name)() != ctypes.sizeof(struct):
+            raise CamelidError(f"camelid's int8 kernels in {path} do not match this camelid; delete the file")
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels can be had here (builds them if needed)."""
+    try:
+        library()
+    except CamelidError:
+        return False
+    return True
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def quantize_rows(weight: Tensor, q: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """int8 rows and their float32 scales (max |row| / 127), rounding to nearest: weight ~= q * scale[:, None].
+
+    Written into `q` and `scale` when given (contiguous, e.g. rows of a larger matrix).
+    """
+    w = weight.detach().float().contiguous()
+    q = torch.empty(w.shape, dtype=torch.int8) if q is None else q
+    scale = torch.empty(w.shape[0]) if scale is None else scale
+    assert q.is_contiguous() and scale.is_contiguous() and q.shape == w.shape and scale.shape == w.shape[:1]
+    library().camelid_quantize_rows(w.data_ptr(), w.shape[0], w.shape[1], q.data_ptr(), scale.data_ptr(),
+                                    torch.get_num_threads())
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (a scale per output row); activations are rounded to int16 per row.
+
+    `threads`: how many threads the product runs on (None: torch.get_num_threads() at each call).
+    """
+
+    def __init__(self, weight: Tensor | list[Tensor], bias: Tensor | None = None, threads: int | None = None):
+        """`weight` [out, in], or several [out_i, in] to stack in order (q, k, v), each rounded as it is copied."""
+        super().__init__()
+        parts = weight if isinstance(weight, (list, tuple)) else [weight]
+        self.threads = threads
+        self.out_features, self.in_features = sum(w.shape[0] for w in parts), parts[0].shape[1]
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        scale = torch.empty(self.out_features)
+        start = 0
+        for w in parts:
+            quantize_rows(w, q[start : start + w.shape[0]], scale[start : start + w.shape[0]])
+            start += w.shape[0]
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(f"camelid's int8 kernels run on the CPU; this input is on {x.device}")
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        y = torch.empty(rows.shape[0], self.out_features)
+        status = library().camelid_linear(self.qweight.data_ptr(), self.scale.data_ptr(), _ptr(self.bias),
+                                          self.out_features, self.in_features, rows.data_ptr(), rows.shape[0],
+                                          y.data_ptr(), self.threads or torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {rows.shape[0]} rows")
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized(self) -> Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+
+class _QMatrix(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_int), ("in_", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", _QMatrix), ("o", _QMatrix),
+                ("gate_up", _QMatrix), ("down", _QMatrix)]
+
+
+class _Decoder(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int), ("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("eps", ctypes.c_float),
+                ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
+
+
+def _qmatrix(layer: Int8Linear) -> _QMatrix:
+    return _QMatrix(layer.qweight.data_ptr(), layer.scale.data_ptr(), _ptr(layer.bias), layer.out_features,
+                    layer.in_features)
+
+
+class NativeDecoder(nn.Module):
+    """The decoder's layers of a Llama with int8 weights, run by camelid_decoder_forward.
+
+    Holds everything the kernels read (so its tensors outlive every call); `hidden` stands in for Llama.hidden.
+    `threads`: how many threads the kernels run on (None: torch.get_num_threads() at each call).
+    """
+
+    def __init__(self, model, threads: int | None = None):
+        super().__init__()
+        self.threads = threads
+        config = model.config
+        if config.head_dim > 512:
+            raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}")
+        self.config = config
+        self.embed = model.model.embed_tokens
+        self.inv_freq = model.inv_freq
+        self.layers = nn.ModuleList()
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            part = nn.Module()
+            part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
+            part.mlp_norm = block.post_attention_layernorm.weight.detach().float().contiguous()
+            part.qkv = _stacked([attn.q_proj, attn.k_proj, attn.v_proj])
+            part.o = _stacked([attn.o_proj])
+            part.gate_up = _stacked([mlp.gate_proj, mlp.up_proj])
+            part.down = _stacked([mlp.down_proj])
+            self.layers.append(part)
+        self.final_norm = model.model.norm.weight.detach().float().contiguous()
+        self._layers = (_Layer * len(self.layers))(*[
+            _Layer(p.attn_norm.data_ptr(), p.mlp_norm.data_ptr(), _qmatrix(p.qkv), _qmatrix(p.o),
+                   _qmatrix(p.gate_up), _qmatrix(p.down))
+            for p in self.layers
+        ])
+        self._decoder = _Decoder(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                                 config.num_key_value_heads, config.head_dim, config.intermediate_size,
+                                 config.rms_norm_eps, ctypes.addressof(self._layers), self.final_norm.data_ptr())
+
+    def hidden(self, tokens: Tensor, cache=None, *, valid: Tensor | None = None, positions=None, mask=None) -> Tensor:
+        """As Llama.hidden, for the cases inference has: with a cache, or plain causal sequences without one."""
+        from camelid.model import KVCache, rope_cos_sin
+
+        B, T = tokens.shape
+        if cache is None:
+            if positions is not None or mask is not None:
+                raise CamelidError("a model loaded with --quantize int8 runs plain causal sequences only; "
+                                   "load it without --quantize for packed or masked inputs")
+            cache = KVCache(self.config, B, T)
+        elif positions is not None or mask is not None:
+            raise ValueError("positions and mask are derived from the cache when a cache is given")
+        c = self.config
+        shape = (B, c.num_key_value_heads, cache.max_len, c.head_dim)  # the kernels index it so: check it all
+        if len(cache.k) != c.num_hidden_layers or any(
+            buf.shape != shape or buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu"
+            for buf in (*cache.k, *cache.v)
+        ):
+            raise ValueError(f"the int8 kernels need this model's float32 CPU cache for {B} rows (Llama.new_cache)")
+        counts = torch.full((B,), T) if valid is None else valid.to(torch.long).cpu()
+        lengths = cache.lengths.cpu()
+        if int((lengths + counts).max()) > cache.max_len:
+            kv_len = int((lengths + counts).max())
+            raise ValueError(f"sequence of {kv_len} tokens does not fit the cache of {cache.max_len}")
+        every = valid is None or bool((counts == T).all())
+        pos = lengths[:, None] + torch.arange(T)  # [B, T]
+        rows = torch.arange(B)[:, None].expand(B, T)
+        keep = None if every else torch.arange(T)[None, :] < counts[:, None]
+        if keep is not None:
+            pos, rows, ids = pos[keep], rows[keep], tokens[keep]
+        else:
+            pos, rows, ids = pos.reshape(-1), rows.reshape(-1), tokens.reshape(-1)
+        n = len(ids)
+        out = torch.zeros(n, self.config.hidden_size)
+        if n:
+            x = F.embedding(ids, self.embed.weight).float().contiguous()
+            pos, rows = pos.contiguous(), rows.contiguous()
+            cos, sin = (c.reshape(n, -1).contiguous() for c in rope_cos_sin(self.inv_freq, pos[None], torch.float32))
+            L = len(cache.k)
+            k_ptrs = (ctypes.c_void_p * L)(*[k.data_ptr() for k in cache.k])
+            v_ptrs = (ctypes.c_void_p * L)(*[v.data_ptr() for v in cache.v])
+            status = library().camelid_decoder_forward(
+                ctypes.addressof(self._decoder), n, x.data_ptr(), rows.data_ptr(), pos.data_ptr(), cos.data_ptr(),
+                sin.data_ptr(), k_ptrs, v_ptrs, cache.max_len, out.data_ptr(), self.threads or torch.get_num_threads())
+            if status != 0:
+                raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {n} tokens")
+        cache.lengths += counts.to(cache.lengths.device)
+        if keep is None:
+            return out.view(B, T, -1)
+        hidden = torch.zeros(B, T, self.config.hidden_size)
+        hidden[keep] = out
+        return hidden
+
+
+@contextlib.contextmanager
+def torch_single_threaded(model):
+    """Run PyTorch on one thread inside, when `model` runs on the native kernels (else do nothing).
+
+    PyTorch's idle OpenMP threads spin for milliseconds after each of its parallel operations (sampling from
+    49K logits is one), on the cores the kernels' threads need next: measured, that cost a batch-8 decode step
+    a third of its time. Decoding loops wrap their PyTorch work in this; the kernels keep their own threads.
+    """
+    if getattr(model, "native", None) is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stacked(layers: list[nn.Linear]) -> Int8Linear:
+    """One int8 layer for several that read the same input (q, k, v; gate, up), their rows stacked in order."""
+    biases = [lin.bias for lin in layers]
+    bias = None if biases[0] is None else torch.cat(biases)
+    return Int8Linear([lin.weight for lin in layers], bias)

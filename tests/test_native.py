@@ -1,0 +1,229 @@
+"""camelid's int8 kernels (native.c) against PyTorch doing the same arithmetic on the dequantized weights.
+
+The kernels round weights to int8 per row and activations to int16 per row; the reference here is PyTorch's
+float32 product with the weights rounded the same way, so what is left is the activations' rounding (at most
+1/65534 of a row's largest element) and summation order.
+"""
+
+import copy
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from camelid import native
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+from camelid.model import Llama
+from camelid.native import Int8Linear, quantize_rows
+from camelid.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="the int8 kernels need a C compiler")
+
+
+def test_quantize_rows_rounds_each_row_to_its_own_int8_grid():
+    torch.manual_seed(0)
+    w = torch.randn(37, 77) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different sizes; odd widths
+    w[5] = 0  # an all-zero row gets a harmless scale
+    q, scale = quantize_rows(w)
+    torch.testing.assert_close(scale[torch.arange(37) != 5], (w.abs().amax(1) / 127)[torch.arange(37) != 5])
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and (q[5] == 0).all() and scale[5] > 0
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all()
+    expected = torch.round(w / scale[:, None])  # to nearest, ties to even
+    assert (q.float() - expected).abs().max() <= 1 and (q.float() == expected).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("out_features, in_features", [(64, 64), (50, 37), (300, 200), (7, 4100), (9, 8200)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 70])
+def test_int8_linear_equals_the_dequantized_product(out_features, in_features, rows):
+    """Shapes cover the vector loops' tails (37, 50, 7 rows), long rows summed in blocks (4100, 8200), and
+    batches that use every tile (1, 3, 8) and more than one block of input rows (70)."""
+    g = torch.Generator().manual_seed(out_features * rows)
+    w = torch.randn(out_features, in_features, generator=g) * in_features**-0.5
+    x = torch.randn(rows, in_features, generator=g)
+    x[:, 3] *= 50  # an outlier channel, as real activations have
+    layer = Int8Linear(w, bias=torch.randn(out_features, generator=g))
+    expected = x @ layer.dequantized().T + layer.bias
+    got = layer(x)
+    # the activation rounding: each row is off by at most |x|max / 65534 per element
+    bound = (x.abs().amax(1, keepdim=True) / 65534) * layer.dequantized().abs().sum(1) + 1e-5
+    assert ((got - expected).abs() <= bound).all()
+    weights_error = (x @ w.T + layer.bias - expected).norm()  # what rounding the weights to int8 costs
+    assert (got - expected).norm() < 0.1 * weights_error < 0.01 * expected.norm()
+
+
+def test_int8_linear_same_result_on_any_number_of_threads():
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(203, 96))
+    x = torch.randn(5, 96)
+    results = []
+    for threads in (1, 2, 3, 5):
+        layer.threads = threads
+        results.append(layer(x))
+    for r in results[1:]:
+        assert torch.equal(r, results[0])  # each output is summed by one thread, in the same order
+
+
+def test_int8_linear_keeps_the_input_shape_and_dtype():
+    layer = Int8Linear(torch.randn(10, 16))
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 10)
+    assert layer(torch.randn(16, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_stacked_layers_quantize_each_part_as_alone():
+    torch.manual_seed(0)
+    parts = [torch.randn(12, 32), torch.randn(4, 32) * 10, torch.randn(4, 32) * 0.1]
+    stacked = Int8Linear(parts)
+    alone = [Int8Linear(p) for p in parts]
+    assert torch.equal(stacked.qweight, torch.cat([a.qweight for a in alone]))
+    assert torch.equal(stacked.scale, torch.cat([a.scale for a in alone]))
+
+
+CONFIGS = {
+    "gqa-bias": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama3-rope": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def dequantized_reference(exact: Llama, small: Llama) -> Llama:
+    """`exact` with every linear weight replaced by the int8 model's dequantized one: the same arithmetic in
+    PyTorch, on the same rounded weights."""
+    ref = copy.deepcopy(exact)
+    for block, part in zip(ref.model.layers, small.native.layers):
+        attn, mlp = block.self_attn, block.mlp
+        qkv, gate_up = part.qkv.dequantized(), part.gate_up.dequantized()
+        q_rows, kv_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data = qkv.split(
+            [q_rows, kv_rows, kv_rows])
+        attn.o_proj.weight.data = part.o.dequantized()
+        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up.chunk(2)
+        mlp.down_proj.weight.data = part.down.dequantized()
+    ref.lm_head = torch.nn.Linear(1, 1, bias=False)
+    ref.lm_head.weight = torch.nn.Parameter(small.lm_head.dequantized())
+    return ref
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_native_decoder_equals_pytorch_on_the_same_weights(name):
+    """Prefill of rows of different lengths (right-padded), then batched decode steps in which one row has
+    finished: the kernels' logits equal PyTorch's on the dequantized weights, and the caches agree."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         max_position_embeddings=64, **CONFIGS[name])
+    exact = Llama(config).eval()
+    small = quantize_model(copy.deepcopy(exact), "int8")
+    ref = dequantized_reference(exact, small)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 301, (3, 12), generator=g)
+    valid = torch.tensor([12, 5, 9])
+    with torch.no_grad():
+        caches = [m.new_cache(3, 40) for m in (small, ref)]
+        outs = [m(tokens, c, valid=valid) for m, c in zip((small, ref), caches)]
+        for b, n in enumerate(valid.tolist()):
+            torch.testing.assert_close(outs[0][b, :n], outs[1][b, :n], atol=2e-4, rtol=1e-4)
+        for step in range(6):
+            feed = torch.randint(0, 301, (3, 1), generator=g)
+            live = torch.tensor([1, 1, 0 if step >= 2 else 1])
+            outs = [m(feed, c, valid=live) for m, c in zip((small, ref), caches)]
+            torch.testing.assert_close(outs[0][live.bool()], outs[1][live.bool()], atol=2e-4, rtol=1e-4)
+        assert torch.equal(caches[0].lengths, caches[1].lengths)
+        for layer in range(config.num_hidden_layers):
+            for b, n in enumerate(caches[0].lengths.tolist()):
+                torch.testing.assert_close(caches[0].k[layer][b, :, :n], caches[1].k[layer][b, :, :n], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(caches[0].v[layer][b, :, :n], caches[1].v[layer][b, :, :n], atol=1e-4, rtol=1e-4)
+        # without a cache: plain causal scoring, as perplexity and multiple-choice evaluation use it
+        torch.testing.assert_close(small(tokens), ref(tokens), atol=2e-4, rtol=1e-4)
+
+
+def test_native_decoder_refuses_packed_inputs_and_overfull_caches():
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    small = quantize_model(Llama(config).eval(), "int8")
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        with pytest.raises(CamelidError, match="plain causal sequences only"):
+            small.hidden(tokens, positions=torch.arange(4)[None])
+        with pytest.raises(ValueError, match="sequence of 6 tokens does not fit the cache of 5"):
+            cache = small.new_cache(1, 5)
+            small.hidden(tokens, cache)
+            small.hidden(tokens[:, :2], cache)
+        assert cache.lengths.tolist() == [4]  # the refused call changed nothing
+
+
+def test_calls_from_several_threads_give_each_its_own_answer():
+    """The serve engine's worker and, say, a scoring thread may call in at once: calls run one at a time."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(500, 128))
+    inputs = [torch.randn(4, 128) for _ in range(6)]
+    expected = [layer(x) for x in inputs]
+    got = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(20):
+            got[i] = layer(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_a_forked_child_starts_its_own_threads():
+    """After fork the parent's worker threads do not exist in the child; its first call must not wait on them."""
+    code = (
+        "import os, torch\n"
+        "from camelid.native import Int8Linear\n"
+        "layer = Int8Linear(torch.randn(64, 32), threads=2)\n"
+        "x = torch.randn(2, 32)\n"
+        "y = layer(x)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if torch.equal(layer(x), y) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == 0
+
+
+def test_build_goes_to_the_cache_directory_and_failures_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMELID_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        native.library()
+        built = list((tmp_path / "cache").glob("native-*.so"))
+        assert len(built) == 1 and not list((tmp_path / "cache").glob("*.tmp*"))
+        native.library.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails, with a different cache key
+        with pytest.raises(CamelidError, match=r"^building camelid's int8 kernels with false failed .*--quantize f16$"):
+            native.library()
+        assert list((tmp_path / "cache").glob("*")) == built  # nothing half-written left behind
+    finally:
+        native.library.cache_clear()
+
+
+def test_without_a_compiler_int8_is_refused_in_one_line(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    from camelid.quantize import check_quantization
+
+    with pytest.raises(CamelidError, match="C compiler and none was found"):
+        check_quantization("int8")
+
+
+def test_a_cache_of_another_shape_is_refused_before_the_kernels_touch_it():
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    small = quantize_model(Llama(config).eval(), "int8")
+    with torch.no_grad():
+        for cache in (small.new_cache(2, 8), small.new_cache(1, 8).rows(0, 0)):
+            with pytest.raises(ValueError, match="this model's float32 CPU cache for 1 rows"):
+                small.hidden(torch.zeros(1, 3, dtype=torch.long), cache)
