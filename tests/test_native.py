@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from camelid import native
 from camelid.config import ModelConfig
@@ -23,15 +24,20 @@ from camelid.quantize import quantize_model
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="the int8 kernels need a C compiler")
 
 
-def test_quantize_rows_rounds_each_row_to_its_own_int8_grid():
+def test_quantize_rows_rounds_each_block_to_its_own_int8_grid():
     torch.manual_seed(0)
-    w = torch.randn(37, 77) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different sizes; odd widths
+    w = torch.randn(37, 150) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different sizes; 64 + 64 + 22
     w[5] = 0  # an all-zero row gets a harmless scale
+    w[7, 70] = 100.0  # an outlier coarsens only its own block's grid
     q, scale = quantize_rows(w)
-    torch.testing.assert_close(scale[torch.arange(37) != 5], (w.abs().amax(1) / 127)[torch.arange(37) != 5])
-    assert q.dtype == torch.int8 and q.abs().max() == 127 and (q[5] == 0).all() and scale[5] > 0
-    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all()
-    expected = torch.round(w / scale[:, None])  # to nearest, ties to even
+    assert q.dtype == torch.int8 and scale.shape == (37, 3) and native.SCALE_BLOCK == 64
+    top = F.pad(w, (0, 192 - 150)).view(37, 3, 64).abs().amax(-1)
+    torch.testing.assert_close(scale[top > 0], top[top > 0] / 127)
+    assert (q[5] == 0).all() and (scale[5] == 1).all()
+    assert scale[7, 1] == 100 / 127 and scale[7, 0] < 0.001 and scale[7, 2] < 0.001
+    step = scale.repeat_interleave(64, 1)[:, :150]
+    assert ((native.dequantize(q, scale) - w).abs() <= step / 2 * (1 + 1e-5)).all()
+    expected = torch.round(w / step)  # to nearest, ties to even
     assert (q.float() - expected).abs().max() <= 1 and (q.float() == expected).float().mean() > 0.999
 
 

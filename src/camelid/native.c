@@ -1,12 +1,13 @@
-/* camelid's CPU kernels for quantized inference: int8 weights, float32 activations.
+/* camelid's CPU kernels for quantized inference: int8 weights; float32 activations, rounded to int16 per row
+ * inside the products.
  *
  * At batch 1 a small model's decode reads every weight once per token and does little else, so what counts is
  * how many bytes the weights take and how little happens between the products. PyTorch spends about as long
  * dispatching a decoder layer's ~10 small operations as it does in its products; here a whole forward pass over
  * the decoder's layers is one call.
  *
- * Weights are int8 with one float scale per output row: y[r] = scale[r] * sum_i w[r, i] * x[i]. The sum is
- * done in float32 (each weight is widened in registers), so only the weights are rounded, never the activations.
+ * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
+ * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int16 per row.
  *
  * Built by camelid.native with the machine's C compiler (-O3 -march=native) on first use. Work is split over a
  * small pool of threads that spin between the steps of one call and sleep between calls. Every entry point
@@ -228,15 +229,18 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 /* The products are integer dot products: each input row is rounded to int16 with its own scale (max |x| /
  * 32767, a relative error of at most 1/65534 of the row's largest element, far below the weights' 1/254), and
  * int8 x int16 pairs are multiplied and summed exactly (vpmaddwd), half the instructions per weight of
- * widening the weights to float. Exact int32 sums of QBLOCK elements are added up in int64, so nothing
- * overflows whatever the width. */
+ * widening the weights to float. Each block's exact int32 sum is scaled by the block's scale in float32. */
+
+#define SCALE_BLOCK 64 /* weights per scale along a row; the last block of a row may be shorter */
 
 typedef struct {
     const int8_t *w; /* [out, in] */
-    const float *scale; /* [out] */
+    const float *scale; /* [out, blocks], blocks = ceil(in / SCALE_BLOCK) */
     const float *bias; /* [out] or NULL */
     int out, in;
 } qmatrix;
+
+static inline int blocks_of(int in) { return (in + SCALE_BLOCK - 1) / SCALE_BLOCK; }
 
 typedef struct { /* n input rows as int16, [n, in], and their scales */
     int16_t *q;
@@ -245,8 +249,6 @@ typedef struct { /* n input rows as int16, [n, in], and their scales */
 } qinput;
 
 enum { STORE, ADD };
-
-#define QBLOCK 4096 /* 2 * 127 * 32767 * QBLOCK / 16 < 2^31 */
 
 static float max_abs(const float *x, int n) {
     float top = 0;
@@ -282,51 +284,58 @@ static void quantize_input(const float *x, int ldx, qinput *xi) {
     }
 }
 
-#ifdef __AVX2__
-static inline int32_t hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
-#endif
-
-/* y[c * ldy + r] (=|+=) w_scale[r] * x_scale[c] * dot(w[r], xq[c]) + bias[r], for R weight rows from r0 and C
- * input rows from c0. */
+/* y[c * ldy + r] (=|+=) x_scale[c] * sum over blocks k of w_scale[r, k] * dot(w[r, k], xq[c, k]) + bias[r], for
+ * R weight rows from r0 and C input rows from c0. */
 static inline __attribute__((always_inline)) void tile(const qmatrix *m, int r0, int R, const qinput *xi, int c0,
                                                        int C, float *y, int ldy, int mode) {
-    int64_t sums[4][4] = {{0}};
-    const int8_t *w = m->w + (int64_t)r0 * m->in;
+    const int in = m->in, nb = blocks_of(in);
+    const int8_t *w = m->w + (int64_t)r0 * in;
+    const float *ws = m->scale + (int64_t)r0 * nb;
     const int16_t *x = xi->q + (int64_t)c0 * xi->in;
-    int in = m->in, i = 0;
+    float sums[4][4] = {{0}};
 #ifdef __AVX2__
-    for (int b0 = 0; b0 + 16 <= in; b0 += QBLOCK) {
-        int b1 = b0 + QBLOCK < in ? b0 + QBLOCK : in;
-        __m256i acc[4][4];
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();
-        for (i = b0; i + 16 <= b1; i += 16) {
-            __m256i wv[4];
-            if ((i & 63) == 0) /* the next tile's rows, a line at a time: the hardware prefetcher alone lagged */
-                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (int64_t)(R + r) * in + i + 256), _MM_HINT_T0);
+    __m256 total[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) total[r][c] = _mm256_setzero_ps();
+#endif
+    for (int k = 0; k < nb; k++) {
+        int i = k * SCALE_BLOCK, end = i + SCALE_BLOCK < in ? i + SCALE_BLOCK : in;
+#ifdef __AVX2__
+        if (i + 16 <= end) {
+            __m256i acc[4][4];
             for (int r = 0; r < R; r++)
-                wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (int64_t)r * in + i)));
-            for (int c = 0; c < C; c++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (int64_t)c * in + i));
-                for (int r = 0; r < R; r++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[r], xv));
+                for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();
+            for (; i + 16 <= end; i += 16) {
+                __m256i wv[4];
+                if ((i & 63) == 0) /* the next tile's rows, a line at a time: the hardware prefetcher alone lagged */
+                    for (int r = 0; r < R; r++)
+                        _mm_prefetch((const char *)(w + (int64_t)(R + r) * in + i + 256), _MM_HINT_T0);
+                for (int r = 0; r < R; r++)
+                    wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (int64_t)r * in + i)));
+                for (int c = 0; c < C; c++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (int64_t)c * in + i));
+                    for (int r = 0; r < R; r++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[r], xv));
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m256 scale = _mm256_set1_ps(ws[(int64_t)r * nb + k]);
+                for (int c = 0; c < C; c++)
+                    total[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), scale, total[r][c]);
             }
         }
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) sums[r][c] += hsum_i32(acc[r][c]);
-    }
 #endif
-    for (; i < in; i++)
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) sums[r][c] += (int32_t)w[(int64_t)r * in + i] * x[(int64_t)c * in + i];
+        for (; i < end; i++)
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < C; c++)
+                    sums[r][c] += ws[(int64_t)r * nb + k] * (float)(w[(int64_t)r * in + i] * x[(int64_t)c * in + i]);
+    }
     for (int r = 0; r < R; r++) {
         float b = m->bias ? m->bias[r0 + r] : 0.0f;
         for (int c = 0; c < C; c++) {
-            float v = (float)sums[r][c] * (m->scale[r0 + r] * xi->scale[c0 + c]) + b;
+#ifdef __AVX2__
+            sums[r][c] += hsum(total[r][c]);
+#endif
+            float v = sums[r][c] * xi->scale[c0 + c] + b;
             float *dst = y + (int64_t)(c0 + c) * ldy + r0 + r;
             *dst = mode == ADD ? *dst + v : v;
         }
@@ -342,11 +351,11 @@ static void product_rows(const qmatrix *m, int lo, int hi, const qinput *xi, flo
         int r = lo;
         if (c1 - c0 == 1) { /* one input row: four weight rows share each load of it */
             for (; r + 4 <= hi; r += 4) tile(m, r, 4, xi, c0, 1, y, ldy, mode);
-        } else {
-            for (; r + 2 <= hi; r += 2) {
+        } else { /* a weight row at a time against four input rows: 4 int and 4 float sums stay in registers */
+            for (; r < hi; r++) {
                 int c = c0;
-                for (; c + 4 <= c1; c += 4) tile(m, r, 2, xi, c, 4, y, ldy, mode);
-                for (; c < c1; c++) tile(m, r, 2, xi, c, 1, y, ldy, mode);
+                for (; c + 4 <= c1; c += 4) tile(m, r, 1, xi, c, 4, y, ldy, mode);
+                for (; c < c1; c++) tile(m, r, 1, xi, c, 1, y, ldy, mode);
             }
         }
         for (; r < hi; r++)
@@ -411,7 +420,8 @@ int camelid_linear(const int8_t *w, const float *scale, const float *bias, int o
     return status;
 }
 
-/* Round each row of w [out, in] to int8 with the scale max|row| / 127 (to nearest, ties to even). */
+/* Round each block of SCALE_BLOCK weights of w [out, in] to int8 with the scale max|block| / 127 (to nearest,
+ * ties to even); an all-zero block gets the scale 1. */
 typedef struct {
     const float *w;
     int out, in;
@@ -421,26 +431,29 @@ typedef struct {
 
 static void quantize_run(void *p, int t, int nt) {
     quantize_task *a = p;
-    int lo, hi;
+    int lo, hi, nb = blocks_of(a->in);
     share(a->out, 1, t, nt, &lo, &hi);
     for (int r = lo; r < hi; r++) {
-        const float *row = a->w + (int64_t)r * a->in;
-        int8_t *q = a->q + (int64_t)r * a->in;
-        float top = max_abs(row, a->in), s = top > 0 ? top / 127 : 1.0f, inv = 1.0f / s;
-        a->scale[r] = s;
-        int i = 0;
+        for (int k = 0; k < nb; k++) {
+            int start = k * SCALE_BLOCK, n = start + SCALE_BLOCK < a->in ? SCALE_BLOCK : a->in - start;
+            const float *row = a->w + (int64_t)r * a->in + start;
+            int8_t *q = a->q + (int64_t)r * a->in + start;
+            float top = max_abs(row, n), s = top > 0 ? top / 127 : 1.0f, inv = 1.0f / s;
+            a->scale[(int64_t)r * nb + k] = s;
+            int i = 0;
 #ifdef __AVX2__
-        __m256 vinv = _mm256_set1_ps(inv);
-        for (; i + 32 <= a->in; i += 32) {
-            __m256i v[4];
-            for (int k = 0; k < 4; k++) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * k), vinv));
-            /* two packs leave 4-byte groups in the order a0 b0 c0 d0 | a1 b1 c1 d1: put them back in order */
-            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-            bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i *)(q + i), bytes);
-        }
+            __m256 vinv = _mm256_set1_ps(inv);
+            for (; i + 32 <= n; i += 32) {
+                __m256i v[4];
+                for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * j), vinv));
+                /* two packs leave 4-byte groups in the order a0 b0 c0 d0 | a1 b1 c1 d1: put them back in order */
+                __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+                bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)(q + i), bytes);
+            }
 #endif
-        for (; i < a->in; i++) q[i] = (int8_t)lrintf(row[i] * inv);
+            for (; i < n; i++) q[i] = (int8_t)lrintf(row[i] * inv);
+        }
     }
 }
 
@@ -643,3 +656,4 @@ int camelid_decoder_forward(const decoder *d, int n, float *x, const int64_t *ro
 /* The structs' sizes, so that the Python side can check its mirror of them. */
 int camelid_sizeof_layer(void) { return (int)sizeof(layer_weights); }
 int camelid_sizeof_decoder(void) { return (int)sizeof(decoder); }
+int camelid_scale_block(void) { return SCALE_BLOCK; }

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from camelid.errors import CamelidError
 
 SOURCE = Path(__file__).with_name("native.c")
+SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 
 
@@ -79,8 +80,9 @@ def library() -> ctypes.CDLL:
     lib.camelid_quantize_rows.restype = None
     lib.camelid_decoder_forward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32]
     lib.camelid_decoder_forward.restype = i32
-    for struct, name in ((_Layer, "camelid_sizeof_layer"), (_Decoder, "camelid_sizeof_decoder")):
-        if getattr(lib, name)() != ctypes.sizeof(struct):
+    for size, name in ((ctypes.sizeof(_Layer), "camelid_sizeof_layer"),
+                       (ctypes.sizeof(_Decoder), "camelid_sizeof_decoder"), (SCALE_BLOCK, "camelid_scale_block")):
+        if getattr(lib, name)() != size:
             raise CamelidError(f"camelid's int8 kernels in {path} do not match this camelid; delete the file")
     return lib
 
@@ -99,21 +101,29 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def quantize_rows(weight: Tensor, q: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """int8 rows and their float32 scales (max |row| / 127), rounding to nearest: weight ~= q * scale[:, None].
+    """int8 weights [out, in] and float32 scales [out, ceil(in / SCALE_BLOCK)]: each block of SCALE_BLOCK weights
+    along a row gets max |block| / 127, rounding to nearest (see `dequantize`).
 
     Written into `q` and `scale` when given (contiguous, e.g. rows of a larger matrix).
     """
     w = weight.detach().float().contiguous()
+    blocks = -(-w.shape[1] // SCALE_BLOCK)
     q = torch.empty(w.shape, dtype=torch.int8) if q is None else q
-    scale = torch.empty(w.shape[0]) if scale is None else scale
-    assert q.is_contiguous() and scale.is_contiguous() and q.shape == w.shape and scale.shape == w.shape[:1]
+    scale = torch.empty(w.shape[0], blocks) if scale is None else scale
+    assert q.is_contiguous() and scale.is_contiguous() and q.shape == w.shape and scale.shape == (w.shape[0], blocks)
     library().camelid_quantize_rows(w.data_ptr(), w.shape[0], w.shape[1], q.data_ptr(), scale.data_ptr(),
                                     torch.get_num_threads())
     return q, scale
 
 
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """The float32 weights that int8 `q` [out, in] with block scales `scale` [out, blocks] stand for."""
+    return q.float() * scale.repeat_interleave(SCALE_BLOCK, dim=1)[:, : q.shape[1]]
+
+
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (a scale per output row); activations are rounded to int16 per row.
+    """A linear layer with int8 weights (a scale per SCALE_BLOCK weights of a row); activations are rounded to
+    int16 per row.
 
     `threads`: how many threads the product runs on (None: torch.get_num_threads() at each call).
     """
@@ -125,7 +135,7 @@ class Int8Linear(nn.Module):
         self.threads = threads
         self.out_features, self.in_features = sum(w.shape[0] for w in parts), parts[0].shape[1]
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
-        scale = torch.empty(self.out_features)
+        scale = torch.empty(self.out_features, -(-self.in_features // SCALE_BLOCK))
         start = 0
         for w in parts:
             quantize_rows(w, q[start : start + w.shape[0]], scale[start : start + w.shape[0]])
@@ -147,7 +157,7 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        return dequantize(self.qweight, self.scale)
 
 
 class _QMatrix(ctypes.Structure):

@@ -9,13 +9,12 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
   (batch 1) and 1.7-2.4x (batch 8) as fast as in float32 in two runs of bench/peers.py, though one small
   matrix alone, in cache, can still be faster in float32 (bench/quantize.py). SmolLM2's perplexity moved by
   0.005%.
-- `int8`: every linear layer, the output head included, stored as int8 with a scale per row, and the whole
-  decoder run by camelid's own kernels (camelid.native: C built on first use with the machine's compiler).
-  A quarter of float32's bytes, one call per forward pass instead of ~10 PyTorch operations per layer, and
-  activations rounded to int16 per row so that the products are integer dot products (vpmaddwd). SmolLM2's
-  perplexity moved by +0.6% (bench/quantize.py --perplexity); nearly all of it is the decoder's weights
-  (with a scale per block of 64 instead of per row it was +0.05%, emulated in PyTorch; not built, since the
-  extra scaling per block costs time in the products).
+- `int8`: every linear layer, the output head included, stored as int8 with a scale per block of 64 weights
+  along each row, and the whole decoder run by camelid's own kernels (camelid.native: C built on first use
+  with the machine's compiler). About a quarter of float32's bytes, one call per forward pass instead of ~10
+  PyTorch operations per layer, and activations rounded to int16 per row so that the products are integer dot
+  products (vpmaddwd). SmolLM2's perplexity moved by +0.15% (bench/quantize.py --perplexity). One scale per
+  row instead cost +0.62%, spread over all the decoder's layers, for ~15% more batch-8 speed.
 Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` needs a C compiler.
 Quantize a model loaded for inference, not one being trained: the float32 weights are not kept.
 """
