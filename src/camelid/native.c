@@ -506,14 +506,18 @@ static void norm_run(void *p, int t, int nt, const float *w) {
 static void attn_norm_run(void *p, int t, int nt) { norm_run(p, t, nt, ((step *)p)->lw->attn_norm); }
 static void mlp_norm_run(void *p, int t, int nt) { norm_run(p, t, nt, ((step *)p)->lw->mlp_norm); }
 
-static void qkv_run(void *p, int t, int nt) {
-    step *s = p;
-    const qmatrix *m = &s->lw->qkv;
+/* This thread's share of y (=|+=) x @ m.T, x [n, m->in] rounded into the thread's own buffer first. */
+static void share_product(step *s, int t, int nt, const qmatrix *m, const float *x, float *y, int ldy, int mode) {
     int lo, hi;
     share(m->out, 4, t, nt, &lo, &hi);
     qinput xi = thread_input(&s->buf, t, s->n, s->width, m->in);
-    quantize_input(s->xn, m->in, &xi);
-    product_rows(m, lo, hi, &xi, s->qkv, m->out, STORE);
+    quantize_input(x, m->in, &xi);
+    product_rows(m, lo, hi, &xi, y, ldy, mode);
+}
+
+static void qkv_run(void *p, int t, int nt) {
+    step *s = p;
+    share_product(s, t, nt, &s->lw->qkv, s->xn, s->qkv, s->lw->qkv.out, STORE);
 }
 
 /* rotate x [D] in place: x * cos + roll(x, D/2) * sin */
@@ -570,12 +574,7 @@ static void attention_run(void *p, int t, int nt) {
 
 static void o_run(void *p, int t, int nt) { /* x += att @ o.T */
     step *s = p;
-    const qmatrix *m = &s->lw->o;
-    int lo, hi;
-    share(m->out, 4, t, nt, &lo, &hi);
-    qinput xi = thread_input(&s->buf, t, s->n, s->width, m->in);
-    quantize_input(s->att, m->in, &xi);
-    product_rows(m, lo, hi, &xi, s->x, s->d->dim, ADD);
+    share_product(s, t, nt, &s->lw->o, s->att, s->x, s->d->dim, ADD);
 }
 
 static void gate_up_run(void *p, int t, int nt) { /* each thread owns the same columns of gate and up */
@@ -595,12 +594,7 @@ static void gate_up_run(void *p, int t, int nt) { /* each thread owns the same c
 
 static void down_run(void *p, int t, int nt) { /* x += h @ down.T */
     step *s = p;
-    const qmatrix *m = &s->lw->down;
-    int lo, hi;
-    share(m->out, 4, t, nt, &lo, &hi);
-    qinput xi = thread_input(&s->buf, t, s->n, s->width, m->in);
-    quantize_input(s->h, m->in, &xi);
-    product_rows(m, lo, hi, &xi, s->x, s->d->dim, ADD);
+    share_product(s, t, nt, &s->lw->down, s->h, s->x, s->d->dim, ADD);
 }
 
 static void final_norm_run(void *p, int t, int nt) { norm_run(p, t, nt, ((step *)p)->d->final_norm); }
