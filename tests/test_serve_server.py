@@ -6,6 +6,7 @@ import sys
 import pytest
 from conftest import serve_command
 
+from camelid import native
 from camelid.errors import CamelidError
 from camelid.serve.server import parse_model_specs
 
@@ -47,3 +48,26 @@ def test_the_command_serves_a_model_and_honours_the_key_from_the_environment(tin
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
     assert f"serving tiny at {url}" in server.stderr.read()
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="int8 needs a C compiler")
+def test_an_int8_model_serves_batched_requests_as_it_answers_each_alone(tiny_chat_model):
+    """The engine's worker thread drives the int8 kernels: rows decoded together in one batch (joining and
+    finishing at different steps) get exactly the tokens each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai = pytest.importorskip("openai")
+    prompts = ["Hello there", "Name three camels, please", "Why?"]
+    with serve_command(["-m", f"tiny={tiny_chat_model}", "--quantize", "int8", "--max-batch", "4"]) as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+
+        def ask(i: int):
+            reply = client.chat.completions.create(model="tiny", temperature=0, max_tokens=8 + 4 * i,
+                                                   messages=[{"role": "user", "content": prompts[i]}])
+            return reply.choices[0].message.content, reply.usage.completion_tokens
+
+        alone = [ask(i) for i in range(len(prompts))]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(ask, range(len(prompts))))
+    assert together == alone
+    assert all(tokens > 0 for _, tokens in alone)
