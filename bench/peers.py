@@ -6,7 +6,7 @@ prompt and thread count:
   load s        from nothing in memory to a model ready to run (the GGUF file for camelid and llama.cpp; for
                 transformers the same file through `gguf_file=`, dequantized). camelid's int8 kernels are
                 built before the workers start, as llama.cpp was built when it was installed: building them
-                is a one-time cost of ~1 s per machine, not a cost of each load
+                is a one-time cost of ~2 s per machine, not a cost of each load
   prefill       tokens per second over a prompt of --prompt-tokens
   decode b1     greedy tokens per second of one sequence
   decode b8     greedy tokens per second of 8 sequences decoded together, all 8 counted (llama-cpp-python's

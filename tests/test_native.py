@@ -1,6 +1,7 @@
 """camelid's int8 kernels (native.c) against PyTorch doing the same arithmetic on the dequantized weights.
 
-The kernels round weights to int8 per row and activations to int16 per row; the reference here is PyTorch's
+The kernels round weights to int8 per block of 64 along a row and activations to int16 per row; the reference
+here is PyTorch's
 float32 product with the weights rounded the same way, so what is left is the activations' rounding (at most
 1/65534 of a row's largest element) and summation order.
 """
@@ -183,21 +184,73 @@ def test_calls_from_several_threads_give_each_its_own_answer():
 
 
 def test_a_forked_child_starts_its_own_threads():
-    """After fork the parent's worker threads do not exist in the child; its first call must not wait on them."""
+    """After fork the parent's worker threads do not exist in the child (and, asleep, they were still waiters on
+    the pool's condition variable): the child's calls must neither wait on them nor on their locks."""
     code = (
-        "import os, torch\n"
+        "import os, time, torch\n"
         "from camelid.native import Int8Linear\n"
         "layer = Int8Linear(torch.randn(64, 32), threads=2)\n"
         "x = torch.randn(2, 32)\n"
         "y = layer(x)\n"
+        "time.sleep(0.05)\n"  # the workers stop spinning and sleep
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    os._exit(0 if torch.equal(layer(x), y) else 3)\n"
+        "    same = True\n"
+        "    for _ in range(3):\n"
+        "        same &= torch.equal(layer(x), y)\n"
+        "        time.sleep(0.05)\n"
+        "    os._exit(0 if same else 3)\n"
         "_, status = os.waitpid(pid, 0)\n"
+        "assert torch.equal(layer(x), y)\n"  # and the parent goes on with its own
         "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert done.returncode == 0
+
+
+def test_a_converted_model_is_refused_not_read_as_garbage():
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    small = quantize_model(Llama(config).eval(), "int8")
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        before = small(tokens)
+        small.half()  # the decoder's own tensors are not the model's parameters: it keeps working
+        with pytest.raises(ValueError, match="converted or moved.*load the model again"):
+            small(tokens)
+        torch.testing.assert_close(small.hidden(tokens), small.native.hidden(tokens))
+        assert small.hidden(tokens).dtype == torch.float32 and before.isfinite().all()
+
+
+def test_torch_single_threaded_is_counted_across_threads():
+    """Two decoding loops (two served models) enter and leave in any order: PyTorch gets its setting back."""
+    from camelid.native import torch_single_threaded
+
+    model = type("M", (), {"native": object()})()
+    own = torch.get_num_threads()
+    inside = []
+    gates = [threading.Event() for _ in range(3)]
+
+    def first():
+        with torch_single_threaded(model):
+            gates[0].set()
+            gates[1].wait()
+            inside.append(torch.get_num_threads())
+        gates[2].set()  # leaves while the second is still inside
+
+    def second():
+        gates[0].wait()
+        with torch_single_threaded(model):
+            gates[1].set()
+            gates[2].wait()
+            inside.append(torch.get_num_threads())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert inside == [1, 1] and torch.get_num_threads() == own
 
 
 def test_build_goes_to_the_cache_directory_and_failures_are_one_line(tmp_path, monkeypatch):
@@ -205,13 +258,21 @@ def test_build_goes_to_the_cache_directory_and_failures_are_one_line(tmp_path, m
     native.library.cache_clear()
     try:
         native.library()
-        built = list((tmp_path / "cache").glob("native-*.so"))
-        assert len(built) == 1 and not list((tmp_path / "cache").glob("*.tmp*"))
+        built = list((tmp_path / "cache").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
+        native.library.cache_clear()
+        monkeypatch.setenv("CC", "env cc")  # a compiler command with arguments, as "ccache gcc"
+        native.library()
+        assert len(list((tmp_path / "cache").iterdir())) == 2  # another command, another build
         native.library.cache_clear()
         monkeypatch.setenv("CC", "false")  # a compiler that always fails, with a different cache key
         with pytest.raises(CamelidError, match=r"^building camelid's int8 kernels with false failed .*--quantize f16$"):
             native.library()
-        assert list((tmp_path / "cache").glob("*")) == built  # nothing half-written left behind
+        assert len(list((tmp_path / "cache").iterdir())) == 2  # nothing half-written left behind
+        native.library.cache_clear()
+        monkeypatch.setenv("CC", "no-such-compiler-here")
+        with pytest.raises(CamelidError, match="need a C compiler and none was found"):
+            native.library()
     finally:
         native.library.cache_clear()
 

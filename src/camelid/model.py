@@ -285,7 +285,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config).to(self.lm_head.weight.device), persistent=False)
         self.gradient_checkpointing = False
         self.quantization = "none"  # set by camelid.quantize.quantize_model
-        self.native: nn.Module | None = None  # the int8 kernels' decoder, which then runs `hidden` (camelid.native)
+        self.native = None  # a camelid.native.NativeDecoder (--quantize int8), which then runs `hidden`
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *, targets: Tensor | None = None, **kw) -> Tensor:
         """Logits for every position, [B, T, vocab]; or, given `targets` [B, T], the summed cross-entropy.

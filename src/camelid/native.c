@@ -13,8 +13,10 @@
  * small pool of threads that spin between the steps of one call and sleep between calls. Every entry point
  * takes a lock: calls from several Python threads run one after another.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,6 +35,9 @@ typedef void (*task_fn)(void *ctx, int t, int nt);
 /* How long a worker spins for the next task before it sleeps. Waking a sleeping thread takes ~0.1 ms, as long
  * as a whole task at batch 1; a thread that finished its share early must not fall asleep before the next. */
 #define SPIN_SECONDS 2e-3
+/* Spinning threads offer their core every this many pauses (~10 us): on a busy machine the thread they wait for
+ * may be the one waiting for a core. Alone on the machine, sched_yield returns at once. */
+#define YIELD_ROUNDS 512
 
 static struct {
     int size; /* workers started; every one takes part in every task (some with nothing to do) */
@@ -70,6 +75,7 @@ static void *worker_main(void *arg) {
         for (int i = 1; atomic_load_explicit(&pool.gen, memory_order_acquire) == seen; i++) {
             cpu_relax();
             if (i % 256 == 0 && now() > until) break;
+            if (i % YIELD_ROUNDS == 0) sched_yield();
         }
         if (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
             pthread_mutex_lock(&pool.mu);
@@ -85,11 +91,25 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* fork(): no call may be in flight, and the child starts with no workers and fresh locks (the parent's
+ * sleeping workers would otherwise still count as waiters on a condition variable the child broadcasts to). */
+static void before_fork(void) { pthread_mutex_lock(&call_lock); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&call_lock); }
+static void after_fork_child(void) {
+    pthread_mutex_t fresh_mutex = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    pool.mu = fresh_mutex;
+    pool.cv = fresh_cond;
+    call_lock = fresh_mutex;
+    pool.size = pool.sleepers = 0;
+    pool.pid = getpid();
+}
+
 /* Start workers until there are nt - 1 of them (none are ever stopped). Returns the threads available. */
 static int pool_grow(int nt) {
     if (nt > MAX_THREADS) nt = MAX_THREADS;
-    if (pool.pid != getpid()) { /* a forked child: its parent's workers do not exist here */
-        pool.size = 0;
+    if (pool.pid == 0) {
+        pthread_atfork(before_fork, after_fork_parent, after_fork_child);
         pool.pid = getpid();
     }
     while (pool.size < nt - 1) {
@@ -117,7 +137,10 @@ static void parallel(task_fn fn, void *ctx, int nt) {
     if (pool.sleepers) pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
     fn(ctx, 0, nt);
-    while (atomic_load_explicit(&pool.done, memory_order_acquire) < pool.size) cpu_relax();
+    for (int i = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.size; i++) {
+        cpu_relax();
+        if (i % YIELD_ROUNDS == 0) sched_yield();
+    }
 }
 
 /* [lo, hi) of n items for thread t of nt, in multiples of `align` (the last thread takes the rest). */
@@ -142,7 +165,7 @@ static inline __m256 widen8(const int8_t *p) { /* 8 int8 weights as floats */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* e^x to about 2 ulp for x <= 88 (x below -87 gives 0 or a denormal's worth), as Cephes' expf does it:
+/* e^x to about 2 ulp for x <= 88 (x below -87 is taken as -87: e^-87 ~ 1.6e-38), as Cephes' expf does it:
  * x = n ln2 + r with |r| <= ln2 / 2, e^r from its Taylor polynomial, 2^n put into the exponent bits. */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
@@ -268,12 +291,13 @@ static void quantize_input(const float *x, int ldx, qinput *xi) {
     for (int c = 0; c < xi->n; c++) {
         const float *row = x + (int64_t)c * ldx;
         int16_t *q = xi->q + (int64_t)c * xi->in;
-        float top = max_abs(row, xi->in), s = top > 0 ? top / 32767 : 1.0f, inv = 1.0f / s;
+        /* (FLT_MIN: for rows of tiny numbers 1 / s would overflow) */
+        float top = max_abs(row, xi->in), s = top > 0 ? fmaxf(top / 32767, FLT_MIN) : 1.0f, inv = 1.0f / s;
         xi->scale[c] = s;
         int i = 0;
 #ifdef __AVX2__
         __m256 vinv = _mm256_set1_ps(inv);
-        for (; i + 16 <= xi->in; i += 16) { /* round to nearest even, as lrintf; packs saturates at +-32767 */
+        for (; i + 16 <= xi->in; i += 16) { /* round to nearest even, as lrintf; all within +-32767 */
             __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i), vinv));
             __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8), vinv));
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
@@ -438,7 +462,7 @@ static void quantize_run(void *p, int t, int nt) {
             int start = k * SCALE_BLOCK, n = start + SCALE_BLOCK < a->in ? SCALE_BLOCK : a->in - start;
             const float *row = a->w + (int64_t)r * a->in + start;
             int8_t *q = a->q + (int64_t)r * a->in + start;
-            float top = max_abs(row, n), s = top > 0 ? top / 127 : 1.0f, inv = 1.0f / s;
+            float top = max_abs(row, n), s = top > 0 ? fmaxf(top / 127, FLT_MIN) : 1.0f, inv = 1.0f / s;
             a->scale[(int64_t)r * nb + k] = s;
             int i = 0;
 #ifdef __AVX2__

@@ -1,9 +1,10 @@
-"""camelid's own CPU kernels (native.c): int8 weights with float32 activations, and the decoder's layers in one call.
+"""camelid's own CPU kernels (native.c): int8 weights, activations rounded to int16 inside the products, and the
+decoder's layers in one call.
 
 The C source ships with the package and is compiled with the machine's C compiler the first time it is needed
-(under a second), into camelid's cache directory ($CAMELID_CACHE, else $XDG_CACHE_HOME/camelid or
-~/.cache/camelid), keyed by the source, the compiler and the CPU, since it is built for this CPU's instructions.
-It is loaded with ctypes: no Python headers, no build step at install time.
+(~2 s), into camelid's cache directory ($CAMELID_CACHE, else $XDG_CACHE_HOME/camelid, else ~/.cache/camelid),
+keyed by the source, the compiler and the CPU, since it is built for this CPU's instructions. It is loaded with
+ctypes: no Python headers, no build step at install time.
 """
 
 import contextlib
@@ -12,9 +13,12 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
+import types
 from pathlib import Path
 
 import torch
@@ -24,6 +28,8 @@ from torch import Tensor, nn
 from camelid.errors import CamelidError
 
 SOURCE = Path(__file__).with_name("native.c")
+NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: install gcc or clang (or set CC), "
+               "or use --quantize f16")
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 
@@ -34,9 +40,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camelid"
 
 
-def compiler() -> str | None:
-    """The C compiler to build with: $CC, else cc, gcc or clang on the PATH; None if there is none."""
-    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+def compiler() -> list[str] | None:
+    """The command that compiles C: $CC (which may hold arguments, e.g. "ccache gcc") if it names a program on
+    the PATH, else cc, gcc or clang; None if there is none."""
+    if os.environ.get("CC"):
+        command = shlex.split(os.environ["CC"])
+        return command if command and shutil.which(command[0]) else None
+    return next(([c] for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
 def _cpu_id() -> str:
@@ -53,20 +63,22 @@ def library() -> ctypes.CDLL:
     """The compiled kernels, built first if this machine has no copy yet (CamelidError if it cannot be built)."""
     cc = compiler()
     if cc is None:
-        raise CamelidError("camelid's int8 kernels need a C compiler and none was found: install gcc or clang "
-                           "(or set CC), or use --quantize f16")
+        raise CamelidError(NO_COMPILER)
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
     path = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
+            try:
+                done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                raise CamelidError(f"building camelid's int8 kernels with {cc} failed ({first}); "
+            except OSError as e:
+                done, first = None, str(e)
+            if done is None or done.returncode != 0:
+                raise CamelidError(f"building camelid's int8 kernels with {' '.join(cc)} failed ({first}); "
                                    "set CC to another compiler, or use --quantize f16")
             os.replace(tmp, path)  # atomic: a concurrent build of the same source writes the same file
         finally:
@@ -106,11 +118,16 @@ def quantize_rows(weight: Tensor, q: Tensor | None = None, scale: Tensor | None 
 
     Written into `q` and `scale` when given (contiguous, e.g. rows of a larger matrix).
     """
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError(f"int8 weights are made from a 2-D CPU tensor, not {tuple(weight.shape)} on {weight.device}")
     w = weight.detach().float().contiguous()
     blocks = -(-w.shape[1] // SCALE_BLOCK)
     q = torch.empty(w.shape, dtype=torch.int8) if q is None else q
     scale = torch.empty(w.shape[0], blocks) if scale is None else scale
-    assert q.is_contiguous() and scale.is_contiguous() and q.shape == w.shape and scale.shape == (w.shape[0], blocks)
+    if not (q.dtype == torch.int8 and scale.dtype == torch.float32 and q.is_contiguous() and scale.is_contiguous()
+            and q.shape == w.shape and scale.shape == (w.shape[0], blocks)):
+        raise ValueError(f"quantize_rows writes into contiguous int8 {tuple(w.shape)} and float32 "
+                         f"{(w.shape[0], blocks)} tensors")
     library().camelid_quantize_rows(w.data_ptr(), w.shape[0], w.shape[1], q.data_ptr(), scale.data_ptr(),
                                     torch.get_num_threads())
     return q, scale
@@ -145,19 +162,30 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check()
         if x.device.type != "cpu":
-            raise ValueError(f"camelid's int8 kernels run on the CPU; this input is on {x.device}")
+            raise ValueError(f"camelid's int8 kernels run on the CPU and this input is on {x.device}: move it to the "
+                             "CPU (on a GPU, load the model without --quantize and use --dtype bfloat16)")
         rows = x.reshape(-1, self.in_features).float().contiguous()
         y = torch.empty(rows.shape[0], self.out_features)
         status = library().camelid_linear(self.qweight.data_ptr(), self.scale.data_ptr(), _ptr(self.bias),
                                           self.out_features, self.in_features, rows.data_ptr(), rows.shape[0],
                                           y.data_ptr(), self.threads or torch.get_num_threads())
         if status != 0:
-            raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {rows.shape[0]} rows")
+            raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {rows.shape[0]} rows; "
+                              "pass fewer rows at a time")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> Tensor:
         return dequantize(self.qweight, self.scale)
+
+    def check(self) -> None:
+        """The kernels read raw memory: refuse what `.to()`, `.half()` and the like may have made of it."""
+        tensors = [(self.qweight, torch.int8), (self.scale, torch.float32)]
+        tensors += [] if self.bias is None else [(self.bias, torch.float32)]
+        if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t, dtype in tensors):
+            raise ValueError("this int8 layer's weights were converted or moved; the int8 kernels need them as "
+                             "quantized (int8 and float32, on the CPU): load the model again")
 
 
 class _QMatrix(ctypes.Structure):
@@ -181,26 +209,29 @@ def _qmatrix(layer: Int8Linear) -> _QMatrix:
                     layer.in_features)
 
 
-class NativeDecoder(nn.Module):
+class NativeDecoder:
     """The decoder's layers of a Llama with int8 weights, run by camelid_decoder_forward.
 
-    Holds everything the kernels read (so its tensors outlive every call); `hidden` stands in for Llama.hidden.
-    `threads`: how many threads the kernels run on (None: torch.get_num_threads() at each call).
+    Holds everything the kernels read, so its tensors outlive every call. It is deliberately not an nn.Module:
+    `model.to()` and the like must not convert memory whose addresses the kernels hold. `hidden` stands in for
+    Llama.hidden. `threads`: how many threads the kernels run on (None: torch.get_num_threads() at each call).
     """
 
+    MAX_ROWS = 512  # tokens per call: bounds the kernels' scratch memory (a prompt longer than this goes in parts)
+
     def __init__(self, model, threads: int | None = None):
-        super().__init__()
         self.threads = threads
         config = model.config
         if config.head_dim > 512:
-            raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}")
+            raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}; "
+                               "use --quantize f16")
         self.config = config
-        self.embed = model.model.embed_tokens
-        self.inv_freq = model.inv_freq
-        self.layers = nn.ModuleList()
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.inv_freq = model.inv_freq.detach().float().cpu()
+        self.layers = []
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
-            part = nn.Module()
+            part = types.SimpleNamespace()
             part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
             part.mlp_norm = block.post_attention_layernorm.weight.detach().float().contiguous()
             part.qkv = _stacked([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -223,53 +254,67 @@ class NativeDecoder(nn.Module):
         from camelid.model import KVCache, rope_cos_sin
 
         B, T = tokens.shape
+        c = self.config
         if cache is None:
             if positions is not None or mask is not None:
                 raise CamelidError("a model loaded with --quantize int8 runs plain causal sequences only; "
                                    "load it without --quantize for packed or masked inputs")
-            cache = KVCache(self.config, B, T)
+            # Every layer writes its keys and values before it reads them: one layer's worth serves them all.
+            cache = KVCache.__new__(KVCache)
+            cache.k = [torch.empty(B, c.num_key_value_heads, T, c.head_dim)] * c.num_hidden_layers
+            cache.v = [torch.empty(B, c.num_key_value_heads, T, c.head_dim)] * c.num_hidden_layers
+            cache.lengths, cache.max_len = torch.zeros(B, dtype=torch.long), T
         elif positions is not None or mask is not None:
             raise ValueError("positions and mask are derived from the cache when a cache is given")
-        c = self.config
         shape = (B, c.num_key_value_heads, cache.max_len, c.head_dim)  # the kernels index it so: check it all
         if len(cache.k) != c.num_hidden_layers or any(
             buf.shape != shape or buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu"
             for buf in (*cache.k, *cache.v)
         ):
-            raise ValueError(f"the int8 kernels need this model's float32 CPU cache for {B} rows (Llama.new_cache)")
+            raise ValueError(f"the int8 kernels need this model's float32 CPU cache for {B} rows: make it with "
+                             "model.new_cache")
         counts = torch.full((B,), T) if valid is None else valid.to(torch.long).cpu()
         lengths = cache.lengths.cpu()
-        if int((lengths + counts).max()) > cache.max_len:
-            kv_len = int((lengths + counts).max())
+        kv_len = int((lengths + counts).max())
+        if kv_len > cache.max_len:
             raise ValueError(f"sequence of {kv_len} tokens does not fit the cache of {cache.max_len}")
-        every = valid is None or bool((counts == T).all())
         pos = lengths[:, None] + torch.arange(T)  # [B, T]
         rows = torch.arange(B)[:, None].expand(B, T)
-        keep = None if every else torch.arange(T)[None, :] < counts[:, None]
-        if keep is not None:
+        keep = None if valid is None or bool((counts == T).all()) else torch.arange(T)[None, :] < counts[:, None]
+        if keep is not None:  # right padding is not run at all
             pos, rows, ids = pos[keep], rows[keep], tokens[keep]
         else:
             pos, rows, ids = pos.reshape(-1), rows.reshape(-1), tokens.reshape(-1)
         n = len(ids)
-        out = torch.zeros(n, self.config.hidden_size)
-        if n:
-            x = F.embedding(ids, self.embed.weight).float().contiguous()
-            pos, rows = pos.contiguous(), rows.contiguous()
-            cos, sin = (c.reshape(n, -1).contiguous() for c in rope_cos_sin(self.inv_freq, pos[None], torch.float32))
-            L = len(cache.k)
-            k_ptrs = (ctypes.c_void_p * L)(*[k.data_ptr() for k in cache.k])
-            v_ptrs = (ctypes.c_void_p * L)(*[v.data_ptr() for v in cache.v])
+        out = torch.empty(n, c.hidden_size)
+        k_ptrs = (ctypes.c_void_p * len(cache.k))(*[k.data_ptr() for k in cache.k])
+        v_ptrs = (ctypes.c_void_p * len(cache.v))(*[v.data_ptr() for v in cache.v])
+        # In parts of MAX_ROWS tokens, in order: a row's later tokens attend to the keys its earlier parts wrote.
+        for start in range(0, n, self.MAX_ROWS):
+            part = slice(start, min(n, start + self.MAX_ROWS))
+            m = part.stop - part.start
+            x = F.embedding(ids[part], self.embed).float().contiguous()
+            p, r = pos[part].contiguous(), rows[part].contiguous()
+            cos, sin = (t.reshape(m, -1).contiguous() for t in rope_cos_sin(self.inv_freq, p[None], torch.float32))
             status = library().camelid_decoder_forward(
-                ctypes.addressof(self._decoder), n, x.data_ptr(), rows.data_ptr(), pos.data_ptr(), cos.data_ptr(),
-                sin.data_ptr(), k_ptrs, v_ptrs, cache.max_len, out.data_ptr(), self.threads or torch.get_num_threads())
+                ctypes.addressof(self._decoder), m, x.data_ptr(), r.data_ptr(), p.data_ptr(), cos.data_ptr(),
+                sin.data_ptr(), k_ptrs, v_ptrs, cache.max_len, out[part].data_ptr(),
+                self.threads or torch.get_num_threads())
+            if status == -1:
+                raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {m} tokens")
             if status != 0:
-                raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {n} tokens")
+                raise RuntimeError(f"camelid's int8 kernels refused the call (status {status})")
         cache.lengths += counts.to(cache.lengths.device)
         if keep is None:
             return out.view(B, T, -1)
-        hidden = torch.zeros(B, T, self.config.hidden_size)
+        hidden = torch.zeros(B, T, c.hidden_size)
         hidden[keep] = out
         return hidden
+
+
+_torch_threads_lock = threading.Lock()
+_torch_threads_saved: list[int] = []  # PyTorch's own setting while any thread is inside torch_single_threaded
+_torch_threads_users = 0
 
 
 @contextlib.contextmanager
@@ -279,16 +324,24 @@ def torch_single_threaded(model):
     PyTorch's idle OpenMP threads spin for milliseconds after each of its parallel operations (sampling from
     49K logits is one), on the cores the kernels' threads need next: measured, that cost a batch-8 decode step
     a third of its time. Decoding loops wrap their PyTorch work in this; the kernels keep their own threads.
+    The setting is process-wide, so it is counted: the last thread to leave restores PyTorch's own.
     """
+    global _torch_threads_users
     if getattr(model, "native", None) is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _torch_threads_lock:
+        if _torch_threads_users == 0:
+            _torch_threads_saved[:] = [torch.get_num_threads()]
+            torch.set_num_threads(1)
+        _torch_threads_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _torch_threads_lock:
+            _torch_threads_users -= 1
+            if _torch_threads_users == 0:
+                torch.set_num_threads(_torch_threads_saved[0])
 
 
 def _stacked(layers: list[nn.Linear]) -> Int8Linear:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from camelid.errors import CamelidError
 from camelid.model import Llama
-from camelid.native import Int8Linear, NativeDecoder, compiler
+from camelid.native import NO_COMPILER, Int8Linear, NativeDecoder, compiler
 
 QUANTIZATIONS = ("none", "f16", "int8")
 F16_MAX_ROWS = 4  # without fbgemm: up to this many rows the float16 product is the faster one
@@ -66,8 +66,7 @@ def check_quantization(kind: str) -> str:
     if kind not in QUANTIZATIONS:
         raise CamelidError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if kind == "int8" and compiler() is None:
-        raise CamelidError("--quantize int8 builds camelid's kernels with a C compiler and none was found: "
-                           "install gcc or clang (or set CC), or use --quantize f16")
+        raise CamelidError(NO_COMPILER)
     return kind
 
 
