@@ -147,10 +147,14 @@ def test_native_decoder_equals_pytorch_on_the_same_weights(name):
         torch.testing.assert_close(small(tokens), ref(tokens), atol=2e-4, rtol=1e-4)
 
 
-def test_native_decoder_refuses_packed_inputs_and_overfull_caches():
-    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+def tiny_int8_model(layers: int) -> Llama:
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1)
-    small = quantize_model(Llama(config).eval(), "int8")
+    return quantize_model(Llama(config).eval(), "int8")
+
+
+def test_native_decoder_refuses_packed_inputs_and_overfull_caches():
+    small = tiny_int8_model(layers=1)
     tokens = torch.zeros(1, 4, dtype=torch.long)
     with torch.no_grad():
         with pytest.raises(CamelidError, match="plain causal sequences only"):
@@ -209,9 +213,7 @@ def test_a_forked_child_starts_its_own_threads():
 
 
 def test_a_converted_model_is_refused_not_read_as_garbage():
-    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
-    small = quantize_model(Llama(config).eval(), "int8")
+    small = tiny_int8_model(layers=1)
     tokens = torch.zeros(1, 3, dtype=torch.long)
     with torch.no_grad():
         before = small(tokens)
@@ -287,9 +289,7 @@ def test_without_a_compiler_int8_is_refused_in_one_line(monkeypatch):
 
 
 def test_a_cache_of_another_shape_is_refused_before_the_kernels_touch_it():
-    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)
-    small = quantize_model(Llama(config).eval(), "int8")
+    small = tiny_int8_model(layers=2)
     with torch.no_grad():
         for cache in (small.new_cache(2, 8), small.new_cache(1, 8).rows(0, 0)):
             with pytest.raises(ValueError, match="this model's float32 CPU cache for 1 rows"):
