@@ -99,12 +99,7 @@ class GGUFFile:
         return out
 
     def _string(self) -> str:
-        (n,) = self._unpack("<Q")
-        s = self._map[self._pos : self._pos + n]
-        if len(s) != n:
-            raise ValueError("string runs past the end of the file")
-        self._pos += n
-        return s.decode("utf-8", errors="replace")
+        return self._strings(1)[0]
 
     def _strings(self, n: int) -> list[str]:
         """n strings in a row (a vocabulary, its merges): one tight loop, for the ~100K of a tokenizer."""

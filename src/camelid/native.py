@@ -99,15 +99,6 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def available() -> bool:
-    """Whether the kernels can be had here (builds them if needed)."""
-    try:
-        library()
-    except CamelidError:
-        return False
-    return True
-
-
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -313,8 +304,8 @@ class NativeDecoder:
 
 
 _torch_threads_lock = threading.Lock()
-_torch_threads_saved: list[int] = []  # PyTorch's own setting while any thread is inside torch_single_threaded
-_torch_threads_users = 0
+_torch_threads_users = 0  # threads inside torch_single_threaded
+_torch_threads_saved = 0  # PyTorch's own setting, while any are
 
 
 @contextlib.contextmanager
@@ -326,13 +317,13 @@ def torch_single_threaded(model):
     a third of its time. Decoding loops wrap their PyTorch work in this; the kernels keep their own threads.
     The setting is process-wide, so it is counted: the last thread to leave restores PyTorch's own.
     """
-    global _torch_threads_users
+    global _torch_threads_users, _torch_threads_saved
     if getattr(model, "native", None) is None:
         yield
         return
     with _torch_threads_lock:
         if _torch_threads_users == 0:
-            _torch_threads_saved[:] = [torch.get_num_threads()]
+            _torch_threads_saved = torch.get_num_threads()
             torch.set_num_threads(1)
         _torch_threads_users += 1
     try:
@@ -341,7 +332,7 @@ def torch_single_threaded(model):
         with _torch_threads_lock:
             _torch_threads_users -= 1
             if _torch_threads_users == 0:
-                torch.set_num_threads(_torch_threads_saved[0])
+                torch.set_num_threads(_torch_threads_saved)
 
 
 def _stacked(layers: list[nn.Linear]) -> Int8Linear:
