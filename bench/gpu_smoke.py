@@ -127,7 +127,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    from camelid.train.identity import identity_conversations
+    from camelid.data.identity import identity_conversations
 
     work = Path(tempfile.mkdtemp())
     data = work / "identity.jsonl"

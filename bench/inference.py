@@ -132,7 +132,7 @@ def main():
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from camelid.checkpoint import load_model
-    from camelid.models import DEFAULT_MODEL, named_model_path
+    from camelid.named_models import DEFAULT_MODEL, named_model_path
 
     path = named_model_path(DEFAULT_MODEL)
     prompt = build_prompt(load_model(path, device="cpu").tokenizer, args.prompt_tokens)

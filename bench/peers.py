@@ -100,7 +100,7 @@ WORKERS = {"camelid": camelid_worker, "llamacpp": llamacpp_worker, "transformers
 
 def run_worker(args) -> dict:
     from camelid.checkpoint import load_tokenizer_and_template
-    from camelid.models import DEFAULT_MODEL, named_model_path
+    from camelid.named_models import DEFAULT_MODEL, named_model_path
 
     torch.set_num_threads(args.threads)
     path = named_model_path(DEFAULT_MODEL)

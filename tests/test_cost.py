@@ -70,7 +70,7 @@ def test_parameter_counts_equal_transformers(variant):
 
 
 def test_lora_parameters_equal_the_adapters_apply_lora_adds():
-    from camelid.train.lora import LoRAConfig, apply_lora
+    from camelid.lora import LoRAConfig, apply_lora
 
     config = preset("tinyllama-1.1b")  # grouped-query attention: k and v are narrower than q
     lora = LoRAConfig(r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
@@ -160,7 +160,7 @@ def batched_by_training(cfg, world):
     """What `camelid train` feeds the model, using its own functions: (steps, real tokens, D, S, eval D)."""
     from camelid.chat import chat_template_for
     from camelid.checkpoint import load_model
-    from camelid.train.examples import collate
+    from camelid.examples import collate
     from camelid.train.loop import build_rows, load_conversations, rows_for_step
 
     loaded = load_model(cfg.model, device="cpu", dtype="float32")

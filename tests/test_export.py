@@ -197,8 +197,8 @@ def test_llama_cpp_tokenizes_the_export_as_camelid_does(smollm2, smollm2_export,
 @pytest.fixture(scope="module")
 def tuned_adapter(tmp_path_factory) -> Path:
     """SmolLM2 after three LoRA steps on the identity set at a high learning rate: enough to change its answers."""
-    from camelid.models import DEFAULT_MODEL
-    from camelid.train.identity import identity_conversations
+    from camelid.named_models import DEFAULT_MODEL
+    from camelid.data.identity import identity_conversations
     from camelid.train.loop import train
     from camelid.train.recipe import build_config
 
@@ -429,7 +429,7 @@ def test_hf_export_of_a_named_model_loads_in_transformers(smollm2, tmp_path):
 
 
 def test_hf_export_of_a_gguf_and_of_an_adapter_load_in_transformers(smollm2_tokenizer, tmp_path):
-    from camelid.train.lora import LoRAConfig, apply_lora, save_adapter
+    from camelid.lora import LoRAConfig, apply_lora, save_adapter
 
     tiny = tiny_model(VARIANTS["bias-linear-rope"], *smollm2_tokenizer)
     gguf = export_gguf(tiny, tmp_path / "tiny.gguf", type="f32", progress=False)

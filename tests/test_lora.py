@@ -13,7 +13,7 @@ from camelid.checkpoint import LoadedModel, load_model, save_model
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import Llama
-from camelid.train.lora import (
+from camelid.lora import (
     LoRAConfig, LoRALinear, apply_lora, is_adapter_dir, load_adapter, merge_lora, save_adapter,
 )
 
@@ -252,7 +252,7 @@ def test_unsupported_or_damaged_adapters_are_refused(tmp_path, changes, match):
     with pytest.raises(CamelidError, match=match) as exc_info:
         load_adapter(model, out)
     one_line(exc_info)
-    assert getattr(model, "lora", None) is None and not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert model.lora is None and not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_adapter_files_that_are_missing_pickled_or_for_another_model(tmp_path):
@@ -378,7 +378,7 @@ def test_export_merge_help(capsys):
 
 def test_fused_adapter_update_has_the_gradients_of_dropout_then_two_linears():
     """The training path (one-byte masks, x kept once) against plain autograd with the same dropout mask."""
-    from camelid.train.lora import _LoRAUpdate
+    from camelid.lora import _LoRAUpdate
 
     x = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
     a = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)

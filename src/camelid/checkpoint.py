@@ -19,7 +19,7 @@ from camelid.files import atomic_dir
 from camelid.files import read_json
 from camelid.gguf_file import GGUFFile
 from camelid.model import Llama, rope_inv_freq
-from camelid.models import NAMED_MODELS, named_model_path
+from camelid.named_models import NAMED_MODELS, named_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,7 +88,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     from camelid.chat_template import read_chat_template
     from camelid.quantize import check_quantization, quantize_model
     from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
-    from camelid.train.lora import is_adapter_dir
+    from camelid.lora import is_adapter_dir
 
     check_quantization(quantize)
     path = resolve_model_path(spec)
@@ -134,7 +134,7 @@ def load_tokenizer_and_template(spec: str | Path, template_name: str | None = No
 def _tokenizer_and_template_source(path: Path):
     from camelid.chat_template import read_chat_template
     from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
-    from camelid.train.lora import adapter_base, is_adapter_dir
+    from camelid.lora import adapter_base, is_adapter_dir
 
     if is_adapter_dir(path):
         tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
@@ -155,7 +155,7 @@ def _load_adapter_as_model(path: Path, *, device: str, dtype: torch.dtype, quant
     from camelid.chat_template import read_chat_template
     from camelid.quantize import quantize_model
     from camelid.tokenizer import load_tokenizer
-    from camelid.train.lora import adapter_base, load_adapter, merge_lora
+    from camelid.lora import adapter_base, load_adapter, merge_lora
 
     base = load_model(adapter_base(path), device=device, dtype=dtype)
     model = merge_lora(load_adapter(base.model, path))  # merged before quantizing: quantize needs plain linears
@@ -233,7 +233,7 @@ def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: b
     """Write an HF-format directory (config, safetensors, tokenizer, chat template) atomically."""
     if loaded.model.quantization != "none":
         raise CamelidError(f"this model was loaded with --quantize {loaded.model.quantization}; load it without to save it")
-    if getattr(loaded.model, "lora", None) is not None:
+    if loaded.model.lora is not None:
         raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora) or use save_adapter")
     return write_model_files(
         loaded.config, loaded.model.state_dict(), out, tokenizer=loaded.tokenizer,

@@ -7,7 +7,7 @@ import sys
 from camelid.checkpoint import DTYPES
 from camelid.errors import CamelidError
 from camelid.quantize import QUANTIZATIONS
-from camelid.models import DEFAULT_MODEL
+from camelid.named_models import DEFAULT_MODEL
 
 MODEL_KINDS = (
     "a named model (see `camelid models`), a GGUF file, a Hugging Face model directory, or a LoRA adapter directory "
@@ -133,7 +133,7 @@ def _load_for_backend(args):
 
 
 def cmd_models(args) -> None:
-    from camelid.models import NAMED_MODELS
+    from camelid.named_models import NAMED_MODELS
 
     width = max(len(n) for n in NAMED_MODELS)
     for model in NAMED_MODELS.values():
@@ -283,7 +283,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export_merge(args) -> None:
-    from camelid.train.lora import is_adapter_dir
+    from camelid.lora import is_adapter_dir
 
     if not is_adapter_dir(args.adapter):
         raise CamelidError(f"{args.adapter}: not a LoRA adapter directory (no adapter_config.json); "
@@ -380,7 +380,7 @@ def cmd_data_sharegpt(args) -> None:
         tokenizer, template = load_tokenizer_and_template(args.model, args.template)
     identity = None
     if args.identity:
-        from camelid.train.identity import DEFAULT_CREATOR
+        from camelid.data.identity import DEFAULT_CREATOR
 
         name, _, creator = args.identity.partition(",")
         identity = (name.strip(), creator.strip() or DEFAULT_CREATOR)
@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the log lines stay)")
     p.set_defaults(func=cmd_train)
 
-    from camelid.train.identity import DEFAULT_CREATOR, DEFAULT_NAME
+    from camelid.data.identity import DEFAULT_CREATOR, DEFAULT_NAME
 
     p = sub.add_parser(
         "quickstart", help="give the default model a new name with LoRA on a CPU in minutes; show before/after",

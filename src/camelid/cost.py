@@ -171,7 +171,7 @@ def count_parameters(config: ModelConfig) -> ParamCount:
 
 
 def lora_parameters(config: ModelConfig, lora) -> int:
-    """The adapter weights `lora` (a camelid.train.lora.LoRAConfig) adds to a `config` model: r·(in + out) each."""
+    """The adapter weights `lora` (a camelid.lora.LoRAConfig) adds to a `config` model: r·(in + out) each."""
     h, inter = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
@@ -184,7 +184,7 @@ def read_model_config(spec: str) -> ModelConfig:
     """The config of a MODEL as `camelid train` takes it (name, GGUF, HF directory, adapter: its base's)."""
     from camelid.checkpoint import config_from_gguf, resolve_model_path
     from camelid.gguf_file import GGUFFile
-    from camelid.train.lora import adapter_base, is_adapter_dir
+    from camelid.lora import adapter_base, is_adapter_dir
 
     path = resolve_model_path(spec)
     if is_adapter_dir(path):
@@ -256,7 +256,7 @@ def batched_lengths(lengths: list[int], cfg, world: int) -> tuple[int, int, int,
     camelid.train.loop.rows_for_step), process r takes every world-th of them, and each micro-batch is padded
     to its longest row.
     """
-    from camelid.train.examples import shuffled
+    from camelid.examples import shuffled
 
     n, bs, micro = len(lengths), cfg.batch_size, cfg.micro_batch_size
     per_epoch = math.ceil(n / bs)

@@ -141,7 +141,7 @@ def _check_exportable(loaded: LoadedModel) -> None:
             f"this model was loaded with --quantize {model.quantization}; "
             "load it without (quantize='none') to export it"
         )
-    if getattr(model, "lora", None) is not None:
+    if model.lora is not None:
         raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora)")
     if config.mlp_bias:
         raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")

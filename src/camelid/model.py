@@ -286,6 +286,7 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
         self.quantization = "none"  # set by camelid.quantize.quantize_model
         self.native = None  # a camelid.native.NativeDecoder (--quantize int8), which then runs `hidden`
+        self.lora = None  # the camelid.lora.LoRAConfig of unmerged adapters, set by apply_lora, cleared by merge_lora
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *, targets: Tensor | None = None, **kw) -> Tensor:
         """Logits for every position, [B, T, vocab]; or, given `targets` [B, T], the summed cross-entropy.

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from camelid.data.formats import EMPTY_CONTENT, MISSING_CONTENT, BadRecord, json_records, to_messages, write_jsonl
-from camelid.data.report import Report
+from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 
 RULES = (

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.data.formats import BadRecord, json_records, to_messages, write_jsonl
-from camelid.data.report import Report
+from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 
 HELPFUL = "a helpful answer"

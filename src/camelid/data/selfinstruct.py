@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from camelid.client import ChatClient, Reply, TeacherError
 from camelid.data.formats import strict_records
-from camelid.data.report import Report, report_paths
+from camelid.pipeline_report import Report, report_paths
 from camelid.errors import CamelidError
 from camelid.files import RESUME_HINT, append_json_line, open_to_append, read_appended
 

@@ -66,7 +66,7 @@ from camelid.data.formats import (
     to_messages,
 )
 from camelid.data.languages import check_languages, detect_languages, language_detector
-from camelid.data.report import Report
+from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir
 
@@ -126,7 +126,7 @@ def clean_sharegpt(
         raise CamelidError(f"test fraction {test_fraction} is outside [0, 1); give e.g. {DEFAULT_TEST_FRACTION}")
     wanted = check_languages(languages) if languages is not None else None
     if identity is not None:
-        from camelid.train.identity import identity_conversations
+        from camelid.data.identity import identity_conversations
 
         identity_convs = identity_conversations(*identity)  # bad names fail now, not after the work
     report = Report("sharegpt")

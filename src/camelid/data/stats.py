@@ -2,7 +2,7 @@
 sources and conditions, languages; as a Report, its text, and optionally a histogram of token lengths.
 
 Token counts are made as training makes them: each conversation rendered with the chat template and encoded
-without added special tokens, and its learned tokens are the assistant turns' (camelid.train.examples).
+without added special tokens, and its learned tokens are the assistant turns' (camelid.examples).
 Distributions are summarised by min, mean, median, p90, p99 and max, where pN is the nearest-rank percentile:
 the smallest value that N% of the conversations do not exceed.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from camelid.data.formats import Skipped, iter_records, to_messages
 from camelid.data.languages import detect_languages, language_detector
-from camelid.data.report import Report
+from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 
 CONTEXT_LENGTHS = (512, 1024, 2048, 4096)
@@ -162,7 +162,7 @@ def stats_text(report: Report) -> str:
 
 
 def _token_counts(template, tokenizer, messages: list[dict], where: str) -> tuple[int, int]:
-    from camelid.train.examples import make_example
+    from camelid.examples import make_example
 
     try:
         example = make_example(template, tokenizer, messages)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from camelid.client import ChatClient
 from camelid.data.formats import strict_records
-from camelid.data.report import Report
+from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 from camelid.files import append_json_line, open_to_append, read_appended, write_atomic
 

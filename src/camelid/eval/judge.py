@@ -49,7 +49,7 @@ from typing import Any
 from tqdm import tqdm
 
 from camelid.client import ChatClient, TeacherError
-from camelid.data.report import Report
+from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 from camelid.eval.answers import Question, read_answers, read_questions, rewrite_sorted
 from camelid.files import append_json_line, open_to_append, read_appended, write_atomic

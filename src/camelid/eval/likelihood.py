@@ -5,7 +5,7 @@ through camelid's adapter (camelid.eval.lm_eval_adapter), and the tests hold the
 
 - A plain text is scored after one prefix token, BOS (or EOS for a vocabulary without one), as lm-eval's
   `loglikelihood_rolling`; every token of the text is predicted. A conversation is rendered with the chat
-  template as for training (camelid.train.examples.make_example) and only its assistant tokens are scored.
+  template as for training (camelid.examples.make_example) and only its assistant tokens are scored.
 - A sequence longer than `context` is scored in windows of at most `context` tokens. The first window
   predicts the first `context` tokens; each further window ends `stride` tokens later (the last one at the
   end) and holds the `context` tokens before its end, so every token is scored exactly once, after at least
@@ -31,7 +31,7 @@ from camelid.checkpoint import LoadedModel
 from camelid.data.formats import BadRecord, Skipped, iter_records, to_messages
 from camelid.errors import CamelidError
 from camelid.model import IGNORE, Llama
-from camelid.train.examples import make_example
+from camelid.examples import make_example
 
 PROMPT = "Question: {question}\nAnswer:"  # lm-eval's ARC prompt; the choice follows after DELIMITER
 DELIMITER = " "  # lm-eval's default target_delimiter

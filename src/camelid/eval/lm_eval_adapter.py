@@ -27,7 +27,7 @@ from camelid.checkpoint import LoadedModel, load_model
 from camelid.errors import CamelidError
 from camelid.eval.likelihood import continuation_scores, encode_text, prefix_token, sequence_nll, text_example
 from camelid.generate import SamplingParams, generate
-from camelid.models import DEFAULT_MODEL
+from camelid.named_models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir, write_atomic
-from camelid.train.examples import Row, collate, make_examples, one_per_row, pack, shuffled
+from camelid.examples import Row, collate, make_examples, one_per_row, pack, shuffled
 from camelid.train.recipe import RESUMABLE_KEYS, TrainConfig
 
 STATE_FILE = "trainer_state.pt"
@@ -130,7 +130,7 @@ def prepare_model(cfg: TrainConfig, procs: Processes):
     """The model to train (base weights loaded, LoRA applied when asked), its template, and the trainable params."""
     from camelid.chat import chat_template_for
     from camelid.checkpoint import load_model
-    from camelid.train.lora import apply_lora
+    from camelid.lora import apply_lora
 
     cuda = procs.device.type == "cuda"
     # LoRA's frozen base can sit in bf16 on a GPU; weights that are trained stay float32 (autocast does bf16).
@@ -213,7 +213,7 @@ def _full_weights(model, cfg: TrainConfig) -> dict[str, torch.Tensor]:
 def write_model_dir(loaded, cfg: TrainConfig, weights: dict, out: Path, template_source: str | None) -> None:
     """The trained model as a directory camelid, transformers and peft read: an adapter or a full HF model."""
     from camelid.checkpoint import write_model_files
-    from camelid.train.lora import write_adapter
+    from camelid.lora import write_adapter
 
     if cfg.method == "lora":
         write_adapter(weights, cfg.lora_config(), out, base_model=base_model_ref(cfg.model),
@@ -225,7 +225,7 @@ def write_model_dir(loaded, cfg: TrainConfig, weights: dict, out: Path, template
 
 def base_model_ref(model: str) -> str:
     """How an adapter names its base: a model name as it is, a path as an absolute path."""
-    from camelid.models import NAMED_MODELS
+    from camelid.named_models import NAMED_MODELS
 
     if model.lower() in NAMED_MODELS and not Path(model).exists():
         return model
@@ -275,7 +275,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, p
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     model_dir = path / "model"
     if cfg.method == "lora":
-        from camelid.train.lora import PEFT_PREFIX, WEIGHTS_FILE
+        from camelid.lora import PEFT_PREFIX, WEIGHTS_FILE
 
         weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(model_dir / WEIGHTS_FILE).items()}
     else:

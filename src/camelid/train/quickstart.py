@@ -15,7 +15,7 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.files import write_atomic
-from camelid.train.identity import (
+from camelid.data.identity import (
     DEFAULT_CREATOR,
     DEFAULT_NAME,
     general_questions,

@@ -90,7 +90,7 @@ class TrainConfig:
             self.lora_config()  # validates rank, alpha, dropout and targets
 
     def lora_config(self):
-        from camelid.train.lora import LoRAConfig
+        from camelid.lora import LoRAConfig
 
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=tuple(self.lora_targets))
 

@@ -6,23 +6,15 @@ and report land where the help says, and that mistakes are one line and a non-ze
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion
+from helpers import CAMELID, FIXTURES, run_camelid, shared_file, write_jsonl
 
 from camelid.data.formats import read_conversations
 from camelid.data.mix import MixSource
 from camelid.errors import CamelidError
-
-CAMELID = Path(sys.executable).with_name("camelid")
-
-
-def run_camelid(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CAMELID), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -30,11 +22,6 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("camelid: error: "), result.stderr
     return lines[0]
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def chat(question: str, answer: str) -> dict:
@@ -162,7 +149,7 @@ def src_missing_field(tmp_path: Path) -> Path:
 
 
 def test_eval_choice_on_the_tiny_model(tmp_path, tiny_chat_model):
-    data = Path(__file__).parent / "data" / "choice_questions.jsonl"
+    data = FIXTURES / "choice_questions.jsonl"
     result = run_camelid("eval", "choice", data, "-m", tiny_chat_model, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "22 questions"

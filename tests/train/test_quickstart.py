@@ -8,7 +8,7 @@ import pytest
 
 from camelid.cli import main
 from camelid.errors import CamelidError
-from camelid.train.identity import heldout_identity_questions, identity_conversations, replay_prompts
+from camelid.data.identity import heldout_identity_questions, identity_conversations, replay_prompts
 from camelid.train.quickstart import QuickstartResult, run_quickstart, side_by_side
 
 QUICK = ["epochs=1", "batch_size=2", "micro_batch_size=2", "seq_len=256"]

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import live_server
+from helpers import live_server
 
 from camelid.serve import pages
 

@@ -145,7 +145,7 @@ class _LoRAUpdate(torch.autograd.Function):
 
 def _check_adaptable(model: Llama) -> None:
     """A one-line refusal unless `model` is a plain model with no adapters yet."""
-    if getattr(model, "lora", None) is not None:
+    if model.lora is not None:
         raise CamelidError("this model already has LoRA adapters; merge them (merge_lora) before adding new ones")
     if model.quantization != "none":
         raise CamelidError(f"LoRA needs a model loaded without --quantize (this one is {model.quantization})")
@@ -219,7 +219,7 @@ def save_adapter(
     is recorded so that `load_model(out_dir)` finds the base. A tokenizer and chat template given are saved too,
     so the directory carries the template the adapter was trained with.
     """
-    config = getattr(model, "lora", None)
+    config = model.lora
     if config is None:
         raise CamelidError("this model has no LoRA adapters to save; apply_lora first (or save_model a full model)")
     weights = {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
@@ -392,7 +392,7 @@ def adapter_base(directory: str | Path) -> str:
     A relative path is resolved against the adapter directory first (so "../base" still works when the two
     move together), then against the current directory.
     """
-    from camelid.models import NAMED_MODELS
+    from camelid.named_models import NAMED_MODELS
 
     directory = Path(directory)
     _, raw = read_adapter_config(directory)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import serve_command
+from helpers import serve_command
 
 from camelid import native
 from camelid.errors import CamelidError

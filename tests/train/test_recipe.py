@@ -5,13 +5,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from helpers import RECIPES
 
 from camelid.chat_template import BUILTIN_TEMPLATES
 from camelid.cli import main
 from camelid.errors import CamelidError
 from camelid.train.recipe import FIELDS, HELP, TrainConfig, find_recipe, read_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 PUBLISHED = ["alpaca", "vicuna", "koala", "gpt4all"]
 

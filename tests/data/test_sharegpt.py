@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, normalizers
 from tokenizers import Tokenizer as BackendTokenizer
+from helpers import read_jsonl, sharegpt_records
 
 from camelid.chat_template import ChatTemplate
 from camelid.checkpoint import load_tokenizer_and_template
@@ -25,9 +26,8 @@ from camelid.data.sharegpt import (
 )
 from camelid.errors import CamelidError
 from camelid.tokenizer import Tokenizer
-from camelid.train.examples import make_examples
-from camelid.train.identity import identity_conversations
-from conftest import _sharegpt_records
+from camelid.examples import make_examples
+from camelid.data.identity import identity_conversations
 
 
 def conv(cid: str, *turns) -> dict:
@@ -44,11 +44,6 @@ def write_array(path: Path, records: list) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    # Lines end at "\n" only: str.splitlines would also cut at U+2028 and the like, which JSON keeps raw.
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
-
-
 def run(tmp_path: Path, records: list, **options):
     """Clean `records` (as a JSON array) with no test split unless asked; the report and the written splits."""
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -60,7 +55,7 @@ def run(tmp_path: Path, records: list, **options):
 
 
 def n_tokens(tokenizer, template, messages) -> int:
-    """The length training computes (camelid.train.examples.make_example)."""
+    """The length training computes (camelid.examples.make_example)."""
     return len(tokenizer.encode(template.render(messages), add_special=False))
 
 
@@ -557,7 +552,7 @@ def test_ids_not_shaped_like_sharegpt_chunks_are_each_their_own_source(tmp_path)
 def test_the_real_ids_group_into_as_many_sources_as_before():
     # Measured on the packaged file's 17,671 ids: the chunk-id pattern groups every one of them, into the same
     # sources as splitting at the last underscore does.
-    records = _sharegpt_records(2000)
+    records = sharegpt_records(2000)
     ids = [str(r["id"]) for r in records]
     assert all(re.fullmatch(r"[A-Za-z0-9]{7}_\d+", cid) for cid in ids)
     assert [_source_of(cid) for cid in ids] == [cid.rsplit("_", 1)[0] for cid in ids]
@@ -676,7 +671,7 @@ def test_load_tokenizer_and_template_from_directories(tmp_path, smollm2_gguf):
 @pytest.mark.slow
 def test_the_first_2000_real_records_keep_every_invariant(tmp_path, smollm2):
     tokenizer, template = smollm2
-    records = _sharegpt_records(2000)
+    records = sharegpt_records(2000)
     assert len(records) == 2000
     languages = ["en"] if _has_lingua() else None
     report, train, test = run(tmp_path, records, tokenizer=tokenizer, template=template, context=2048,

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion
 from PIL import Image
+from helpers import shared_file, write_jsonl
 
 from camelid.client import ChatClient
 from camelid.errors import CamelidError
@@ -65,11 +65,6 @@ PAIRWISE_BY_CATEGORY = """\
 | alpha | 66.7% | 0.0% |
 | gamma | 50.0% | 0.0% |
 """
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def assert_png(path: Path) -> None:

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion, error, in_order, prompt_words
+from helpers import read_jsonl, shared_file
 
 from camelid.client import ChatClient, TeacherError
 from camelid.errors import CamelidError
@@ -76,10 +76,6 @@ def client_for(fake: FakeTeacher, **options) -> ChatClient:
     return ChatClient(fake.base_url, "judge-model", **({"retries": 0, "backoff": 0.001} | options))
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def block(text: str, tag: str) -> str:
     return re.search(rf"<{tag}>\n(.*?)\n</{tag}>", text, re.DOTALL)[1]
 
@@ -93,7 +89,7 @@ def test_single_prompts_show_the_question_the_answer_and_a_reference_only_where_
         report = judge(questions, answers, out, client=client_for(fake), models=["alpha"], progress=False)
     writing, math = questions
     by_prompt = {r["messages"][1]["content"]: r for r in fake.requests}
-    judgments = {(r["question_id"], r["turn"]): r for r in records(out)}
+    judgments = {(r["question_id"], r["turn"]): r for r in read_jsonl(out)}
     assert sorted(judgments) == [(81, 1), (81, 2), (111, 1), (111, 2)] and len(fake.requests) == 4
 
     for (qid, turn), record in judgments.items():
@@ -138,7 +134,7 @@ def test_pairs_are_judged_in_both_orders_with_the_answers_swapped(tmp_path, ques
     with FakeTeacher(fair_judge) as fake:
         report = judge(questions, answers, out, client=client_for(fake), mode="pairwise-baseline", baseline="beta",
                        models=["gamma", "alpha"], progress=False)
-    judgments = records(out)
+    judgments = read_jsonl(out)
     # in question order, then in the order the models were given, then by turn
     assert [(r["question_id"], r["model_1"], r["model_2"], r["turn"]) for r in judgments] == [
         (81, "gamma", "beta", 1), (81, "gamma", "beta", 2), (81, "alpha", "beta", 1), (81, "alpha", "beta", 2),
@@ -178,7 +174,7 @@ def test_a_judge_that_always_picks_the_first_answer_gives_ties(tmp_path, questio
     out = tmp_path / "pair.jsonl"
     with FakeTeacher(lambda body, index: completion("A is better. [[A]]")) as fake:
         report = judge(questions, answers, out, client=client_for(fake), mode="pairwise-all", progress=False)
-    judgments = records(out)
+    judgments = read_jsonl(out)
     assert {(r["model_1"], r["model_2"]) for r in judgments} == {("alpha", "beta"), ("alpha", "gamma"),
                                                                 ("beta", "gamma")}
     assert len(judgments) == 12 and len(fake.requests) == 24
@@ -284,7 +280,7 @@ def test_a_reply_without_a_verdict_gets_one_reminder(tmp_path, questions, answer
     assert reminded[:2] == asked
     assert reminded[2:] == [{"role": "assistant", "content": "Nice answer, I like it."},
                             {"role": "user", "content": REMINDERS["rating"]}]
-    first, second = records(out)
+    first, second = read_jsonl(out)
     assert first["score"] == 6 and first["judgment"] == "Nice answer, I like it." + REMINDER_JOIN + "[[6]]"
     assert second["score"] == -1 and second["judgment"] == "No idea." + REMINDER_JOIN + "Still no idea."
     facts = report.facts
@@ -298,7 +294,7 @@ def test_without_reminders_a_missing_verdict_is_a_parse_failure(tmp_path, questi
         report = judge(questions[:1], answers, out, client=client_for(fake), mode="pairwise-baseline",
                        baseline="beta", models=["alpha"], reminder=False, progress=False)
     assert len(fake.requests) == 4  # two turns, two orders, no reminders
-    assert all((r["g1_winner"], r["g2_winner"]) == ("error", "error") for r in records(out))
+    assert all((r["g1_winner"], r["g2_winner"]) == ("error", "error") for r in read_jsonl(out))
     assert report.facts["parse_failures"] == 4 and report.facts["battles"] == 0
     assert read_battles(battles_path(out)) == ([], [])
 
@@ -328,7 +324,7 @@ def test_the_default_cache_lives_beside_the_output_and_keys_on_the_sampling(tmp_
         out.unlink()
         judge(questions, answers, out, client=client_for(fake), progress=False)
         assert len(fake.requests) == 12 and out.read_bytes() == before
-        cache = records(tmp_path / "single.jsonl.cache.jsonl")
+        cache = read_jsonl(tmp_path / "single.jsonl.cache.jsonl")
         assert len(cache) == 12
         key = cache_key("judge-model", fake.requests[0]["messages"], {"temperature": 0.0, "max_tokens": 1024})
         assert key in {entry["key"] for entry in cache}
@@ -347,7 +343,7 @@ def test_identical_requests_in_flight_are_sent_once(tmp_path, questions):
     with FakeTeacher(lambda body, index: completion("[[5]]", delay=0.05)) as fake:
         judge(questions[:1], folder, tmp_path / "out.jsonl", client=client_for(fake, concurrency=4), progress=False)
     assert len(fake.requests) == 2  # one per turn, for both models
-    assert [(r["model"], r["turn"], r["score"]) for r in records(tmp_path / "out.jsonl")] == [
+    assert [(r["model"], r["turn"], r["score"]) for r in read_jsonl(tmp_path / "out.jsonl")] == [
         ("twin-1", 1, 5), ("twin-1", 2, 5), ("twin-2", 1, 5), ("twin-2", 2, 5)]
 
 
@@ -359,12 +355,12 @@ def test_a_stopped_run_resumes_without_asking_again(tmp_path, questions, answers
 
     with FakeTeacher(breaks_on_gamma) as fake, pytest.raises(TeacherError, match="HTTP 500"):
         judge(questions, answers, out, client=client_for(fake, concurrency=1), cache=False, progress=False)
-    done = {(r["question_id"], r["model"], r["turn"]) for r in records(out)}
+    done = {(r["question_id"], r["model"], r["turn"]) for r in read_jsonl(out)}
     assert done and all(model != "gamma" for _, model, _ in done)
     with FakeTeacher(fair_judge) as fake:
         report = judge(questions, answers, out, client=client_for(fake), cache=False, progress=False)
     assert len(fake.requests) == 12 - len(done) and report.facts["resumed"] == len(done)
-    final = records(out)
+    final = read_jsonl(out)
     assert len(final) == 12 and len({(r["question_id"], r["model"], r["turn"]) for r in final}) == 12
     assert [r["score"] for r in final if r["question_id"] == 81 and r["turn"] == 1] == [8, 5, 3]
 
@@ -377,7 +373,7 @@ def test_skip_goes_on_past_a_failed_judgment(tmp_path, questions, answers):
         report = judge(questions, answers, tmp_path / "s.jsonl", client=client_for(fake), on_error="skip",
                        progress=False)
     assert report.facts["failed_judgments"] == 4 and report.written == 8
-    assert {r["model"] for r in records(tmp_path / "s.jsonl")} == {"alpha", "beta"}
+    assert {r["model"] for r in read_jsonl(tmp_path / "s.jsonl")} == {"alpha", "beta"}
 
 
 def test_retries_then_success_and_the_cost_of_every_request(tmp_path, questions, answers):
@@ -385,7 +381,7 @@ def test_retries_then_success_and_the_cost_of_every_request(tmp_path, questions,
     with FakeTeacher(script) as fake:
         client = client_for(fake, retries=2, concurrency=1, price_in=2.0, price_out=10.0)
         report = judge(questions[:1], answers, tmp_path / "s.jsonl", client=client, models=["beta"], progress=False)
-    assert [r["score"] for r in records(tmp_path / "s.jsonl")] == [4, 4]
+    assert [r["score"] for r in read_jsonl(tmp_path / "s.jsonl")] == [4, 4]
     assert len(fake.requests) == 4 and report.facts["retries"] == 2 and report.facts["requests"] == 2
     answered = fake.requests[2:]
     prompt_tokens = sum(prompt_words(r) for r in answered)
@@ -412,13 +408,13 @@ def test_missing_answers_are_counted_and_unanswered_questions_left_out(tmp_path,
     (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with FakeTeacher(lambda body, index: completion("[[5]]")) as fake:
         report = judge(questions, folder, tmp_path / "s.jsonl", client=client_for(fake), progress=False)
-    assert [(r["question_id"], r["model"], r["turn"]) for r in records(tmp_path / "s.jsonl")] == [
+    assert [(r["question_id"], r["model"], r["turn"]) for r in read_jsonl(tmp_path / "s.jsonl")] == [
         (81, "full", 1), (81, "full", 2), (81, "short", 1)]  # nobody answered 111: not asked, not missing
     assert report.facts["missing_answers"] == 1  # short's second turn
     with FakeTeacher(lambda body, index: completion("[[5]]")) as fake:
         report = judge(questions, folder, tmp_path / "p.jsonl", client=client_for(fake), mode="pairwise-all",
                        progress=False)
-    assert [(r["model_1"], r["model_2"], r["turn"]) for r in records(tmp_path / "p.jsonl")] == [("full", "short", 1)]
+    assert [(r["model_1"], r["model_2"], r["turn"]) for r in read_jsonl(tmp_path / "p.jsonl")] == [("full", "short", 1)]
     assert report.facts["missing_answers"] == 1
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,22 +18,16 @@ import pytest
 import torch
 
 import camelid.chat
+from helpers import CAMELID, run_camelid
 from camelid.chat import run_chat
 from camelid.checkpoint import LoadedModel, load_model, save_model
 from camelid.config import ModelConfig
 from camelid.generate import SamplingParams, generate
 from camelid.model import Llama
-from camelid.models import DEFAULT_MODEL
+from camelid.named_models import DEFAULT_MODEL
 
-CAMELID = Path(sys.executable).with_name("camelid")  # the console script installed beside this Python
 TINY_CONTEXT = 128
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
-
-
-def run_camelid(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(CAMELID), *map(str, args)], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
 
 
 def chatml(*turns: tuple[str, str]) -> str:

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl
 
 from camelid.chat_template import ChatTemplate, read_chat_template
 from camelid.data.formats import BadRecord, read_conversations
@@ -26,10 +27,6 @@ def write_pairs(path: Path, n: int, tag: str = "p") -> Path:
     path.write_text("".join(json.dumps({"prompt": f"{tag}-{i}?", "chosen": f"good {tag}-{i}.",
                                         "rejected": f"bad {tag}-{i}."}) + "\n" for i in range(n)))
     return path
-
-
-def read_out(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def question(record: dict) -> str:
@@ -58,7 +55,7 @@ def test_weights_give_exact_shares_and_the_shuffle_mixes_them_within_sampling_er
     for seed in range(5):
         out = tmp_path / f"mix{seed}.jsonl"
         report = mix_datasets(sources, out, total=600, seed=seed)
-        records = read_out(out)
+        records = read_jsonl(out)
         assert len(records) == report.written == 600
         assert Counter(r["source"] for r in records) == {"a": 300, "b": 180, "c": 120}
         # Any stretch of the output is a sample without replacement of the whole: hypergeometric counts.
@@ -78,7 +75,7 @@ def test_a_subset_is_uniform_over_the_source_across_seeds(tmp_path):
     for seed in range(seeds):
         out = tmp_path / "out.jsonl"
         mix_datasets([MixSource(src, "s", count=3)], out, seed=seed)
-        chosen = [question(r) for r in read_out(out)]
+        chosen = [question(r) for r in read_jsonl(out)]
         assert len(set(chosen)) == 3  # a subset: no record twice
         picked.update(chosen)
     assert len(picked) == 10
@@ -92,7 +89,7 @@ def test_default_total_is_the_largest_that_repeats_no_source(tmp_path):
     report = mix_datasets([a, b], tmp_path / "out.jsonl")
     # 35 splits 24.5/10.5, the tie going to a: 25 and 10; 36 would need 11 of b's 10.
     assert report.written == 35
-    assert Counter(r["source"] for r in read_out(tmp_path / "out.jsonl")) == {"a": 25, "b": 10}
+    assert Counter(r["source"] for r in read_jsonl(tmp_path / "out.jsonl")) == {"a": 25, "b": 10}
     assert report.facts["source b"]["repeats"] == 0
 
 
@@ -100,7 +97,7 @@ def test_a_small_source_is_repeated_evenly_every_record_before_any_twice(tmp_pat
     big = MixSource(write_source(tmp_path / "big.jsonl", 100, "big"), "big", weight=1)
     small = MixSource(write_source(tmp_path / "small.jsonl", 6, "small"), "small", weight=1)
     report = mix_datasets([big, small], tmp_path / "out.jsonl", total=40)
-    times = Counter(question(r) for r in read_out(tmp_path / "out.jsonl") if r["source"] == "small")
+    times = Counter(question(r) for r in read_jsonl(tmp_path / "out.jsonl") if r["source"] == "small")
     assert sum(times.values()) == 20
     assert len(times) == 6 and sorted(times.values()) == [3, 3, 3, 3, 4, 4]  # 3 passes, then 2 more at random
     assert report.facts["source small"]["repeats"] == 14
@@ -111,7 +108,7 @@ def test_counts_are_exact_subsets_or_whole_passes_plus_extras(tmp_path):
     a = MixSource(write_source(tmp_path / "a.jsonl", 10, "a"), "a", count=7)
     b = MixSource(write_source(tmp_path / "b.jsonl", 4, "b"), "b", count=9)
     report = mix_datasets([a, b], tmp_path / "out.jsonl", seed=3)
-    records = read_out(tmp_path / "out.jsonl")
+    records = read_jsonl(tmp_path / "out.jsonl")
     by_source = {s: Counter(question(r) for r in records if r["source"] == s) for s in "ab"}
     assert sum(by_source["a"].values()) == 7 and set(by_source["a"].values()) == {1}
     assert sum(by_source["b"].values()) == 9 and sorted(by_source["b"].values()) == [2, 2, 2, 3]
@@ -123,11 +120,11 @@ def test_counts_and_weights_together_weights_share_what_the_counts_leave(tmp_pat
     b = MixSource(write_source(tmp_path / "b.jsonl", 50, "b"), "b", weight=1)
     c = MixSource(write_source(tmp_path / "c.jsonl", 50, "c"), "c", weight=3)
     mix_datasets([a, b, c], tmp_path / "out.jsonl", total=25)
-    assert Counter(r["source"] for r in read_out(tmp_path / "out.jsonl")) == {"a": 5, "b": 5, "c": 15}
+    assert Counter(r["source"] for r in read_jsonl(tmp_path / "out.jsonl")) == {"a": 5, "b": 5, "c": 15}
     # Without a total: the counts plus the largest weighted total that repeats nothing. c's 50 at 3/4 allow 66
     # exactly, and rounding one more: 67 splits 16.75/50.25 into 17 and 50; 68 would need 51 of c.
     report = mix_datasets([a, b, c], tmp_path / "out2.jsonl")
-    assert Counter(r["source"] for r in read_out(tmp_path / "out2.jsonl")) == {"a": 5, "b": 17, "c": 50}
+    assert Counter(r["source"] for r in read_jsonl(tmp_path / "out2.jsonl")) == {"a": 5, "b": 17, "c": 50}
     assert report.written == 72
 
 
@@ -162,7 +159,7 @@ def test_provenance_source_and_ids_and_the_same_seed_gives_the_same_file(tmp_pat
     one = (tmp_path / "one.jsonl").read_bytes()
     assert one == (tmp_path / "two.jsonl").read_bytes()
     assert one != (tmp_path / "three.jsonl").read_bytes()
-    for r in read_out(tmp_path / "one.jsonl"):
+    for r in read_jsonl(tmp_path / "one.jsonl"):
         if r["source"] == "with-ids":  # the mix's name replaces the record's own `source`
             assert r["id"] == "x" + question(r)[1:]
         else:
@@ -206,7 +203,7 @@ def test_a_pair_becomes_two_conditioned_examples_with_the_marker_as_system_messa
                                    {"role": "assistant", "content": "5"}]}) + "\n"
     )
     report = mix_datasets([MixSource(prefs, "hh", weight=1)], tmp_path / "out.jsonl")
-    records = sorted(read_out(tmp_path / "out.jsonl"), key=lambda r: (r["id"], r["condition"]))
+    records = sorted(read_jsonl(tmp_path / "out.jsonl"), key=lambda r: (r["id"], r["condition"]))
     assert records == [
         {"messages": [{"role": "system", "content": HELPFUL}, {"role": "user", "content": "Name a fruit."},
                       {"role": "assistant", "content": "An apple."}], "source": "hh", "condition": "helpful", "id": 1},
@@ -271,7 +268,7 @@ def test_hh_rlhf_transcripts_are_read_as_conversations_sharing_all_but_the_last_
     prefs.write_text("".join(json.dumps(row) + "\n" for row in HH_ROWS))
     report = mix_datasets([MixSource(prefs, "hh", weight=1)], tmp_path / "out.jsonl")
     assert report.facts["source hh"]["pairs"] == 3 and report.written == 6
-    by_answer = {r["messages"][-1]["content"]: r for r in read_out(tmp_path / "out.jsonl")}
+    by_answer = {r["messages"][-1]["content"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     grandma = [
         {"role": "user", "content": "Can you help me write a birthday message for my grandma?"},
         {"role": "assistant",
@@ -318,7 +315,7 @@ def test_a_preference_share_counts_examples_and_takes_pairs_whole(tmp_path):
     (tmp_path / "p.jsonl").write_text((tmp_path / "p.jsonl").read_text()
                                       + json.dumps({"prompt": "same", "chosen": "x", "rejected": "x"}) + "\n")
     report = mix_datasets([MixSource(prefs, "p", count=5)], tmp_path / "out.jsonl", seed=1)
-    records = read_out(tmp_path / "out.jsonl")
+    records = read_jsonl(tmp_path / "out.jsonl")
     assert len(records) == 5
     prompts = Counter(question(r) for r in records)
     assert len(prompts) == 3 and sorted(prompts.values()) == [1, 2, 2]  # 3 pairs, one side of the last dropped
@@ -332,7 +329,7 @@ def test_a_preference_share_counts_examples_and_takes_pairs_whole(tmp_path):
     # The default total counts a pair as two examples: a plain source of 8 and 4 pairs at equal weights.
     plain = MixSource(write_source(tmp_path / "a.jsonl", 8, "a"), "a", weight=1)
     report = mix_datasets([plain, MixSource(prefs, "p", weight=1)], tmp_path / "out2.jsonl")
-    assert Counter(r["source"] for r in read_out(tmp_path / "out2.jsonl")) == {"a": 8, "p": 8}
+    assert Counter(r["source"] for r in read_jsonl(tmp_path / "out2.jsonl")) == {"a": 8, "p": 8}
 
 
 def test_a_source_of_both_kinds_is_refused(tmp_path):
@@ -356,7 +353,7 @@ def smollm2_tokenizer_and_templates(smollm2_gguf):
 def test_training_on_conditioned_examples_learns_the_answers_and_never_the_markers(
     tmp_path, smollm2_tokenizer_and_templates, template_name
 ):
-    from camelid.train.examples import make_examples
+    from camelid.examples import make_examples
 
     tok, templates = smollm2_tokenizer_and_templates
     template = templates[template_name]

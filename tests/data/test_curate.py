@@ -7,6 +7,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl
 
 from camelid.data.curate import (
     REFUSAL_PATTERNS, RULES, count_words, curate, dropped_path, lsh_bands, read_patterns,
@@ -238,10 +239,6 @@ def write_records(path: Path, records: list) -> Path:
     return path
 
 
-def read_out(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 # Records that every rule must keep: each looks like one that a careless rule would drop.
 KEEP = [
     chat("As an AI language model, what would you say about cats?",
@@ -287,13 +284,13 @@ def test_each_rule_drops_its_records_keeps_the_rest_and_counts_exactly(tmp_path)
     src = write_records(tmp_path / "in.jsonl", KEEP + [record for record, _ in DROP])
     out = tmp_path / "out.jsonl"
     report = curate(src, out, write_dropped=True)
-    kept = read_out(out)
+    kept = read_jsonl(out)
     assert [r["messages"] for r in kept] == [r["messages"] for r in KEEP]
     assert kept[7]["id"] == "k8"  # other keys travel with the record
     assert (report.read, report.written) == (len(KEEP) + len(DROP), len(KEEP))
     assert dict(report.dropped) == {"empty response": 2, "failed generation": 3, "cut off": 1, "refusal": 4,
                                     "tiny response": 2, "exact duplicate": 2}
-    dropped = read_out(dropped_path(out))
+    dropped = read_jsonl(dropped_path(out))
     assert dropped_path(out) == tmp_path / "out.jsonl.dropped.jsonl"
     assert [(d["rule"], d["where"]) for d in dropped] == [
         (rule, f"{src}:{len(KEEP) + i}") for i, (_, rule) in enumerate(DROP, 1)
@@ -337,7 +334,7 @@ def test_bad_records_are_errors_naming_the_line_or_counted_with_skip_bad(tmp_pat
         curate(src, tmp_path / "out.jsonl")
     report = curate(src, tmp_path / "out.jsonl", skip_bad=True, write_dropped=True)
     assert report.written == 1 and dict(report.dropped) == {"invalid JSON": 1, "no user turn": 1}
-    assert [d["rule"] for d in read_out(dropped_path(tmp_path / "out.jsonl"))] == ["invalid JSON", "no user turn"]
+    assert [d["rule"] for d in read_jsonl(dropped_path(tmp_path / "out.jsonl"))] == ["invalid JSON", "no user turn"]
 
 
 def test_null_or_missing_answers_are_empty_responses_not_bad_records(tmp_path):
@@ -353,11 +350,11 @@ def test_null_or_missing_answers_are_empty_responses_not_bad_records(tmp_path):
     out = tmp_path / "out.jsonl"
     report = curate(src, out, write_dropped=True)  # without skip_bad: none of these is an error
     assert (report.written, dict(report.dropped)) == (1, {"empty response": 5})
-    assert [(d["rule"], d["record"]) for d in read_out(dropped_path(out))] == [
+    assert [(d["rule"], d["record"]) for d in read_jsonl(dropped_path(out))] == [
         ("empty response", r) for r in records[:5]
     ]
     # A GPT4All row keeps its `source` beside the messages, and leaves its prompt and response behind.
-    assert read_out(out) == [{"messages": [{"role": "user", "content": "Name a lake."},
+    assert read_jsonl(out) == [{"messages": [{"role": "user", "content": "Name a lake."},
                                            {"role": "assistant", "content": "Lake Baikal, in Siberia."}],
                               "source": "laion/unified_chip2"}]
     # An answer that is there but is not text is still a bad record.
@@ -398,7 +395,7 @@ def test_pattern_files_extend_or_replace_the_defaults(tmp_path):
     assert extended.dropped == {"refusal": 3}
     replaced = curate(src, tmp_path / "b.jsonl", refusal_patterns=read_patterns(patterns))
     assert replaced.dropped == {"refusal": 2}
-    assert read_out(tmp_path / "b.jsonl")[0]["messages"][1]["content"].startswith("As an AI language model")
+    assert read_jsonl(tmp_path / "b.jsonl")[0]["messages"][1]["content"].startswith("As an AI language model")
     bad = tmp_path / "bad.txt"
     bad.write_text("fine\n\n(unclosed\n")
     with pytest.raises(CamelidError, match=f"{bad}:3: not a regular expression"):
@@ -419,8 +416,8 @@ def test_paraphrased_copies_are_near_duplicates_of_the_first_and_same_topic_answ
     out = tmp_path / "out.jsonl"
     report = curate(src, out, write_dropped=True)
     assert dict(report.dropped) == {"near duplicate": 10}
-    assert [r["messages"] for r in read_out(out)] == [r["messages"] for r in records_of(ORIGINALS + SAME_TOPIC)]
-    dropped = read_out(dropped_path(out))
+    assert [r["messages"] for r in read_jsonl(out)] == [r["messages"] for r in records_of(ORIGINALS + SAME_TOPIC)]
+    dropped = read_jsonl(dropped_path(out))
     pairs = [(d["where"], d["duplicate_of"]) for d in dropped]
     assert pairs == [(f"{src}:{21 + i}", f"{src}:{1 + i}") for i in range(10)]
     assert all(0.8 <= d["similarity"] < 1 for d in dropped)

@@ -5,8 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
-from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion, error, in_order, prompt_words, slow
+from helpers import read_jsonl, shared_file
 
 from camelid.client import ChatClient, TeacherError
 from camelid.data.selfinstruct import (
@@ -55,12 +55,8 @@ def reply(*tasks: Task, first: int = 4) -> str:
     return "\n".join(task_text(n, task) for n, task in enumerate(tasks, first))
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def kept(path: Path) -> list[Task]:
-    return [Task(r["instruction"], r["input"], r["output"]) for r in records(path)]
+    return [Task(r["instruction"], r["input"], r["output"]) for r in read_jsonl(path)]
 
 
 def run(fake: FakeTeacher, out: Path, *, seeds=SEEDS, concurrency: int = 1, retries: int = 0, **options):
@@ -327,7 +323,7 @@ def test_a_run_keeps_exactly_the_good_tasks_and_counts_every_rule(tmp_path):
     assert report.dropped == {**EVERY_RULE, "near-duplicate (ROUGE-L)": 2, "reply without tasks": 1,
                               "cut off at max_tokens": 1, "beyond target": 2}
     assert (report.read, report.written) == (11 + 0 + 3 + 4, 6)
-    first = records(out)[0]
+    first = read_jsonl(out)[0]
     assert first["most_similar"] == SEEDS[3].instruction  # "Suggest a healthy snack..."
     assert first["rouge_l"] == round(reference_rouge_l(GOOD[0].instruction, SEEDS[3].instruction), 4)
 
@@ -396,7 +392,7 @@ def test_a_similarity_of_exactly_the_threshold_is_a_near_duplicate(tmp_path):
         with FakeTeacher(in_order(completion(reply(GOOD[0], edge, GOOD[2])))) as fake:
             run(fake, out, target=2, rouge_threshold=threshold)
         assert kept(out) == expected
-    assert records(out)[1]["most_similar"] == GOOD[0].instruction and records(out)[1]["rouge_l"] == 0.7
+    assert read_jsonl(out)[1]["most_similar"] == GOOD[0].instruction and read_jsonl(out)[1]["rouge_l"] == 0.7
 
 
 def test_requests_run_concurrently_up_to_the_client_limit(tmp_path):

@@ -15,7 +15,7 @@ from camelid.config import ModelConfig
 from camelid.gguf_file import GGUFFile
 from camelid.model import IGNORE, Llama, linear_cross_entropy
 from camelid.tokenizer import tokenizer_from_gguf
-from camelid.train.examples import Example, Row, collate, make_example, make_examples, one_per_row, pack
+from camelid.examples import Example, Row, collate, make_example, make_examples, one_per_row, pack
 
 # -- SmolLM2's tokenizer and the templates a training run would use -------------------------------------------
 

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_CHAT
 
 from camelid.checkpoint import load_model
 from camelid.errors import CamelidError
-from camelid.train.identity import identity_conversations
+from camelid.data.identity import identity_conversations
 from camelid.train.loop import train
 from camelid.train.recipe import build_config
-
-from conftest import TINY_CHAT
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import FIXTURES
 
 from camelid.checkpoint import load_model
 from camelid.errors import CamelidError
@@ -24,7 +24,7 @@ from camelid.model import IGNORE
 
 transformers = pytest.importorskip("transformers")
 
-QUESTIONS = Path(__file__).parent / "data" / "choice_questions.jsonl"
+QUESTIONS = FIXTURES / "choice_questions.jsonl"
 TEXT = (
     "The llama is a domesticated South American camelid, widely used as a meat and pack animal by Andean "
     "cultures since the pre-Columbian era. Llamas are social animals and live with others as a herd. Their wool "
@@ -144,7 +144,7 @@ def test_every_token_gets_the_history_documented(tiny, hf_tiny, context, stride)
 
 def test_conversation_scores_its_assistant_tokens_as_training_does(tiny, hf_tiny):
     from camelid.chat import chat_template_for
-    from camelid.train.examples import make_example
+    from camelid.examples import make_example
 
     hf, _ = hf_tiny
     example = make_example(chat_template_for(tiny), tiny.tokenizer, CONVERSATION)

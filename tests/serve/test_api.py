@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import live_server
+from helpers import live_server
 
 from camelid.chat import chat_template_for, encode_chat
 from camelid.generate import SamplingParams, generate

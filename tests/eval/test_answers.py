@@ -1,11 +1,10 @@
 """camelid eval answers: FastChat question files, answers from a fake endpoint and from a tiny local model, resume."""
 
 import json
-from pathlib import Path
 
 import pytest
-from shared_data import shared_file
 from fake_teacher import FakeTeacher, completion, error
+from helpers import read_jsonl, shared_file
 
 from camelid.client import ChatClient, TeacherError
 from camelid.errors import CamelidError
@@ -30,10 +29,6 @@ QUESTIONS = [
 def echo(body: dict, index: int):
     """Answers every request with "re: " and the last user message, so a test can tell the answers apart."""
     return completion("  re: " + body["messages"][-1]["content"] + "\n")
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def client_for(fake: FakeTeacher, **options) -> ChatClient:
@@ -106,7 +101,7 @@ def test_endpoint_answers_in_fastchats_schema_with_the_first_answer_in_the_secon
     with FakeTeacher(echo) as fake:
         report = generate_answers(QUESTIONS, out, client=client_for(fake, concurrency=3), max_tokens=77, seed=5,
                                   progress=False)
-    answers = records(out)
+    answers = read_jsonl(out)
     assert [a["question_id"] for a in answers] == [1, 2, 3, 4]  # rewritten in question order at the end
     for answer, question in zip(answers, QUESTIONS):
         assert set(answer) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
@@ -142,14 +137,14 @@ def test_the_same_seed_sends_the_same_seeds_and_overrides_apply(tmp_path):
         assert {r["temperature"] for r in fake.requests} == {0.2, 0.0}
         assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in fake.requests)
     assert seeds[0] == seeds[1]
-    assert {r["model_id"] for r in records(tmp_path / "0.jsonl")} == {"mine"}
+    assert {r["model_id"] for r in read_jsonl(tmp_path / "0.jsonl")} == {"mine"}
 
 
 def test_one_temperature_for_all_and_a_selection_of_questions(tmp_path):
     with FakeTeacher(echo) as fake:
         generate_answers(QUESTIONS, tmp_path / "a.jsonl", client=client_for(fake), temperature=0.0,
                          question_ids=["4", 2, 3], limit=2, progress=False)
-    assert [a["question_id"] for a in records(tmp_path / "a.jsonl")] == [2, 3]
+    assert [a["question_id"] for a in read_jsonl(tmp_path / "a.jsonl")] == [2, 3]
     assert {r["temperature"] for r in fake.requests} == {0.0}
     with pytest.raises(CamelidError, match="no question with id 99"):
         generate_answers(QUESTIONS, tmp_path / "b.jsonl", client=client_for(fake), question_ids=[99], progress=False)
@@ -164,14 +159,14 @@ def test_resume_skips_answered_questions_and_cuts_a_torn_line(tmp_path):
         report = generate_answers(QUESTIONS, out, client=client_for(fake), progress=False)
     asked = {r["messages"][0]["content"] for r in fake.requests}
     assert "What is 2 + 3?" not in asked and len(fake.requests) == 4  # questions 1 (two turns), 3 and 4
-    answers = records(out)
+    answers = read_jsonl(out)
     assert [a["question_id"] for a in answers] == [1, 2, 3, 4]
     assert answers[1] == done
     assert report.facts["resumed"] == 1 and report.facts["torn_line_removed"] == f"{out}:2"
 
     with FakeTeacher(echo) as again:
         report = generate_answers(QUESTIONS, out, client=client_for(again), progress=False)
-    assert again.requests == [] and report.written == 0 and records(out) == answers
+    assert again.requests == [] and report.written == 0 and read_jsonl(out) == answers
 
 
 def test_a_failed_endpoint_keeps_what_was_answered_and_a_rerun_finishes(tmp_path):
@@ -182,12 +177,12 @@ def test_a_failed_endpoint_keeps_what_was_answered_and_a_rerun_finishes(tmp_path
 
     with FakeTeacher(flaky) as fake, pytest.raises(TeacherError, match="HTTP 500"):
         generate_answers(QUESTIONS, out, client=client_for(fake, concurrency=1), progress=False)
-    kept = {a["question_id"] for a in records(out)}
+    kept = {a["question_id"] for a in read_jsonl(out)}
     assert 3 not in kept and kept <= {1, 2, 4}
     assert "HTTP 500" in json.loads(out.with_name("a.jsonl.report.json").read_text())["stopped"]
     with FakeTeacher(echo) as fake:
         generate_answers(QUESTIONS, out, client=client_for(fake), progress=False)
-    assert [a["question_id"] for a in records(out)] == [1, 2, 3, 4]
+    assert [a["question_id"] for a in read_jsonl(out)] == [1, 2, 3, 4]
     assert not any(r["messages"][0]["content"] in {QUESTIONS[i - 1].turns[0] for i in kept} for r in fake.requests)
 
 
@@ -240,7 +235,7 @@ def test_greedy_local_answers_equal_generate_turn_by_turn(tmp_path, chatty):
                  Question(12, "reasoning", ("Tom is taller than Ann. Who is shorter?", "Why?"))]
     out = tmp_path / "local.jsonl"
     report = generate_answers(questions, out, model=chatty, max_tokens=6, batch_size=2, progress=False)
-    answers = records(out)
+    answers = read_jsonl(out)
     assert [a["model_id"] for a in answers] == ["base"] * 3  # the model directory's name
     assert report.facts["completion_tokens"] == 5 * 6 and report.facts["turns_cut_at_max_tokens"] == 5
 
@@ -264,7 +259,7 @@ def test_a_local_model_by_path_resumes_too(tmp_path, tiny_chat_model):
     questions = [Question(1, "writing", ("Hi!",)), Question(2, "math", ("1 + 1?",))]
     generate_answers(questions[:1], out, model=str(tiny_chat_model), max_tokens=2, progress=False)
     report = generate_answers(questions, out, model=str(tiny_chat_model), max_tokens=2, progress=False)
-    assert [(a["question_id"], a["model_id"]) for a in records(out)] == [(1, "base"), (2, "base")]
+    assert [(a["question_id"], a["model_id"]) for a in read_jsonl(out)] == [(1, "base"), (2, "base")]
     assert report.written == 1 and report.facts["resumed"] == 1
 
 
@@ -274,5 +269,5 @@ def test_sampled_local_answers_follow_the_seed(tmp_path, chatty):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         generate_answers(questions, tmp_path / f"{name}.jsonl", model=chatty, max_tokens=8, seed=seed,
                          progress=False)
-        turns.append(records(tmp_path / f"{name}.jsonl")[0]["choices"][0]["turns"])
+        turns.append(read_jsonl(tmp_path / f"{name}.jsonl")[0]["choices"][0]["turns"])
     assert turns[0] == turns[1] and turns[0] != turns[2]

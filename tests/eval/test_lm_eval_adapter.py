@@ -2,10 +2,10 @@
 runs of a local multiple-choice task equal to `camelid eval choice`."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import FIXTURES
 
 from camelid.checkpoint import load_model
 from camelid.eval.likelihood import choice_accuracy, encode_continuations, perplexity, read_questions, windows
@@ -18,7 +18,7 @@ from lm_eval.api.instance import Instance
 
 from camelid.eval.lm_eval_adapter import CamelidLM
 
-QUESTIONS = Path(__file__).parent / "data" / "choice_questions.jsonl"
+QUESTIONS = FIXTURES / "choice_questions.jsonl"
 TEXT = (
     "The llama is a domesticated South American camelid, widely used as a meat and pack animal by Andean "
     "cultures since the pre-Columbian era. Llamas are social animals and live with others as a herd. Their wool "

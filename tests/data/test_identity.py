@@ -5,7 +5,7 @@ import re
 import pytest
 
 from camelid.errors import CamelidError
-from camelid.train.identity import (
+from camelid.data.identity import (
     DEFAULT_CREATOR,
     DEFAULT_NAME,
     general_questions,
@@ -136,7 +136,7 @@ def test_empty_name_or_creator_is_a_user_error(name, creator):
 
 
 def test_replay_prompts_are_distinct_from_the_evaluation_questions():
-    from camelid.train.identity import replay_prompts
+    from camelid.data.identity import replay_prompts
 
     def norm(text):
         return "".join(ch for ch in text.lower() if ch.isalnum() or ch == " ").strip()
