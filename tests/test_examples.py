@@ -21,7 +21,7 @@ from camelid.examples import Example, Row, collate, make_example, make_examples,
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
+def smollm2_without_weights(smollm2_gguf):
     """What chat_template_for sees of the loaded SmolLM2 (no weights needed): its tokenizer and own template."""
     metadata = GGUFFile(smollm2_gguf).metadata
     tok = tokenizer_from_gguf(metadata)
@@ -29,15 +29,15 @@ def smollm2(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2):
-    return smollm2.tokenizer
+def tok(smollm2_without_weights):
+    return smollm2_without_weights.tokenizer
 
 
 @pytest.fixture(scope="module")
-def templates(smollm2):
+def templates(smollm2_without_weights):
     """Every template a run can train SmolLM2 with, as the run makes it, plus FastChat's formats with their `</s>`."""
-    out = {"smollm2": chat_template_for(smollm2)}
-    out.update({name: chat_template_for(smollm2, name) for name in BUILTIN_TEMPLATES})
+    out = {"smollm2": chat_template_for(smollm2_without_weights)}
+    out.update({name: chat_template_for(smollm2_without_weights, name) for name in BUILTIN_TEMPLATES})
     out.update({f"{name}/fastchat": ChatTemplate.named(name) for name in BUILTIN_TEMPLATES if name != "chatml"})
     return out
 

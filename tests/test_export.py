@@ -63,12 +63,7 @@ def agreement(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf) -> LoadedModel:
-    return load_model(smollm2_gguf, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def smollm2_export(smollm2, tmp_path_factory):
+def smollm2_export(smollm2_model, tmp_path_factory):
     """export(type) -> the SmolLM2 GGUF of that type, written on first use; `.timings` holds (seconds, bytes)."""
     directory = tmp_path_factory.mktemp("smollm2-export")
     done = {}
@@ -76,7 +71,7 @@ def smollm2_export(smollm2, tmp_path_factory):
     def export(kind: str) -> Path:
         if kind not in done:
             start = time.perf_counter()
-            path = export_gguf(smollm2, directory / f"smollm2-{kind}.gguf", type=kind, progress=False)
+            path = export_gguf(smollm2_model, directory / f"smollm2-{kind}.gguf", type=kind, progress=False)
             done[kind] = path
             export.timings[kind] = (time.perf_counter() - start, path.stat().st_size)
         return done[kind]
@@ -88,11 +83,11 @@ def smollm2_export(smollm2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eval_sequences(smollm2, sharegpt_texts) -> list[list[int]]:
+def eval_sequences(smollm2_model, sharegpt_texts) -> list[list[int]]:
     """Two real ShareGPT texts of at least POSITIONS tokens each, as token ids (BOS as the model adds it)."""
     out = []
     for text in sharegpt_texts:
-        ids = smollm2.tokenizer.encode(text)
+        ids = smollm2_model.tokenizer.encode(text)
         if len(ids) >= POSITIONS:
             out.append(ids[:POSITIONS])
         if len(out) == 2:
@@ -101,23 +96,23 @@ def eval_sequences(smollm2, sharegpt_texts) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_logits(smollm2, eval_sequences):
-    return camelid_logits(smollm2.model, eval_sequences)
+def smollm2_logits(smollm2_model, eval_sequences):
+    return camelid_logits(smollm2_model.model, eval_sequences)
 
 
-def test_camelid_reads_its_f32_export_back_exactly(smollm2, smollm2_export, smollm2_gguf, sharegpt_texts):
+def test_camelid_reads_its_f32_export_back_exactly(smollm2_model, smollm2_export, smollm2_gguf, sharegpt_texts):
     path = smollm2_export("f32")
     back = load_model(path, device="cpu", dtype="float32")
-    ours, theirs = smollm2.model.state_dict(), back.model.state_dict()
+    ours, theirs = smollm2_model.model.state_dict(), back.model.state_dict()
     assert set(ours) == set(theirs)
     different = [name for name in ours if not torch.equal(ours[name], theirs[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    assert back.config == smollm2.config
-    assert back.chat_template == smollm2.chat_template
+    assert back.config == smollm2_model.config
+    assert back.chat_template == smollm2_model.chat_template
     for fact in ("bos_id", "eos_id", "pad_id", "add_bos", "add_eos", "stop_ids", "vocab_size"):
-        assert getattr(back.tokenizer, fact) == getattr(smollm2.tokenizer, fact), fact
+        assert getattr(back.tokenizer, fact) == getattr(smollm2_model.tokenizer, fact), fact
     for text in sharegpt_texts[:300] + CHAT_TEXTS:
-        assert back.tokenizer.encode(text) == smollm2.tokenizer.encode(text), text[:80]
+        assert back.tokenizer.encode(text) == smollm2_model.tokenizer.encode(text), text[:80]
 
     # The vocabulary is the one llama.cpp's own converter wrote into the original file, key for key.
     original, exported = GGUFFile(smollm2_gguf).metadata, GGUFFile(path).metadata
@@ -177,15 +172,15 @@ def test_llama_cpp_runs_a_4_bit_export_as_camelid_reads_it(smollm2_export, eval_
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_tokenizes_the_export_as_camelid_does(smollm2, smollm2_export, sharegpt_texts):
+def test_llama_cpp_tokenizes_the_export_as_camelid_does(smollm2_model, smollm2_export, sharegpt_texts):
     path = smollm2_export("f16")
     vocab = _llama(path, vocab_only=True)
     try:
         for add_special in (True, False):
             for text in sharegpt_texts[:300] + CHAT_TEXTS:
-                ours = smollm2.tokenizer.encode(text, add_special=add_special)
+                ours = smollm2_model.tokenizer.encode(text, add_special=add_special)
                 assert vocab.tokenize(text.encode(), add_bos=add_special, special=True) == ours, text[:80]
-        assert vocab.metadata["tokenizer.chat_template"] == smollm2.chat_template
+        assert vocab.metadata["tokenizer.chat_template"] == smollm2_model.chat_template
         assert vocab.metadata["tokenizer.ggml.pre"] == "smollm"
     finally:
         vocab.close()
@@ -216,7 +211,7 @@ TUNED_PROMPTS = ["Who are you?", "What is your name?", "Who created you?"]
 
 @pytest.mark.llamacpp
 @pytest.mark.slow
-def test_fine_tuned_export_answers_in_llama_cpp_as_in_camelid(tuned_adapter, smollm2, tmp_path):
+def test_fine_tuned_export_answers_in_llama_cpp_as_in_camelid(tuned_adapter, smollm2_model, tmp_path):
     """The adapter directory exported as one GGUF: llama.cpp's greedy answers equal camelid's token for token,
     both on the prompt camelid renders and through llama-cpp-python's own chat completion with the embedded
     template; and they are the fine-tuned model's answers, not the base's."""
@@ -233,7 +228,7 @@ def test_fine_tuned_export_answers_in_llama_cpp_as_in_camelid(tuned_adapter, smo
             messages = [{"role": "user", "content": question}]
             prompt = encode_chat(tuned, chat_template_for(tuned), messages)
             ours = generate(tuned.model, tuned.tokenizer, [prompt], params)[0]
-            base = generate(smollm2.model, smollm2.tokenizer, [prompt], params)[0]
+            base = generate(smollm2_model.model, smollm2_model.tokenizer, [prompt], params)[0]
             changed += base.text != ours.text
 
             llm.reset()
@@ -418,14 +413,14 @@ def transformers_logits(directory: Path, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_hf_export_of_a_named_model_loads_in_transformers(smollm2, tmp_path):
+def test_hf_export_of_a_named_model_loads_in_transformers(smollm2_model, tmp_path):
     out = export_hf("smollm2-135m-instruct", tmp_path / "smollm2")
-    ids = smollm2.tokenizer.encode("<|im_start|>user\nWhy do camels have humps?<|im_end|>\n<|im_start|>assistant\n")
-    (ours,) = camelid_logits(smollm2.model, [ids])
+    ids = smollm2_model.tokenizer.encode("<|im_start|>user\nWhy do camels have humps?<|im_end|>\n<|im_start|>assistant\n")
+    (ours,) = camelid_logits(smollm2_model.model, [ids])
     np.testing.assert_allclose(transformers_logits(out, ids), ours, atol=1e-4, rtol=0)
     transformers = pytest.importorskip("transformers")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    assert hf_tokenizer.chat_template == smollm2.chat_template
+    assert hf_tokenizer.chat_template == smollm2_model.chat_template
 
 
 def test_hf_export_of_a_gguf_and_of_an_adapter_load_in_transformers(smollm2_tokenizer, tmp_path):

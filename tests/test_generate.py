@@ -381,30 +381,23 @@ N_NEW = 64
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    from camelid.checkpoint import load_model
-
-    return load_model(smollm2_gguf, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def smollm2_prompts(smollm2):
+def smollm2_prompts(smollm2_model):
     from camelid.chat import chat_template_for, encode_chat
 
-    template = chat_template_for(smollm2)
+    template = chat_template_for(smollm2_model)
     return {
-        name: smollm2.tokenizer.encode(text) if name == "raw"
-        else encode_chat(smollm2, template, [{"role": "user", "content": text}])
+        name: smollm2_model.tokenizer.encode(text) if name == "raw"
+        else encode_chat(smollm2_model, template, [{"role": "user", "content": text}])
         for name, text in SMOLLM2_PROMPTS.items()
     }
 
 
 @pytest.fixture(scope="module")
-def smollm2_greedy(smollm2, smollm2_prompts):
+def smollm2_greedy(smollm2_model, smollm2_prompts):
     """camelid's greedy continuation of each prompt, run one prompt at a time."""
     params = SamplingParams(**GREEDY, max_new_tokens=N_NEW, ignore_eos=True)
     return {
-        name: generate(smollm2.model, smollm2.tokenizer, [prompt], params)[0]
+        name: generate(smollm2_model.model, smollm2_model.tokenizer, [prompt], params)[0]
         for name, prompt in smollm2_prompts.items()
     }
 
@@ -420,18 +413,18 @@ def test_smollm2_greedy_equals_transformers(smollm2_gguf, smollm2_prompts, smoll
 
 
 @pytest.mark.slow
-def test_smollm2_batched_greedy_equals_one_by_one(smollm2, smollm2_prompts, smollm2_greedy):
+def test_smollm2_batched_greedy_equals_one_by_one(smollm2_model, smollm2_prompts, smollm2_greedy):
     assert len({len(p) for p in smollm2_prompts.values()}) == len(smollm2_prompts)  # all different lengths
     params = SamplingParams(**GREEDY, max_new_tokens=N_NEW, ignore_eos=True)
-    batched = generate(smollm2.model, smollm2.tokenizer, list(smollm2_prompts.values()), params)
+    batched = generate(smollm2_model.model, smollm2_model.tokenizer, list(smollm2_prompts.values()), params)
     for name, completion in zip(smollm2_prompts, batched):
         assert completion.token_ids == smollm2_greedy[name].token_ids, name
         assert completion.text == smollm2_greedy[name].text
 
 
 @pytest.mark.slow
-def test_smollm2_streams_its_generated_text(smollm2, smollm2_prompts, smollm2_greedy):
+def test_smollm2_streams_its_generated_text(smollm2_model, smollm2_prompts, smollm2_greedy):
     prompt, expected = smollm2_prompts["chat"], smollm2_greedy["chat"]
     params = SamplingParams(**GREEDY, max_new_tokens=N_NEW, ignore_eos=True)
-    pieces = list(stream(smollm2.model, smollm2.tokenizer, prompt, params))
-    assert "".join(pieces) == expected.text == smollm2.tokenizer.decode(expected.token_ids)
+    pieces = list(stream(smollm2_model.model, smollm2_model.tokenizer, prompt, params))
+    assert "".join(pieces) == expected.text == smollm2_model.tokenizer.decode(expected.token_ids)

@@ -48,13 +48,6 @@ def reference(smollm2_gguf):
     llm.close()
 
 
-@pytest.fixture(scope="module")
-def camelid_model(smollm2_gguf):
-    from camelid.checkpoint import load_model
-
-    return load_model(smollm2_gguf, device="cpu")
-
-
 def chat_ids(model, question: str) -> list[int]:
     return encode_chat(model, chat_template_for(model), [{"role": "user", "content": question}])
 
@@ -82,14 +75,14 @@ def llama_cpp_greedy(reference, prompt: list[int], max_tokens: int, stop_ids) ->
 
 
 @pytest.mark.llamacpp
-def test_prompt_ids_are_camelids_and_are_what_llama_cpp_runs(backend, camelid_model):
+def test_prompt_ids_are_camelids_and_are_what_llama_cpp_runs(backend, smollm2_model):
     for question in QUESTIONS[:2]:
         prompt = chat_ids(backend, question)
-        assert prompt == chat_ids(camelid_model, question)
+        assert prompt == chat_ids(smollm2_model, question)
         ours(backend, prompt, 2)
         assert backend.model.input_ids[: len(prompt)].tolist() == prompt  # the tokens in llama.cpp's cache
     text = "Camels store fat, not water, in their humps."
-    assert backend.tokenizer.encode(text) == camelid_model.tokenizer.encode(text)
+    assert backend.tokenizer.encode(text) == smollm2_model.tokenizer.encode(text)
 
 
 @pytest.mark.llamacpp
@@ -175,7 +168,7 @@ def cut_at_stops(tokenizer, ids: list[int], stops, prompt_tokens: int, finish: s
     dict(stop=("k br",)),  # spans two tokens
     dict(stop=("sentence is",), max_tokens=32),
 ], ids=str)
-def test_stop_strings_and_max_tokens_cut_each_backends_own_greedy_text(backend, reference, camelid_model, limits):
+def test_stop_strings_and_max_tokens_cut_each_backends_own_greedy_text(backend, reference, smollm2_model, limits):
     """Both backends cut at stop strings and token limits by the same rule, each on its own greedy text.
 
     The two texts are not compared with each other: llama.cpp's Q4_1 kernels and camelid's float32 part where two
@@ -190,7 +183,7 @@ def test_stop_strings_and_max_tokens_cut_each_backends_own_greedy_text(backend, 
     assert generate(backend.model, backend.tokenizer, [prompt], params)[0] == want
     assert "".join(stream(backend.model, backend.tokenizer, prompt, params)) == want.text
 
-    model, tokenizer = camelid_model.model, camelid_model.tokenizer
+    model, tokenizer = smollm2_model.model, smollm2_model.tokenizer
     ours_free = camelid_generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=max_tokens, **GREEDY))[0]
     want = cut_at_stops(tokenizer, ours_free.token_ids, stops, len(prompt), ours_free.finish_reason)
     assert camelid_generate(model, tokenizer, [prompt], params)[0] == want
@@ -198,7 +191,7 @@ def test_stop_strings_and_max_tokens_cut_each_backends_own_greedy_text(backend, 
 
 
 @pytest.mark.llamacpp
-def test_teacher_forced_next_tokens_agree_with_camelids_backend(smollm2_gguf, backend, camelid_model):
+def test_teacher_forced_next_tokens_agree_with_camelids_backend(smollm2_gguf, backend, smollm2_model):
     """Different kernels on the same weights, compared where it is defined on any CPU: at every position of fixed
     texts (chat prompts with written answers, plain text), llama.cpp's logits against camelid's float32 ones.
 
@@ -221,7 +214,7 @@ def test_teacher_forced_next_tokens_agree_with_camelids_backend(smollm2_gguf, ba
             llm.eval(ids)
             theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
             with torch.no_grad():
-                mine = camelid_model.model(torch.tensor([ids]))[0].float()
+                mine = smollm2_model.model(torch.tensor([ids]))[0].float()
             assert torch.corrcoef(torch.stack([theirs.flatten(), mine.flatten()]))[0, 1] > 0.995
             top_theirs, top_mine = theirs.argmax(-1), mine.argmax(-1)
             agree += int((top_theirs == top_mine).sum())
@@ -231,6 +224,7 @@ def test_teacher_forced_next_tokens_agree_with_camelids_backend(smollm2_gguf, ba
             assert gap.max() < 1.0, gap.max()
     finally:
         llm.close()
+    print(f"teacher-forced top-1 agreement with llama.cpp: {agree} of {total} positions")
     assert total > 150 and agree >= 0.9 * total, (agree, total)
 
 
@@ -293,12 +287,12 @@ def test_chat_command_answers_each_turn_as_the_library(backend):
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat", "serve"])
-def test_a_model_directory_is_refused_with_the_way_to_a_gguf_file(tiny_chat_model, verb, capsys):
-    args = [verb, "--backend", "llamacpp", "-m", str(tiny_chat_model)] + (["-p", "hi"] if verb == "generate" else [])
+def test_a_model_directory_is_refused_with_the_way_to_a_gguf_file(tiny_chat_dir, verb, capsys):
+    args = [verb, "--backend", "llamacpp", "-m", str(tiny_chat_dir)] + (["-p", "hi"] if verb == "generate" else [])
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("camelid: error: ")
-    assert "runs GGUF files only" in err and f"`camelid export gguf {tiny_chat_model} OUT.gguf`" in err
+    assert "runs GGUF files only" in err and f"`camelid export gguf {tiny_chat_dir} OUT.gguf`" in err
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -98,7 +98,7 @@ def smollm2_metadata(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_metadata):
+def smollm2_tokenizer(smollm2_metadata):
     return tokenizer_from_gguf(smollm2_metadata)
 
 
@@ -108,31 +108,31 @@ def texts(sharegpt_texts):
     return sharegpt_texts + CHAT_TEXTS + EDGE_TEXTS
 
 
-def test_smollm2_special_token_facts(smollm2, smollm2_metadata):
+def test_smollm2_special_token_facts(smollm2_tokenizer, smollm2_metadata):
     tokens = smollm2_metadata["tokenizer.ggml.tokens"]
-    assert smollm2.vocab_size == len(tokens) == 49152
-    assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id) == (1, 2, 2)
-    assert (smollm2.bos_token, smollm2.eos_token) == ("<|im_start|>", "<|im_end|>")
-    assert smollm2.add_bos is smollm2_metadata["tokenizer.ggml.add_bos_token"] is False
-    assert smollm2.stop_ids == {tokens.index("<|im_end|>"), tokens.index("<|endoftext|>")}
-    ids = smollm2.encode("<|im_start|>user\nhi<|im_end|>")
+    assert smollm2_tokenizer.vocab_size == len(tokens) == 49152
+    assert (smollm2_tokenizer.bos_id, smollm2_tokenizer.eos_id, smollm2_tokenizer.pad_id) == (1, 2, 2)
+    assert (smollm2_tokenizer.bos_token, smollm2_tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert smollm2_tokenizer.add_bos is smollm2_metadata["tokenizer.ggml.add_bos_token"] is False
+    assert smollm2_tokenizer.stop_ids == {tokens.index("<|im_end|>"), tokens.index("<|endoftext|>")}
+    ids = smollm2_tokenizer.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == 1 and ids[-1] == 2 and len(ids) == 5  # specials whole, "user", "\n", "hi"
 
 
-def test_smollm2_decode_round_trips(smollm2, texts):
-    bad = [t for t in texts if smollm2.decode(smollm2.encode(t)) != t]
+def test_smollm2_decode_round_trips(smollm2_tokenizer, texts):
+    bad = [t for t in texts if smollm2_tokenizer.decode(smollm2_tokenizer.encode(t)) != t]
     assert not bad, f"{len(bad)} texts do not survive encode/decode, e.g. {bad[0][:80]!r}"
-    assert smollm2.decode(smollm2.encode(CHAT_TEXTS[0]), skip_special=True) == "user\nhi"
+    assert smollm2_tokenizer.decode(smollm2_tokenizer.encode(CHAT_TEXTS[0]), skip_special=True) == "user\nhi"
 
 
-def test_offsets_index_the_text(smollm2, texts):
+def test_offsets_index_the_text(smollm2_tokenizer, texts):
     for text in texts:
-        ids, offsets = smollm2.encode_with_offsets(text)
+        ids, offsets = smollm2_tokenizer.encode_with_offsets(text)
         assert len(ids) == len(offsets)
         assert all(0 <= start <= end <= len(text) for start, end in offsets)
         if text.isascii():  # every token is whole characters, so the pieces tile the text
             assert "".join(text[s:e] for s, e in offsets) == text
-    ids, offsets = smollm2.encode_with_offsets("<|im_start|>user")
+    ids, offsets = smollm2_tokenizer.encode_with_offsets("<|im_start|>user")
     assert offsets == [(0, 12), (12, 16)]
 
 
@@ -143,15 +143,15 @@ def transformers_smollm2(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_ids_match_transformers(smollm2, transformers_smollm2, texts):
+def test_smollm2_ids_match_transformers(smollm2_tokenizer, transformers_smollm2, texts):
     """transformers builds the vocabulary and specials from the same GGUF; on text without digits it must agree."""
     digitless = [t for t in texts if not re.search(r"\d", t)]
     assert len(digitless) >= 500
-    _assert_same_ids(digitless, smollm2.encode, transformers_smollm2.encode, "transformers (GGUF)")
+    _assert_same_ids(digitless, smollm2_tokenizer.encode, transformers_smollm2.encode, "transformers (GGUF)")
 
 
 @pytest.mark.slow
-def test_smollm2_ids_match_transformers_with_smollm2_digit_rule(smollm2, transformers_smollm2, texts):
+def test_smollm2_ids_match_transformers_with_smollm2_digit_rule(smollm2_tokenizer, transformers_smollm2, texts):
     """transformers' GGUF loader splits 'smollm' text with the GPT-2 rule only. SmolLM2's own tokenizer.json (and
     llama.cpp for pre='smollm') first cut every digit apart; with that one step added, all texts must agree."""
     from tokenizers import pre_tokenizers
@@ -160,7 +160,7 @@ def test_smollm2_ids_match_transformers_with_smollm2_digit_rule(smollm2, transfo
     original = reference.pre_tokenizer
     reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), original])
     try:
-        _assert_same_ids(texts, smollm2.encode, transformers_smollm2.encode, "transformers + SmolLM2's digit split")
+        _assert_same_ids(texts, smollm2_tokenizer.encode, transformers_smollm2.encode, "transformers + SmolLM2's digit split")
     finally:
         reference.pre_tokenizer = original
 
@@ -186,17 +186,17 @@ def _assert_llama_cpp_ids(ours, path, texts):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("limit", SAMPLES)
-def test_smollm2_ids_match_llama_cpp(limit, smollm2, smollm2_gguf, texts):
-    _assert_llama_cpp_ids(smollm2, smollm2_gguf, _sample(texts, limit))
+def test_smollm2_ids_match_llama_cpp(limit, smollm2_tokenizer, smollm2_gguf, texts):
+    _assert_llama_cpp_ids(smollm2_tokenizer, smollm2_gguf, _sample(texts, limit))
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("limit", SAMPLES)
-def test_smollm2_decode_matches_llama_cpp(limit, smollm2, smollm2_gguf, texts):
+def test_smollm2_decode_matches_llama_cpp(limit, smollm2_tokenizer, smollm2_gguf, texts):
     vocab = _llama_cpp_vocab(smollm2_gguf)
     for text in _sample(texts, limit):
-        ids = smollm2.encode(text)
-        assert smollm2.decode(ids) == vocab.detokenize(ids, special=True).decode("utf-8"), text[:80]
+        ids = smollm2_tokenizer.encode(text)
+        assert smollm2_tokenizer.decode(ids) == vocab.detokenize(ids, special=True).decode("utf-8"), text[:80]
 
 
 @pytest.mark.llamacpp
@@ -367,7 +367,7 @@ def test_spm_ids_match_llama_cpp(limit, spm_tokenizer, spm_model, texts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["smollm2", "spm_tokenizer"])
+@pytest.mark.parametrize("which", ["smollm2_tokenizer", "spm_tokenizer"])
 def test_saved_directory_loads_in_transformers_with_same_ids(which, request, texts, tmp_path, smollm2_metadata):
     transformers = pytest.importorskip("transformers")
     ours = request.getfixturevalue(which)
@@ -408,13 +408,13 @@ def test_load_directory_written_by_transformers(which, request, texts, tmp_path)
     _assert_same_ids(texts, ours.encode, reference.encode, f"{which} saved by transformers")
 
 
-def test_load_directory_takes_add_bos_from_config(smollm2, tmp_path):
-    smollm2.save(tmp_path)
+def test_load_directory_takes_add_bos_from_config(smollm2_tokenizer, tmp_path):
+    smollm2_tokenizer.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
     reloaded = load_tokenizer(tmp_path)
     assert reloaded.add_bos is True
-    assert reloaded.encode("hi") == [smollm2.bos_id] + smollm2.encode("hi")
+    assert reloaded.encode("hi") == [smollm2_tokenizer.bos_id] + smollm2_tokenizer.encode("hi")
 
 
 # -- user mistakes ----------------------------------------------------------------------------------------------
@@ -454,20 +454,20 @@ def test_gguf_without_vocabulary_is_a_clear_error():
         tokenizer_from_gguf({"general.architecture": "llama"})
 
 
-def test_token_bytes_rebuild_the_text_even_mid_character(smollm2, texts):
+def test_token_bytes_rebuild_the_text_even_mid_character(smollm2_tokenizer, texts):
     for text in [*texts[:200], "おくない", "naïve café 🐪", "\u2581 leading"]:
-        ids = smollm2.encode(text, add_special=False)
-        assert b"".join(smollm2.token_bytes(i) for i in ids) == text.encode(), text[:80]
-    split = [smollm2.token_bytes(i) for i in smollm2.encode("🐪", add_special=False)]
+        ids = smollm2_tokenizer.encode(text, add_special=False)
+        assert b"".join(smollm2_tokenizer.token_bytes(i) for i in ids) == text.encode(), text[:80]
+    split = [smollm2_tokenizer.token_bytes(i) for i in smollm2_tokenizer.encode("🐪", add_special=False)]
     assert len(split) > 1 and all(len(b) < 4 for b in split)  # a character cut across tokens
 
 
 @pytest.mark.llamacpp
-def test_token_bytes_match_llama_cpp(smollm2, smollm2_gguf):
+def test_token_bytes_match_llama_cpp(smollm2_tokenizer, smollm2_gguf):
     vocab = _llama_cpp_vocab(smollm2_gguf)
     longer = 0
-    for token in range(smollm2.vocab_size):
-        ours = smollm2.token_bytes(token)
+    for token in range(smollm2_tokenizer.vocab_size):
+        ours = smollm2_tokenizer.token_bytes(token)
         if len(ours) > 32:  # llama-cpp-python's detokenize gives b"" for pieces over its 32-byte buffer
             longer += 1
             continue

@@ -47,6 +47,21 @@ def encode_chat(loaded: LoadedModel, template, messages: list[dict], *, keep_tok
         turns = turns[2:]
 
 
+def with_system_prompt(system: str | None, turns: list[dict]) -> list[dict]:
+    """A conversation's messages: the system prompt first when there is one, then the turns (a new list)."""
+    return ([{"role": "system", "content": system}] if system else []) + list(turns)
+
+
+def encode_prompt(loaded: LoadedModel, text: str, *, chat: bool = False, template_name: str | None = None,
+                  system: str | None = None) -> list[int]:
+    """Prompt tokens for one completion, as `camelid generate` sends them: the text as it is or, with `chat`, a
+    template name or a system prompt, the text as a user message rendered by the chat template."""
+    if not (chat or template_name or system):
+        return loaded.tokenizer.encode(text)
+    template = chat_template_for(loaded, template_name)
+    return encode_chat(loaded, template, with_system_prompt(system, [{"role": "user", "content": text}]))
+
+
 def run_chat(
     loaded: LoadedModel,
     params: SamplingParams,
@@ -92,8 +107,7 @@ def run_chat(
             else:
                 write(f"unknown command {command}; /help lists the commands\n")
             continue
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        messages.append({"role": "user", "content": text})
+        messages = with_system_prompt(system, [*history, {"role": "user", "content": text}])
         try:
             prompt = encode_chat(loaded, template, messages, keep_tokens=min(params.max_new_tokens, 512))
             if len(prompt) >= loaded.config.max_sequence_length:

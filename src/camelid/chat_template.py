@@ -43,7 +43,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from camelid.errors import CamelidError
 from camelid.files import read_json
-from camelid.gguf_file import GGUFFile
 
 # Earlier jinja2 releases have known sandbox escapes; a chat template is code from the internet.
 MIN_JINJA2 = (3, 1, 6)
@@ -406,6 +405,8 @@ def read_chat_template(path: str | Path) -> str | None:
             raise CamelidError(f"{config_file}: expected a JSON object; repair or replace the file")
         return _template_from_config(config.get("chat_template"), config_file)
     if path.is_file():
+        from camelid.gguf_file import GGUFFile  # here, not above: it loads torch, which template names do not need
+
         value = GGUFFile(path).metadata.get("tokenizer.chat_template")
         return value if isinstance(value, str) and value else None
     raise CamelidError(f"{path}: no such file or directory; give a GGUF file or a Hugging Face model directory")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camelid.config import ModelConfig
+from camelid.config import DTYPE_NAMES, ModelConfig
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir
 from camelid.files import read_json
@@ -21,7 +21,7 @@ from camelid.gguf_file import GGUFFile
 from camelid.model import Llama, rope_inv_freq
 from camelid.named_models import NAMED_MODELS, named_model_path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # float32, bfloat16, float16
 
 
 @dataclass

@@ -19,6 +19,15 @@ ROPE_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
+# The precisions a model's weights are loaded in and written as, by name. They live here, free of torch, so that
+# `camelid --help` lists them without loading it (camelid.checkpoint maps the names to torch's dtypes).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "f16", "int8")  # how camelid.quantize stores the linear weights for decoding
+# What `camelid export gguf --type` offers: everything the `gguf` package quantizes in Python bit for bit as
+# ggml's reference code does. The K-quants are missing there (the package only dequantizes them); llama.cpp's
+# llama-quantize makes them from an f16 or f32 export.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
 
 @dataclass
 class ModelConfig:

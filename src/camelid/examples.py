@@ -10,7 +10,6 @@ examples would alone. It wastes no compute on padding, which on a CPU is all of 
 example per row, grouped by length, is the alternative (`packing: false`).
 """
 
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -125,12 +124,6 @@ def one_per_row(examples: list[Example], group: int) -> list[Row]:
     for s in range(0, len(rows), group):
         ordered += sorted(rows[s : s + group], key=lambda r: len(r.tokens))
     return ordered
-
-
-def shuffled(items: list, seed: int) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items
 
 
 @dataclass

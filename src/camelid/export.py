@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from camelid.checkpoint import GGUF_NAMES, LoadedModel, load_model, save_model
-from camelid.config import ModelConfig
+from camelid.config import GGUF_TYPES, ModelConfig  # GGUF_TYPES: what --type offers
 from camelid.errors import CamelidError
 from camelid.model import rope_inv_freq
 from camelid.tokenizer import (
@@ -34,10 +34,6 @@ from camelid.tokenizer import (
     tokenizer_from_gguf,
 )
 
-# What `--type` offers: everything the `gguf` package quantizes in Python bit for bit as ggml's reference code
-# does. The K-quants are missing there (the package only dequantizes them); llama.cpp's llama-quantize makes them
-# from an f16 or f32 export.
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 # 4- and 5-bit files keep the vocabulary projection (output.weight, or the tied embedding that serves as one) in
 # Q8_0: llama-quantize keeps it at 6 bits or more for these types, since every logit goes through it.
 _LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")

@@ -13,6 +13,14 @@ from typing import Any
 from camelid.errors import CamelidError
 
 
+def cache_dir() -> Path:
+    """camelid's cache (compiled kernels, installed models): $CAMELID_CACHE, else $XDG_CACHE_HOME/camelid, else
+    ~/.cache/camelid."""
+    if os.environ.get("CAMELID_CACHE"):
+        return Path(os.environ["CAMELID_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camelid"
+
+
 def read_json(path: Path, what: str = "JSON") -> Any:
     """Parse a JSON file, or raise a one-line error naming the file and what is wrong with it."""
     try:

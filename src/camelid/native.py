@@ -26,18 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camelid.errors import CamelidError
+from camelid.files import cache_dir
 
 SOURCE = Path(__file__).with_name("native.c")
 NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: install gcc or clang (or set CC), "
                "or use --quantize f16")
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
-
-
-def cache_dir() -> Path:
-    if os.environ.get("CAMELID_CACHE"):
-        return Path(os.environ["CAMELID_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camelid"
 
 
 def compiler() -> list[str] | None:

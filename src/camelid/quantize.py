@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camelid.config import QUANTIZATIONS  # the names, free of torch for the command line's help
 from camelid.errors import CamelidError
 from camelid.model import Llama
 from camelid.native import NO_COMPILER, Int8Linear, NativeDecoder, compiler
 
-QUANTIZATIONS = ("none", "f16", "int8")
 F16_MAX_ROWS = 4  # without fbgemm: up to this many rows the float16 product is the faster one
 
 

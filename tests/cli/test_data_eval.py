@@ -8,13 +8,10 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
 from fake_teacher import FakeTeacher, completion
 from helpers import CAMELID, FIXTURES, run_camelid, shared_file, write_jsonl
 
 from camelid.data.formats import read_conversations
-from camelid.data.mix import MixSource
-from camelid.errors import CamelidError
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -62,16 +59,7 @@ def test_selfinstruct_with_no_teacher_says_how_to_start_one(tmp_path):
     assert "camelid serve" in one_error_line(result)
 
 
-def test_mix_sources_take_weights_and_counts(tmp_path):
-    from camelid.cli import _mix_source
-
-    assert _mix_source("alpaca=data/a.jsonl:weight=0.3") == MixSource("data/a.jsonl", "alpaca", weight=0.3)
-    assert _mix_source("sg=b.jsonl:count=100") == MixSource("b.jsonl", "sg", count=100)
-    assert _mix_source("b.jsonl:2") == MixSource("b.jsonl", "b", weight=2.0)
-    assert _mix_source("runs/x/c.jsonl") == MixSource("runs/x/c.jsonl", "c", weight=1.0)
-    with pytest.raises(CamelidError, match="weight=W, count=N"):
-        _mix_source("a=b.jsonl:count=many")
-
+def test_mix_takes_sources_by_count_and_conditions_preference_pairs(tmp_path):
     plain = write_jsonl(tmp_path / "plain.jsonl", [chat(f"question {i}?", f"answer {i}.") for i in range(6)])
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [
         {"prompt": f"ask {i}?", "chosen": f"good answer {i}.", "rejected": f"bad answer {i}."} for i in range(3)
@@ -84,6 +72,9 @@ def test_mix_sources_take_weights_and_counts(tmp_path):
     systems = {r["messages"][0]["content"] for r in records if r["source"] == "hh"}
     assert systems == {"a helpful answer", "an unhelpful answer"}
     assert len(read_conversations(out).records) == 10  # training reads it
+    line = one_error_line(run_camelid("data", "mix", f"plain={plain}:count=many", "-o", tmp_path / "bad.jsonl"))
+    assert line == (f"camelid: error: source 'plain={plain}:count=many': after the last ':' give weight=W, count=N "
+                    "or a weight (e.g. alpaca=alpaca.jsonl:weight=0.3)")
 
 
 def test_curate_reports_rules_and_writes_what_was_dropped(tmp_path):
@@ -148,9 +139,9 @@ def src_missing_field(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "bad.jsonl", [{"model_a": "x", "winner": "tie"}])
 
 
-def test_eval_choice_on_the_tiny_model(tmp_path, tiny_chat_model):
+def test_eval_choice_on_the_tiny_model(tmp_path, tiny_chat_dir):
     data = FIXTURES / "choice_questions.jsonl"
-    result = run_camelid("eval", "choice", data, "-m", tiny_chat_model, "--no-progress")
+    result = run_camelid("eval", "choice", data, "-m", tiny_chat_dir, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "22 questions"
 

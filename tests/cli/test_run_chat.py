@@ -84,6 +84,25 @@ def test_generate_prints_what_the_library_generates(tiny_loaded, tmp_path):
     assert result.stdout == expected.text + "\n"
 
 
+def test_generate_with_a_system_prompt_sends_a_chat_through_the_template(tiny_loaded, tmp_path):
+    """--system implies --chat: the prompt goes as a user message after the system message, rendered by the
+    model's own template; --template picks a built-in one instead."""
+    directory = save_model(tiny_loaded, tmp_path / "tiny")
+    tok, params = tiny_loaded.tokenizer, SamplingParams(temperature=0, max_new_tokens=8)
+    result = run_camelid("generate", "-m", directory, "-p", "Hi", "--system", "Be brief.", "-t", "0", "-n", "8")
+    assert result.returncode == 0, result.stderr
+    chat_ids = tok.encode(chatml(("system", "Be brief."), ("user", "Hi")), add_special=False)
+    [expected] = generate(tiny_loaded.model, tok, [chat_ids], params)
+    assert result.stdout == expected.text + "\n"
+
+    result = run_camelid("generate", "-m", directory, "-p", "Hi", "--template", "vicuna_v1.1", "-t", "0", "-n", "8")
+    assert result.returncode == 0, result.stderr
+    vicuna = camelid.chat.chat_template_for(tiny_loaded, "vicuna_v1.1")
+    prompt = vicuna.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    [expected] = generate(tiny_loaded.model, tok, [tok.encode(prompt, add_special=False)], params)
+    assert result.stdout == expected.text + "\n"
+
+
 @pytest.fixture(scope="module")
 def smollm2_cli(smollm2_gguf):
     """Greedy 20-token completions printed by `camelid generate`, raw and --chat, and the library's own."""

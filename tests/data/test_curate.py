@@ -459,3 +459,16 @@ def test_bad_thresholds_and_word_minimums_are_refused(tmp_path):
         curate(src, tmp_path / "out.jsonl", min_response_words=-1)
     with pytest.raises(CamelidError, match="no such directory; create it"):
         curate(src, tmp_path / "nope" / "out.jsonl")
+
+
+def test_pattern_files_add_to_the_built_in_patterns_or_replace_them(tmp_path):
+    from camelid.data.curate import parse_threshold, patterns_with
+
+    extra = tmp_path / "extra.txt"
+    extra.write_text("# mine\nI cannot\n\nno way\n")
+    assert patterns_with(("a", "b"), None) == patterns_with(("a", "b"), None, replace=True) == ("a", "b")
+    assert patterns_with(("a", "b"), extra) == ("a", "b", "I cannot", "no way")
+    assert patterns_with(("a", "b"), extra, replace=True) == ("I cannot", "no way")
+    assert [parse_threshold(t) for t in ("0.75", "1", "none", "off", "0")] == [0.75, 1.0, None, None, None]
+    with pytest.raises(CamelidError, match=r"^--near-dup-threshold: 'high' is not a number; give e\.g\. 0\.8, or none$"):
+        parse_threshold("high")

@@ -145,3 +145,12 @@ def test_replay_prompts_are_distinct_from_the_evaluation_questions():
     assert len(replay) == len(replay_prompts()) >= 20
     assert not replay & {norm(q) for q in general_questions()}
     assert not replay & {norm(q) for q in heldout_identity_questions()}
+
+
+def test_an_identity_is_a_name_and_an_optional_creator():
+    from camelid.data.identity import DEFAULT_CREATOR, parse_identity
+
+    assert parse_identity(" Nimbus , the Orbit Lab ") == ("Nimbus", "the Orbit Lab")
+    assert parse_identity("Nimbus") == parse_identity("Nimbus,") == ("Nimbus", DEFAULT_CREATOR)
+    with pytest.raises(CamelidError, match="the assistant's name is empty"):
+        parse_identity(" ,the Orbit Lab")

@@ -63,3 +63,10 @@ def test_a_detector_for_some_languages_answers_only_with_those():
     detector = language_detector(["en", "de"])
     found = detect_languages(detector, [SENTENCES["en"], SENTENCES["de"], SENTENCES["fr"], SENTENCES["es"]])
     assert found[:2] == ["en", "de"] and set(found) <= {"en", "de", UNKNOWN}
+
+
+def test_language_codes_are_a_comma_separated_list_or_all():
+    from camelid.data.languages import parse_language_codes
+
+    assert parse_language_codes(" en, fr,,de ") == ["en", "fr", "de"]
+    assert parse_language_codes("all") is True

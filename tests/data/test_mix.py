@@ -38,6 +38,29 @@ def within(x: int, mean: float, var: float, sigmas: float = 4.0) -> bool:
     return abs(x - mean) <= sigmas * math.sqrt(var)
 
 
+# -- sources as the command line gives them -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, source", [
+    ("alpaca=data/a.jsonl:weight=0.3", MixSource("data/a.jsonl", "alpaca", weight=0.3)),
+    ("sg=b.jsonl:count=100", MixSource("b.jsonl", "sg", count=100)),
+    ("b.jsonl:2", MixSource("b.jsonl", "b", weight=2.0)),  # a bare number is a weight
+    ("runs/x/c.jsonl", MixSource("runs/x/c.jsonl", "c", weight=1.0)),  # no suffix: weight 1, named by the stem
+    ("runs/a=b/c.jsonl:count=3", MixSource("runs/a=b/c.jsonl", "c", count=3)),  # '=' inside a path names nothing
+])
+def test_a_source_spec_gives_its_path_name_and_share(spec, source):
+    assert MixSource.parse(spec) == source
+
+
+@pytest.mark.parametrize("spec", ["a=b.jsonl:count=many", "a=b.jsonl:count=1.5", "b.jsonl:heavy", "a=b.jsonl:size=3"])
+def test_a_bad_share_is_refused_with_the_forms_that_work(spec):
+    message = (f"source {spec!r}: after the last ':' give weight=W, count=N or a weight "
+               "(e.g. alpaca=alpaca.jsonl:weight=0.3)")
+    with pytest.raises(CamelidError) as exc_info:
+        MixSource.parse(spec)
+    assert str(exc_info.value) == message
+
+
 # -- shares ------------------------------------------------------------------------------------------------
 
 

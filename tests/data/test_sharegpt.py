@@ -59,11 +59,6 @@ def n_tokens(tokenizer, template, messages) -> int:
     return len(tokenizer.encode(template.render(messages), add_special=False))
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return load_tokenizer_and_template(smollm2_gguf)
-
-
 # -- roles, drops and repairs -------------------------------------------------------------------------------------
 
 
@@ -426,8 +421,8 @@ def test_every_written_conversation_fits_the_context_exactly(tmp_path, smollm2_g
         assert [m["content"] for m in turns] == original
 
 
-def test_a_pair_longer_than_the_context_is_dropped(tmp_path, smollm2):
-    tokenizer, template = smollm2
+def test_a_pair_longer_than_the_context_is_dropped(tmp_path, smollm2_tokenizer_and_template):
+    tokenizer, template = smollm2_tokenizer_and_template
     rng = random.Random(1)
     huge = sentence(rng, 400)
     records = [
@@ -484,8 +479,9 @@ def test_token_counts_are_exact_even_where_special_tokens_absorb_spaces(tmp_path
     assert report.facts["split"]["parts"] == len(train) > 3
 
 
-def test_a_counter_that_disagrees_with_whole_texts_counts_whole_texts(smollm2, sharegpt_conversations):
-    tokenizer, template = smollm2
+def test_a_counter_that_disagrees_with_whole_texts_counts_whole_texts(smollm2_tokenizer_and_template,
+                                                                      sharegpt_conversations):
+    tokenizer, template = smollm2_tokenizer_and_template
     counter = _TokenCounter(tokenizer, template)
     counter._special = re.compile(" ")  # as if a space were a special token: the stretches would be miscounted
     texts = [template.render(m) for m in sharegpt_conversations[:20]]
@@ -569,8 +565,8 @@ def test_a_test_split_of_a_single_source_is_refused(tmp_path):
     assert len(train) == 2 and test == [] and report.facts["train"]["sources"] == 1
 
 
-def test_identity_conversations_join_the_train_split(tmp_path, smollm2):
-    tokenizer, template = smollm2
+def test_identity_conversations_join_the_train_split(tmp_path, smollm2_tokenizer_and_template):
+    tokenizer, template = smollm2_tokenizer_and_template
     report, train, test = run(tmp_path, chunked_sources(20), identity=("Llamita", "the Andes lab"),
                               tokenizer=tokenizer, template=template, test_fraction=0.2)
     expected = identity_conversations("Llamita", "the Andes lab")
@@ -585,8 +581,8 @@ def test_identity_conversations_join_the_train_split(tmp_path, smollm2):
 # -- outputs ------------------------------------------------------------------------------------------------------
 
 
-def test_outputs_are_read_by_training_and_make_examples(tmp_path, smollm2):
-    tokenizer, template = smollm2
+def test_outputs_are_read_by_training_and_make_examples(tmp_path, smollm2_tokenizer_and_template):
+    tokenizer, template = smollm2_tokenizer_and_template
     rng = random.Random(5)
     records = [conv(f"c{i}_0", *long_conversation(rng, 4)) for i in range(8)] + chunked_sources(10)
     report, _, _ = run(tmp_path, records, tokenizer=tokenizer, template=template, context=256, test_fraction=0.2)
@@ -616,14 +612,15 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.txt", "test.jsonl", "train.jsonl"]
 
 
-def test_bad_settings_are_refused(tmp_path, smollm2):
+def test_bad_settings_are_refused(tmp_path, smollm2_tokenizer_and_template):
+    tokenizer, template = smollm2_tokenizer_and_template
     source = write_array(tmp_path / "in.json", [qa("a_0", "Hi", "Hello")])
     with pytest.raises(CamelidError, match=r"test fraction 1.0 is outside \[0, 1\)"):
         clean_sharegpt(source, tmp_path / "out", test_fraction=1.0)
     with pytest.raises(CamelidError, match="context 0 is not a positive"):
-        clean_sharegpt(source, tmp_path / "out", tokenizer=smollm2[0], template=smollm2[1], context=0)
+        clean_sharegpt(source, tmp_path / "out", tokenizer=tokenizer, template=template, context=0)
     with pytest.raises(ValueError, match="both a tokenizer and a chat template"):
-        clean_sharegpt(source, tmp_path / "out", tokenizer=smollm2[0])
+        clean_sharegpt(source, tmp_path / "out", tokenizer=smollm2_tokenizer_and_template[0])
     with pytest.raises(CamelidError, match="no such file"):
         clean_sharegpt(tmp_path / "missing.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -669,8 +666,8 @@ def test_load_tokenizer_and_template_from_directories(tmp_path, smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_the_first_2000_real_records_keep_every_invariant(tmp_path, smollm2):
-    tokenizer, template = smollm2
+def test_the_first_2000_real_records_keep_every_invariant(tmp_path, smollm2_tokenizer_and_template):
+    tokenizer, template = smollm2_tokenizer_and_template
     records = sharegpt_records(2000)
     assert len(records) == 2000
     languages = ["en"] if _has_lingua() else None

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from camelid.chat_template import ChatTemplate, read_chat_template
 from camelid.data.formats import BadRecord
 from camelid.data.stats import dataset_stats, stats_text, summary
 from camelid.errors import CamelidError
@@ -43,14 +42,6 @@ def crafted(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    from camelid.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(smollm2_gguf)
-    return tok, ChatTemplate(read_chat_template(smollm2_gguf), bos_token=tok.bos_token, eos_token=tok.eos_token)
-
-
 def test_counts_on_a_crafted_file_are_exact(crafted):
     with pytest.raises(BadRecord, match=f"{crafted}:6: invalid JSON"):
         dataset_stats(crafted)
@@ -82,8 +73,9 @@ def test_summary_uses_nearest_rank_percentiles():
     assert summary([]) == {}
 
 
-def test_token_counts_are_the_template_rendering_encoded_as_training_does(crafted, smollm2, tmp_path):
-    tok, template = smollm2
+def test_token_counts_are_the_template_rendering_encoded_as_training_does(crafted, smollm2_tokenizer_and_template,
+                                                                          tmp_path):
+    tok, template = smollm2_tokenizer_and_template
     by_hand = [len(tok.encode(template.render(m), add_special=False)) for m in CONVERSATIONS]
     # Learned tokens: each answer and the <|im_end|> after it (ChatML), encoded on its own.
     learned = sum(len(tok.encode(m["content"] + "<|im_end|>", add_special=False))
@@ -102,10 +94,10 @@ def test_token_counts_are_the_template_rendering_encoded_as_training_does(crafte
     assert f"longer than {limits[1]:,} tokens" in stats_text(report)
 
 
-def test_histogram_is_a_real_png(crafted, smollm2, tmp_path):
+def test_histogram_is_a_real_png(crafted, smollm2_tokenizer_and_template, tmp_path):
     import matplotlib.image
 
-    tok, template = smollm2
+    tok, template = smollm2_tokenizer_and_template
     png = tmp_path / "lengths.png"
     report = dataset_stats(crafted, tokenizer=tok, template=template, histogram=png, skip_bad=True)
     data = png.read_bytes()
@@ -146,16 +138,19 @@ def test_languages_without_lingua_is_one_line_naming_the_extra(crafted, monkeypa
             dataset_stats(crafted, languages=languages, skip_bad=True)
 
 
-def test_tokens_need_both_a_tokenizer_and_a_template(crafted, smollm2, tmp_path):
-    tok, _ = smollm2
+def test_tokens_need_both_a_tokenizer_and_a_template(crafted, smollm2_tokenizer_and_template, tmp_path):
+    tok, _ = smollm2_tokenizer_and_template
     with pytest.raises(CamelidError, match="need both a tokenizer and a chat template"):
         dataset_stats(crafted, tokenizer=tok)
     with pytest.raises(CamelidError, match="histogram needs a tokenizer"):
         dataset_stats(crafted, histogram=tmp_path / "h.png")
 
 
-def test_a_histogram_into_a_missing_directory_is_refused_before_any_work(crafted, smollm2, tmp_path, monkeypatch):
+def test_a_histogram_into_a_missing_directory_is_refused_before_any_work(crafted, smollm2_tokenizer_and_template,
+                                                                         tmp_path, monkeypatch):
     import camelid.data.stats
+
+    tokenizer, template = smollm2_tokenizer_and_template
 
     def no_tokenizing(*args):
         raise AssertionError("tokenized before the histogram's directory was checked")
@@ -163,6 +158,6 @@ def test_a_histogram_into_a_missing_directory_is_refused_before_any_work(crafted
     monkeypatch.setattr(camelid.data.stats, "_token_counts", no_tokenizing)
     png = tmp_path / "plots" / "lengths.png"
     with pytest.raises(CamelidError) as error:
-        dataset_stats(crafted, tokenizer=smollm2[0], template=smollm2[1], histogram=png, skip_bad=True)
+        dataset_stats(crafted, tokenizer=tokenizer, template=template, histogram=png, skip_bad=True)
     assert str(error.value) == f"{png}: there is no directory {png.parent} to write it in; create it"
     assert not png.parent.exists()

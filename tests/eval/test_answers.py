@@ -211,14 +211,14 @@ def test_a_file_of_something_else_is_not_resumed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def chatty(tiny_chat_model):
+def chatty(tiny_chat_dir):
     """The tiny random model with its weights scaled up 15x: greedy decoding of the model as saved writes only
     newlines whatever the prompt, which would make every answer "" and hide a mixed-up batch."""
     import torch
 
     from camelid.checkpoint import load_model
 
-    loaded = load_model(tiny_chat_model, device="cpu", dtype="float32")
+    loaded = load_model(tiny_chat_dir, device="cpu", dtype="float32")
     with torch.no_grad():
         for p in loaded.model.parameters():
             if p.ndim == 2:
@@ -254,11 +254,11 @@ def test_greedy_local_answers_equal_generate_turn_by_turn(tmp_path, chatty):
     assert all(texts) and len(set(texts)) == len(texts)  # the test could see answers swapped between questions
 
 
-def test_a_local_model_by_path_resumes_too(tmp_path, tiny_chat_model):
+def test_a_local_model_by_path_resumes_too(tmp_path, tiny_chat_dir):
     out = tmp_path / "local.jsonl"
     questions = [Question(1, "writing", ("Hi!",)), Question(2, "math", ("1 + 1?",))]
-    generate_answers(questions[:1], out, model=str(tiny_chat_model), max_tokens=2, progress=False)
-    report = generate_answers(questions, out, model=str(tiny_chat_model), max_tokens=2, progress=False)
+    generate_answers(questions[:1], out, model=str(tiny_chat_dir), max_tokens=2, progress=False)
+    report = generate_answers(questions, out, model=str(tiny_chat_dir), max_tokens=2, progress=False)
     assert [(a["question_id"], a["model_id"]) for a in read_jsonl(out)] == [(1, "base"), (2, "base")]
     assert report.written == 1 and report.facts["resumed"] == 1
 
@@ -271,3 +271,12 @@ def test_sampled_local_answers_follow_the_seed(tmp_path, chatty):
                          progress=False)
         turns.append(read_jsonl(tmp_path / f"{name}.jsonl")[0]["choices"][0]["turns"])
     assert turns[0] == turns[1] and turns[0] != turns[2]
+
+
+def test_category_temperatures_are_category_equals_number():
+    from camelid.eval.answers import parse_category_temperatures
+
+    assert parse_category_temperatures(["writing=0.7", "math=0", "writing=0.9"]) == {"writing": 0.9, "math": 0.0}
+    for bad in ("writing", "=0.7", "writing=warm"):
+        with pytest.raises(CamelidError, match=rf"^--category-temperature '{bad}': give CATEGORY=T, e\.g\. writing=0\.7$"):
+            parse_category_temperatures([bad])

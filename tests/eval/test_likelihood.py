@@ -9,7 +9,6 @@ import pytest
 import torch
 from helpers import FIXTURES
 
-from camelid.checkpoint import load_model
 from camelid.errors import CamelidError
 from camelid.eval.likelihood import (
     PROMPT,
@@ -41,14 +40,9 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_chat_model):
-    return load_model(tiny_chat_model, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def hf_tiny(tiny_chat_model):
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(tiny_chat_model)
+def hf_tiny(tiny_chat_dir):
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(tiny_chat_dir)
 
 
 def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -82,19 +76,19 @@ def test_windows_score_each_position_once_with_its_history(context, stride):
 # -- perplexity against transformers -----------------------------------------------------------------------------
 
 
-def test_short_text_is_the_sum_of_log_softmax(tiny, hf_tiny):
+def test_short_text_is_the_sum_of_log_softmax(tiny_chat_loaded, hf_tiny):
     hf, hf_tok = hf_tiny
     ids = text_ids(hf_tok, "Llamas are social animals and live with others as a herd.")
     lp = hf_logprobs(hf, ids)
     expected = -sum(lp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
-    result = perplexity(tiny, ["Llamas are social animals and live with others as a herd."], progress=False)
+    result = perplexity(tiny_chat_loaded, ["Llamas are social animals and live with others as a herd."], progress=False)
     assert result.tokens == len(ids) - 1  # every token of the text, the first after BOS
     assert result.nll == pytest.approx(expected, rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(expected / result.tokens), rel=1e-5)
     assert result.per_text[0].nll == result.nll
 
 
-def test_sliding_window_equals_the_transformers_recipe(tiny, hf_tiny):
+def test_sliding_window_equals_the_transformers_recipe(tiny_chat_loaded, hf_tiny):
     """The perplexity guide of transformers (windows of context + 1 tokens moved by `stride`, labels masked
     to the tokens not scored before), on a length where its last window is as full as camelid's."""
     hf, hf_tok = hf_tiny
@@ -116,14 +110,14 @@ def test_sliding_window_equals_the_transformers_recipe(tiny, hf_tiny):
         prev_end = end
         if end == n:
             break
-    result = perplexity(tiny, [TEXT], context=context, stride=stride, progress=False)
+    result = perplexity(tiny_chat_loaded, [TEXT], context=context, stride=stride, progress=False)
     assert len(windows(n - 1, context, stride)) == 5
     assert result.tokens == count == n - 1
     assert result.nll == pytest.approx(nll, rel=1e-5)
 
 
 @pytest.mark.parametrize("context,stride", [(40, 16), (40, 40), (23, 7)])
-def test_every_token_gets_the_history_documented(tiny, hf_tiny, context, stride):
+def test_every_token_gets_the_history_documented(tiny_chat_loaded, hf_tiny, context, stride):
     """Token by token, with transformers: windows end at context, context + stride, ... and at the end; a token
     is predicted from the `context` tokens before its window's end (all before it, when fewer)."""
     hf, hf_tok = hf_tiny
@@ -137,33 +131,33 @@ def test_every_token_gets_the_history_documented(tiny, hf_tiny, context, stride)
         end = next(e for e in ends if e > p)
         history = ids[max(0, end - context) : p + 1]
         expected -= hf_logprobs(hf, history)[-1, ids[p + 1]].item()
-    result = perplexity(tiny, [TEXT[:300]], context=context, stride=stride, progress=False)
+    result = perplexity(tiny_chat_loaded, [TEXT[:300]], context=context, stride=stride, progress=False)
     assert result.tokens == n
     assert result.nll == pytest.approx(expected, rel=1e-5)
 
 
-def test_conversation_scores_its_assistant_tokens_as_training_does(tiny, hf_tiny):
+def test_conversation_scores_its_assistant_tokens_as_training_does(tiny_chat_loaded, hf_tiny):
     from camelid.chat import chat_template_for
     from camelid.examples import make_example
 
     hf, _ = hf_tiny
-    example = make_example(chat_template_for(tiny), tiny.tokenizer, CONVERSATION)
+    example = make_example(chat_template_for(tiny_chat_loaded), tiny_chat_loaded.tokenizer, CONVERSATION)
     lp = hf_logprobs(hf, example.tokens)
     expected = -sum(lp[i, t].item() for i, t in enumerate(example.targets) if t != IGNORE)
-    result = perplexity(tiny, [CONVERSATION], progress=False)
+    result = perplexity(tiny_chat_loaded, [CONVERSATION], progress=False)
     assert result.tokens == example.supervised < len(example.tokens) // 2
     assert result.nll == pytest.approx(expected, rel=1e-5)
     with torch.no_grad():  # the training loss of the same example, summed
-        loss = tiny.model(torch.tensor([example.tokens]), targets=torch.tensor([example.targets])).item()
+        loss = tiny_chat_loaded.model(torch.tensor([example.tokens]), targets=torch.tensor([example.targets])).item()
     assert result.nll == pytest.approx(loss, rel=1e-5)
     # in windows shorter than the conversation, the same tokens are scored
-    assert perplexity(tiny, [CONVERSATION], context=12, stride=5, progress=False).tokens == result.tokens
+    assert perplexity(tiny_chat_loaded, [CONVERSATION], context=12, stride=5, progress=False).tokens == result.tokens
 
 
-def test_texts_batched_together_score_as_alone(tiny):
+def test_texts_batched_together_score_as_alone(tiny_chat_loaded):
     texts = [TEXT, TEXT[:50], "Short.", TEXT[100:], CONVERSATION]
-    together = perplexity(tiny, texts, context=48, stride=20, batch_size=8, progress=False)
-    alone = [perplexity(tiny, [t], context=48, stride=20, batch_size=1, progress=False) for t in texts]
+    together = perplexity(tiny_chat_loaded, texts, context=48, stride=20, batch_size=8, progress=False)
+    alone = [perplexity(tiny_chat_loaded, [t], context=48, stride=20, batch_size=1, progress=False) for t in texts]
     for got, want in zip(together.per_text, alone):
         assert got.tokens == want.tokens
         assert got.nll == pytest.approx(want.nll, rel=1e-5)
@@ -171,15 +165,15 @@ def test_texts_batched_together_score_as_alone(tiny):
     assert together.tokens == sum(a.tokens for a in alone)
 
 
-def test_perplexity_rejects_bad_settings(tiny):
+def test_perplexity_rejects_bad_settings(tiny_chat_loaded):
     with pytest.raises(CamelidError, match="invalid context 5000: expected 1 to 1024"):
-        perplexity(tiny, [TEXT], context=5000, progress=False)
+        perplexity(tiny_chat_loaded, [TEXT], context=5000, progress=False)
     with pytest.raises(CamelidError, match="invalid stride 65"):
-        perplexity(tiny, [TEXT], context=64, stride=65, progress=False)
+        perplexity(tiny_chat_loaded, [TEXT], context=64, stride=65, progress=False)
     with pytest.raises(CamelidError, match="nothing to score"):
-        perplexity(tiny, [""], progress=False)
+        perplexity(tiny_chat_loaded, [""], progress=False)
     with pytest.raises(CamelidError, match="unknown chat template"):
-        perplexity(tiny, [CONVERSATION], template="nope", progress=False)
+        perplexity(tiny_chat_loaded, [CONVERSATION], template="nope", progress=False)
 
 
 # -- reading texts -----------------------------------------------------------------------------------------------
@@ -225,11 +219,11 @@ def reference_choice_scores(hf, hf_tok, question: str, choices: list[str]) -> li
     return out
 
 
-def test_choice_scores_equal_transformers(tiny, hf_tiny):
+def test_choice_scores_equal_transformers(tiny_chat_loaded, hf_tiny):
     hf, hf_tok = hf_tiny
     questions, _ = read_questions(QUESTIONS)
     questions = questions[:8]
-    result = choice_accuracy(tiny, questions, batch_size=5, progress=False)
+    result = choice_accuracy(tiny_chat_loaded, questions, batch_size=5, progress=False)
     hits = hits_norm = 0
     for q, got in zip(questions, result.per_question):
         expected = reference_choice_scores(hf, hf_tok, q.question, q.choices)
@@ -244,21 +238,21 @@ def test_choice_scores_equal_transformers(tiny, hf_tiny):
     assert result.acc_stderr == pytest.approx(math.sqrt(p * (1 - p) * 8 / 7 / 8))
 
 
-def test_batch_size_does_not_change_choice_scores(tiny):
+def test_batch_size_does_not_change_choice_scores(tiny_chat_loaded):
     questions, _ = read_questions(QUESTIONS)
-    one = choice_accuracy(tiny, questions[:6], batch_size=1, progress=False)
-    many = choice_accuracy(tiny, questions[:6], batch_size=64, progress=False)
+    one = choice_accuracy(tiny_chat_loaded, questions[:6], batch_size=1, progress=False)
+    many = choice_accuracy(tiny_chat_loaded, questions[:6], batch_size=64, progress=False)
     for a, b in zip(one.per_question, many.per_question):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
-def test_normalisations(tiny):
+def test_normalisations(tiny_chat_loaded):
     q = {"question": "Which is a drink?", "choices": ["café", "stone", "a very long answer indeed"], "answer": "café"}
-    results = {n: choice_accuracy(tiny, [q], normalise=n, progress=False) for n in ("chars", "bytes", "tokens", "none")}
+    results = {n: choice_accuracy(tiny_chat_loaded, [q], normalise=n, progress=False) for n in ("chars", "bytes", "tokens", "none")}
     assert results["chars"].per_question[0].lengths == [4.0, 5.0, 25.0]
     assert results["bytes"].per_question[0].lengths == [5.0, 5.0, 25.0]  # é is two bytes
     context = PROMPT.replace("{question}", q["question"])
-    _, conts = encode_continuations(tiny.tokenizer, context, [" " + c for c in q["choices"]])
+    _, conts = encode_continuations(tiny_chat_loaded.tokenizer, context, [" " + c for c in q["choices"]])
     assert results["tokens"].per_question[0].lengths == [float(len(c)) for c in conts]
     for r in results.values():
         s = r.per_question[0]
@@ -266,25 +260,25 @@ def test_normalisations(tiny):
         assert s.pred_norm == max(range(3), key=lambda i: s.logprobs[i] / s.lengths[i])
     assert results["none"].acc_norm == results["none"].acc
     with pytest.raises(CamelidError, match="unknown normalisation 'words'"):
-        choice_accuracy(tiny, [q], normalise="words", progress=False)
+        choice_accuracy(tiny_chat_loaded, [q], normalise="words", progress=False)
 
 
-def test_context_and_continuation_split_as_lm_eval(tiny, hf_tiny):
+def test_context_and_continuation_split_as_lm_eval(tiny_chat_loaded, hf_tiny):
     """Trailing whitespace of the prompt moves to the continuation; the continuation is the rest of the whole."""
     _, hf_tok = hf_tiny
     pairs = [("Answer: ", "yes"), ("Answer:\n\n", " 42"), ("Q: 12", "34"), ("naïve", " café"), ("A", " \t B")]
     for context, cont in pairs:
         kept = context.rstrip()
         whole = hf_tok(context + cont).input_ids
-        ctx_ids, (cont_ids,) = encode_continuations(tiny.tokenizer, context, [cont])
+        ctx_ids, (cont_ids,) = encode_continuations(tiny_chat_loaded.tokenizer, context, [cont])
         assert ctx_ids == hf_tok(kept).input_ids
         assert cont_ids == whole[len(ctx_ids) :]
 
 
-def test_answer_as_index_or_text(tiny):
+def test_answer_as_index_or_text(tiny_chat_loaded):
     by_index = {"question": "What do bees make?", "choices": ["milk", "honey"], "answer": 1}
     by_text = {**by_index, "answer": "honey"}
-    a, b = (choice_accuracy(tiny, [q], progress=False) for q in (by_index, by_text))
+    a, b = (choice_accuracy(tiny_chat_loaded, [q], progress=False) for q in (by_index, by_text))
     assert a.per_question[0].answer == b.per_question[0].answer == 1
     assert a.per_question[0].logprobs == b.per_question[0].logprobs
 
@@ -313,9 +307,9 @@ def test_bad_questions_are_named(tmp_path, record, message):
     assert len(questions) == 1 and skipped[0].where.endswith("q.jsonl:2")
 
 
-def test_choice_rejects_a_prompt_without_the_question(tiny):
+def test_choice_rejects_a_prompt_without_the_question(tiny_chat_loaded):
     with pytest.raises(CamelidError, match="no {question} placeholder"):
-        choice_accuracy(tiny, [{"question": "Q?", "choices": ["a", "b"], "answer": 1}], prompt="A:", progress=False)
+        choice_accuracy(tiny_chat_loaded, [{"question": "Q?", "choices": ["a", "b"], "answer": 1}], prompt="A:", progress=False)
 
 
 def test_importing_camelid_does_not_import_lm_eval():

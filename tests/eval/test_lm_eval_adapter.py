@@ -69,29 +69,24 @@ def test_windows_are_lm_evals_rolling_windows():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_chat_model):
-    return load_model(tiny_chat_model, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def hflm(tiny_chat_model):
+def hflm(tiny_chat_dir):
     """lm-eval's own Hugging Face backend on the tiny model, with a short context so that windows and cuts show."""
     from lm_eval.models.huggingface import HFLM
 
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_chat_dir)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=48, device="cpu")
 
 
-def test_pairs_split_as_lm_eval_splits_them(tiny):
-    lm = CamelidLM(tiny)
+def test_pairs_split_as_lm_eval_splits_them(tiny_chat_loaded):
+    lm = CamelidLM(tiny_chat_loaded)
     pairs = [("Question: Why?\nAnswer:", " because"), ("Answer: ", "yes"), ("x\n\n", " 42"), ("naïve", " café")]
     for context, cont in pairs:
-        context_ids, (cont_ids,) = encode_continuations(tiny.tokenizer, context, [cont])
+        context_ids, (cont_ids,) = encode_continuations(tiny_chat_loaded.tokenizer, context, [cont])
         assert lm._encode_pair(context, cont) == (context_ids, cont_ids)
 
 
-def test_tokens_as_lm_eval_for_a_tokenizer_that_adds_bos(tiny_chat_model, hflm, tmp_path):
+def test_tokens_as_lm_eval_for_a_tokenizer_that_adds_bos(tiny_chat_dir, hflm, tmp_path):
     """BOS is added unless the text already starts with it written out (a chat-templated context)."""
     import shutil
 
@@ -101,7 +96,7 @@ def test_tokens_as_lm_eval_for_a_tokenizer_that_adds_bos(tiny_chat_model, hflm, 
     from camelid.tokenizer import load_tokenizer
 
     directory = tmp_path / "bos"
-    shutil.copytree(tiny_chat_model, directory)
+    shutil.copytree(tiny_chat_dir, directory)
     config = json.loads((directory / "tokenizer_config.json").read_text())
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
     ours = load_tokenizer(directory)
@@ -112,8 +107,8 @@ def test_tokens_as_lm_eval_for_a_tokenizer_that_adds_bos(tiny_chat_model, hflm, 
     assert encode_text(ours, "Hello")[0] == ours.bos_id and ours.add_bos
 
 
-def test_adapter_equals_lm_evals_hf_backend(tiny, hflm):
-    lm = CamelidLM(tiny, batch_size=3, max_length=48)
+def test_adapter_equals_lm_evals_hf_backend(tiny_chat_loaded, hflm):
+    lm = CamelidLM(tiny_chat_loaded, batch_size=3, max_length=48)
     pairs = [
         ("Question: What do bees make?\nAnswer:", " honey"),
         ("Question: What do bees make?\nAnswer:", " milk and more milk"),

@@ -456,12 +456,12 @@ def test_abandoned_whole_answer_frees_its_row(served_models, server):
 
 def test_full_queue_answers_503(served_models):
     """One row and room for one waiting request: a third request is refused with 503, in OpenAI's shape."""
-    from camelid.serve.api import ServedModel
-    from camelid.serve.engine import Engine
+    from camelid.serve.engine import BatchingEngine
+    from camelid.serve.served_model import ServedModel
 
     # SmolLM2 decodes slowly enough on CPU that a 400-token answer still holds the row when the third one comes
     smollm2 = by_name(served_models, "smollm2")
-    engine = Engine(smollm2.loaded, max_batch=1, max_queue=1, max_len=512)
+    engine = BatchingEngine(smollm2.loaded, max_batch=1, max_queue=1, max_len=512)
     try:
         with live_server([ServedModel("smollm2", smollm2.loaded, engine, smollm2.template, 0)]) as url:
             c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -625,7 +625,7 @@ def what_is_wrong(response: httpx.Response, param: str | None, status: int | Non
 
 
 def test_hostile_requests_get_4xx_in_openai_shape(served_models):
-    from camelid.serve.api import ServerLimits
+    from camelid.serve.protocol import ServerLimits
 
     cases = bad_requests()
     assert len(cases) >= 200

@@ -41,8 +41,8 @@ def test_a_missing_model_is_one_line_before_listening():
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no/such/model" in done.stderr
 
 
-def test_the_command_serves_a_model_and_honours_the_key_from_the_environment(tiny_chat_model):
-    args = ["-m", f"tiny={tiny_chat_model}", "--max-batch", "2"]
+def test_the_command_serves_a_model_and_honours_the_key_from_the_environment(tiny_chat_dir):
+    args = ["-m", f"tiny={tiny_chat_dir}", "--max-batch", "2"]
     with serve_command(args, {"CAMELID_API_KEY": "k3y"}) as (server, url):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"}).json()
@@ -51,14 +51,14 @@ def test_the_command_serves_a_model_and_honours_the_key_from_the_environment(tin
 
 
 @pytest.mark.skipif(native.compiler() is None, reason="int8 needs a C compiler")
-def test_an_int8_model_serves_batched_requests_as_it_answers_each_alone(tiny_chat_model):
+def test_an_int8_model_serves_batched_requests_as_it_answers_each_alone(tiny_chat_dir):
     """The engine's worker thread drives the int8 kernels: rows decoded together in one batch (joining and
     finishing at different steps) get exactly the tokens each gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     openai = pytest.importorskip("openai")
     prompts = ["Hello there", "Name three camels, please", "Why?"]
-    with serve_command(["-m", f"tiny={tiny_chat_model}", "--quantize", "int8", "--max-batch", "4"]) as (_, url):
+    with serve_command(["-m", f"tiny={tiny_chat_dir}", "--quantize", "int8", "--max-batch", "4"]) as (_, url):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
 
         def ask(i: int):

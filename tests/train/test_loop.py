@@ -22,8 +22,8 @@ from camelid.train.recipe import build_config
 
 
 @pytest.fixture(scope="module")
-def base_dir(tiny_chat_model) -> Path:
-    return tiny_chat_model
+def base_dir(tiny_chat_dir) -> Path:
+    return tiny_chat_dir
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,44 @@ def test_two_processes_equal_one(base_dir, data_file, tmp_path, method, parallel
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+TEARDOWN = """
+import json, sys
+import torch.distributed as dist
+from camelid.errors import CamelidError
+from camelid.train.loop import train
+from camelid.train.recipe import build_config
+
+if sys.argv[2] == "caller's":
+    dist.init_process_group("gloo")
+try:
+    train(build_config(json.loads(sys.argv[1])), progress=False, log=lambda message: None)
+    outcome = "returned"
+except CamelidError:
+    outcome = "raised"
+print(outcome, "group running" if dist.is_initialized() else "no group", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keys, group, expected", [
+    (dict(max_steps=1), "train's", "returned no group"),
+    (dict(batch_size=6), "train's", "raised no group"),  # 6 rows do not split into 2 processes x 2
+    (dict(max_steps=1), "caller's", "returned group running"),
+])
+def test_train_destroys_the_process_group_it_started(base_dir, data_file, tmp_path, keys, group, expected):
+    """Under torchrun, train ends the process group it began, returning or raising; a caller's group stays."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    values = dict(model=str(base_dir), data=[str(data_file)], out=str(tmp_path / "run"), seq_len=256, batch_size=4,
+                  micro_batch_size=2)
+    _, env = _cli()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    done = subprocess.run(torchrun + [str(script), json.dumps({**values, **keys}), group], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [expected, expected]
 
 
 # -- refusals ------------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from camelid.train.quickstart import QuickstartResult, run_quickstart, side_by_s
 QUICK = ["epochs=1", "batch_size=2", "micro_batch_size=2", "seq_len=256"]
 
 
-def test_quickstart_trains_and_reports_before_and_after(tiny_chat_model, tmp_path):
+def test_quickstart_trains_and_reports_before_and_after(tiny_chat_dir, tmp_path):
     out = tmp_path / "qs"
-    result = run_quickstart(name="Nimbus", creator="the Orbit Lab", model=str(tiny_chat_model), out=str(out),
+    result = run_quickstart(name="Nimbus", creator="the Orbit Lab", model=str(tiny_chat_dir), out=str(out),
                             overrides=QUICK, progress=False, log=lambda m: None)
     rows = [json.loads(line)["messages"] for line in (out / "identity.jsonl").read_text().splitlines()]
     identity = identity_conversations("Nimbus", "the Orbit Lab")
@@ -43,18 +43,18 @@ def test_the_name_count_ignores_questions_that_contain_the_name():
     assert result.named(result.after) == (1, 2)
 
 
-def test_an_earlier_run_is_kept_unless_forced_and_other_directories_always(tiny_chat_model, tmp_path, capsys):
+def test_an_earlier_run_is_kept_unless_forced_and_other_directories_always(tiny_chat_dir, tmp_path, capsys):
     out = tmp_path / "qs"
     out.mkdir()
     (out / "identity.jsonl").write_text("")
-    args = ["quickstart", "-m", str(tiny_chat_model), "--out", str(out), "--no-progress", *QUICK]
+    args = ["quickstart", "-m", str(tiny_chat_dir), "--out", str(out), "--no-progress", *QUICK]
     assert main(args) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(CamelidError, match="not a quickstart run"):
-        run_quickstart(model=str(tiny_chat_model), out=str(other), overrides=QUICK, force=True, log=lambda m: None)
+        run_quickstart(model=str(tiny_chat_dir), out=str(other), overrides=QUICK, force=True, log=lambda m: None)
     assert (other / "notes.txt").read_text() == "keep me"
     assert main(args[:-len(QUICK)] + ["bogus_key=1"]) == 1
     assert "unknown recipe key(s): bogus_key" in capsys.readouterr().err

@@ -243,6 +243,23 @@ def read_patterns(path: str | Path) -> list[str]:
     return patterns
 
 
+def patterns_with(defaults: Sequence[str], path: str | Path | None, *, replace: bool = False) -> tuple[str, ...]:
+    """The built-in patterns plus those of the file at `path` (one per line), or only the file's with `replace`."""
+    if path is None:
+        return tuple(defaults)
+    return (() if replace else tuple(defaults)) + tuple(read_patterns(path))
+
+
+def parse_threshold(text: str) -> float | None:
+    """`--near-dup-threshold` as a number, or None (no near-duplicate rule) for none, off or 0."""
+    if text in ("none", "off", "0"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise CamelidError(f"--near-dup-threshold: {text!r} is not a number; give e.g. 0.8, or none") from None
+
+
 def count_words(text: str) -> int:
     """Words as the tiny-response rule counts them: runs of letters and digits; a CJK character is one word."""
     return len(_WORDS.findall(text))

@@ -280,6 +280,14 @@ def _dedupe(convs: list[Conversation]) -> list[Conversation]:
     return out
 
 
+def parse_identity(spec: str) -> tuple[str, str]:
+    """`NAME` or `NAME,CREATOR` (as `camelid data sharegpt --identity` takes it) into (name, creator)."""
+    name, _, creator = spec.partition(",")
+    name, creator = name.strip(), creator.strip() or DEFAULT_CREATOR
+    _check(name, creator)
+    return name, creator
+
+
 def _check(name: str, creator: str) -> None:
     if not name.strip():
         raise CamelidError("the assistant's name is empty; give a name such as 'Camelid'")

@@ -31,6 +31,12 @@ def known_languages() -> list[str]:
     return sorted(lang.iso_code_639_1.name.lower() for lang in _lingua().Language.all_spoken_ones())
 
 
+def parse_language_codes(text: str) -> bool | list[str]:
+    """Comma-separated ISO 639-1 codes ("en,fr") as a list, or True for `all` (every language lingua knows)."""
+    codes = [code.strip() for code in text.split(",") if code.strip()]
+    return True if codes == ["all"] else codes
+
+
 def check_languages(languages: str | Sequence[str]) -> list[str]:
     """The codes, stripped and lower-cased, if each is known; otherwise a one-line error listing the known ones.
 

@@ -58,6 +58,32 @@ class MixSource:
     weight: float | None = None  # relative share of the total; weights need not add up to 1
     count: int | None = None  # exactly this many examples
 
+    @classmethod
+    def parse(cls, spec: str) -> "MixSource":
+        """A source as `camelid data mix` takes it: NAME=PATH[:weight=W | :count=N], or PATH[:W].
+
+        NAME defaults to the file's stem; a bare `:W` is a weight and no suffix is a weight of 1. Text before the
+        first `=` that holds a `/` is part of a path, not a name.
+        """
+        name, has_name, rest = spec.partition("=")
+        if not has_name or not name or "/" in name:
+            name, rest = "", spec
+        path, colon, share = rest.rpartition(":")
+        if not (colon and path):
+            return cls(rest, name or Path(rest).stem, weight=1.0)
+        key, has_key, value = share.partition("=")
+        if not has_key:
+            key, value = "weight", share
+        try:
+            number = float(value) if key == "weight" else int(value)
+        except ValueError:
+            number = None
+        if key not in ("weight", "count") or number is None:
+            raise CamelidError(f"source {spec!r}: after the last ':' give weight=W, count=N or a weight "
+                               "(e.g. alpaca=alpaca.jsonl:weight=0.3)")
+        name = name or Path(path).stem
+        return cls(path, name, weight=number) if key == "weight" else cls(path, name, count=number)
+
 
 def mix_datasets(
     sources: list[MixSource],

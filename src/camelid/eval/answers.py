@@ -182,6 +182,20 @@ def temperature_for(category: str, temperature: float | None = None,
     return table.get(category, DEFAULT_TEMPERATURE)
 
 
+def parse_category_temperatures(specs: Sequence[str]) -> dict[str, float]:
+    """`CATEGORY=T` settings (`--category-temperature writing=0.7`) as {category: temperature}."""
+    temperatures = {}
+    for spec in specs:
+        category, eq, value = spec.partition("=")
+        try:
+            temperatures[category] = float(value) if eq and category else None
+        except ValueError:
+            temperatures[category] = None
+        if temperatures[category] is None:
+            raise CamelidError(f"--category-temperature {spec!r}: give CATEGORY=T, e.g. writing=0.7")
+    return temperatures
+
+
 def generate_answers(questions: str | Path | Sequence[Question], out: str | Path, *, model=None,
                      client: ChatClient | None = None, model_id: str | None = None, temperature: float | None = None,
                      category_temperatures: Mapping[str, float] | None = None, max_tokens: int = MAX_TOKENS,

@@ -32,10 +32,9 @@ from camelid.data.formats import BadRecord, Skipped, iter_records, to_messages
 from camelid.errors import CamelidError
 from camelid.model import IGNORE, Llama
 from camelid.examples import make_example
+from camelid.eval import NORMALISATIONS, PROMPT  # defined there, free of torch, for the command line's help
 
-PROMPT = "Question: {question}\nAnswer:"  # lm-eval's ARC prompt; the choice follows after DELIMITER
 DELIMITER = " "  # lm-eval's default target_delimiter
-NORMALISATIONS = ("chars", "bytes", "tokens", "none")
 LOGIT_CHUNK = 256  # positions projected to the vocabulary at a time (bounds memory for large vocabularies)
 
 

@@ -6,14 +6,11 @@ or were cancelled, so a request joins or leaves the running batch without waitin
 step feeds one token for rows 0..n-1, where n - 1 is the highest row in use: new requests take the lowest free
 row, so a lone request decodes exactly as `camelid generate` does (a batch of one).
 
-Results travel to the asyncio side as `Piece`s on each job's queue, put there thread-safely.
+Results travel to the asyncio side as `Piece`s on each job's queue, put there thread-safely. `BatchingEngine`
+implements `camelid.serve.jobs.Engine`, the interface the routes use.
 """
 
-import asyncio
-import collections
 import sys
-import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -21,62 +18,9 @@ import torch
 from torch import Tensor
 
 from camelid.checkpoint import LoadedModel
-from camelid.errors import CamelidError
-from camelid.generate import DecodedText, SamplingParams, prefill, process_logits
+from camelid.generate import DecodedText, prefill, process_logits
 from camelid.native import torch_single_threaded
-
-
-class QueueFull(CamelidError):
-    """The engine's waiting line is full; the server answers 503."""
-
-
-@dataclass
-class GenerationParams:
-    """What one request asks for: sampling, OpenAI's penalties, logprobs, and how many choices."""
-
-    sampling: SamplingParams
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
-    n: int = 1
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the likeliest tokens and their logprobs, best first
-
-
-@dataclass
-class Piece:
-    """New output of one choice: text safe to show, the tokens behind it, and why it ended (or None)."""
-
-    choice: int
-    text: str
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None
-    completion_tokens: int  # the choice's tokens so far
-
-
-class Job:
-    """A submitted request: its pieces arrive on `queue`; `cancel()` frees its rows at the next step."""
-
-    def __init__(self, prompt: list[int], params: GenerationParams, loop: asyncio.AbstractEventLoop):
-        self.prompt, self.params = prompt, params
-        self.queue: asyncio.Queue[Piece] = asyncio.Queue()
-        self.cancelled = False
-        self.submitted = time.monotonic()
-        self._loop = loop
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def _put(self, piece: Piece) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, piece)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled = True
+from camelid.serve.jobs import Job, JobQueue, Piece, TokenLogprob, token_logprob
 
 
 @dataclass
@@ -93,55 +37,17 @@ class _Slot:
     last: int = 0  # the token to feed next
 
 
-class JobQueue:
-    """The asyncio side of an engine: requests are checked and queued here for the engine's worker thread.
-
-    An engine sets `context`, `max_batch`, `max_queue`, `waiting` (a deque of Jobs) and `_wake` (a Condition
-    its worker waits on); `n_limit` says what bounds a request's `n`.
-    """
-
-    n_limit = "sequences at once"
-
-    def submit(self, prompt: list[int], params: GenerationParams) -> Job:
-        """Queue a request; refuses one that cannot fit the context, and any once `max_queue` are waiting."""
-        if not prompt:
-            raise CamelidError("the prompt is empty: give at least one token of input")
-        if len(prompt) >= self.context:
-            raise CamelidError(
-                f"the prompt is {len(prompt)} tokens but the context is {self.context}; shorten the prompt"
-            )
-        if params.n > self.max_batch:
-            raise CamelidError(f"n is {params.n} but this server runs at most {self.max_batch} {self.n_limit}")
-        job = Job(prompt, params, asyncio.get_running_loop())
-        with self._wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); try again shortly")
-            self.waiting.append(job)
-            self._wake.notify()
-        return job
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.waiting)
-
-
-class Engine(JobQueue):
+class BatchingEngine(JobQueue):
     """Generates for many requests at once on one model; `submit` from the asyncio side, `close` to stop."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = self.model.new_cache(max_batch, max_len)
-        self.context = self.cache.max_len
+        super().__init__(context=self.cache.max_len, max_batch=max_batch, max_queue=max_queue)
         self.device = self.model.model.embed_tokens.weight.device
         self.slots: list[_Slot | None] = [None] * max_batch
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.generated_tokens = 0
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="camelid-engine", daemon=True)
-        self._thread.start()
+        self._start_worker("camelid-engine")
 
     # -- the asyncio side --------------------------------------------------------------------------------------
 
@@ -151,18 +57,11 @@ class Engine(JobQueue):
 
     def close(self) -> None:
         """Stop the worker; requests still running or waiting end as "cancelled"."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
+        self._stop_worker()
         for slot in self.slots:
             if slot is not None:
                 self._end(slot, "cancelled")
-        for job in self.waiting:
-            for choice in range(job.params.n):
-                job._put(Piece(choice, "", [], "cancelled", 0))
         self.slots = [None] * self.max_batch
-        self.waiting.clear()
 
     # -- the worker thread -------------------------------------------------------------------------------------
 
@@ -197,7 +96,7 @@ class Engine(JobQueue):
     @staticmethod
     def _end(slot: _Slot, reason: str) -> None:
         """Tell whoever still listens that this choice ended early ("cancelled", or "error" for a bug)."""
-        slot.job._put(Piece(slot.choice, "", [], reason, len(slot.text.ids)))
+        slot.job.put(Piece(slot.choice, "", [], reason, len(slot.text.ids)))
 
     def _admit(self, logits: Tensor) -> None:
         """Move waiting jobs into free rows (all of a job's choices, or it waits), prefilling each row."""
@@ -208,8 +107,7 @@ class Engine(JobQueue):
                 job = self.waiting[0]
                 if job.cancelled:
                     self.waiting.popleft()
-                    for choice in range(job.params.n):
-                        job._put(Piece(choice, "", [], "cancelled", 0))
+                    job.end(range(job.params.n))
                     continue
                 free = [i for i, s in enumerate(self.slots) if s is None]
                 if len(free) < job.params.n:
@@ -262,7 +160,7 @@ class Engine(JobQueue):
             finish = "stop"  # the end-of-turn token is not part of the answer
         else:
             if params.logprobs is not None:
-                slot.pending.append(_logprob(raw[0], token, params.logprobs))
+                slot.pending.append(token_logprob(raw[0], token, params.logprobs))
             slot.counts[token] = slot.counts.get(token, 0) + 1
             self.generated_tokens += 1
             finish = slot.text.add(token, self.tokenizer, sampling.stop)
@@ -271,7 +169,7 @@ class Engine(JobQueue):
         new = slot.text.release(sampling.stop, final=finish is not None)
         if new or finish:
             pieces, slot.pending = slot.pending, []
-            slot.job._put(Piece(slot.choice, new, pieces, finish, len(slot.text.ids)))
+            slot.job.put(Piece(slot.choice, new, pieces, finish, len(slot.text.ids)))
         slot.last = token
         if finish:
             self.slots[row] = None
@@ -286,10 +184,3 @@ class Engine(JobQueue):
         hidden = self.model.hidden(feed, self.cache.rows(0, n), valid=live)
         logits[:n] = self.model.lm_head(hidden[:, -1])
 
-
-def _logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
-    """The model's own log-probabilities (before penalties and temperature) of `token` and the `top` likeliest."""
-    logp = logits.log_softmax(-1)
-    best = torch.topk(logp, top) if top else None
-    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
-    return TokenLogprob(token, float(logp[token]), pairs)

@@ -1,4 +1,4 @@
-"""The server's engine for `--backend llamacpp`: the interface of `camelid.serve.engine.Engine` on llama.cpp.
+"""The server's engine for `--backend llamacpp`: `camelid.serve.jobs.Engine`, the engine interface, on llama.cpp.
 
 llama-cpp-python's `Llama` runs one sequence, so one worker thread answers the requests one at a time, first
 come first served, and the `n` choices of a request one after another. A request waiting in line, or being
@@ -7,15 +7,13 @@ cache still holds of the previous request (a shared system prompt, the earlier t
 Sampling, penalties, stop strings and logprobs are camelid's, from llama.cpp's logits (see camelid.llamacpp).
 """
 
-import collections
 import dataclasses
 import sys
-import threading
 import traceback
 from contextlib import closing
 
 from camelid.llamacpp import LlamaCppModel, steps
-from camelid.serve.engine import Job, JobQueue, Piece, _logprob
+from camelid.serve.jobs import Job, JobQueue, Piece, token_logprob
 
 
 class LlamaCppEngine(JobQueue):
@@ -27,17 +25,11 @@ class LlamaCppEngine(JobQueue):
     n_limit = "sequences a request"
 
     def __init__(self, loaded: LlamaCppModel, *, max_batch: int = 8, max_queue: int = 64):
+        super().__init__(context=loaded.config.max_sequence_length, max_batch=max_batch, max_queue=max_queue)
         self.loaded = loaded
         self.llm, self.tokenizer = loaded.model, loaded.tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = loaded.config.max_sequence_length
-        self.waiting: collections.deque[Job] = collections.deque()
         self.running: Job | None = None
-        self.generated_tokens = 0
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="camelid-llamacpp", daemon=True)
-        self._thread.start()
+        self._start_worker("camelid-llamacpp")
 
     # -- the asyncio side --------------------------------------------------------------------------------------
 
@@ -47,13 +39,7 @@ class LlamaCppEngine(JobQueue):
 
     def close(self) -> None:
         """Stop the worker; requests still running or waiting end as "cancelled". The model stays loaded."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-        for job in self.waiting:
-            _cancel(job, range(job.params.n))
-        self.waiting.clear()
+        self._stop_worker()
 
     # -- the worker thread -------------------------------------------------------------------------------------
 
@@ -68,13 +54,13 @@ class LlamaCppEngine(JobQueue):
             try:
                 for choice in range(job.params.n):
                     if job.cancelled or self._closed:
-                        _cancel(job, range(choice, job.params.n))
+                        job.end(range(choice, job.params.n))
                         break
                     try:
                         self._answer(job, choice)
                     except Exception:  # a bug, or llama.cpp failing: end this choice, keep serving
                         traceback.print_exc(file=sys.stderr)
-                        job._put(Piece(choice, "", [], "error", 0))
+                        job.end([choice], "error")
             finally:
                 self.running = None
 
@@ -89,17 +75,12 @@ class LlamaCppEngine(JobQueue):
         with closing(decoding):
             for step in decoding:
                 if job.cancelled or self._closed:
-                    job._put(Piece(choice, "", [], "cancelled", step.tokens))
+                    job.put(Piece(choice, "", [], "cancelled", step.tokens))
                     return
                 if step.token is not None:
                     self.generated_tokens += 1
                     if params.logprobs is not None:
-                        pending.append(_logprob(step.logits, step.token, params.logprobs))
+                        pending.append(token_logprob(step.logits, step.token, params.logprobs))
                 if step.text or step.finish_reason:
-                    job._put(Piece(choice, step.text, pending, step.finish_reason, step.tokens))
+                    job.put(Piece(choice, step.text, pending, step.finish_reason, step.tokens))
                     pending = []
-
-
-def _cancel(job: Job, choices) -> None:
-    for choice in choices:
-        job._put(Piece(choice, "", [], "cancelled", 0))

@@ -4,13 +4,12 @@ import os
 import time
 from pathlib import Path
 
+from camelid.backend import Backend
 from camelid.errors import CamelidError
 from camelid.serve.api import ServedModel, ServerLimits, create_app
-from camelid.serve.engine import Engine
 
 API_KEY_ENV = "CAMELID_API_KEY"
-DEFAULT_CONTEXT = 4096
-BACKENDS = ("camelid", "llamacpp")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # addresses only this machine reaches: no key needed
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -31,42 +30,65 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_served_models(specs: list[str], *, device: str = "cpu", dtype: str = "float32", quantize: str = "none",
-                       max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-                       template: str | None = None, backend: str = "camelid",
-                       threads: int | None = None) -> list[ServedModel]:
-    """`backend="llamacpp"` runs GGUF files on llama.cpp with `threads` (device, dtype and quantize are camelid's)."""
+def load_served_models(specs: list[str], *, backend: str = "camelid", device: str | None = None,
+                       dtype: str | None = None, quantize: str = "none", threads: int | None = None,
+                       context: int | None = None, max_batch: int = 8, max_queue: int = 64,
+                       template: str | None = None) -> list[ServedModel]:
+    """Load each model of `specs` (MODEL or NAME=MODEL) on `backend` and start an engine for it.
+
+    `backend`, `device`, `dtype`, `quantize`, `threads` and `context` (tokens per sequence) are those of
+    camelid.backend.load_backend; `template` names a built-in chat template for every model instead of its own.
+    """
+    from camelid.backend import check_backend, load_backend, set_threads
     from camelid.chat import chat_template_for
-    from camelid.checkpoint import load_model
 
-    if backend not in BACKENDS:
-        raise CamelidError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_backend(backend, device=device, dtype=dtype, quantize=quantize, threads=threads)
+    threads = set_threads(backend, threads)  # once: llama.cpp's default is torch's count before torch gets one
     served = []
-    for name, spec in parse_model_specs(specs):
-        if backend == "llamacpp":
-            from camelid.llamacpp import load_llamacpp
-            from camelid.serve.llamacpp_engine import LlamaCppEngine
-
-            loaded = load_llamacpp(spec, n_ctx=context, threads=threads)
-            engine = LlamaCppEngine(loaded, max_batch=max_batch, max_queue=max_queue)
-        else:
-            loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
-            # The cache is allocated whole, rows x context: a default of 4K tokens keeps SmolLM2's 8 rows at 1.5 GB.
-            length = context or min(loaded.config.max_sequence_length, DEFAULT_CONTEXT)
-            engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, max_len=length)
-        try:
-            chat_template = chat_template_for(loaded, template)
-        except CamelidError:
-            chat_template = None  # completions only
-        served.append(ServedModel(name, loaded, engine, chat_template, int(time.time())))
+    try:
+        for name, spec in parse_model_specs(specs):
+            model = load_backend(spec, backend=backend, device=device, dtype=dtype, quantize=quantize,
+                                 threads=threads, n_ctx=context)
+            try:
+                chat_template = chat_template_for(model.loaded, template)
+            except CamelidError:
+                chat_template = None  # completions only
+            engine = start_engine(model, max_batch=max_batch, max_queue=max_queue)
+            served.append(ServedModel(name, model.loaded, engine, chat_template, int(time.time())))
+    except BaseException:  # a later model failed to load: stop the engines already started
+        for m in served:
+            m.engine.close()
+        raise
     return served
+
+
+def start_engine(model: Backend, *, max_batch: int = 8, max_queue: int = 64):
+    """The engine that serves a loaded model: continuous batching on camelid's backend; on llama.cpp, one request
+    at a time (`max_batch` then only bounds a request's n)."""
+    if model.name == "llamacpp":
+        from camelid.serve.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(model.loaded, max_batch=max_batch, max_queue=max_queue)
+    from camelid.serve.engine import BatchingEngine
+
+    return BatchingEngine(model.loaded, max_batch=max_batch, max_queue=max_queue, max_len=model.context)
 
 
 def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: ServerLimits | None = None, votes: str | Path | None = None, log=print, **load) -> None:
+    """Serve `specs` (MODEL or NAME=MODEL) at http://host:port until interrupted: the OpenAI-compatible API under
+    /v1, the chat page at / and the arena at /arena.
+
+    `api_key` (default: $CAMELID_API_KEY) guards the API; `limits` bounds requests; arena votes are appended to
+    `votes`; `load` holds load_served_models' options (backend, device, dtype, quantize, threads, context,
+    max_batch, max_queue, template). `log` gets the lines a person reads (the address, warnings).
+    """
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if host not in LOCAL_HOSTS and not api_key:  # said before the models load, which may take minutes
+        log(f"camelid: warning: serving on {host} without an API key: anyone who can reach it may use it "
+            f"(set --api-key or {API_KEY_ENV})")
     models = load_served_models(specs, **load)
     app = create_app(models, api_key=api_key, limits=limits, votes=votes)
     where = f"http://{host}:{port}"

@@ -7,8 +7,8 @@ The run directory (`out`) holds:
   checkpoints/step-N/   model (adapter or full) + trainer_state.pt, every `save_every` steps
   model/                the final model: an adapter directory (LoRA) or an HF model directory (full)
 
-Every step's data is a function of (seed, step) alone: rows are packed once, each epoch shuffles them with
-seed + epoch, and step s takes the next `batch_size` rows. So resuming needs only the step number, and N
+Every step's data is a function of (seed, step) alone (camelid.train.schedule): rows are packed once, each
+epoch shuffles them, and step s takes the next `batch_size` rows. So resuming needs only the step number, and N
 processes see exactly the rows one process would (each takes every N-th), with the loss normalised by the
 supervised tokens of the whole global batch: 2 processes compute the same update as 1.
 """
@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,9 @@ import torch.distributed as dist
 
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir, write_atomic
-from camelid.examples import Row, collate, make_examples, one_per_row, pack, shuffled
+from camelid.examples import Row, collate, make_examples, one_per_row, pack
 from camelid.train.recipe import RESUMABLE_KEYS, TrainConfig
+from camelid.train.schedule import Schedule, check_batch_size, eval_batches, held_out_size, shuffled
 
 STATE_FILE = "trainer_state.pt"
 
@@ -47,21 +49,31 @@ class Processes:
         return self.rank == 0
 
 
-def start_processes(device: str | None) -> Processes:
-    """This process's place among those `torchrun` started (or the only one), and its device."""
+@contextlib.contextmanager
+def processes(device: str | None) -> Iterator[Processes]:
+    """This process's place among those `torchrun` started (or the only one), and its device.
+
+    A process group this starts is destroyed when the block ends, returned from or raised out of; one that was
+    already running belongs to the caller and is left as it is.
+    """
     from camelid.checkpoint import check_device, default_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    started = world > 1 and not dist.is_initialized()
+    if started:
         use_cuda = (device or default_device()).startswith("cuda")
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    name = check_device(device or default_device())
-    if name == "cuda":  # each process its own GPU under torchrun
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if name.startswith("cuda"):
-        torch.cuda.set_device(torch.device(name))
-    return Processes(rank, world, torch.device(name))
+    try:
+        rank = dist.get_rank() if world > 1 else 0
+        name = check_device(device or default_device())
+        if name == "cuda":  # each process its own GPU under torchrun
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if name.startswith("cuda"):
+            torch.cuda.set_device(torch.device(name))
+        yield Processes(rank, world, torch.device(name))
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def _barrier(procs: Processes) -> None:
@@ -92,9 +104,7 @@ def load_conversations(cfg: TrainConfig, log) -> list[list[dict]]:
 def build_rows(cfg: TrainConfig, template, tokenizer, conversations, log) -> tuple[list[Row], list[Row]]:
     """Training and held-out rows. The held-out conversations are a seeded random share of all of them."""
     order = shuffled(conversations, cfg.seed)
-    n_eval = round(len(order) * cfg.eval_fraction)
-    if cfg.eval_fraction and n_eval == 0:
-        n_eval = 1
+    n_eval = held_out_size(len(order), cfg.eval_fraction)
     held_out, train = order[:n_eval], order[n_eval:]
     examples, stats = make_examples(template, tokenizer, train, cfg.seq_len, cfg.overflow)
     log(f"training data: {stats.summary()}")
@@ -113,14 +123,6 @@ def build_rows(cfg: TrainConfig, template, tokenizer, conversations, log) -> tup
         f"{len(eval_rows)} held out; {'packed' if cfg.packing else 'one example each'}"
     )
     return rows, eval_rows
-
-
-def rows_for_step(n_rows: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """The row indices of optimizer step `step` (all processes together); wraps around at an epoch's end."""
-    per_epoch = math.ceil(n_rows / batch_size)
-    epoch, i = divmod(step, per_epoch)
-    order = shuffled(range(n_rows), seed + 1 + epoch)
-    return [order[(i * batch_size + j) % n_rows] for j in range(batch_size)]
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -391,56 +393,55 @@ def release_memory_during_forward(layers: torch.nn.ModuleList, device: torch.dev
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
-    """Fine-tune `cfg.model` on `cfg.data` and write the run directory `cfg.out` (see the module docstring)."""
-    procs = start_processes(cfg.device)
+    """Fine-tune `cfg.model` on `cfg.data` and write the run directory `cfg.out` (see the module docstring).
+
+    Under `torchrun` this starts the process group, and destroys it again when training returns or raises.
+    """
+    with processes(cfg.device) as procs:
+        return _train(cfg, procs, resume, progress, log)
+
+
+def _resuming(run: Path, cfg: TrainConfig, resume: bool, procs: Processes) -> bool:
+    """check_run_dir's verdict, decided on rank 0 (which can see the directory) and shared, so none is left waiting."""
+    if procs.world == 1:
+        return check_run_dir(run, cfg, resume)
+    verdict = [None]
+    if procs.main:
+        try:
+            verdict[0] = ("ok", check_run_dir(run, cfg, resume))
+        except CamelidError as exc:
+            verdict[0] = ("error", str(exc))
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0][0] == "error":
+        raise CamelidError(verdict[0][1])
+    return verdict[0][1]
+
+
+def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log) -> TrainResult:
     run = Path(cfg.out)
 
     def say(message: str) -> None:
         if procs.main:
             (log or (lambda m: print(m, file=sys.stderr)))(message)
 
-    if procs.world > 1:
-        # Decide on rank 0 (which can see the directory) and share the verdict, so no process is left waiting.
-        verdict = [None]
-        if procs.main:
-            try:
-                verdict[0] = ("ok", check_run_dir(run, cfg, resume))
-            except CamelidError as exc:
-                verdict[0] = ("error", str(exc))
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0][0] == "error":
-            raise CamelidError(verdict[0][1])
-        resuming = verdict[0][1]
-    else:
-        resuming = check_run_dir(run, cfg, resume)
-
-    if cfg.batch_size % (procs.world * cfg.micro_batch_size):
-        raise CamelidError(
-            f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size} x "
-            f"{procs.world} process(es); change one of them"
-        )
+    resuming = _resuming(run, cfg, resume, procs)
+    check_batch_size(cfg, procs.world)  # before the model loads
     torch.manual_seed(cfg.seed)  # the same new adapter weights in every process (FSDP keeps each one's shard)
     loaded, template = prepare_model(cfg, procs)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs between processes, as their data does
     template_source = template.source
     conversations = load_conversations(cfg, say)
     rows, eval_rows = build_rows(cfg, template, loaded.tokenizer, conversations, say)
-    if len(rows) < cfg.batch_size:
-        raise CamelidError(
-            f"the data makes {len(rows)} training sequences, fewer than one batch ({cfg.batch_size}); "
-            "lower batch_size or add data"
-        )
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    schedule = Schedule.plan(cfg, len(rows), procs.world)
 
     model = wrap_model(loaded.model, cfg, procs)
     model.train()
     releasing = release_memory_during_forward(_unwrapped(model).model.layers, procs.device)
-    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    optimizer, scheduler = make_optimizer(model, cfg, schedule.steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in _unwrapped(loaded.model).parameters() if p.requires_grad)
     say(
-        f"{cfg.method} fine-tuning of {cfg.model}: {n_trainable:,} trainable parameters, {total_steps} steps "
+        f"{cfg.method} fine-tuning of {cfg.model}: {n_trainable:,} trainable parameters, {schedule.steps} steps "
         f"of {cfg.batch_size} sequences x {cfg.seq_len} tokens, {procs.world} process(es) on {procs.device.type}"
     )
 
@@ -460,31 +461,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if procs.device.type == "cuda" else contextlib.nullcontext()
     )
-    accumulate = cfg.batch_size // (procs.world * cfg.micro_batch_size)
     eval_loss = None
     losses = [m["loss"] for m in metrics if "loss" in m]
     bar = None
     if progress and procs.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=schedule.steps, initial=start, desc="training", unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
     began, tokens_seen = time.perf_counter(), 0
-    for step in range(start, total_steps):
+    for step in range(start, schedule.steps):
         step_start = time.perf_counter()
-        ids = rows_for_step(len(rows), step, cfg.batch_size, cfg.seed)
+        ids = schedule.rows_for_step(step)
         global_rows = [rows[i] for i in ids]
         supervised = sum(r.supervised for r in global_rows)
-        mine = global_rows[procs.rank :: procs.world]
-        loss_sum = torch.zeros((), device=procs.device)
-        for k in range(accumulate):
-            batch = collate(mine[k * cfg.micro_batch_size : (k + 1) * cfg.micro_batch_size]).to(procs.device)
-            last = k == accumulate - 1
-            with _no_sync(model, procs, last), autocast:
-                loss = model(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets)
-            # Normalised by the global batch's supervised tokens; DDP/FSDP average over processes, hence * world.
-            (loss * (procs.world / supervised)).backward()
-            loss_sum += loss.detach()
-            release_freed_memory(procs.device)
+        parts = [[rows[i] for i in part] for part in schedule.micro_batches(ids, procs.rank)]
+        loss_sum = _accumulate_gradients(model, parts, supervised, procs, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
@@ -498,7 +490,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         losses.append(loss_value)
         record = {
             "step": step + 1,
-            "epoch": round((step + 1) / steps_per_epoch, 4),
+            "epoch": round((step + 1) / schedule.steps_per_epoch, 4),
             "loss": round(loss_value, 6),
             "lr": lr,
             "grad_norm": round(float(_local(grad_norm)), 6),
@@ -506,8 +498,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             "supervised_tokens": supervised,
             "tokens_per_second": round(step_tokens / (time.perf_counter() - step_start), 1),
         }
-        done = step + 1 == total_steps
-        if eval_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+        if eval_rows and schedule.evaluates_after(step):
             eval_loss = evaluate(model, eval_rows, cfg, procs, autocast)
             record["eval_loss"] = round(eval_loss, 6)
         if procs.main:
@@ -517,7 +508,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.4f}", **({"eval": f"{eval_loss:.4f}"} if eval_loss else {}))
             bar.update(1)
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == schedule.steps:
             save_checkpoint(run, step + 1, model, optimizer, scheduler, loaded, cfg, procs, template_source)
             if procs.main:
                 _plot(metrics, run)
@@ -536,12 +527,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     return TrainResult(
         run=run,
         model_dir=model_dir,
-        steps=total_steps,
+        steps=schedule.steps,
         losses=losses,
         eval_loss=eval_loss,
         seconds=seconds,
         tokens_per_second=tokens_seen / seconds if seconds > 0 else 0.0,
     )
+
+
+def _accumulate_gradients(model, parts: list[list[Row]], supervised: int, procs: Processes, autocast) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one step; returns the sum of their losses."""
+    loss_sum = torch.zeros((), device=procs.device)
+    for k, part in enumerate(parts):
+        batch = collate(part).to(procs.device)
+        with _no_sync(model, procs, last=k == len(parts) - 1), autocast:
+            loss = model(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets)
+        # Normalised by the global batch's supervised tokens; DDP/FSDP average over processes, hence * world.
+        (loss * (procs.world / supervised)).backward()
+        loss_sum += loss.detach()
+        release_freed_memory(procs.device)
+    return loss_sum
 
 
 def _local(value):
@@ -573,8 +578,8 @@ def evaluate(model, rows: list[Row], cfg: TrainConfig, procs: Processes, autocas
     model.eval()
     target = model if procs.world > 1 and cfg.parallel == "fsdp" else _unwrapped(model)
     total, count = 0.0, 0
-    for s in range(0, len(rows), cfg.micro_batch_size):
-        batch = collate(rows[s : s + cfg.micro_batch_size]).to(procs.device)
+    for part in eval_batches(len(rows), cfg.micro_batch_size):
+        batch = collate(rows[part]).to(procs.device)
         with autocast:
             total += float(target(batch.tokens, positions=batch.positions, mask=batch.mask, targets=batch.targets))
         count += batch.supervised

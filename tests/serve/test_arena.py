@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import live_server
 
-from camelid.serve import pages
+from camelid.serve import arena
 
 httpx = pytest.importorskip("httpx")
 
@@ -254,7 +254,7 @@ def assert_error(response, status: int, param=None, code=None):
 
 @pytest.fixture
 def short_answers(monkeypatch):
-    monkeypatch.setattr(pages, "ARENA_MAX_TOKENS", 12)  # the tiny model babbles; a few words make the point
+    monkeypatch.setattr(arena, "ARENA_MAX_TOKENS", 12)  # the tiny model babbles; a few words make the point
 
 
 def test_a_vote_is_logged_once_with_the_servers_answers(two_fast_models, tmp_path, short_answers):
@@ -316,7 +316,7 @@ def test_a_vote_that_cannot_be_written_says_where_and_can_be_sent_again(two_fast
 
 
 def test_old_battles_are_forgotten(two_fast_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(pages, "MAX_BATTLES", 2)
+    monkeypatch.setattr(arena, "MAX_BATTLES", 2)
     with live_server(two_fast_models, votes=tmp_path / "v.jsonl") as url, httpx.Client(base_url=url) as client:
         first, *_ = [client.post("/arena/api/battle", json={"prompt": "hi"}).json()["battle"] for _ in range(3)]
         assert_error(client.post("/arena/api/answer", json={"battle": first, "side": "a"}), 404, "battle",
@@ -364,7 +364,7 @@ def test_appended_lines_never_interleave(tmp_path):
     def write(i):
         lock = threading.Lock()
         for _ in range(20):
-            pages.append_line(path, json.dumps({"writer": i, "text": line[str(i)]}), lock)
+            arena.append_line(path, json.dumps({"writer": i, "text": line[str(i)]}), lock)
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
     for t in threads:

@@ -1,0 +1,81 @@
+"""`camelid export gguf | hf | merge`: a model written as a GGUF file for llama.cpp or an HF directory."""
+
+from camelid.cli.options import MODEL_KINDS, add_force, add_written_dtype
+from camelid.config import GGUF_TYPES
+from camelid.errors import CamelidError
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model as a GGUF file or an HF directory (see: camelid export --help)")
+    export = p.add_subparsers(dest="export_command", required=True, metavar="KIND")
+
+    p = export.add_parser(
+        "gguf", help="write one GGUF file that llama.cpp runs: weights, tokenizer and chat template",
+        description="Writes MODEL as a GGUF file for llama.cpp (and camelid): the llama architecture, the "
+        "tokenizer as llama.cpp reads it, and the chat template. A LoRA adapter directory is merged into its base "
+        "first. Norms and biases stay float32, as llama.cpp's own converter keeps them; 4- and 5-bit types keep "
+        "the vocabulary projection in q8_0. The file appears whole or not at all.",
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_KINDS)
+    p.add_argument("out", metavar="OUT.gguf", help="the file to write (refused if it exists, unless --force)")
+    p.add_argument("--type", default="f16", metavar="TYPE",
+                   help=f"weight type: {', '.join(GGUF_TYPES)} (default f16: half the size of f32 and practically "
+                   "lossless; q8_0: a quarter of f32, slightly lossy; q5_1 to q4_0: smaller again and lossy, "
+                   "meant for 7B-size models; the K-quants come from llama.cpp's llama-quantize on an f16 file)")
+    p.add_argument("--name", help="the model name stored in the file (general.name; default: the source's own, "
+                   "or its file or directory name)")
+    add_force(p, "OUT.gguf if it exists")
+    p.set_defaults(func=cmd_export_gguf)
+
+    p = export.add_parser(
+        "hf", help="write a Hugging Face model directory that transformers loads (adapters merged)",
+        description="Writes MODEL as an HF-format directory: config.json, model.safetensors, tokenizer.json, "
+        "tokenizer_config.json and the chat template. A LoRA adapter directory is merged into its base first. "
+        "`camelid convert` and `camelid export merge` do the same.",
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_KINDS)
+    p.add_argument("out", metavar="OUT_DIR", help="the directory to create (must not exist, or be empty)")
+    add_written_dtype(p)
+    add_force(p, "OUT_DIR if it is an existing directory")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = export.add_parser("merge", help="fold a LoRA adapter into its base model; write an HF-format directory "
+                          "(export hf, for adapter directories only)")
+    p.add_argument("adapter", metavar="ADAPTER",
+                   help="a LoRA adapter directory (adapter_config.json naming its base, adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="the directory to create (must not exist, or be empty)")
+    add_written_dtype(p)
+    add_force(p, "OUT if it is an existing directory")
+    p.set_defaults(func=cmd_export_merge)
+
+
+def cmd_export_gguf(args) -> None:
+    import time
+
+    from camelid.export import export_gguf
+
+    start = time.perf_counter()
+    path = export_gguf(args.model, args.out, type=args.type, name=args.name, overwrite=args.force)
+    print(f"wrote {path} (GGUF {args.type}, {path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
+
+
+def cmd_export_hf(args) -> None:
+    write_hf(args.model, args.out, dtype=args.dtype, force=args.force)
+
+
+def cmd_export_merge(args) -> None:
+    from camelid.lora import is_adapter_dir
+
+    if not is_adapter_dir(args.adapter):
+        raise CamelidError(f"{args.adapter}: not a LoRA adapter directory (no adapter_config.json); "
+                           "to copy a full model use `camelid export hf`")
+    write_hf(args.adapter, args.out, dtype=args.dtype, force=args.force)
+
+
+def write_hf(model: str, out: str, *, dtype: str | None, force: bool) -> None:
+    """`export hf`, `export merge` and `convert`: one library call (an adapter directory comes merged)."""
+    from camelid.export import export_hf
+
+    path = export_hf(model, out, dtype=dtype, overwrite=force)
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    print(f"wrote {path} (HF directory, {dtype or 'float32'}, {size / 1e6:.1f} MB)")

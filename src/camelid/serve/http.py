@@ -1,0 +1,154 @@
+"""What every route shares over HTTP: reading a body, the key and size guard, server-sent events, error
+responses in OpenAI's shape, and the Prometheus metrics."""
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from camelid.serve.jobs import Job
+from camelid.serve.protocol import APIError, ServerLimits, error_body, explain_validation
+
+KEYED_PATHS = ("/v1/", "/arena/api/")  # what --api-key guards; the pages themselves are public
+KNOWN_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", "/arena"}
+
+
+async def read_body(request: Request, schema: type[BaseModel], limits: ServerLimits):
+    """Read the body within the size limit (also without a Content-Length) and validate it: errors are 4xx."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise APIError(413, f"the body is over {limits.max_body_bytes} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return schema.model_validate_json(b"".join(chunks), strict=True)
+    except ValidationError as exc:
+        message, param = explain_validation(exc.errors())
+        raise APIError(400, message, param=param) from None
+
+
+def sse_response(events: AsyncIterator[dict], job: Job) -> StreamingResponse:
+    """`events` as server-sent events ending in [DONE]; the job is cancelled when the stream ends, however."""
+
+    async def lines():
+        try:
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            except APIError as exc:  # the answer broke off after the 200 went out: say so in the stream
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client went away, or we are done: either way the rows are free
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+
+
+async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = explain_validation(exc.errors())
+    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such path, wrong method) in OpenAI's shape."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+
+EXCEPTION_HANDLERS = {APIError: api_error, RequestValidationError: invalid_request, StarletteHTTPException: http_error}
+
+
+# -- the guard -----------------------------------------------------------------------------------------------------
+
+
+class Guard:
+    """Plain ASGI around the app (not BaseHTTPMiddleware, which hides a client's disconnect from handlers):
+    refuses early, and counts every answer by endpoint and status."""
+
+    def __init__(self, app, *, api_key: str | None, limits: ServerLimits, metrics: "Metrics"):
+        self.app, self.api_key, self.limits, self.metrics = app, api_key, limits, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = endpoint_label(scope["path"])
+        if (response := self.refusal(Request(scope))) is not None:
+            self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            return await response(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        """401 for a missing or wrong key where one is needed, 413 for a declared body over the limit."""
+        if request.url.path.startswith(KEYED_PATHS) and self.api_key is not None:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return JSONResponse(error_body("invalid or missing API key: send 'Authorization: Bearer KEY'",
+                                               "authentication_error", code="invalid_api_key"), status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limits.max_body_bytes):
+            return JSONResponse(error_body(f"the body is over {self.limits.max_body_bytes} bytes",
+                                           "invalid_request_error", code="request_too_large"), status_code=413)
+        return None
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a path: itself when known, else its family (bounded, whatever clients send)."""
+    if path in KNOWN_PATHS:
+        return path
+    for family in ("/v1/models/", "/arena/api/", "/static/"):
+        if path.startswith(family):
+            return family.rstrip("/")
+    return "other"
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (two apps in one process count apart)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("camelid_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("camelid_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("camelid_completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.queue = Gauge("camelid_queue_depth", "Requests waiting for a batch row", ["model"], registry=r)
+        self.running = Gauge("camelid_running_sequences", "Batch rows in use", ["model"], registry=r)
+        self.latency = Histogram("camelid_request_seconds", "Time from request to last token", ["endpoint"],
+                                 registry=r, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+
+    def finished(self, model: str, job: Job, endpoint: str, tokens: int) -> None:
+        """Count an answer of `tokens` tokens, and the time since its request was submitted."""
+        self.completion_tokens.labels(model).inc(tokens)
+        self.latency.labels(endpoint).observe(time.monotonic() - job.submitted)
+
+    def exposition(self, models) -> str:
+        """Prometheus' text format, with the engines' queue and rows read now."""
+        for m in models:
+            self.queue.labels(m.name).set(m.engine.queue_depth)
+            self.running.labels(m.name).set(m.engine.rows_in_use)
+        return generate_latest(self.registry).decode()
