@@ -163,7 +163,7 @@ def test_two_processes_equal_one(base_dir, data_file, tmp_path, method, parallel
 
 
 TEARDOWN = """
-import json, sys
+import json, os, sys
 import torch.distributed as dist
 from camelid.errors import CamelidError
 from camelid.train.loop import train
@@ -176,7 +176,9 @@ try:
     outcome = "returned"
 except CamelidError:
     outcome = "raised"
-print(outcome, "group running" if dist.is_initialized() else "no group", flush=True)
+# one file per process: two processes printing to one pipe may interleave their words
+with open(f"{sys.argv[3]}.{os.environ['RANK']}", "w") as out:
+    out.write(f"{outcome} {'group running' if dist.is_initialized() else 'no group'}")
 """
 
 
@@ -194,10 +196,11 @@ def test_train_destroys_the_process_group_it_started(base_dir, data_file, tmp_pa
                   micro_batch_size=2)
     _, env = _cli()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    done = subprocess.run(torchrun + [str(script), json.dumps({**values, **keys}), group], env=env, capture_output=True,
-                          text=True)
+    outcome = tmp_path / "outcome"
+    done = subprocess.run(torchrun + [str(script), json.dumps({**values, **keys}), group, str(outcome)], env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == [expected, expected]
+    assert [Path(f"{outcome}.{rank}").read_text() for rank in (0, 1)] == [expected, expected]
 
 
 # -- refusals ------------------------------------------------------------------------------------------------
