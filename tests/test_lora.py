@@ -446,3 +446,9 @@ def test_a_lora_training_pass_keeps_only_what_backward_needs():
     rest = 4 * B * T * (2 * dim + d + 1 + d) + 8 * B * T  # cos/sin, the final norm, the loss's d/dhidden, indices
     assert sum(kept.values()) <= c.num_hidden_layers * per_block + rest
     loss.backward()
+
+
+def test_all_linear_names_every_linear_layer_of_a_block():
+    assert LoRAConfig(targets="all-linear").targets == LoRAConfig(targets=["all-linear"]).targets == ALL_TARGETS
+    with pytest.raises(CamelidError, match="unknown LoRA target 'all-linear'"):
+        LoRAConfig(targets=["all-linear", "q_proj"])  # a name for all of them, not one of them

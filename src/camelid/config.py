@@ -1,7 +1,9 @@
 """The model configuration: one dataclass, named presets, and the Hugging Face `config.json` it is stored as.
 
-Field names are those of transformers' `LlamaConfig`, so a camelid checkpoint directory is an HF directory and a
-user who knows one knows the other.
+Field names are those of transformers' configs (`LlamaConfig`, `Qwen2Config`, ...), so a camelid checkpoint
+directory is an HF directory and a user who knows one knows the other. The families differ in a few switches of
+the one decoder (camelid.model); `model_type` says which, and the properties below derive the switches from it
+as transformers' model code does.
 """
 
 import json
@@ -12,6 +14,10 @@ from typing import Any
 from camelid.errors import CamelidError
 from camelid.files import read_json, write_atomic
 
+# model_type -> the architecture transformers names in config.json. Llama and Mistral are written as llama: a
+# Mistral model is a Llama one with a sliding window, which LlamaConfig keeps.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_KEYS = {
     "default": (),
@@ -51,8 +57,11 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     hidden_act: str = "silu"
+    model_type: str = "llama"  # a key of ARCHITECTURES: which family's switches the decoder takes
 
     def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise CamelidError(f"model_type {self.model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CamelidError(f"config {name} must be a positive integer, not {getattr(self, name)!r}")
@@ -83,6 +92,21 @@ class ModelConfig:
                 self.rope_scaling = None
 
     @property
+    def qkv_bias(self) -> bool:
+        """Whether q, k and v have biases: always in Qwen2 (transformers hard-codes them), else attention_bias."""
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether the attention output has a bias: never in Qwen2, else attention_bias."""
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether each head's q and k are RMS-normalised (over head_dim) before the rotary embedding: Qwen3."""
+        return self.model_type == "qwen3"
+
+    @property
     def max_sequence_length(self) -> int:
         """The longest sequence camelid will run exactly (the sliding window bounds it where there is one)."""
         if self.sliding_window:
@@ -90,7 +114,11 @@ class ModelConfig:
         return self.max_position_embeddings
 
     def to_hf(self) -> dict[str, Any]:
-        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self)}
+        fields_ = {k: v for k, v in asdict(self).items() if k != "model_type"}
+        out = {"architectures": [ARCHITECTURES[self.model_type]],
+               "model_type": "llama" if self.model_type == "mistral" else self.model_type, **fields_}
+        if self.model_type in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = False  # their configs name a window they do not use unless this is set
         if self.sliding_window is None:
             del out["sliding_window"]
         return out
@@ -100,10 +128,13 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise CamelidError("config.json must hold a JSON object")
         arch = hf.get("model_type")
-        if arch not in ("llama", "mistral"):
-            raise CamelidError(f"model_type {arch!r} is not supported (supported: llama, mistral)")
+        if arch not in ARCHITECTURES:
+            raise CamelidError(f"model_type {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in hf.items() if k in known}
+        if arch in ("qwen2", "qwen3"):
+            _refuse_qwen_sliding_window(arch, hf)
+            values.pop("sliding_window", None)  # named, but unused: every layer attends to the whole context
         # transformers >= 5 writes theta and scaling together as rope_parameters
         rope = hf.get("rope_parameters")
         if isinstance(rope, dict):
@@ -124,6 +155,15 @@ class ModelConfig:
             return cls.from_hf(read_json(path))
         except TypeError as exc:
             raise CamelidError(f"{path}: a field has the wrong type ({exc})") from None
+
+
+def _refuse_qwen_sliding_window(arch: str, hf: dict[str, Any]) -> None:
+    """Qwen2/Qwen3 configs may turn on sliding-window attention for their upper layers; camelid does not run
+    that (yet), so such a model is refused rather than run wrong."""
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
+        raise CamelidError(f"model_type {arch!r} with sliding-window layers (use_sliding_window) is not supported; "
+                           "only models whose layers all attend to the whole context are")
 
 
 # Each preset copies the config.json of the model it names; the source is given beside it.

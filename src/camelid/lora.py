@@ -50,6 +50,8 @@ class LoRAConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise CamelidError(f"LoRA dropout must be a number from 0 up to (not including) 1, not {self.dropout!r}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if targets == ("all-linear",):  # peft's name for every linear layer of the blocks (not the head)
+            targets = tuple(TARGET_PARENTS)
         if not targets:
             raise CamelidError(f"LoRA targets are empty; choose some of: {', '.join(TARGET_PARENTS)}")
         for target in targets:

@@ -208,6 +208,9 @@ class NativeDecoder:
     def __init__(self, model, threads: int | None = None):
         self.threads = threads
         config = model.config
+        if config.qk_norm:
+            raise CamelidError(f"--quantize int8 does not run the per-head q/k norms of {config.model_type} models "
+                               "yet; use --quantize f16")
         if config.head_dim > 512:
             raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}; "
                                "use --quantize f16")

@@ -14,9 +14,17 @@ def meta_model(config: ModelConfig) -> Llama:
         return Llama(config)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+FAMILIES = {  # the switches other families add: biases on q/k/v only (Qwen2), per-head q/k norms (Qwen3)
+    "qwen2": ModelConfig(model_type="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": ModelConfig(model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS) + list(FAMILIES))
 def test_parameter_counts_equal_the_model_built_from_each_preset(name):
-    config = preset(name)
+    config = FAMILIES.get(name) or preset(name)
     model = meta_model(config)
     counted = count_parameters(config)
     unique = {id(p): p for p in model.parameters()}.values()  # a tied head is the embedding's tensor

@@ -57,10 +57,11 @@ def _widths(config: ModelConfig) -> tuple[int, int, int, int]:
 def count_parameters(config: ModelConfig) -> ParamCount:
     h, q, kv, inter = _widths(config)
     L = config.num_hidden_layers
-    attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv + h) if config.attention_bias else 0)
+    attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if config.qkv_bias else 0) + (h if config.o_bias else 0)
     mlp = 3 * h * inter + ((2 * inter + h) if config.mlp_bias else 0)
     vocab = config.vocab_size * h
-    return ParamCount(embedding=vocab, attention=L * attention, mlp=L * mlp, norms=(2 * L + 1) * h,
+    qk_norms = 2 * config.head_dim if config.qk_norm else 0
+    return ParamCount(embedding=vocab, attention=L * attention, mlp=L * mlp, norms=(2 * L + 1) * h + L * qk_norms,
                       head=0 if config.tie_word_embeddings else vocab, head_matmul=vocab)
 
 

@@ -107,7 +107,8 @@ HELP = {
     "lora_r": 'LoRA rank',
     "lora_alpha": 'LoRA scale numerator: updates are scaled by alpha / r',
     "lora_dropout": "dropout on each adapter's input",
-    "lora_targets": 'linear layers of every block that get an adapter (comma-separated on the command line)',
+    "lora_targets": "linear layers of every block that get an adapter (comma-separated on the command line; "
+                    "all-linear: all seven)",
     "seq_len": 'tokens per training sequence',
     "packing": 'pack short examples into one sequence (else one example per row, grouped by length)',
     "overflow": 'what to do with a conversation longer than seq_len: truncate | drop',
