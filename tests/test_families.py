@@ -122,14 +122,40 @@ def test_f16_weights_stay_close_and_int8_runs_what_its_kernels_know(family):
     assert torch.corrcoef(torch.stack([small.flatten(), exact.flatten()]))[0, 1] > 0.998
 
 
-def test_gguf_export_is_refused_in_one_line(family, tmp_path):
+@pytest.mark.llamacpp
+def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
+    """camelid's f16 GGUF of the family's model, under llama.cpp's own architecture name: llama.cpp's next token
+    is camelid's wherever camelid's choice is clear, and camelid reads the file back as the same family."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
     from camelid.export import export_gguf
+    from camelid.gguf_file import GGUFFile
 
     name, directory, _ = family
-    with pytest.raises(CamelidError, match=rf"^GGUF export writes the llama architecture; {name} models are not "
-                                           r"exported as GGUF yet \(export hf works\)$"):
-        export_gguf(directory, tmp_path / "out.gguf", type="f16")
-    assert not (tmp_path / "out.gguf").exists()
+    path = export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
+    assert GGUFFile(path).metadata["general.architecture"] == name
+    ours = load_model(directory, device="cpu", dtype="float32")
+    ids = torch.randint(3, VOCAB, (200,), generator=torch.Generator().manual_seed(6)).tolist()
+    mine = logits(ours.model, torch.tensor([ids]))[0]
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+    try:
+        llm.eval(ids)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
+    back = load_model(path, device="cpu", dtype="float32")
+    assert back.config.model_type == name
+    read_back = logits(back.model, torch.tensor([ids]))[0]
+    assert (read_back - mine).abs().max() < 0.02 * mine.abs().max()  # the f16 weights' rounding
+    # llama.cpp runs the f16 weights the file holds (with f16 activations in its products): compared with camelid
+    # running the same weights, the two pick the same next token wherever camelid's choice is clear, and part
+    # only at near ties (measured: 99.0% and 100% of 200 positions; where they parted, 0.008 apart in a range of 18).
+    same = theirs.argmax(-1) == read_back.argmax(-1)
+    top2 = read_back.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05  # about 9 positions in 10 of this random model
+    print(f"{name}: llama.cpp's next token is camelid's at {same.float().mean():.1%} of {len(ids)} positions")
+    assert clear.float().mean() > 0.75 and bool(same[clear].all()) and same.float().mean() >= 0.97
 
 
 @pytest.mark.parametrize("change, message", [

@@ -280,12 +280,16 @@ GGUF_NAMES = {
     "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-SUPPORTED_GGUF_ARCHS = ("llama",)
+# llama.cpp's architectures that camelid reads, each as the model_type of the same family. Only `llama` stores q/k
+# rows in interleaved rotary order; qwen2 and qwen3 keep the Hugging Face layout (llama.cpp's "neox" rope).
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 # Llama-3.1/3.2 scaling as released; a GGUF keeps only the resulting per-frequency factors (rope_freqs).
 KNOWN_LLAMA3_SCALINGS = [
     {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -333,6 +337,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+        model_type=arch,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
@@ -373,9 +378,10 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
         if hf_name is None:
             raise CamelidError(f"{gguf.path}: unexpected tensor {name}; this is not a plain LLaMA model")
         w = gguf.dequantize(name)
-        if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
-            w = _unpermute_rope(w, config.num_attention_heads)
-        elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
-            w = _unpermute_rope(w, config.num_key_value_heads)
+        if config.model_type == "llama":  # back from interleaved rotary pairs; qwen2/qwen3 files never left them
+            if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+                w = _unpermute_rope(w, config.num_attention_heads)
+            elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+                w = _unpermute_rope(w, config.num_key_value_heads)
         state[hf_name] = w
     return config, state

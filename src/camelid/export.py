@@ -81,7 +81,7 @@ def export_gguf(
     tensors = _gguf_tensor_plan(config, loaded.model.state_dict(), type)
 
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    writer = GGUFWriter(tmp, "llama")
+    writer = GGUFWriter(tmp, gguf_architecture(config))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _add_model_metadata(writer, config, name or _default_name(loaded), qtype)
@@ -141,9 +141,12 @@ def _check_exportable(loaded: LoadedModel) -> None:
         raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora)")
     if config.mlp_bias:
         raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")
-    if config.model_type not in ("llama", "mistral"):
-        raise CamelidError(f"GGUF export writes the llama architecture; {config.model_type} models are not "
-                           "exported as GGUF yet (export hf works)")
+
+
+
+def gguf_architecture(config: ModelConfig) -> str:
+    """llama.cpp's architecture for a family: Mistral v0.1 is written as llama, the others under their own name."""
+    return "llama" if config.model_type in ("llama", "mistral") else config.model_type
 
 
 def _gguf_type(kind: str):
@@ -180,7 +183,7 @@ def hf_to_gguf_name(name: str) -> str:
             return template.format(i=m[1])
     elif name in _HF_TO_GGUF:
         return _HF_TO_GGUF[name]
-    raise CamelidError(f"tensor {name} has no counterpart in GGUF's llama architecture; this model cannot be exported")
+    raise CamelidError(f"tensor {name} has no counterpart in llama.cpp's GGUF names; this model cannot be exported")
 
 
 def _gguf_tensor_plan(config: ModelConfig, state: dict[str, torch.Tensor], kind: str) -> dict[str, tuple]:
@@ -232,10 +235,11 @@ def _encode(gguf_name: str, tensor: torch.Tensor, kind: str, config: ModelConfig
     from gguf.quants import quantize
 
     w = tensor.detach().to(device="cpu", dtype=torch.float32)
-    if ".attn_q." in gguf_name:
-        w = _permute_rope(w, config.num_attention_heads)
-    elif ".attn_k." in gguf_name:
-        w = _permute_rope(w, config.num_key_value_heads)
+    if gguf_architecture(config) == "llama":  # the other architectures keep the Hugging Face rotary layout
+        if ".attn_q." in gguf_name:
+            w = _permute_rope(w, config.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            w = _permute_rope(w, config.num_key_value_heads)
     return quantize(np.ascontiguousarray(w.numpy()), GGMLQuantizationType[kind.upper()])
 
 
