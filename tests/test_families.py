@@ -20,7 +20,13 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2Config(**SHAPE, rope_theta=1000000.0, tie_word_embeddings=True),
     # Qwen3: q and k RMS-normalised per head; a head_dim other than hidden / heads
     "qwen3": lambda: transformers.Qwen3Config(**SHAPE, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=False),
+    # Mistral v0.1: every layer sees only the last `sliding_window` keys; the tests' sequences are longer
+    "mistral-window": lambda: transformers.MistralConfig(**SHAPE, sliding_window=WINDOW),
+    # Qwen2 with use_sliding_window: the layers from max_window_layers on slide, the ones below see everything
+    "qwen2-window": lambda: transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=WINDOW,
+                                                     max_window_layers=1),
 }
+WINDOW = 16
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
              initializer_range=0.2)  # a wide spread makes each greedy choice clear-cut
@@ -67,14 +73,14 @@ def test_logits_equal_transformers_both_ways(family, tmp_path):
 
     name, directory, hf = family
     loaded = load_model(directory, device="cpu", dtype="float32")
-    assert loaded.config.model_type == name
+    assert loaded.config.model_type == hf.config.model_type
     tokens = torch.randint(3, VOCAB, (2, 300), generator=torch.Generator().manual_seed(1))
     expected = logits(hf, tokens)
     torch.testing.assert_close(logits(loaded.model, tokens), expected, atol=1e-4, rtol=0)
 
     save_model(loaded, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config["model_type"] == name and config["architectures"] == [type(hf).__name__]
+    assert config["model_type"] == hf.config.model_type and config["architectures"] == [type(hf).__name__]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     assert type(reloaded) is type(hf)
     torch.testing.assert_close(logits(reloaded, tokens), expected, atol=1e-4, rtol=0)
@@ -106,15 +112,16 @@ def test_f16_weights_stay_close_and_int8_runs_what_its_kernels_know(family):
     exact = logits(load_model(directory, device="cpu", dtype="float32").model, tokens)
     half = logits(load_model(directory, device="cpu", quantize="f16").model, tokens)
     assert (half - exact).abs().max() < 0.05 * exact.abs().max()
-    if name == "qwen3":
-        with pytest.raises(CamelidError, match=r"^--quantize int8 does not run the per-head q/k norms of qwen3 "
-                                               r"models yet; use --quantize f16$"):
-            load_model(directory, device="cpu", quantize="int8")
-        return
     from camelid.native import compiler
 
     if compiler() is None:
         pytest.skip("int8 builds its kernels with a C compiler")
+    refusal = {"qwen3": r"the per-head q/k norms of qwen3 models", "mistral-window": "sliding-window attention",
+               "qwen2-window": "sliding-window attention"}.get(name)
+    if refusal:
+        with pytest.raises(CamelidError, match=rf"^--quantize int8 does not run {refusal} yet; use --quantize f16$"):
+            load_model(directory, device="cpu", quantize="int8")
+        return
     small = logits(load_model(directory, device="cpu", quantize="int8").model, tokens)
     # Measured on this random model: 4.7% of the largest logit at most, correlation 0.9995; the kernels without
     # Qwen2's q/k/v biases gave 122% and 0.54.
@@ -132,11 +139,16 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
     from camelid.export import export_gguf
     from camelid.gguf_file import GGUFFile
 
-    name, directory, _ = family
+    name, directory, hf = family
     path = export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
-    assert GGUFFile(path).metadata["general.architecture"] == name
+    architecture = "llama" if hf.config.model_type == "mistral" else hf.config.model_type
+    assert GGUFFile(path).metadata["general.architecture"] == architecture
     ours = load_model(directory, device="cpu", dtype="float32")
-    ids = torch.randint(3, VOCAB, (200,), generator=torch.Generator().manual_seed(6)).tolist()
+    # llama.cpp runs these architectures without sliding windows: a windowed model agrees only within its window
+    window = getattr(hf.config, "sliding_window", None)
+    assert GGUFFile(path).metadata[f"{architecture}.context_length"] == (window or SHAPE["max_position_embeddings"])
+    length = window or 200
+    ids = torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(6)).tolist()
     mine = logits(ours.model, torch.tensor([ids]))[0]
     llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
     try:
@@ -145,7 +157,7 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
     finally:
         llm.close()
     back = load_model(path, device="cpu", dtype="float32")
-    assert back.config.model_type == name
+    assert back.config.model_type == architecture
     read_back = logits(back.model, torch.tensor([ids]))[0]
     assert (read_back - mine).abs().max() < 0.02 * mine.abs().max()  # the f16 weights' rounding
     # llama.cpp runs the f16 weights the file holds (with f16 activations in its products): compared with camelid
@@ -159,9 +171,9 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(use_sliding_window=True), r"model_type 'qwen2' with sliding-window layers \(use_sliding_window\) is not "
-                                    r"supported; only models whose layers all attend to the whole context are"),
-    (dict(layer_types=["full_attention", "sliding_attention"]), r"model_type 'qwen2' with sliding-window layers"),
+    (dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "global"]),
+     r"config layer_types must name one of full_attention, sliding_attention for each of the 2 layers"),
+    (dict(use_sliding_window=True, sliding_window=0), r"config sliding_window must be a positive integer, not 0"),
     (dict(model_type="gemma3_text"), r"model_type 'gemma3_text' is not supported \(supported: llama, mistral, "
                                      r"qwen2, qwen3\)"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
@@ -238,3 +250,20 @@ def test_training_runs_and_its_model_loads_in_transformers(family, tmp_path, met
         base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         reloaded = peft.PeftModel.from_pretrained(base, result.model_dir)
     torch.testing.assert_close(logits(reloaded.eval(), tokens), tuned, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["mistral-window", "qwen2-window"])
+def test_packed_examples_see_their_own_window_only(case, tmp_path, smollm2_gguf):
+    """Training packs examples into one row: each keeps its own positions and window, as if alone."""
+    directory, _ = hf_directory(case, tmp_path / "hf", smollm2_gguf)
+    model = load_model(directory, device="cpu", dtype="float32").model
+    gen = torch.Generator().manual_seed(7)
+    examples = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (30, 3 * WINDOW)]
+    tokens = torch.cat(examples)[None]
+    positions = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    which = torch.cat([torch.full((len(e),), i) for i, e in enumerate(examples)])
+    mask = (which[:, None] == which[None, :]) & torch.ones(len(which), len(which), dtype=torch.bool).tril()
+    with torch.no_grad():
+        packed = model.lm_head(model.hidden(tokens, positions=positions, mask=mask[None]))[0]
+        alone = torch.cat([model(e[None])[0] for e in examples])
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=0)

@@ -14,10 +14,10 @@ from typing import Any
 from camelid.errors import CamelidError
 from camelid.files import read_json, write_atomic
 
-# model_type -> the architecture transformers names in config.json. Llama and Mistral are written as llama: a
-# Mistral model is a Llama one with a sliding window, which LlamaConfig keeps.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+# model_type -> the architecture transformers names in config.json.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names for what each layer attends to
 ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_KEYS = {
     "default": (),
@@ -53,7 +53,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral v0.1; camelid refuses sequences longer than the window
+    # Keys a query sees at most in sliding-window layers, itself included: every layer of Mistral v0.1, the
+    # layers that `layer_types` marks "sliding_attention" where it is given.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer, one of LAYER_TYPES; None: all alike
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     hidden_act: str = "silu"
@@ -61,7 +64,8 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
-            raise CamelidError(f"model_type {self.model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+            supported = ", ".join(ARCHITECTURES)
+            raise CamelidError(f"model_type {self.model_type!r} is not supported (supported: {supported})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CamelidError(f"config {name} must be a positive integer, not {getattr(self, name)!r}")
@@ -80,6 +84,15 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise CamelidError(f"hidden_act {self.hidden_act!r} is not supported (supported: silu)")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise CamelidError(f"config layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                                   f"{self.num_hidden_layers} layers")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise CamelidError("config layer_types has sliding_attention layers but no sliding_window")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise CamelidError(f"config sliding_window must be a positive integer, not {self.sliding_window!r}")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.setdefault("rope_type", self.rope_scaling.pop("type", "default"))
@@ -106,21 +119,25 @@ class ModelConfig:
         """Whether each head's q and k are RMS-normalised (over head_dim) before the rotary embedding: Qwen3."""
         return self.model_type == "qwen3"
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to the whole context."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
     @property
     def max_sequence_length(self) -> int:
-        """The longest sequence camelid will run exactly (the sliding window bounds it where there is one)."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """The longest sequence camelid runs: the model's context (sliding windows are attended to as they are)."""
         return self.max_position_embeddings
 
     def to_hf(self) -> dict[str, Any]:
         fields_ = {k: v for k, v in asdict(self).items() if k != "model_type"}
-        out = {"architectures": [ARCHITECTURES[self.model_type]],
-               "model_type": "llama" if self.model_type == "mistral" else self.model_type, **fields_}
+        out = {"architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type, **fields_}
         if self.model_type in ("qwen2", "qwen3"):
-            out["use_sliding_window"] = False  # their configs name a window they do not use unless this is set
-        if self.sliding_window is None:
-            del out["sliding_window"]
+            out["use_sliding_window"] = self.sliding_window is not None  # else their window is not used
+        for key in ("sliding_window", "layer_types"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
@@ -133,8 +150,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in hf.items() if k in known}
         if arch in ("qwen2", "qwen3"):
-            _refuse_qwen_sliding_window(arch, hf)
-            values.pop("sliding_window", None)  # named, but unused: every layer attends to the whole context
+            values.update(_qwen_layer_types(hf))
         # transformers >= 5 writes theta and scaling together as rope_parameters
         rope = hf.get("rope_parameters")
         if isinstance(rope, dict):
@@ -157,13 +173,16 @@ class ModelConfig:
             raise CamelidError(f"{path}: a field has the wrong type ({exc})") from None
 
 
-def _refuse_qwen_sliding_window(arch: str, hf: dict[str, Any]) -> None:
-    """Qwen2/Qwen3 configs may turn on sliding-window attention for their upper layers; camelid does not run
-    that (yet), so such a model is refused rather than run wrong."""
-    layer_types = hf.get("layer_types") or []
-    if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
-        raise CamelidError(f"model_type {arch!r} with sliding-window layers (use_sliding_window) is not supported; "
-                           "only models whose layers all attend to the whole context are")
+def _qwen_layer_types(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2/Qwen3's window settings as transformers reads them: a sliding_window is used only with
+    use_sliding_window, and then in the layers from max_window_layers on (unless layer_types says)."""
+    if not hf.get("use_sliding_window"):
+        return {"sliding_window": None, "layer_types": None}  # a window the file names but does not use
+    layers = hf.get("num_hidden_layers")
+    first = hf.get("max_window_layers", layers)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if isinstance(first, int) and i >= first else "full_attention" for i in range(layers)]
+    return {"sliding_window": hf.get("sliding_window"), "layer_types": types}
 
 
 # Each preset copies the config.json of the model it names; the source is given beside it.

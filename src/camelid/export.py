@@ -251,8 +251,9 @@ def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:
     writer.add_file_type(LlamaFileType["ALL_F32" if qtype.name == "F32" else f"MOSTLY_{qtype.name}"])
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
-    # llama's GGUF architecture has no sliding window: a Mistral-v0.1-style model is exact only up to it.
-    writer.add_context_length(config.max_sequence_length)
+    # llama.cpp runs these architectures without sliding windows: a model with one is exact only up to it.
+    context = config.max_position_embeddings
+    writer.add_context_length(min(context, config.sliding_window or context))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)

@@ -334,29 +334,48 @@ class Llama(nn.Module):
             if kv_len > cache.max_len:
                 raise ValueError(f"sequence of {kv_len} tokens does not fit the cache of {cache.max_len}")
             slots = torch.arange(kv_len, device=tokens.device)
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: causal within each row
+            distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]: how far back each key is
+            mask = distance >= 0  # causal within each row
             rows, slots = torch.arange(B, device=tokens.device)[:, None], positions
             if B == 1:
                 rows, slots = None, int(positions[0, 0])
             layer_cache = [(cache.k[i], cache.v[i], rows, slots, kv_len) for i in range(len(self.model.layers))]
-        elif positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        if mask is not None and cache is None:
-            mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
-        elif mask is not None:
-            G = self.config.num_attention_heads // self.config.num_key_value_heads
-            S = mask.shape[-1]
-            mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            index = torch.arange(T, device=tokens.device)
+            distance = (index[:, None] - index[None, :])[None]  # [1, T, T]: in a packed example, as positions
+        windows = [self.config.window(i) for i in range(len(self.model.layers))]
+        masks = {w: self._attention_mask(mask, distance, w, cache is not None, x.dtype) for w in set(windows)}
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer, lc in zip(self.model.layers, layer_cache):
+        for layer, lc, window in zip(self.model.layers, layer_cache, windows):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, lc, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[window], lc, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, lc)
+                x = layer(x, cos, sin, masks[window], lc)
         if cache is not None:
             cache.lengths += T if valid is None else valid.to(cache.lengths.device)
         return self.model.norm(x)
+
+    def _attention_mask(self, allowed: Tensor | None, distance: Tensor, window: int | None, cached: bool,
+                        dtype: torch.dtype) -> Tensor | None:
+        """What Attention takes for one kind of layer: None (plainly causal), a boolean [B, 1, T, T] without a
+        cache, or an additive [B, 1, G*T, S] with one (query heads folded as Attention folds them).
+
+        `allowed` [B, T, S] says which keys each query may see (None: causal); `distance` is how far back each
+        key is. A sliding window of W keeps the W nearest keys, the query's own included (transformers' rule).
+        """
+        if window is not None:
+            near = distance < window
+            allowed = (distance >= 0) & near if allowed is None else allowed & near
+        if allowed is None:
+            return None
+        if not cached:
+            return allowed[:, None]  # broadcast over heads
+        B, T, S = allowed.shape
+        G = self.config.num_attention_heads // self.config.num_key_value_heads
+        allowed = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.model.embed_tokens.weight  # (the head may have been swapped for a quantized one)

@@ -208,6 +208,8 @@ class NativeDecoder:
     def __init__(self, model, threads: int | None = None):
         self.threads = threads
         config = model.config
+        if config.sliding_window:
+            raise CamelidError("--quantize int8 does not run sliding-window attention yet; use --quantize f16")
         if config.qk_norm:
             raise CamelidError(f"--quantize int8 does not run the per-head q/k norms of {config.model_type} models "
                                "yet; use --quantize f16")
