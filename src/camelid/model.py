@@ -334,8 +334,8 @@ class Llama(nn.Module):
             if kv_len > cache.max_len:
                 raise ValueError(f"sequence of {kv_len} tokens does not fit the cache of {cache.max_len}")
             slots = torch.arange(kv_len, device=tokens.device)
-            distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]: how far back each key is
-            mask = distance >= 0  # causal within each row
+            query_at, key_at = positions, slots  # [B, T] and [S]: where each query and key sits in its row
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: causal within each row
             rows, slots = torch.arange(B, device=tokens.device)[:, None], positions
             if B == 1:
                 rows, slots = None, int(positions[0, 0])
@@ -343,10 +343,10 @@ class Llama(nn.Module):
         else:
             if positions is None:
                 positions = torch.arange(T, device=tokens.device).expand(B, T)
-            index = torch.arange(T, device=tokens.device)
-            distance = (index[:, None] - index[None, :])[None]  # [1, T, T]: in a packed example, as positions
+            # Token indices: within a packed example they are as far apart as its positions.
+            query_at = key_at = torch.arange(T, device=tokens.device)
         windows = [self.config.window(i) for i in range(len(self.model.layers))]
-        masks = {w: self._attention_mask(mask, distance, w, cache is not None, x.dtype) for w in set(windows)}
+        masks = {w: self._attention_mask(mask, query_at, key_at, w, cache is not None, x.dtype) for w in set(windows)}
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer, lc, window in zip(self.model.layers, layer_cache, windows):
             if self.gradient_checkpointing and self.training:
@@ -357,17 +357,21 @@ class Llama(nn.Module):
             cache.lengths += T if valid is None else valid.to(cache.lengths.device)
         return self.model.norm(x)
 
-    def _attention_mask(self, allowed: Tensor | None, distance: Tensor, window: int | None, cached: bool,
-                        dtype: torch.dtype) -> Tensor | None:
+    def _attention_mask(self, allowed: Tensor | None, query_at: Tensor, key_at: Tensor, window: int | None,
+                        cached: bool, dtype: torch.dtype) -> Tensor | None:
         """What Attention takes for one kind of layer: None (plainly causal), a boolean [B, 1, T, T] without a
         cache, or an additive [B, 1, G*T, S] with one (query heads folded as Attention folds them).
 
-        `allowed` [B, T, S] says which keys each query may see (None: causal); `distance` is how far back each
-        key is. A sliding window of W keeps the W nearest keys, the query's own included (transformers' rule).
+        `allowed` [B, T, S] says which keys each query may see (None: causal); `query_at` ([B, T] or [T]) and
+        `key_at` [S] are where queries and keys sit. A sliding window of W keeps the W nearest keys, the query's
+        own included (transformers' rule).
         """
         if window is not None:
-            near = distance < window
-            allowed = (distance >= 0) & near if allowed is None else allowed & near
+            near = key_at > query_at[..., None] - window  # [B, T, S] or [T, S]
+            if allowed is None:
+                allowed = (near & (key_at <= query_at[..., None])).expand(1, *near.shape[-2:])
+            else:
+                allowed = allowed & near
         if allowed is None:
             return None
         if not cached:
