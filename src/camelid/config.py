@@ -16,7 +16,7 @@ from camelid.files import read_json, write_atomic
 
 # model_type -> the architecture transformers names in config.json.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names for what each layer attends to
 ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_KEYS = {
@@ -57,8 +57,10 @@ class ModelConfig:
     # layers that `layer_types` marks "sliding_attention" where it is given.
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per layer, one of LAYER_TYPES; None: all alike
+    no_rope_layers: list[int] | None = None  # SmolLM3: per layer, 1 with the rotary embedding, 0 without (NoPE)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None  # kept so that config.json round-trips (some families' defaults do not fit)
     hidden_act: str = "silu"
     model_type: str = "llama"  # a key of ARCHITECTURES: which family's switches the decoder takes
 
@@ -91,6 +93,11 @@ class ModelConfig:
                                    f"{self.num_hidden_layers} layers")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise CamelidError("config layer_types has sliding_attention layers but no sliding_window")
+        if self.no_rope_layers is not None:
+            self.no_rope_layers = list(self.no_rope_layers)
+            if len(self.no_rope_layers) != self.num_hidden_layers or not set(self.no_rope_layers) <= {0, 1}:
+                raise CamelidError(f"config no_rope_layers must give 1 (rope) or 0 (none) for each of the "
+                                   f"{self.num_hidden_layers} layers")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise CamelidError(f"config sliding_window must be a positive integer, not {self.sliding_window!r}")
         if self.rope_scaling is not None:
@@ -119,6 +126,10 @@ class ModelConfig:
         """Whether each head's q and k are RMS-normalised (over head_dim) before the rotary embedding: Qwen3."""
         return self.model_type == "qwen3"
 
+    def rope_in(self, layer: int) -> bool:
+        """Whether layer `layer` applies the rotary embedding (all do but SmolLM3's NoPE layers)."""
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
+
     def window(self, layer: int) -> int | None:
         """The sliding window of layer `layer`, or None where it attends to the whole context."""
         if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
@@ -133,9 +144,9 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         fields_ = {k: v for k, v in asdict(self).items() if k != "model_type"}
         out = {"architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type, **fields_}
-        if self.model_type in ("qwen2", "qwen3"):
+        if self.model_type in ("qwen2", "qwen3", "smollm3"):
             out["use_sliding_window"] = self.sliding_window is not None  # else their window is not used
-        for key in ("sliding_window", "layer_types"):
+        for key in ("sliding_window", "layer_types", "no_rope_layers"):
             if out[key] is None:
                 del out[key]
         return out
@@ -149,8 +160,12 @@ class ModelConfig:
             raise CamelidError(f"model_type {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in hf.items() if k in known}
-        if arch in ("qwen2", "qwen3"):
+        if arch in ("qwen2", "qwen3", "smollm3"):
             values.update(_qwen_layer_types(hf))
+        if arch == "smollm3" and "no_rope_layers" not in hf and isinstance(hf.get("no_rope_layer_interval"), int):
+            # transformers' rule: every interval-th layer (counted from 1) goes without the rotary embedding
+            interval, layers = hf["no_rope_layer_interval"], hf.get("num_hidden_layers", 0)
+            values["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(layers)]
         # transformers >= 5 writes theta and scaling together as rope_parameters
         rope = hf.get("rope_parameters")
         if isinstance(rope, dict):
@@ -174,7 +189,7 @@ class ModelConfig:
 
 
 def _qwen_layer_types(hf: dict[str, Any]) -> dict[str, Any]:
-    """Qwen2/Qwen3's window settings as transformers reads them: a sliding_window is used only with
+    """Qwen2/Qwen3/SmolLM3's window settings as transformers reads them: a sliding_window is used only with
     use_sliding_window, and then in the layers from max_window_layers on (unless layer_types says)."""
     if not hf.get("use_sliding_window"):
         return {"sliding_window": None, "layer_types": None}  # a window the file names but does not use

@@ -141,6 +141,9 @@ def _check_exportable(loaded: LoadedModel) -> None:
         raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora)")
     if config.mlp_bias:
         raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")
+    if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise CamelidError(f"GGUF export writes llama, qwen2 and qwen3 files; {config.model_type} models are not "
+                           "exported as GGUF yet (export hf works)")
 
 
 
