@@ -249,7 +249,8 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_model, tokenizer_met
     write_gguf(path, tiny_model, Q.F32, tokenizer_meta)
     data = path.read_bytes().replace(b"llama", b"gpt2_", 1)  # general.architecture
     path.write_bytes(data)
-    with pytest.raises(CamelidError, match=r"architecture 'gpt2_' is not supported \(supported: llama, qwen2, qwen3\)"):
+    with pytest.raises(CamelidError,
+                       match=r"architecture 'gpt2_' is not supported \(supported: llama, qwen2, qwen3, smollm3\)"):
         load_model(path, device="cpu")
 
 

@@ -23,6 +23,9 @@ FAMILIES = {
     # SmolLM3: every interval-th layer goes without the rotary embedding (NoPE): here the second of two
     "smollm3": lambda: transformers.SmolLM3Config(**SHAPE, no_rope_layer_interval=2, rope_theta=2000000.0,
                                                   pad_token_id=2),
+    # SmolLM3 as published and as llama.cpp runs it: the rotary embedding left out of every 4th layer
+    "smollm3-step4": lambda: transformers.SmolLM3Config(**{**SHAPE, "num_hidden_layers": 4}, pad_token_id=2,
+                                                        no_rope_layer_interval=4, rope_theta=2000000.0),
     # Mistral v0.1: every layer sees only the last `sliding_window` keys; the tests' sequences are longer
     "mistral-window": lambda: transformers.MistralConfig(**SHAPE, sliding_window=WINDOW),
     # Qwen2 with use_sliding_window: the layers from max_window_layers on slide, the ones below see everything
@@ -121,7 +124,8 @@ def test_f16_weights_stay_close_and_int8_runs_what_its_kernels_know(family):
         pytest.skip("int8 builds its kernels with a C compiler")
     refusal = {"qwen3": r"the per-head q/k norms of qwen3 models", "mistral-window": "sliding-window attention",
                "qwen2-window": "sliding-window attention",
-               "smollm3": r"layers without the rotary embedding \(SmolLM3's NoPE\)"}.get(name)
+               "smollm3": r"layers without the rotary embedding \(SmolLM3's NoPE\)",
+               "smollm3-step4": r"layers without the rotary embedding \(SmolLM3's NoPE\)"}.get(name)
     if refusal:
         with pytest.raises(CamelidError, match=rf"^--quantize int8 does not run {refusal} yet; use --quantize f16$"):
             load_model(directory, device="cpu", quantize="int8")
@@ -145,8 +149,9 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
 
     name, directory, hf = family
     if name == "smollm3":
-        with pytest.raises(CamelidError, match=r"^GGUF export writes llama, qwen2 and qwen3 files; smollm3 models "
-                                               r"are not exported as GGUF yet \(export hf works\)$"):
+        with pytest.raises(CamelidError, match=r"^llama.cpp's smollm3 leaves the rotary embedding out of every 4th "
+                                               r"layer only; this model's no_rope_layers differ, so it cannot be "
+                                               r"exported as GGUF$"):
             export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
         assert not (tmp_path / "model.gguf").exists()
         return

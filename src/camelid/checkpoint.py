@@ -287,9 +287,17 @@ GGUF_NAMES = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-# llama.cpp's architectures that camelid reads, each as the model_type of the same family. Only `llama` stores q/k
-# rows in interleaved rotary order; qwen2 and qwen3 keep the Hugging Face layout (llama.cpp's "neox" rope).
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+# llama.cpp's architectures that camelid reads, each as the model_type of the same family. llama and smollm3 store
+# q/k rows in interleaved rotary order; qwen2 and qwen3 keep the Hugging Face layout (llama.cpp's "neox" rope).
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+INTERLEAVED_ROPE_ARCHS = ("llama", "smollm3")
+# llama.cpp's smollm3 leaves the rotary embedding out of every 4th layer, a rule it keeps in code, not in the file.
+SMOLLM3_NOPE_STEP = 4
+
+
+def smollm3_no_rope_layers(layers: int) -> list[int]:
+    """llama.cpp's (and SmolLM3's published) NoPE layers: 0 for every SMOLLM3_NOPE_STEP-th layer, counted from 1."""
+    return [int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(layers)]
 # Llama-3.1/3.2 scaling as released; a GGUF keeps only the resulting per-frequency factors (rope_freqs).
 KNOWN_LLAMA3_SCALINGS = [
     {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -338,6 +346,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
         model_type=arch,
+        no_rope_layers=smollm3_no_rope_layers(get("block_count")) if arch == "smollm3" else None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
@@ -378,7 +387,7 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
         if hf_name is None:
             raise CamelidError(f"{gguf.path}: unexpected tensor {name}; this is not a plain LLaMA model")
         w = gguf.dequantize(name)
-        if config.model_type == "llama":  # back from interleaved rotary pairs; qwen2/qwen3 files never left them
+        if config.model_type in INTERLEAVED_ROPE_ARCHS:  # back from interleaved rotary pairs
             if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
                 w = _unpermute_rope(w, config.num_attention_heads)
             elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from camelid.checkpoint import GGUF_NAMES, LoadedModel, load_model, save_model
+from camelid.checkpoint import (
+    GGUF_NAMES,
+    INTERLEAVED_ROPE_ARCHS,
+    SMOLLM3_NOPE_STEP,
+    LoadedModel,
+    load_model,
+    save_model,
+    smollm3_no_rope_layers,
+)
 from camelid.config import GGUF_TYPES, ModelConfig  # GGUF_TYPES: what --type offers
 from camelid.errors import CamelidError
 from camelid.model import rope_inv_freq
@@ -141,15 +149,16 @@ def _check_exportable(loaded: LoadedModel) -> None:
         raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora)")
     if config.mlp_bias:
         raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")
-    if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise CamelidError(f"GGUF export writes llama, qwen2 and qwen3 files; {config.model_type} models are not "
-                           "exported as GGUF yet (export hf works)")
+    if config.model_type == "smollm3" and config.no_rope_layers not in (
+            None, smollm3_no_rope_layers(config.num_hidden_layers)):
+        raise CamelidError(f"llama.cpp's smollm3 leaves the rotary embedding out of every {SMOLLM3_NOPE_STEP}th layer "
+                           "only; this model's no_rope_layers differ, so it cannot be exported as GGUF")
 
 
 
 def gguf_architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture for a family: Mistral v0.1 is written as llama, the others under their own name."""
-    return "llama" if config.model_type in ("llama", "mistral") else config.model_type
+    return "llama" if config.model_type in ("llama", "mistral") else config.model_type  # qwen2, qwen3, smollm3
 
 
 def _gguf_type(kind: str):
@@ -238,7 +247,7 @@ def _encode(gguf_name: str, tensor: torch.Tensor, kind: str, config: ModelConfig
     from gguf.quants import quantize
 
     w = tensor.detach().to(device="cpu", dtype=torch.float32)
-    if gguf_architecture(config) == "llama":  # the other architectures keep the Hugging Face rotary layout
+    if gguf_architecture(config) in INTERLEAVED_ROPE_ARCHS:  # the others keep the Hugging Face rotary layout
         if ".attn_q." in gguf_name:
             w = _permute_rope(w, config.num_attention_heads)
         elif ".attn_k." in gguf_name:
