@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camelid.config import DTYPE_NAMES, ModelConfig
+from camelid.config import DTYPE_NAMES, ModelConfig, no_rope_every
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir
 from camelid.files import read_json
@@ -291,13 +291,9 @@ GGUF_NAMES = {
 # q/k rows in interleaved rotary order; qwen2 and qwen3 keep the Hugging Face layout (llama.cpp's "neox" rope).
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
 INTERLEAVED_ROPE_ARCHS = ("llama", "smollm3")
-# llama.cpp's smollm3 leaves the rotary embedding out of every 4th layer, a rule it keeps in code, not in the file.
+# llama.cpp's smollm3 leaves the rotary embedding out of every 4th layer (as SmolLM3 is published), a rule it
+# keeps in code, not in the file.
 SMOLLM3_NOPE_STEP = 4
-
-
-def smollm3_no_rope_layers(layers: int) -> list[int]:
-    """llama.cpp's (and SmolLM3's published) NoPE layers: 0 for every SMOLLM3_NOPE_STEP-th layer, counted from 1."""
-    return [int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(layers)]
 # Llama-3.1/3.2 scaling as released; a GGUF keeps only the resulting per-frequency factors (rope_freqs).
 KNOWN_LLAMA3_SCALINGS = [
     {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -346,7 +342,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
         model_type=arch,
-        no_rope_layers=smollm3_no_rope_layers(get("block_count")) if arch == "smollm3" else None,
+        no_rope_layers=no_rope_every(SMOLLM3_NOPE_STEP, get("block_count")) if arch == "smollm3" else None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )

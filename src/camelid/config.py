@@ -163,9 +163,7 @@ class ModelConfig:
         if arch in ("qwen2", "qwen3", "smollm3"):
             values.update(_qwen_layer_types(hf))
         if arch == "smollm3" and "no_rope_layers" not in hf and isinstance(hf.get("no_rope_layer_interval"), int):
-            # transformers' rule: every interval-th layer (counted from 1) goes without the rotary embedding
-            interval, layers = hf["no_rope_layer_interval"], hf.get("num_hidden_layers", 0)
-            values["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(layers)]
+            values["no_rope_layers"] = no_rope_every(hf["no_rope_layer_interval"], hf.get("num_hidden_layers", 0))
         # transformers >= 5 writes theta and scaling together as rope_parameters
         rope = hf.get("rope_parameters")
         if isinstance(rope, dict):
@@ -186,6 +184,12 @@ class ModelConfig:
             return cls.from_hf(read_json(path))
         except TypeError as exc:
             raise CamelidError(f"{path}: a field has the wrong type ({exc})") from None
+
+
+def no_rope_every(interval: int, layers: int) -> list[int]:
+    """SmolLM3's NoPE pattern as transformers and llama.cpp derive it: every interval-th layer (counted from 1)
+    goes without the rotary embedding (0), the others keep it (1)."""
+    return [int((i + 1) % interval != 0) for i in range(layers)]
 
 
 def _qwen_layer_types(hf: dict[str, Any]) -> dict[str, Any]:

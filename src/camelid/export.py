@@ -26,9 +26,8 @@ from camelid.checkpoint import (
     LoadedModel,
     load_model,
     save_model,
-    smollm3_no_rope_layers,
 )
-from camelid.config import GGUF_TYPES, ModelConfig  # GGUF_TYPES: what --type offers
+from camelid.config import GGUF_TYPES, ModelConfig, no_rope_every  # GGUF_TYPES: what --type offers
 from camelid.errors import CamelidError
 from camelid.model import rope_inv_freq
 from camelid.tokenizer import (
@@ -150,10 +149,9 @@ def _check_exportable(loaded: LoadedModel) -> None:
     if config.mlp_bias:
         raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")
     if config.model_type == "smollm3" and config.no_rope_layers not in (
-            None, smollm3_no_rope_layers(config.num_hidden_layers)):
+            None, no_rope_every(SMOLLM3_NOPE_STEP, config.num_hidden_layers)):
         raise CamelidError(f"llama.cpp's smollm3 leaves the rotary embedding out of every {SMOLLM3_NOPE_STEP}th layer "
                            "only; this model's no_rope_layers differ, so it cannot be exported as GGUF")
-
 
 
 def gguf_architecture(config: ModelConfig) -> str:
