@@ -250,7 +250,7 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_model, tokenizer_met
     data = path.read_bytes().replace(b"llama", b"gpt2_", 1)  # general.architecture
     path.write_bytes(data)
     with pytest.raises(CamelidError,
-                       match=r"architecture 'gpt2_' is not supported \(supported: llama, qwen2, qwen3, smollm3\)"):
+                       match=r"architecture 'gpt2_' is not supported \(supported: llama, qwen2, qwen3, smollm3, gemma3\)"):
         load_model(path, device="cpu")
 
 

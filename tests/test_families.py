@@ -31,6 +31,21 @@ FAMILIES = {
     # Qwen2 with use_sliding_window: the layers from max_window_layers on slide, the ones below see everything
     "qwen2-window": lambda: transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=WINDOW,
                                                      max_window_layers=1),
+    # Gemma 3: scaled embeddings, (1 + w) norms on both sides of attention and MLP, q/k norms, GeGLU, a score
+    # scale of its own, and a local layer (window, rope base 10,000) before a global one (base 10^6, scaled 8x)
+    "gemma3": lambda: transformers.Gemma3TextConfig(**SHAPE, head_dim=32, query_pre_attn_scalar=24,
+                                                    sliding_window=WINDOW, sliding_window_pattern=2,
+                                                    rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                                                    rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                                    pad_token_id=0),
+    # Gemma 3 as published and as llama.cpp runs it: scores scaled by head_dim, every 6th layer global
+    "gemma3-published": lambda: transformers.Gemma3TextConfig(**{**SHAPE, "num_hidden_layers": 6}, head_dim=32,
+                                                              query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                                              pad_token_id=0),
+    # Llama 3.1/3.2: the "llama3" rope scaling (long wavelengths slowed, short ones kept)
+    "llama3-rope": lambda: transformers.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}),
 }
 WINDOW = 16
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -125,7 +140,10 @@ def test_f16_weights_stay_close_and_int8_runs_what_its_kernels_know(family):
     refusal = {"qwen3": r"the per-head q/k norms of qwen3 models", "mistral-window": "sliding-window attention",
                "qwen2-window": "sliding-window attention",
                "smollm3": r"layers without the rotary embedding \(SmolLM3's NoPE\)",
-               "smollm3-step4": r"layers without the rotary embedding \(SmolLM3's NoPE\)"}.get(name)
+               "smollm3-step4": r"layers without the rotary embedding \(SmolLM3's NoPE\)",
+               "gemma3": r"Gemma's layers \(scaled embeddings, norms after attention and MLP, GeGLU\)",
+               "gemma3-published": r"Gemma's layers \(scaled embeddings, norms after attention and MLP, GeGLU\)",
+               }.get(name)
     if refusal:
         with pytest.raises(CamelidError, match=rf"^--quantize int8 does not run {refusal} yet; use --quantize f16$"):
             load_model(directory, device="cpu", quantize="int8")
@@ -155,12 +173,18 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
             export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
         assert not (tmp_path / "model.gguf").exists()
         return
+    if name == "gemma3":
+        with pytest.raises(CamelidError, match=r"^llama.cpp's gemma3 scales attention scores by 1/sqrt\(32\); this "
+                                               r"model's query_pre_attn_scalar is 24, so it cannot be exported as GGUF$"):
+            export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
+        assert not (tmp_path / "model.gguf").exists()
+        return
     path = export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
-    architecture = "llama" if hf.config.model_type == "mistral" else hf.config.model_type
+    architecture = {"mistral": "llama", "gemma3_text": "gemma3"}.get(hf.config.model_type, hf.config.model_type)
     assert GGUFFile(path).metadata["general.architecture"] == architecture
     ours = load_model(directory, device="cpu", dtype="float32")
-    # llama.cpp runs these architectures without sliding windows: a windowed model agrees only within its window
-    window = getattr(hf.config, "sliding_window", None)
+    # llama.cpp runs only Gemma 3's sliding windows: a model of another family with one agrees only within it
+    window = None if architecture == "gemma3" else getattr(hf.config, "sliding_window", None)
     assert GGUFFile(path).metadata[f"{architecture}.context_length"] == (window or SHAPE["max_position_embeddings"])
     length = window or 200
     ids = torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(6)).tolist()
@@ -172,7 +196,7 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
     finally:
         llm.close()
     back = load_model(path, device="cpu", dtype="float32")
-    assert back.config.model_type == architecture
+    assert back.config.model_type == ("llama" if architecture == "llama" else hf.config.model_type)
     read_back = logits(back.model, torch.tensor([ids]))[0]
     assert (read_back - mine).abs().max() < 0.02 * mine.abs().max()  # the f16 weights' rounding
     # llama.cpp runs the f16 weights the file holds (with f16 activations in its products): compared with camelid
@@ -189,8 +213,8 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
     (dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "global"]),
      r"config layer_types must name one of full_attention, sliding_attention for each of the 2 layers"),
     (dict(use_sliding_window=True, sliding_window=0), r"config sliding_window must be a positive integer, not 0"),
-    (dict(model_type="gemma3_text"), r"model_type 'gemma3_text' is not supported \(supported: llama, mistral, "
-                                     r"qwen2, qwen3, smollm3\)"),
+    (dict(model_type="gpt_neox"), r"model_type 'gpt_neox' is not supported \(supported: llama, mistral, "
+                                  r"qwen2, qwen3, smollm3, gemma3_text\)"),
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"config no_rope_layers must give 1 \(rope\) or 0 \(none\) "
                                                          r"for each of the 2 layers"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
@@ -266,7 +290,9 @@ def test_training_runs_and_its_model_loads_in_transformers(family, tmp_path, met
         peft = pytest.importorskip("peft")
         base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         reloaded = peft.PeftModel.from_pretrained(base, result.model_dir)
-    torch.testing.assert_close(logits(reloaded.eval(), tokens), tuned, atol=1e-4, rtol=0)
+    # camelid runs the adapter merged into the weights, peft beside them: the two round differently, by up to
+    # 1.3e-4 measured in the six-layer Gemma, whose norms on both sides of each sublayer scale by about 2
+    torch.testing.assert_close(logits(reloaded.eval(), tokens), tuned, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["mistral-window", "qwen2-window"])

@@ -106,14 +106,15 @@ def test_config_round_trips_through_hf_json(tmp_path):
     assert hf.rope_scaling["rope_type"] == "llama3" and hf.num_key_value_heads == 8
 
 
-def test_swiglu_keeps_less_but_computes_the_same_gradients():
-    from camelid.model import _SwiGLU
+@pytest.mark.parametrize("gelu", [False, True], ids=["swiglu", "geglu"])
+def test_gated_unit_keeps_less_but_computes_the_same_gradients(gelu):
+    from camelid.model import _GatedUnit
 
     gate = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate, up))
-    out = _SwiGLU.apply(gate, up)
-    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
+    assert torch.autograd.gradcheck(lambda g, u: _GatedUnit.apply(g, u, gelu), (gate, up))
+    act = torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
+    torch.testing.assert_close(_GatedUnit.apply(gate, up, gelu), act * up)
 
 
 def test_training_norm_and_rope_compute_what_autograd_would():
@@ -122,8 +123,10 @@ def test_training_norm_and_rope_compute_what_autograd_would():
 
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-5), (x, w))
-    torch.testing.assert_close(_RMSNorm.apply(x, w, 1e-5), w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    for offset in (0.0, 1.0):  # Gemma's norms scale by 1 + w
+        assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-5, offset), (x, w))
+        torch.testing.assert_close(_RMSNorm.apply(x, w, 1e-5, offset),
+                                   (offset + w) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
 
     q = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     cos, sin = rope_cos_sin(1.0 / 10000 ** (torch.arange(0, 8, 2) / 8), torch.arange(5).expand(2, 5), torch.float64)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camelid.config import DTYPE_NAMES, ModelConfig, no_rope_every
+from camelid.config import DTYPE_NAMES, ModelConfig, gemma3_layer_types, no_rope_every
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir
 from camelid.files import read_json
@@ -188,7 +188,9 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)
+    model.inv_freq = rope_inv_freq(config).to(device)  # buffers were left on the meta device
+    if config.rope_local_base_freq is not None:
+        model.inv_freq_local = rope_inv_freq(config, local=True).to(device)
     return model.eval()
 
 
@@ -287,10 +289,22 @@ GGUF_NAMES = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-# llama.cpp's architectures that camelid reads, each as the model_type of the same family. llama and smollm3 store
-# q/k rows in interleaved rotary order; qwen2 and qwen3 keep the Hugging Face layout (llama.cpp's "neox" rope).
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+# Gemma's four norms a layer: llama.cpp's ffn_norm is the one before the MLP, as in LLaMA, but transformers calls
+# that one pre_feedforward_layernorm there, and post_attention_layernorm the norm of the attention's output.
+GEMMA3_GGUF_NAMES = {
+    **GGUF_NAMES,
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+# llama.cpp's architectures that camelid reads -> the model_type of the same family. llama and smollm3 store q/k
+# rows in interleaved rotary order; the others keep the Hugging Face layout (llama.cpp's "neox" rope).
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "gemma3": "gemma3_text"}
+SUPPORTED_GGUF_ARCHS = tuple(GGUF_ARCHS)
 INTERLEAVED_ROPE_ARCHS = ("llama", "smollm3")
+# llama.cpp's gemma3 takes Gemma 3's defaults where the file is silent: every 6th layer global, local layers
+# rotating at base 10,000. Its norms hold 1 + w (the converter adds the 1 that transformers' Gemma3RMSNorm adds).
+GEMMA3_PATTERN, GEMMA3_LOCAL_BASE = 6, 10000.0
 # llama.cpp's smollm3 leaves the rotary embedding out of every 4th layer (as SmolLM3 is published), a rule it
 # keeps in code, not in the file.
 SMOLLM3_NOPE_STEP = 4
@@ -301,11 +315,17 @@ KNOWN_LLAMA3_SCALINGS = [
 ]
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_names(arch: str) -> dict[str, str]:
+    """GGUF tensor name -> HF name for one of llama.cpp's architectures; {i} is the layer index."""
+    return GEMMA3_GGUF_NAMES if arch == "gemma3" else GGUF_NAMES
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    names = gguf_names(arch)
     parts = name.split(".")
     if parts[0] == "blk" and len(parts) > 2:
-        return GGUF_NAMES.get(".".join(["blk", "{i}", *parts[2:]]), "").format(i=parts[1]) or None
-    return GGUF_NAMES.get(name)
+        return names.get(".".join(["blk", "{i}", *parts[2:]]), "").format(i=parts[1]) or None
+    return names.get(name)
 
 
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
@@ -341,10 +361,11 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
-        model_type=arch,
+        model_type=GGUF_ARCHS[arch],
         no_rope_layers=no_rope_every(SMOLLM3_NOPE_STEP, get("block_count")) if arch == "smollm3" else None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        **(_gemma3_settings(gguf, get) if arch == "gemma3" else {}),
     )
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
@@ -354,6 +375,32 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     if "rope_freqs.weight" in gguf.tensors:
         config.rope_scaling = _llama3_scaling_from_factors(config, gguf.dequantize("rope_freqs.weight").numpy(), gguf.path)
     return config
+
+
+def _gemma3_settings(gguf: GGUFFile, get) -> dict:
+    """What llama.cpp's gemma3 reads besides the common keys, as ModelConfig fields."""
+    if float(gguf.metadata.get("gemma3.final_logit_softcapping") or 0.0):
+        raise CamelidError(f"{gguf.path}: gemma3 with final_logit_softcapping is not supported")
+    layers, heads, hidden = get("block_count"), get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads)
+    settings = dict(hidden_act="gelu_pytorch_tanh",
+                    query_pre_attn_scalar=gemma3_attention_scalar(layers, hidden, heads, head_dim))
+    window = gguf.metadata.get("gemma3.attention.sliding_window")
+    if window:
+        pattern = gguf.metadata.get("gemma3.attention.sliding_window_pattern", GEMMA3_PATTERN)
+        if isinstance(pattern, list):  # per layer, true where it slides
+            types = ["sliding_attention" if swa else "full_attention" for swa in pattern[:layers]]
+        else:
+            types = gemma3_layer_types(int(pattern), layers)
+        settings.update(sliding_window=int(window), layer_types=types,
+                        rope_local_base_freq=float(gguf.metadata.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_BASE)))
+    return settings
+
+
+def gemma3_attention_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp's gemma3 assumes: head_dim, but hidden / heads in the 27B (62 layers),
+    as Google's own configs have it."""
+    return hidden // heads if layers == 62 else head_dim
 
 
 def _llama3_scaling_from_factors(config: ModelConfig, factors: np.ndarray, path) -> dict:
@@ -379,10 +426,12 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
     for name in gguf.tensors:
         if name == "rope_freqs.weight":
             continue
-        hf_name = gguf_to_hf_name(name)
+        hf_name = gguf_to_hf_name(name, gguf.metadata["general.architecture"])
         if hf_name is None:
             raise CamelidError(f"{gguf.path}: unexpected tensor {name}; this is not a plain LLaMA model")
         w = gguf.dequantize(name)
+        if config.gemma and name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp's gemma3 stores the whole scale; transformers and camelid its offset from 1
         if config.model_type in INTERLEAVED_ROPE_ARCHS:  # back from interleaved rotary pairs
             if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
                 w = _unpermute_rope(w, config.num_attention_heads)

@@ -16,7 +16,9 @@ from camelid.files import read_json, write_atomic
 
 # model_type -> the architecture transformers names in config.json.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# The activation of the gated MLP, by transformers' name: SwiGLU, or GeGLU with the tanh approximation (Gemma).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names for what each layer attends to
 ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_KEYS = {
@@ -61,7 +63,11 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None  # kept so that config.json round-trips (some families' defaults do not fit)
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # one of ACTIVATIONS (Gemma's config.json calls it hidden_activation)
+    # Gemma 3: the rope base of its sliding-window layers (its global layers use rope_theta and rope_scaling), and
+    # the number whose inverse square root scales attention scores (None: head_dim, as everywhere else).
+    rope_local_base_freq: float | None = None
+    query_pre_attn_scalar: float | None = None
     model_type: str = "llama"  # a key of ARCHITECTURES: which family's switches the decoder takes
 
     def __post_init__(self):
@@ -84,8 +90,9 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.hidden_act != "silu":
-            raise CamelidError(f"hidden_act {self.hidden_act!r} is not supported (supported: silu)")
+        if self.hidden_act not in ACTIVATIONS:
+            raise CamelidError(f"model_type {self.model_type}: hidden activation {self.hidden_act!r} is not supported "
+                               f"(supported: {', '.join(ACTIVATIONS)})")
         if self.layer_types is not None:
             self.layer_types = list(self.layer_types)
             if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
@@ -104,7 +111,8 @@ class ModelConfig:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.setdefault("rope_type", self.rope_scaling.pop("type", "default"))
             if kind not in ROPE_TYPES:
-                raise CamelidError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+                raise CamelidError(f"model_type {self.model_type}: rope_scaling type {kind!r} is not supported "
+                                   f"(supported: {', '.join(ROPE_TYPES)})")
             missing = [k for k in ROPE_KEYS[kind] if k not in self.rope_scaling]
             if missing:
                 raise CamelidError(f"rope_scaling of type {kind} lacks {', '.join(missing)}")
@@ -123,8 +131,23 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """Whether each head's q and k are RMS-normalised (over head_dim) before the rotary embedding: Qwen3."""
-        return self.model_type == "qwen3"
+        """Whether each head's q and k are RMS-normalised (over head_dim) before the rotary embedding: Qwen3, Gemma 3."""
+        return self.model_type in ("qwen3", "gemma3_text")
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's switches: embeddings scaled by sqrt(hidden_size), RMSNorm weights stored as an offset from 1
+        (the norm multiplies by 1 + weight), and a norm after attention and after the MLP as well as before."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def attention_scale(self) -> float | None:
+        """What attention scores are multiplied by, where it is not 1/sqrt(head_dim) (None)."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar**-0.5
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates by rope_local_base_freq (Gemma 3's sliding-window layers)."""
+        return self.rope_local_base_freq is not None and self.window(layer) is not None
 
     def rope_in(self, layer: int) -> bool:
         """Whether layer `layer` applies the rotary embedding (all do but SmolLM3's NoPE layers)."""
@@ -146,7 +169,10 @@ class ModelConfig:
         out = {"architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type, **fields_}
         if self.model_type in ("qwen2", "qwen3", "smollm3"):
             out["use_sliding_window"] = self.sliding_window is not None  # else their window is not used
-        for key in ("sliding_window", "layer_types", "no_rope_layers"):
+        if self.gemma:  # Gemma3TextConfig's names; softcapping, which Gemma 2 had, is off
+            out.update(hidden_activation=out.pop("hidden_act"), final_logit_softcapping=None,
+                       attn_logit_softcapping=None)
+        for key in ("sliding_window", "layer_types", "no_rope_layers", "rope_local_base_freq", "query_pre_attn_scalar"):
             if out[key] is None:
                 del out[key]
         return out
@@ -156,8 +182,13 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise CamelidError("config.json must hold a JSON object")
         arch = hf.get("model_type")
+        if arch == "gemma3":  # Gemma 3 with its vision tower: the language model's part
+            hf = {"model_type": "gemma3_text", **(hf.get("text_config") or {})}
+            arch = hf["model_type"]
         if arch not in ARCHITECTURES:
             raise CamelidError(f"model_type {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        if arch == "gemma3_text":
+            hf = _gemma3_text(hf)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in hf.items() if k in known}
         if arch in ("qwen2", "qwen3", "smollm3"):
@@ -166,6 +197,13 @@ class ModelConfig:
             values["no_rope_layers"] = no_rope_every(hf["no_rope_layer_interval"], hf.get("num_hidden_layers", 0))
         # transformers >= 5 writes theta and scaling together as rope_parameters
         rope = hf.get("rope_parameters")
+        if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # per kind of layer (Gemma 3)
+            local = rope.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise CamelidError(f"model_type {arch}: rope scaling in sliding-window layers "
+                                   f"({local['rope_type']!r}) is not supported")
+            values["rope_local_base_freq"] = local.get("rope_theta", values.get("rope_local_base_freq"))
+            rope = rope["full_attention"]
         if isinstance(rope, dict):
             values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", 10000.0))
             scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -184,6 +222,39 @@ class ModelConfig:
             return cls.from_hf(read_json(path))
         except TypeError as exc:
             raise CamelidError(f"{path}: a field has the wrong type ({exc})") from None
+
+
+# Gemma3TextConfig's defaults, for the keys a Gemma 3 config.json leaves out (the text_config of the multimodal
+# models names only a few).
+GEMMA3_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+    "bos_token_id": 2, "tie_word_embeddings": True, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+}
+
+
+def _gemma3_text(hf: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma 3 text config.json in camelid's terms: defaults filled in, the activation under camelid's name,
+    and the layer pattern spelled out (every sliding_window_pattern-th layer global, the others local)."""
+    hf = {**GEMMA3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in GEMMA3_DEFAULTS}}
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise CamelidError(f"model_type gemma3_text: {key} is not supported (Gemma 3 is published without it)")
+    if hf.get("use_bidirectional_attention"):
+        raise CamelidError("model_type gemma3_text: use_bidirectional_attention (EmbeddingGemma) is not supported")
+    hf["hidden_act"] = hf.pop("hidden_activation", None) or hf.get("hidden_act")
+    if not hf.get("layer_types"):
+        pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        hf["layer_types"] = gemma3_layer_types(pattern, hf["num_hidden_layers"])
+    return hf
+
+
+def gemma3_layer_types(pattern: int, layers: int) -> list[str]:
+    """Gemma 3's interleaving as transformers and llama.cpp derive it: every pattern-th layer (counted from 1)
+    attends to the whole context, the others to a sliding window."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
 
 
 def no_rope_every(interval: int, layers: int) -> list[int]:

@@ -20,10 +20,12 @@ import torch
 from tqdm import tqdm
 
 from camelid.checkpoint import (
-    GGUF_NAMES,
+    GGUF_ARCHS,
     INTERLEAVED_ROPE_ARCHS,
     SMOLLM3_NOPE_STEP,
     LoadedModel,
+    gemma3_attention_scalar,
+    gguf_names,
     load_model,
     save_model,
 )
@@ -152,11 +154,20 @@ def _check_exportable(loaded: LoadedModel) -> None:
             None, no_rope_every(SMOLLM3_NOPE_STEP, config.num_hidden_layers)):
         raise CamelidError(f"llama.cpp's smollm3 leaves the rotary embedding out of every {SMOLLM3_NOPE_STEP}th layer "
                            "only; this model's no_rope_layers differ, so it cannot be exported as GGUF")
+    if config.gemma:
+        scalar = gemma3_attention_scalar(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                                         config.head_dim)
+        if config.query_pre_attn_scalar != scalar:
+            raise CamelidError(f"llama.cpp's gemma3 scales attention scores by 1/sqrt({scalar}); this model's "
+                               f"query_pre_attn_scalar is {config.query_pre_attn_scalar}, so it cannot be exported "
+                               "as GGUF")
 
 
 def gguf_architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture for a family: Mistral v0.1 is written as llama, the others under their own name."""
-    return "llama" if config.model_type in ("llama", "mistral") else config.model_type  # qwen2, qwen3, smollm3
+    if config.model_type == "mistral":
+        return "llama"
+    return next(arch for arch, model_type in GGUF_ARCHS.items() if model_type == config.model_type)
 
 
 def _gguf_type(kind: str):
@@ -181,18 +192,18 @@ def _default_name(loaded: LoadedModel) -> str:
 
 # -- the model -------------------------------------------------------------------------------------------------
 
-_HF_TO_GGUF = {hf: gguf for gguf, hf in GGUF_NAMES.items()}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def hf_to_gguf_name(name: str) -> str:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str:
     """The GGUF name of a camelid (HF) tensor name: model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight."""
+    hf_to_gguf = {hf: gguf for gguf, hf in gguf_names(arch).items()}
     if m := _LAYER.fullmatch(name):
-        template = _HF_TO_GGUF.get(f"model.layers.{{i}}.{m[2]}")
+        template = hf_to_gguf.get(f"model.layers.{{i}}.{m[2]}")
         if template is not None:
             return template.format(i=m[1])
-    elif name in _HF_TO_GGUF:
-        return _HF_TO_GGUF[name]
+    elif name in hf_to_gguf:
+        return hf_to_gguf[name]
     raise CamelidError(f"tensor {name} has no counterpart in llama.cpp's GGUF names; this model cannot be exported")
 
 
@@ -206,7 +217,7 @@ def _gguf_tensor_plan(config: ModelConfig, state: dict[str, torch.Tensor], kind:
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp uses token_embd for the output when there is no output.weight
-        gguf_name = hf_to_gguf_name(hf_name)
+        gguf_name = hf_to_gguf_name(hf_name, gguf_architecture(config))
         plan[gguf_name] = (tensor, _tensor_type(gguf_name, tensor.shape, kind, config))
     return plan
 
@@ -245,6 +256,8 @@ def _encode(gguf_name: str, tensor: torch.Tensor, kind: str, config: ModelConfig
     from gguf.quants import quantize
 
     w = tensor.detach().to(device="cpu", dtype=torch.float32)
+    if config.gemma and gguf_name.endswith("norm.weight"):
+        w = w + 1  # llama.cpp's gemma3 multiplies by the norm weight as stored
     if gguf_architecture(config) in INTERLEAVED_ROPE_ARCHS:  # the others keep the Hugging Face rotary layout
         if ".attn_q." in gguf_name:
             w = _permute_rope(w, config.num_attention_heads)
@@ -261,9 +274,14 @@ def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:
     writer.add_file_type(LlamaFileType["ALL_F32" if qtype.name == "F32" else f"MOSTLY_{qtype.name}"])
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
-    # llama.cpp runs these architectures without sliding windows: a model with one is exact only up to it.
     context = config.max_position_embeddings
-    writer.add_context_length(min(context, config.sliding_window or context))
+    if config.gemma and config.sliding_window:  # llama.cpp's gemma3 runs the local layers' windows
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([config.window(i) is not None for i in range(config.num_hidden_layers)])
+        writer.add_rope_freq_base_swa(config.rope_local_base_freq)
+    else:  # llama.cpp runs the other architectures without sliding windows: a model with one is exact up to it
+        context = min(context, config.sliding_window or context)
+    writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)

@@ -1,7 +1,9 @@
 """The LLaMA-family decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and a KV cache.
 
-Module names follow transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`, ...), so the state
-dict of a camelid model *is* a Hugging Face state dict and LoRA adapters get peft's names for free.
+One decoder serves every family; the switches ModelConfig derives from `model_type` (biases, q/k norms, sliding
+windows, layers without rope, Gemma's scaled embeddings, offset norms, GeGLU and extra norms) are read below.
+Module names follow transformers' (`model.layers.0.self_attn.q_proj`, ...), so the state dict of a camelid model
+*is* a Hugging Face state dict and LoRA adapters get peft's names for free.
 
 Shapes: B batch, T new tokens, S cached slots, H query heads, K key/value heads, G = H // K, D head dim.
 """
@@ -18,23 +20,29 @@ IGNORE = -100  # the target of a position that is not trained on (PyTorch's and 
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm; with `offset` 1 (Gemma) the stored weight is how far the scale is from 1, and the product is
+    taken in float32 before rounding to the activation dtype (as transformers' Gemma3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNorm.apply(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+            return _RMSNorm.apply(x, self.weight, self.eps, self.offset)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
     if x.dtype == torch.float32:  # one fused kernel; bit-identical to the steps below in float32
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # Normalise in float32 at least, then scale in the activation dtype (as transformers).
+        return F.rms_norm(x, (x.shape[-1],), weight + offset if offset else weight, eps)
+    # Normalise in float32 at least, then scale in the activation dtype (as transformers' Llama), or scale in
+    # float32 and round once (as its Gemma).
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (wide * (weight.to(wide.dtype) + offset)).to(x.dtype)
     return weight * wide.to(x.dtype)
 
 
@@ -46,11 +54,12 @@ class _RMSNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         rstd = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return rms_norm(x, weight, eps)
+        ctx.offset = offset
+        return rms_norm(x, weight, eps, offset)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -60,19 +69,22 @@ class _RMSNorm(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = (grad * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        # d/dx of w * x * rstd(x): rstd * (gw - xhat * mean(gw * xhat)), gw = grad * w
-        gw = grad * weight.to(rstd.dtype)
+        # d/dx of s * x * rstd(x), s = offset + w: rstd * (gs - xhat * mean(gs * xhat)), gs = grad * s
+        gw = grad * (weight.to(rstd.dtype) + ctx.offset)
         mean = (gw * xhat).mean(-1, keepdim=True)
         grad_x = gw.sub_(xhat.mul_(mean)).mul_(rstd).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
-def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Inverse frequencies of the rotary embedding, with linear or Llama-3.1 scaling applied (float32, [D/2])."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> Tensor:
+    """Inverse frequencies of the rotary embedding, with linear or Llama-3.1 scaling applied (float32, [D/2]).
+
+    `local`: those of Gemma 3's sliding-window layers (base rope_local_base_freq, never scaled)."""
     dim = config.head_dim
+    base = config.rope_local_base_freq if local else config.rope_theta
     # on the CPU even while a model is built on the meta device (meta arithmetic imports torch._dynamo: 2 s)
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    scaling = config.rope_scaling or {}
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = {} if local else config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -169,9 +181,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
         # Inference may replace q/k/v by one product over their stacked weights (camelid.quantize).
         self.qkv_proj: nn.Module | None = None
-        # Qwen3: each head's q and k RMS-normalised over the head dimension, before the rotary embedding.
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # Qwen3, Gemma 3: each head's q and k RMS-normalised over the head dimension, before the rotary embedding.
+        offset = 1.0 if config.gemma else 0.0
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset) if config.qk_norm else None
+        self.scale = config.attention_scale  # None: SDPA's own 1/sqrt(head_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache=None) -> Tensor:
         B, T, _ = x.shape
@@ -203,20 +217,23 @@ class Attention(nn.Module):
             # Training and scoring: causal, or `mask` [B, 1, T, T] (True = may attend) keeping packed examples
             # apart. SDPA shares each KV head among its G query heads itself, without copying K/V.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1
+                q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1, scale=self.scale
             ).transpose(1, 2)
         else:
             # GQA without copying K/V: the G query heads that share a KV head are folded into the query
             # length, [B, K, G*T, D]; `mask` was folded the same way and made additive (0 or -inf), [B, 1, G*T, S].
             q = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             out = out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
+    """The gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
         bias = config.mlp_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -229,41 +246,63 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(_SwiGLU.apply(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(_GatedUnit.apply(gate, up, self.gelu))
+        return self.down_proj(_activation(gate, self.gelu) * up)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, keeping only gate and up for backward (autograd would also keep silu(gate)).
+def _activation(x: Tensor, gelu: bool) -> Tensor:
+    return F.gelu(x, approximate="tanh") if gelu else F.silu(x)
+
+
+class _GatedUnit(torch.autograd.Function):
+    """act(gate) * up, keeping only gate and up for backward (autograd would also keep act(gate)).
 
     In a small model the MLP's [tokens, intermediate] activations are the largest thing training stores.
     """
 
     @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+    def forward(ctx, gate: Tensor, up: Tensor, gelu: bool) -> Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        ctx.gelu = gelu
+        return _activation(gate, gelu).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        # What autograd would compute from silu(gate) * up, in three allocations: silu's own backward kernel.
+        # What autograd would compute from act(gate) * up, in three allocations: the activation's own backward kernel.
         gate, up = ctx.saved_tensors
-        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        d_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
-        return d_gate, d_up
+        d_gate = None
+        if ctx.needs_input_grad[0]:
+            if ctx.gelu:
+                d_gate = torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh")
+            else:
+                d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        d_up = _activation(gate, ctx.gelu).mul_(grad) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up, None
 
 
 class Block(nn.Module):
+    """One layer. LLaMA: x + attn(norm(x)), then + mlp(post_attention_layernorm(x)). Gemma normalises on both
+    sides of each: its post_attention_layernorm normalises the attention's output, and the MLP sits between
+    pre_feedforward_layernorm and post_feedforward_layernorm (transformers' names, so state dicts match)."""
+
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sandwich = config.gemma
+        offset = 1.0 if config.gemma else 0.0
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache=None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -276,7 +315,7 @@ class Decoder(nn.Module):
             nn.init.normal_(weight)  # nn.Embedding's own initialisation
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, 1.0 if config.gemma else 0.0)
 
 
 class Llama(nn.Module):
@@ -290,6 +329,11 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config).to(self.lm_head.weight.device), persistent=False)
+        if config.rope_local_base_freq is not None:  # Gemma 3's sliding-window layers rotate at another base
+            self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True).to(self.inv_freq.device),
+                                 persistent=False)
+        # Gemma multiplies embeddings by sqrt(hidden_size), rounded to the weights' dtype as transformers does.
+        self.embed_scale = config.hidden_size**0.5 if config.gemma else None
         self.gradient_checkpointing = False
         self.quantization = "none"  # set by camelid.quantize.quantize_model
         self.native = None  # a camelid.native.NativeDecoder (--quantize int8), which then runs `hidden`
@@ -327,6 +371,8 @@ class Llama(nn.Module):
             return self.native.hidden(tokens, cache, valid=valid, positions=positions, mask=mask)
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         layer_cache = [None] * len(self.model.layers)
         if cache is not None:
             if positions is not None or mask is not None:
@@ -349,8 +395,11 @@ class Llama(nn.Module):
             query_at = key_at = torch.arange(T, device=tokens.device)
         windows = [self.config.window(i) for i in range(len(self.model.layers))]
         masks = {w: self._attention_mask(mask, query_at, key_at, w, cache is not None, x.dtype) for w in set(windows)}
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer, lc, window in zip(self.model.layers, layer_cache, windows):
+        local = [self.config.local_rope(i) for i in range(len(self.model.layers))]
+        ropes = {kind: rope_cos_sin(self.inv_freq_local if kind else self.inv_freq, positions, x.dtype)
+                 for kind in set(local)}
+        for layer, lc, window, kind in zip(self.model.layers, layer_cache, windows, local):
+            cos, sin = ropes[kind]
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[window], lc, use_reentrant=False)
             else:

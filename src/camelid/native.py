@@ -208,6 +208,9 @@ class NativeDecoder:
     def __init__(self, model, threads: int | None = None):
         self.threads = threads
         config = model.config
+        if config.gemma:
+            raise CamelidError("--quantize int8 does not run Gemma's layers (scaled embeddings, norms after attention "
+                               "and MLP, GeGLU) yet; use --quantize f16")
         if config.no_rope_layers is not None and not all(config.no_rope_layers):
             raise CamelidError("--quantize int8 does not run layers without the rotary embedding (SmolLM3's NoPE) "
                                "yet; use --quantize f16")
