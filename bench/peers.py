@@ -1,7 +1,9 @@
-"""camelid against llama.cpp and transformers on SmolLM2-135M-Instruct: one Markdown table, one run, one machine.
+"""camelid against llama.cpp and transformers on one model: one Markdown table, one run, one machine.
 
-Each engine runs in a process of its own (so its peak memory is its own), one after the other, on the same
-prompt and thread count:
+The model is SmolLM2-135M-Instruct unless --model names another: a named model (`camelid models`, e.g.
+gemma3-270m), a GGUF file, or an HF directory (then llama.cpp, which reads GGUF only, is left out). Each engine
+runs in a process of its own (so its peak memory is its own), one after the other, on the same prompt (real
+text in the model's own tokenizer's tokens) and thread count:
 
   load s        from nothing in memory to a model ready to run (the GGUF file for camelid and llama.cpp; for
                 transformers the same file through `gguf_file=`, dequantized). camelid's int8 kernels are
@@ -15,15 +17,20 @@ prompt and thread count:
                 workers: camelid against transformers + peft)
   peak MB       the process's resident high-water mark (for training: bench/train.py's whole worker)
 
-Below the table: camelid's ratios against the issue's targets (batch-1 decode >= 0.6x llama.cpp's, batch-8
-aggregate >= 2x llama.cpp's single stream, load <= 1 s).
+Above the table: the model (its family, layers and vocabulary), the CPU and the instruction sets the engines
+use on it. What an engine refuses for this model (camelid's int8 kernels do not run Gemma's layers; a model with
+no chat template and no built-in for its family cannot be trained on chat rows) is a row or cell of "n/a" with
+the engine's own one-line reason below the table, not a crash. Below that: camelid's ratios against the issue's
+targets (batch-1 decode >= 0.6x llama.cpp's, batch-8 aggregate >= 2x llama.cpp's single stream, load <= 1 s).
 
-    python bench/peers.py [--threads 2] [--quantize int8] [--skip-transformers] [--skip-training]
+    python bench/peers.py [--model NAME|PATH] [--threads 2] [--quantize f16 int8] [--skip-transformers]
+                          [--skip-training]
 """
 
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -32,11 +39,18 @@ from pathlib import Path
 
 import torch
 
+from camelid.errors import CamelidError
+from camelid.named_models import DEFAULT_MODEL, NAMED_MODELS
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import inference  # noqa: E402  (bench/inference.py: the prompt and the batch-1 measurements)
 
 BATCH = 8
+# /proc/cpuinfo's flags -> the vector instructions they stand for that matter to these engines' kernels
+VECTOR_FLAGS = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx_vnni": "AVX-VNNI", "avx512f": "AVX-512F",
+                "avx512bw": "AVX-512BW", "avx512_vnni": "AVX-512 VNNI", "avx512_bf16": "AVX-512 BF16",
+                "avx512_fp16": "AVX-512 FP16", "amx_tile": "AMX", "asimd": "NEON", "sve": "SVE"}
 
 
 def peak_mb() -> float:
@@ -74,15 +88,17 @@ def camelid_worker(args, path, prompt) -> dict:
 
 
 def llamacpp_worker(args, path, prompt) -> dict:
+    import llama_cpp
+
     load_s, prefill, decode1 = inference.bench_llamacpp(path, prompt, args.decode_tokens, args.repeats, args.threads)
-    return {"load_s": load_s, "prefill": prefill, "decode1": decode1, "decode8": None}
+    features = llama_cpp.llama_print_system_info().decode()  # "CPU : SSE3 = 1 | AVX2 = 1 | ..."
+    built = [f.split("=")[0].split(":")[-1].strip() for f in features.split("|") if f.strip().endswith("= 1")]
+    return {"load_s": load_s, "prefill": prefill, "decode1": decode1, "decode8": None, "built_with": built}
 
 
 def transformers_worker(args, path, prompt) -> dict:
-    import transformers
-
-    load_s, prefill, decode1 = inference.bench_transformers(path, prompt, args.decode_tokens, args.repeats)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model, load_s = inference.load_transformers(path)
+    _, prefill, decode1 = inference.bench_transformers(path, prompt, args.decode_tokens, args.repeats, model=model)
     ids = torch.tensor(batch_prompts(prompt))  # equal lengths: no padding needed
 
     def decode8() -> float:
@@ -99,46 +115,142 @@ WORKERS = {"camelid": camelid_worker, "llamacpp": llamacpp_worker, "transformers
 
 
 def run_worker(args) -> dict:
-    from camelid.checkpoint import load_tokenizer_and_template
-    from camelid.named_models import DEFAULT_MODEL, named_model_path
+    """One engine's measurements, or {"unavailable": camelid's one-line reason} where it refuses the model."""
+    from camelid.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)
-    path = named_model_path(DEFAULT_MODEL)
-    tokenizer, _ = load_tokenizer_and_template(path)  # the tokenizer alone: the engines' memory is their own
-    prompt = inference.build_prompt(tokenizer, args.prompt_tokens)
-    result = WORKERS[args.worker](args, path, prompt)
+    path = Path(args.model)
+    prompt = inference.build_prompt(load_tokenizer(path), args.prompt_tokens)  # no weights: the engine's memory
+    try:
+        result = WORKERS[args.worker](args, path, prompt)
+    except CamelidError as exc:  # e.g. --quantize int8 on Gemma: a cell of the table, not a crash
+        return {"unavailable": str(exc)}
     return {**result, "peak_mb": peak_mb()}
 
 
 def subprocess_json(command: list[str], threads: int) -> dict:
+    """The worker's last line of output, a JSON object; a worker that crashed is {"unavailable": ...} too, so that
+    one engine's failure costs its row, not the whole run (its traceback is on stderr above)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode:
-        raise SystemExit(f"{' '.join(command[1:3])} failed (exit {done.returncode}); its error is above")
+        return {"unavailable": f"its worker crashed (exit {done.returncode}); the traceback is in the output above"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(engine: str, args, quantize: str | None = None) -> dict:
+def measure(engine: str, args, path: Path, quantize: str | None = None) -> dict:
     print(f"measuring {engine}{f' ({quantize})' if quantize else ''} ...", file=sys.stderr, flush=True)
-    command = [sys.executable, __file__, "--worker", engine, "--threads", str(args.threads),
+    command = [sys.executable, __file__, "--worker", engine, "--model", str(path), "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
                "--repeats", str(args.repeats), *(["--kind", quantize] if quantize else [])]
     return subprocess_json(command, args.threads)
 
 
-def measure_training(contender: str, args) -> dict:
+def measure_training(contender: str, args, path: Path) -> dict:
     print(f"training {contender} ...", file=sys.stderr, flush=True)
-    command = [sys.executable, str(BENCH / "train.py"), "--worker", contender, "--threads", str(args.threads),
-               "--steps", str(args.train_steps)]
+    command = [sys.executable, str(BENCH / "train.py"), "--worker", contender, "--model", str(path),
+               "--threads", str(args.threads), "--steps", str(args.train_steps)]
     return subprocess_json(command, args.threads)
+
+
+def describe_model(spec: str, path: Path) -> str:
+    """The model as the table's heading names it: its name, family, size and vocabulary, and the file."""
+    from camelid.checkpoint import config_from_gguf
+    from camelid.config import ModelConfig
+    from camelid.gguf_file import GGUFFile
+
+    config = ModelConfig.load(path) if path.is_dir() else config_from_gguf(GGUFFile(path))
+    named = NAMED_MODELS.get(str(spec).lower())
+    name = named.description.split(",")[0] if named else path.name
+    published = inference.gguf_quantization(path)
+    stored = f"the {published} GGUF {path.name}" if published else f"the HF directory {path}"
+    return (f"{name}: {config.model_type}, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+            f"{config.vocab_size:,}-token vocabulary; {stored}")
+
+
+def describe_cpu() -> str:
+    """This machine's CPU and the vector instructions it has that the engines' kernels use."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last CPU's; all are alike here
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    vector = ", ".join(name for flag, name in VECTOR_FLAGS.items() if flag in flags) or "unknown"
+    return (f"{model}, {os.cpu_count()} CPUs; vector instructions: {vector}. PyTorch's CPU kernels run at its "
+            f"{torch.backends.cpu.get_cpu_capability()} level; camelid's int8 kernels are compiled with "
+            "-march=native")
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, all CPUs together; those of this process and its finished
+    workers): from their difference over a run, how much of the machine other processes took meanwhile."""
+    ours = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for field in ("ru_utime", "ru_stime"))
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except OSError:  # not Linux: unknown, counted as ours
+        return ours, ours
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), ours
 
 
 def cell(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def print_table(rows: dict, training: dict) -> None:
+    print("| engine | load s | prefill tok/s | decode b1 tok/s | decode b8 tok/s | LoRA train tok/s | peak MB "
+          "(inference / training) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        train = training.get(name)
+        trained = train is not None and "unavailable" not in train
+        lora = "n/a" if train and not trained else cell(train and train["tokens_per_second"], ".0f")
+        if "unavailable" in r:
+            print(f"| {name} | n/a | n/a | n/a | n/a | {lora} | n/a |")
+            continue
+        memory = f"{r['peak_mb']:,.0f}" + (f" / {train['peak_rss_mb']:,.0f}" if trained else "")
+        print(f"| {name} | {r['load_s']:.2f} | {r['prefill']:.0f} | {r['decode1']:.1f} | {cell(r['decode8'], '.1f')} "
+              f"| {lora} | {memory} |")
+    refused = [(name, r["unavailable"]) for name, r in rows.items() if "unavailable" in r]
+    refused += [(f"{name} (LoRA training)", t["unavailable"]) for name, t in training.items() if "unavailable" in t]
+    if refused:
+        print("\nn/a: not measured, and why")
+        for name, why in refused:
+            print(f"- {name}: {why}")
+
+
+def print_targets(rows: dict, training: dict, llama_name: str | None) -> None:
+    llama = rows.get(llama_name) if llama_name else None
+    if llama is None or "unavailable" in llama:
+        why = "it was not measured" if llama_name else "llama.cpp reads GGUF files only"
+        print(f"\nno ratios to llama.cpp: {why}")
+    else:
+        print(f"\ncamelid against the targets (llama.cpp's batch-1 decode: {llama['decode1']:.1f} tok/s)")
+        for name, r in rows.items():
+            if not name.startswith("camelid") or "unavailable" in r:
+                continue
+            b1, b8 = r["decode1"] / llama["decode1"], r["decode8"] / llama["decode1"]
+            print(f"- {name}: batch-1 decode {b1:.2f}x llama.cpp's (target 0.6x: {'met' if b1 >= 0.6 else 'not met'}); "
+                  f"batch-8 aggregate {b8:.2f}x its single stream (target 2x: {'met' if b8 >= 2 else 'not met'}); "
+                  f"load {r['load_s']:.2f} s (target 1 s: {'met' if r['load_s'] <= 1 else 'not met'})")
+    trained = {name: t for name, t in training.items() if "unavailable" not in t}
+    if len(trained) == 2:
+        ours, theirs = trained["camelid, float32"], trained["transformers, float32"]
+        diff = abs(ours["first_loss"] - theirs["first_loss"])
+        print(f"- LoRA training: {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x transformers + peft's "
+              f"speed, {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x its peak memory; the losses before the "
+              f"first update differ by {diff:.1e} ({'agree' if diff < 1e-4 else 'DISAGREE: not the same training'}; "
+              f"rows rendered with the chat template: {ours['template']})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a named model, a GGUF file or an HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     parser.add_argument("--prompt-tokens", type=int, default=500, help="prefill prompt length (default 500)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens decoded per sequence (default 128)")
@@ -151,51 +263,52 @@ def main() -> int:
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)  # the worker's one quantization
     args = parser.parse_args()
+    if args.prompt_tokens < 16 * BATCH:
+        parser.error(f"--prompt-tokens must be at least {16 * BATCH}: the batch-8 prompts are 16 tokens of it each")
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0
 
+    from camelid.checkpoint import resolve_model_path
+
+    try:
+        path = resolve_model_path(args.model).resolve()
+        about = describe_model(args.model, path)
+    except CamelidError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if "int8" in args.quantize:
         from camelid import native
 
-        native.library()  # built once per machine (and per version of native.c); loads then only open it
-    rows = {"camelid, float32": measure("camelid", args)}
+        try:
+            native.library()  # built once per machine (and per version of native.c); loads then only open it
+        except CamelidError:
+            pass  # no compiler: the int8 worker says so in the table
+    start, busy_start = time.perf_counter(), cpu_seconds()
+    rows = {"camelid, float32": measure("camelid", args, path)}
     for kind in args.quantize:
-        rows[f"camelid, --quantize {kind}"] = measure("camelid", args, kind)
-    rows["llama.cpp, the published Q4_1 file"] = measure("llamacpp", args)
+        rows[f"camelid, --quantize {kind}"] = measure("camelid", args, path, kind)
+    published = inference.gguf_quantization(path)
+    llama_name = f"llama.cpp, the published {published} file" if published else None
+    if llama_name:
+        rows[llama_name] = measure("llamacpp", args, path)
     if not args.skip_transformers:
-        rows["transformers, float32"] = measure("transformers", args)
+        rows["transformers, float32"] = measure("transformers", args, path)
     training = {}
     if not args.skip_training:
-        training = {"camelid, float32": measure_training("camelid", args)}
+        training = {"camelid, float32": measure_training("camelid", args, path)}
         if not args.skip_transformers:
-            training["transformers, float32"] = measure_training("peft", args)
+            training["transformers, float32"] = measure_training("peft", args, path)
+    (busy, ours), wall = (now - then for now, then in zip(cpu_seconds(), busy_start)), time.perf_counter() - start
+    others = max(0.0, (busy - ours) / (wall * os.cpu_count()))
 
-    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} "
-          f"greedy tokens per sequence, best of {args.repeats}; torch {torch.__version__}\n")
-    print("| engine | load s | prefill tok/s | decode b1 tok/s | decode b8 tok/s | LoRA train tok/s | peak MB "
-          "(inference / training) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        train = training.get(name)
-        memory = f"{r['peak_mb']:,.0f}" + (f" / {train['peak_rss_mb']:,.0f}" if train else "")
-        print(f"| {name} | {r['load_s']:.2f} | {r['prefill']:.0f} | {r['decode1']:.1f} | {cell(r['decode8'], '.1f')} "
-              f"| {cell(train and train['tokens_per_second'], '.0f')} | {memory} |")
-
-    llama = rows["llama.cpp, the published Q4_1 file"]
-    print("\ncamelid against the targets (llama.cpp's batch-1 decode: "
-          f"{llama['decode1']:.1f} tok/s)")
-    for name, r in rows.items():
-        if not name.startswith("camelid"):
-            continue
-        b1, b8 = r["decode1"] / llama["decode1"], r["decode8"] / llama["decode1"]
-        print(f"- {name}: batch-1 decode {b1:.2f}x llama.cpp's (target 0.6x: {'met' if b1 >= 0.6 else 'not met'}); "
-              f"batch-8 aggregate {b8:.2f}x its single stream (target 2x: {'met' if b8 >= 2 else 'not met'}); "
-              f"load {r['load_s']:.2f} s (target 1 s: {'met' if r['load_s'] <= 1 else 'not met'})")
-    if len(training) == 2:
-        ours, theirs = training["camelid, float32"], training["transformers, float32"]
-        print(f"- LoRA training: {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x transformers + peft's "
-              f"speed, {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x its peak memory")
+    print(f"\n{about}")
+    print(f"{args.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} greedy tokens per "
+          f"sequence, best of {args.repeats}; torch {torch.__version__}; {wall / 60:.1f} minutes, during which other "
+          f"processes kept {others:.0%} of the machine's CPUs busy (a quiet machine: ~0%)")
+    print(f"CPU: {describe_cpu()}" + (f"; llama.cpp built with {' '.join(rows[llama_name]['built_with'])}"
+                                      if llama_name and "built_with" in rows[llama_name] else "") + "\n")
+    print_table(rows, training)
+    print_targets(rows, training, llama_name)
     return 0
 
 

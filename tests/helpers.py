@@ -1,5 +1,6 @@
 """Helpers the tests share: paths to shared data and fixtures, JSONL files, the `camelid` command, free ports,
-live servers (in process and as a command), the real ShareGPT records, and the tiny model's config.
+live servers (in process and as a command), the real ShareGPT records, the tiny model's config, and a vocabulary
+with the chat families' special tokens.
 
 Fixtures live in conftest.py; everything a test imports by name lives here, once.
 """
@@ -31,6 +32,11 @@ TINY_CHAT = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, 
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                         tie_word_embeddings=True)
 
+
+# The special tokens of the chat families with built-in templates (Gemma, Llama 3, Phi-3) that SmolLM2's vocabulary
+# lacks; it has ChatML's <|im_start|>, <|im_end|> and <|endoftext|>.
+FAMILY_TOKENS = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eot_id|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def shared_file(name: str) -> Path:
@@ -121,6 +127,20 @@ def serve_command(args: list[str], env: dict | None = None):
         server.terminate()
         server.wait(timeout=30)
 
+
+# -- vocabularies and data ----------------------------------------------------------------------------------------
+
+
+def family_tokenizer(smollm2_gguf: Path):
+    """SmolLM2's real vocabulary plus FAMILY_TOKENS as control tokens, as those families' GGUF files mark them: a
+    byte-level BPE in which every built-in chat format's special tokens are whole tokens."""
+    from camelid.gguf_file import GGUFFile
+    from camelid.tokenizer import CONTROL, tokenizer_from_gguf
+
+    metadata = dict(GGUFFile(smollm2_gguf).metadata)
+    metadata["tokenizer.ggml.tokens"] = [*metadata["tokenizer.ggml.tokens"], *FAMILY_TOKENS]
+    metadata["tokenizer.ggml.token_type"] = [*metadata["tokenizer.ggml.token_type"], *[CONTROL] * len(FAMILY_TOKENS)]
+    return tokenizer_from_gguf(metadata)
 
 
 def sharegpt_records(limit: int):

@@ -1,11 +1,20 @@
-"""Chat templates against real references: transformers' renderer, FastChat's formats, SmolLM2's own template."""
+"""Chat templates against real references: transformers' renderer, FastChat's formats, llama.cpp's chat formats,
+SmolLM2's own template, and the Gemma 3 270M file that carries none."""
 
+import ctypes
 import functools
 import json
 
 import pytest
+from helpers import family_tokenizer
 
-from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate, assistant_spans, read_chat_template
+from camelid.chat_template import (
+    BUILTIN_TEMPLATES,
+    ChatTemplate,
+    assistant_spans,
+    family_template,
+    read_chat_template,
+)
 from camelid.errors import CamelidError
 
 transformers = pytest.importorskip("transformers")
@@ -159,7 +168,7 @@ EXPECTED_WITH_SYSTEM = {
 }
 
 
-@pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
+@pytest.mark.parametrize("name", EXPECTED)
 def test_builtin_spells_the_classic_format(name):
     question = [{"role": "user", "content": "Why?"}]
     assert ChatTemplate.named(name).render(SHORT + question, add_generation_prompt=True) == EXPECTED[name]
@@ -172,12 +181,14 @@ def test_builtin_ends_assistant_turns_with_the_models_eos():
     assert text.endswith("ASSISTANT: Hello!<|im_end|>USER: Name a colour. ASSISTANT: Blue.<|im_end|>")
 
 
-# FastChat's own definitions, where fschat is installed; chatml is FastChat's qwen-7b-chat ChatML format.
+# FastChat's own definitions, where fschat is installed; chatml is FastChat's qwen-7b-chat ChatML format, and so is
+# qwen with Qwen2.5's default system prompt. FastChat 0.2.36 has no gemma, llama-3 or phi-3 (see llama.cpp below).
 FASTCHAT_NAMES = {"alpaca": "alpaca", "vicuna_v1.1": "vicuna_v1.1", "koala_v1": "koala_v1",
-                  "llama-2": "llama-2", "chatml": "qwen-7b-chat"}
+                  "llama-2": "llama-2", "chatml": "qwen-7b-chat", "qwen": "qwen-7b-chat"}
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
-@pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
+@pytest.mark.parametrize("name", FASTCHAT_NAMES)
 def test_builtin_equals_fastchat(name, conversations):
     conversation_module = pytest.importorskip("fastchat.conversation")
     # llama-2's FastChat separator carries a literal <s>, and LLaMA's tokenizer adds the first one.
@@ -189,6 +200,8 @@ def test_builtin_equals_fastchat(name, conversations):
             if prompt and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]  # a generation prompt follows the user's turn
             conv = conversation_module.get_conv_template(FASTCHAT_NAMES[name])
+            if name == "qwen":
+                conv.set_system_message(QWEN_SYSTEM)
             turns = messages
             if messages[0]["role"] == "system":
                 conv.set_system_message(messages[0]["content"])
@@ -205,7 +218,7 @@ def test_builtin_equals_fastchat(name, conversations):
 
 
 def test_unknown_template_name_lists_the_choices():
-    choices = "alpaca, vicuna_v1.1, koala_v1, chatml, llama-2"
+    choices = "alpaca, vicuna_v1.1, koala_v1, chatml, llama-2, gemma, qwen, llama-3, phi-3"
     with pytest.raises(CamelidError, match=f"unknown chat template 'vicuna'; built-in templates: {choices}"):
         ChatTemplate.named("vicuna")
     assert ChatTemplate.named("ChatML").name == "chatml"
@@ -231,6 +244,170 @@ def test_each_template_compiles_once():
     source = "{{ messages | length }} " + "x" * 37  # a source no other test uses
     first, second = ChatTemplate(source), ChatTemplate(source)
     assert first._template is second._template
+
+
+# -- the family built-ins: gemma, qwen, llama-3, phi-3 ---------------------------------------------------------
+
+# Each family's end-of-turn token: it ends every assistant turn, and generation stops at it.
+END_OF_TURN = {"gemma": "<end_of_turn>", "qwen": "<|im_end|>", "llama-3": "<|eot_id|>", "phi-3": "<|end|>"}
+# The special tokens each family's tokenizer gives (Qwen's GGUF files name <|endoftext|> as BOS, Phi-3's <s>;
+# neither family's template writes one).
+FAMILY_SPECIALS = {
+    "gemma": {"bos_token": "<bos>", "eos_token": "<eos>"},
+    "qwen": {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"},
+    "llama-3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+    "phi-3": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
+}
+
+PADDED = [{"role": "user", "content": "  Hi \n"}, {"role": "assistant", "content": "\nHello! "}]
+# (messages, add_generation_prompt): a system message and a question; SHORT finished; whitespace around messages.
+FAMILY_CASES = [([{"role": "system", "content": "Be brief."}, *SHORT[:3]], True), (SHORT, False), (PADDED, False)]
+# The official formats written out by hand, one string per case, with FAMILY_SPECIALS given.
+FAMILY_EXPECTED = {
+    "gemma": [
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n",
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\nBlue.<end_of_turn>\n",
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n",
+    ],
+    "qwen": [
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+        "<|im_start|>assistant\nBlue.<|im_end|>\n",
+        f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n  Hi \n<|im_end|>\n"
+        "<|im_start|>assistant\n\nHello! <|im_end|>\n",
+    ],
+    "llama-3": [
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|>",
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>",
+    ],
+    "phi-3": [
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"
+        "<|user|>\nName a colour.<|end|>\n<|assistant|>\n",
+        "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nName a colour.<|end|>\n"
+        "<|assistant|>\nBlue.<|end|>\n<|endoftext|>",
+        "<|user|>\n  Hi \n<|end|>\n<|assistant|>\n\nHello! <|end|>\n<|endoftext|>",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", END_OF_TURN)
+def test_family_builtin_spells_the_official_format(name):
+    """Written out from each family's official template; transformers renders our source the same."""
+    specials = FAMILY_SPECIALS[name]
+    template = ChatTemplate.named(name, **specials)
+    for (messages, prompt), expected in zip(FAMILY_CASES, FAMILY_EXPECTED[name], strict=True):
+        assert template.render(messages, add_generation_prompt=prompt) == expected
+        assert reference_render(template.source, messages, add_generation_prompt=prompt, **specials) == expected
+
+
+def test_gemma_refuses_roles_out_of_order():
+    for messages in ([SYSTEM, SHORT[1]], SHORT[:1] * 2, [SYSTEM, SHORT[0], SYSTEM]):
+        with pytest.raises(CamelidError, match="'gemma' refused the conversation: .*roles must alternate"):
+            ChatTemplate.named("gemma").render(messages)
+
+
+def llama_cpp_render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """llama.cpp's own chat format for `template`: a format's name, or a Jinja source it recognises the format of
+    (as it does for a GGUF file's template when not running it as Jinja)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages]
+    )
+    size = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), add_generation_prompt, None, 0)
+    assert size >= 0, f"llama.cpp knows no chat format for {template[:60]!r}"
+    out = ctypes.create_string_buffer(size + 1)
+    llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), add_generation_prompt, out, size + 1)
+    return out.raw[:size].decode("utf-8")
+
+
+LLAMA_CPP_FORMATS = {"gemma": "gemma", "qwen": "chatml", "llama-3": "llama3", "phi-3": "phi3"}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", LLAMA_CPP_FORMATS)
+def test_family_builtin_equals_llama_cpp(name, conversations):
+    """llama.cpp's hand-written format of the family, and the one it picks for our source, write the same text.
+
+    What llama.cpp leaves out is left out here too: BOS (its tokenizer adds it) and the EOS that ends a finished
+    Phi-3 conversation (both written only when given), and a default system prompt (its chatml has none, so
+    Qwen's is given as a message). It also trims Gemma's system text, which Gemma 3's template does not; these
+    system messages have no whitespace to trim.
+    """
+    template = ChatTemplate.named(name)
+    for messages in conversations:
+        if name == "qwen" and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": QWEN_SYSTEM}, *messages]
+        for prompt in (False, True):
+            ours = template.render(messages, add_generation_prompt=prompt)
+            assert llama_cpp_render(LLAMA_CPP_FORMATS[name], messages, prompt) == ours
+            assert llama_cpp_render(template.source, messages, prompt) == ours
+
+
+@pytest.fixture(scope="module")
+def family_tok(smollm2_gguf):
+    return family_tokenizer(smollm2_gguf)
+
+
+@pytest.mark.parametrize("name", END_OF_TURN)
+def test_family_turns_end_with_a_token_generation_stops_at(name, family_tok, conversations):
+    """Each learned turn is the reply and the end-of-turn token, which is one token and among the stop ids that
+    generation stops at; Phi-3's closing EOS is learned by no turn."""
+    tok = family_tok
+    end = tok.encode(END_OF_TURN[name], add_special=False)
+    assert len(end) == 1 and end[0] in tok.stop_ids
+    template = ChatTemplate.named(name, **FAMILY_SPECIALS[name])
+    for messages in [*conversations[:6], *conversations[-3:], PADDED]:
+        ids = tok.encode(template.render(messages), add_special=False)
+        spans = check_spans(template, messages, tok, lambda reply: TURN_TEXT[name](reply, None))
+        assert [ids[end_ - 1] for _, end_ in spans] == end * len(spans)
+
+
+def test_family_template_names_the_builtin_by_architecture(family_tok, smollm2_tokenizer):
+    family, smollm2 = family_tok, smollm2_tokenizer
+    assert family_template("gemma3", family) == family_template("gemma3_text", family) == "gemma"
+    assert family_template("qwen2", family) == family_template("qwen2", smollm2) == "qwen"
+    assert family_template("phi3", family) == "phi-3"
+    assert family_template("llama", family) == "llama-3"
+    # A llama-architecture file without Llama 3's vocabulary (SmolLM2, Llama 2, Mistral): no guess.
+    assert family_template("llama", smollm2) is None
+    # A family whose format this vocabulary cannot write, and families without a built-in.
+    assert family_template("gemma3_text", smollm2) is None
+    assert family_template("qwen3", family) is None and family_template("smollm3", family) is None
+
+
+@pytest.mark.slow
+def test_gemma3_270m_file_chats_in_the_gemma_builtin(gemma3_gguf):
+    """The real Gemma 3 270M base GGUF carries no template: family_template names gemma for it, whose turn markers
+    are the file's own control tokens and whose end of turn is a stop id."""
+    from camelid.gguf_file import GGUFFile
+    from camelid.tokenizer import tokenizer_from_gguf
+
+    metadata = GGUFFile(gemma3_gguf).metadata
+    assert read_chat_template(gemma3_gguf) is None
+    tok = tokenizer_from_gguf(metadata)
+    name = family_template(metadata["general.architecture"], tok)
+    assert name == "gemma"
+    template = ChatTemplate.named(name, bos_token=tok.bos_token if tok.add_bos else None, eos_token=tok.eos_token)
+    messages = [SYSTEM, *SHORT]
+    ids = tok.encode(template.render(messages), add_special=False)
+    pieces = [tok.backend.id_to_token(i) for i in ids]
+    assert pieces[0] == "<bos>" and pieces.count("<start_of_turn>") == pieces.count("<end_of_turn>") == 4
+    spans = check_spans(template, messages, tok, lambda reply: reply + "<end_of_turn>")
+    assert all(ids[end - 1] in tok.stop_ids for _, end in spans)
 
 
 # -- the sandbox -------------------------------------------------------------------------------------------
@@ -326,15 +503,22 @@ TURN_TEXT = {
     "koala_v1": lambda reply, eos: " " + reply + eos,
     "llama-2": lambda reply, eos: " " + reply + " " + eos,
     "chatml": lambda reply, eos: reply + "<|im_end|>",
+    # Gemma's and Llama 3's templates trim each message; Phi-3's EOS after the last <|end|> closes the conversation.
+    "gemma": lambda reply, eos: reply.strip() + "<end_of_turn>",
+    "qwen": lambda reply, eos: reply + "<|im_end|>",
+    "llama-3": lambda reply, eos: reply.strip() + "<|eot_id|>",
+    "phi-3": lambda reply, eos: reply + "<|end|>",
 }
 
 
 @pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
 @pytest.mark.parametrize("eos", ["</s>", "<|im_end|>"])
-def test_assistant_spans_builtins(name, eos, smollm2_tokenizer, conversations):
+def test_assistant_spans_builtins(name, eos, smollm2_tokenizer, family_tok, conversations):
+    # The family formats with their special tokens whole, as in those families' vocabularies.
+    tokenizer = family_tok if name in END_OF_TURN else smollm2_tokenizer
     template = ChatTemplate.named(name, eos_token=eos)
     for messages in conversations[:8] + conversations[-3:]:
-        check_spans(template, messages, smollm2_tokenizer, lambda reply: TURN_TEXT[name](reply, eos))
+        check_spans(template, messages, tokenizer, lambda reply: TURN_TEXT[name](reply, eos))
 
 
 def test_assistant_spans_short_conversations(smollm2_tokenizer):

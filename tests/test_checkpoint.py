@@ -250,8 +250,34 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_model, tokenizer_met
     data = path.read_bytes().replace(b"llama", b"gpt2_", 1)  # general.architecture
     path.write_bytes(data)
     with pytest.raises(CamelidError,
-                       match=r"architecture 'gpt2_' is not supported \(supported: llama, qwen2, qwen3, smollm3, gemma3\)"):
+                       match=r"architecture 'gpt2_' is not supported \(supported: llama, qwen2, qwen3, smollm3, gemma3, "
+                             r"phi3\)"):
         load_model(path, device="cpu")
+
+
+@pytest.mark.parametrize("rope_dims, factors, message", [
+    (16, True, r"phi3 with longrope \(rope_factors_long/short\) is not supported$"),  # Phi-3-mini-128k, Phi-3.5
+    (12, False, r"phi3 with a rotary embedding on part of each head \(rope.dimension_count 12 of 16\) is not "
+                r"supported$"),  # Phi-4-mini
+])
+def test_phi3_gguf_that_camelid_does_not_run_is_refused_in_one_line(tmp_path, rope_dims, factors, message):
+    path = tmp_path / "phi3.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    for add, value in [(w.add_context_length, 4096), (w.add_embedding_length, 64), (w.add_block_count, 1),
+                       (w.add_feed_forward_length, 128), (w.add_head_count, 4), (w.add_head_count_kv, 4),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_dimension_count, rope_dims)]:
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((32, 64), np.float32))
+    if factors:  # as llama.cpp's converter writes longrope's per-frequency factors
+        w.add_tensor("rope_factors_long.weight", np.ones(8, np.float32))
+        w.add_tensor("rope_factors_short.weight", np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CamelidError, match=message) as caught:
+        load_model(path, device="cpu")
+    assert "\n" not in str(caught.value)
 
 
 def test_missing_and_unknown_models(tmp_path):

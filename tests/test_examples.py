@@ -1,12 +1,14 @@
-"""Training examples against SmolLM2's real tokenizer and template: the supervised tokens decode to exactly the
-assistant turns, on hand-made edge cases and real ShareGPT conversations; over-long examples are cut or dropped
-as stated; and a packed row computes exactly what its examples compute alone (loss, logits, gradients)."""
+"""Training examples against SmolLM2's real tokenizer and template (and its vocabulary with Gemma's, Llama 3's and
+Phi-3's special tokens added, for those formats): the supervised tokens decode to exactly the assistant turns, on
+hand-made edge cases and real ShareGPT conversations; over-long examples are cut or dropped as stated; and a packed
+row computes exactly what its examples compute alone (loss, logits, gradients)."""
 
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import family_tokenizer
 
 from camelid.chat import chat_template_for
 from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
@@ -33,16 +35,35 @@ def tok(smollm2_without_weights):
     return smollm2_without_weights.tokenizer
 
 
+# Built-ins whose special tokens SmolLM2's vocabulary lacks: their examples are made with those tokens added.
+FAMILY_FORMATS = ("gemma", "llama-3", "phi-3")
+FASTCHAT_FORMATS = ("alpaca", "vicuna_v1.1", "koala_v1", "llama-2")
+
+
 @pytest.fixture(scope="module")
-def templates(smollm2_without_weights):
-    """Every template a run can train SmolLM2 with, as the run makes it, plus FastChat's formats with their `</s>`."""
+def family_tok(smollm2_gguf):
+    return family_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def templates(smollm2_without_weights, family_tok):
+    """Every template a run can train SmolLM2 with, as the run makes it, plus FastChat's formats with their `</s>`
+    (and the family formats, as a run makes them for SmolLM2 with those families' tokens)."""
+    with_family_tokens = dataclasses.replace(smollm2_without_weights, tokenizer=family_tok)
     out = {"smollm2": chat_template_for(smollm2_without_weights)}
-    out.update({name: chat_template_for(smollm2_without_weights, name) for name in BUILTIN_TEMPLATES})
-    out.update({f"{name}/fastchat": ChatTemplate.named(name) for name in BUILTIN_TEMPLATES if name != "chatml"})
+    for name in BUILTIN_TEMPLATES:
+        out[name] = chat_template_for(with_family_tokens if name in FAMILY_FORMATS else smollm2_without_weights, name)
+    out.update({f"{name}/fastchat": ChatTemplate.named(name) for name in FASTCHAT_FORMATS})
     return out
 
 
-TEMPLATE_KEYS = ["smollm2", *BUILTIN_TEMPLATES, *(f"{n}/fastchat" for n in BUILTIN_TEMPLATES if n != "chatml")]
+@pytest.fixture(scope="module")
+def tokenizers(tok, family_tok):
+    """The tokenizer each template's examples are made with."""
+    return {key: family_tok if key in FAMILY_FORMATS else tok for key in TEMPLATE_KEYS}
+
+
+TEMPLATE_KEYS = ["smollm2", *BUILTIN_TEMPLATES, *(f"{n}/fastchat" for n in FASTCHAT_FORMATS)]
 
 # What each template writes between its generation prompt and a reply (`lead`) and after it (`marker`), written
 # out from the formats' definitions (SmolLM2's EOS is <|im_end|>; FastChat's formats end turns with EOS).
@@ -57,8 +78,15 @@ FORMATS = {
     "vicuna_v1.1/fastchat": (" ", "</s>"),
     "koala_v1/fastchat": (" ", "</s>"),
     "llama-2/fastchat": (" ", " </s>"),
+    "qwen": ("", "<|im_end|>"),
+    "gemma": ("", "<end_of_turn>"),
+    "llama-3": ("", "<|eot_id|>"),
+    "phi-3": ("", "<|end|>"),
 }
-CHATML_LIKE = {"smollm2", "chatml"}
+# Templates whose generation prompt ends with a newline that a reply's own leading whitespace can join.
+CHATML_LIKE = {"smollm2", "chatml", "qwen", "phi-3"}
+# Gemma's and Llama 3's templates trim every message: what a turn learns is the reply stripped.
+TRIMMED = {"gemma", "llama-3"}
 
 SENTINEL = "\x00REPLY\x00"
 
@@ -68,6 +96,8 @@ def turn_format(template: ChatTemplate) -> tuple[str, str]:
     probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": SENTINEL}]
     prompt = template.render(probe[:1], add_generation_prompt=True)
     through = template.render(probe)
+    if not prompt.startswith(template.render(probe[:1])):  # Phi-3's: EOS ends a finished conversation, not a turn
+        through = through.removesuffix(template.eos_token)
     assert through.startswith(prompt)
     lead, found, after = through[len(prompt) :].partition(SENTINEL)
     assert found
@@ -136,8 +166,8 @@ def test_turn_formats_read_off_the_templates(templates):
 
 @pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
 @pytest.mark.parametrize("key", TEMPLATE_KEYS)
-def test_supervised_tokens_are_exactly_the_assistant_turns(key, system, templates, tok):
-    template = templates[key]
+def test_supervised_tokens_are_exactly_the_assistant_turns(key, system, templates, tokenizers):
+    template, tok = templates[key], tokenizers[key]
     lead, marker = turn_format(template)
     messages = conversation(system)
     example = make_example(template, tok, messages)
@@ -157,13 +187,13 @@ def test_supervised_tokens_are_exactly_the_assistant_turns(key, system, template
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             start = len(template.render(messages[:i], add_generation_prompt=True))
-            expected = lead + m["content"] + marker
+            expected = lead + (m["content"].strip() if key in TRIMMED else m["content"]) + marker
             assert text[start : start + len(expected)] == expected
             regions.append((start, start + len(expected)))
 
     for (s, e), reply, (r_start, _) in zip(spans, replies, regions):
         got = tok.decode(example.tokens[s:e])
-        expected = lead + reply + marker
+        expected = lead + (reply.strip() if key in TRIMMED else reply) + marker
         if key in CHATML_LIKE and reply in STRADDLING:
             # The turn's first token begins one character early, at the prompt's closing newline.
             assert offsets[s][0] == r_start - 1 < offsets[s][1]
@@ -199,10 +229,11 @@ def test_vicuna_and_chatml_turns_literally(templates, tok):
     assert rendered.endswith(" USER: Hi ASSISTANT: Hello </s> there</s>USER: Again ASSISTANT: \nBye 👋</s>")
 
 
-def test_an_empty_reply_still_learns_the_end_of_turn(templates, tok):
+def test_an_empty_reply_still_learns_the_end_of_turn(templates, tokenizers):
     messages = [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}]
     for key in TEMPLATE_KEYS:
         lead, marker = turn_format(templates[key])
+        tok = tokenizers[key]
         example = make_example(templates[key], tok, messages)
         assert [tok.decode(example.tokens[s:e]) for s, e in supervised_spans(example)] == [lead + marker], key
 

@@ -42,6 +42,11 @@ FAMILIES = {
     "gemma3-published": lambda: transformers.Gemma3TextConfig(**{**SHAPE, "num_hidden_layers": 6}, head_dim=32,
                                                               query_pre_attn_scalar=32, sliding_window=WINDOW,
                                                               pad_token_id=0),
+    # Phi-3: q, k and v in one qkv_proj and gate and up in one gate_up_proj, which camelid splits and fuses
+    "phi3": lambda: transformers.Phi3Config(**SHAPE, pad_token_id=0),
+    # Phi-3-mini as published: a sliding window in every layer (2,047 keys there), which llama.cpp does not run;
+    # wider than WINDOW so that llama.cpp's test has more positions within it, narrower than the tests' sequences
+    "phi3-window": lambda: transformers.Phi3Config(**SHAPE, sliding_window=3 * WINDOW, pad_token_id=0),
     # Llama 3.1/3.2: the "llama3" rope scaling (long wavelengths slowed, short ones kept)
     "llama3-rope": lambda: transformers.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -138,7 +143,7 @@ def test_f16_weights_stay_close_and_int8_runs_what_its_kernels_know(family):
     if compiler() is None:
         pytest.skip("int8 builds its kernels with a C compiler")
     refusal = {"qwen3": r"the per-head q/k norms of qwen3 models", "mistral-window": "sliding-window attention",
-               "qwen2-window": "sliding-window attention",
+               "qwen2-window": "sliding-window attention", "phi3-window": "sliding-window attention",
                "smollm3": r"layers without the rotary embedding \(SmolLM3's NoPE\)",
                "smollm3-step4": r"layers without the rotary embedding \(SmolLM3's NoPE\)",
                "gemma3": r"Gemma's layers \(scaled embeddings, norms after attention and MLP, GeGLU\)",
@@ -214,11 +219,22 @@ def test_gguf_export_runs_in_llama_cpp_and_reads_back(family, tmp_path):
      r"config layer_types must name one of full_attention, sliding_attention for each of the 2 layers"),
     (dict(use_sliding_window=True, sliding_window=0), r"config sliding_window must be a positive integer, not 0"),
     (dict(model_type="gpt_neox"), r"model_type 'gpt_neox' is not supported \(supported: llama, mistral, "
-                                  r"qwen2, qwen3, smollm3, gemma3_text\)"),
+                                  r"qwen2, qwen3, smollm3, gemma3_text, phi3\)"),
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), r"config no_rope_layers must give 1 \(rope\) or 0 \(none\) "
                                                          r"for each of the 2 layers"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
      r"rope_scaling type 'yarn' is not supported"),
+    # Phi-3-mini-128k and Phi-3.5: longrope, as transformers 5 writes it and under its earlier name su
+    (dict(model_type="phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
+                                              "short_factor": [1.0] * 8, "partial_rotary_factor": 1.0}),
+     r"^model_type phi3: rope_scaling type 'longrope' is not supported"),
+    (dict(model_type="phi3", rope_scaling={"type": "su", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}),
+     r"^model_type phi3: rope_scaling type 'su' \(longrope\) is not supported$"),
+    # Phi-4-mini: the rotary embedding on three quarters of each head, as transformers 4 and 5 write it
+    (dict(model_type="phi3", partial_rotary_factor=0.75), r"^model_type phi3: partial_rotary_factor 0.75 \(the rotary "
+                                                          r"embedding on part of each head, as in Phi-4-mini\) is not"),
+    (dict(model_type="phi3", rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     r"^model_type phi3: partial_rotary_factor 0.5 "),
 ])
 def test_what_camelid_does_not_run_is_refused_in_one_line(tmp_path, change, message):
     from camelid.config import ModelConfig
@@ -262,6 +278,37 @@ def test_lora_adapters_travel_both_ways_with_peft(family, tmp_path):
 
     theirs.save_pretrained(tmp_path / "peft")
     back = load_adapter(load_model(directory, device="cpu").model.eval(), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, tokens), expected, atol=1e-4, rtol=0)
+
+
+def test_phi3_adapters_on_some_parts_of_a_fused_layer_travel_with_peft(tmp_path, smollm2_gguf):
+    """camelid's adapters on q and v (not k) and on up (not gate) of Phi-3 are one peft adapter on qkv_proj and
+    one on gate_up_proj, with zero rows for the parts left out and ranks by peft's rank_pattern: equal logits."""
+    peft = pytest.importorskip("peft")
+    from camelid.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+
+    directory, _ = hf_directory("phi3", tmp_path / "hf", smollm2_gguf)
+    tokens = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))
+    config = LoRAConfig(r=2, alpha=6, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    ours = apply_lora(load_model(directory, device="cpu").model.eval(), config)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(ours, tmp_path / "ours", base_model=str(directory))
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["qkv_proj", "gate_up_proj", "down_proj"]
+    assert (written["rank_pattern"], written["alpha_pattern"]) == ({"qkv_proj": 4, "gate_up_proj": 2},
+                                                                   {"qkv_proj": 12, "gate_up_proj": 6})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    expected = logits(theirs, tokens)
+    torch.testing.assert_close(logits(ours, tokens), expected, atol=1e-4, rtol=0)
+
+    theirs.save_pretrained(tmp_path / "peft")
+    back = load_adapter(load_model(directory, device="cpu").model.eval(), tmp_path / "peft")
+    assert back.lora.targets == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    assert back.model.layers[0].self_attn.k_proj.lora_B.weight.abs().max() == 0  # the rows left out
     torch.testing.assert_close(logits(back, tokens), expected, atol=1e-4, rtol=0)
 
 
@@ -310,3 +357,28 @@ def test_packed_examples_see_their_own_window_only(case, tmp_path, smollm2_gguf)
         packed = model.lm_head(model.hidden(tokens, positions=positions, mask=mask[None]))[0]
         alone = torch.cat([model(e[None])[0] for e in examples])
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=0)
+
+
+def test_gemma3_with_a_vision_tower_loads_as_its_language_model(tmp_path, smollm2_gguf):
+    """Gemma 3 4B and up are published as Gemma3ForConditionalGeneration: camelid reads the text part (config
+    from text_config, weights from under the language model's prefix) and runs it as transformers runs text."""
+    text = transformers.Gemma3TextConfig(**SHAPE, head_dim=32, sliding_window=WINDOW, sliding_window_pattern=2)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf = transformers.Gemma3ForConditionalGeneration(
+            transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path)
+    from camelid.gguf_file import GGUFFile
+    from camelid.tokenizer import tokenizer_from_gguf
+
+    tokenizer_from_gguf(GGUFFile(smollm2_gguf).metadata).save(tmp_path)
+    loaded = load_model(tmp_path, device="cpu", dtype="float32")
+    assert loaded.config.model_type == "gemma3_text" and loaded.config.window(1) is None
+    tokens = torch.randint(3, VOCAB, (1, 60), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(logits(loaded.model, tokens), logits(hf, tokens), atol=1e-4, rtol=0)

@@ -4,8 +4,11 @@ Two vocabularies: the real SmolLM2 GGUF (byte-level BPE), and a small SentencePi
 ShareGPT text and written to a vocab-only GGUF, since no real SentencePiece GGUF is available offline.
 """
 
+import ctypes
+import itertools
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -173,14 +176,15 @@ def _sample(texts, limit):
     return texts if limit is None else texts[:limit] + CHAT_TEXTS + EDGE_TEXTS
 
 
-def _assert_llama_cpp_ids(ours, path, texts):
-    vocab = _llama_cpp_vocab(path)
-    for add_special in (True, False):
+def _assert_llama_cpp_ids(ours, path_or_vocab, texts):
+    """Every text the same ids as llama.cpp's, with and without BOS, with and without parsing special tokens."""
+    vocab = _llama_cpp_vocab(path_or_vocab) if isinstance(path_or_vocab, (str, Path)) else path_or_vocab
+    for add_special, parse_special in itertools.product((True, False), (True, False)):
         _assert_same_ids(
             texts,
-            lambda t: ours.encode(t, add_special=add_special),
-            lambda t: vocab.tokenize(t.encode("utf-8"), add_bos=add_special, special=True),
-            f"llama.cpp (add_special={add_special})",
+            lambda t: ours.encode(t, add_special=add_special, parse_special=parse_special),
+            lambda t: vocab.tokenize(t.encode("utf-8"), add_bos=add_special, special=parse_special),
+            f"llama.cpp (add_special={add_special}, parse_special={parse_special})",
         )
 
 
@@ -361,6 +365,118 @@ def test_spm_ids_match_llama_cpp(limit, spm_tokenizer, spm_model, texts):
     """Including special and user-defined tokens in the text, after which llama.cpp starts a new run of text
     with its own space prefix, and text that starts with spaces."""
     _assert_llama_cpp_ids(spm_tokenizer, spm_model[1], _sample(texts, limit) + SPM_SPECIAL_TEXTS)
+
+
+# -- Gemma 3: the real GGUF, SentencePiece BPE with 262,144 tokens -------------------------------------------------
+
+# Gemma's vocabulary keeps runs of up to 31 newlines, spaces or tabs and some HTML tags as user-defined tokens,
+# which llama.cpp matches whole even without parse_special; `<start_of_turn>`, `<bos>`, `<unusedN>` are control
+# tokens, matched only with it; no space is prefixed; rare characters fall back to byte tokens.
+GEMMA_TEXTS = [
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
+    "<bos>after bos<eos> and <pad><unk><mask> <unused0><unused6241> [multimodal] <start_of_image><end_of_image>",
+    "a user's </s> strikethrough: <s>old</s>, <b>bold</b> <table><tr><td>cell</td></tr></table> <tr > <TD>",
+    "byte tokens as text: <0x0A> <0xFF> <0x41>, and [EOS] <|im_end|> <end_of_turn",
+    "def f(x):\n\tif x:\n\t\treturn [x]  # two spaces\n" + "    " * 12 + "deep\n\n\n\tmixed \t \t\n",
+    " " * 31 + "|" + " " * 32 + "|" + " " * 70 + "|" + "\t" * 40 + "|" + "\n" * 45 + "|" + " \n" * 5,
+    "\r\n\r\n windows\r\nlines \u00a0non-breaking\u3000ideographic space\x0bvertical\x0cform feed",
+    "3141592653589793238462643383279502884197169399375105820974944592 and 1,000,000.00 and 0x7fff_ffff",
+    "中文文本，日本語の文章、한국어 문장。 ꙮ 𠀀𠀁 𐌀𐌁𐌂 𓀀 \x00\x01\x07",
+    "🦙🐪 family: 👨\u200d👩\u200d👧\u200d👦 flags: 🇯🇵🇺🇸 skin: 👍🏿 new: \U0001fae8",
+    "\u2581 SentencePiece's space mark \u2581\u2581 in the text",
+    " leading and trailing ",
+    "   ",
+    " ",
+    "\n",
+]
+LLAMA_TOKEN_ATTR_UNKNOWN, LLAMA_TOKEN_ATTR_CONTROL, LLAMA_TOKEN_ATTR_USER_DEFINED = 1, 8, 16  # llama.h
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizer(gemma3_gguf):
+    return load_tokenizer(gemma3_gguf)
+
+
+@pytest.fixture(scope="module")
+def gemma3_llama_cpp(gemma3_gguf):
+    return _llama_cpp_vocab(gemma3_gguf)
+
+
+def _llama_cpp_detokenize(llm, ids: list[int], *, special: bool) -> str:
+    """llama.cpp's own detokenizer: llama-cpp-python's `detokenize` drops a space after BOS and empties any piece
+    longer than its 32-byte buffer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokens = (llama_cpp.llama_token * len(ids))(*ids)
+    size = 64 + 64 * len(ids)
+    text = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, tokens, len(ids), text, size, False, special)
+    assert 0 <= n <= size
+    return text.raw[:n].decode("utf-8")
+
+
+def test_gemma3_special_token_facts(gemma3_tokenizer):
+    tok = gemma3_tokenizer
+    assert tok.vocab_size == 262144
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
+    assert tok.add_bos is True and tok.encode("hi")[:1] == [2]
+    user, hi = tok.backend.token_to_id("user"), tok.backend.token_to_id("hi")  # no "▁": no space prefix
+    assert tok.encode("<start_of_turn>user\nhi<end_of_turn>\n", add_special=False) == [105, user, 107, hi, 106, 107]
+    assert tok.encode("<start_of_turn>", add_special=False, parse_special=False) != [105]
+    assert tok.encode("a  b", add_special=False, parse_special=False)[1] == tok.backend.token_to_id("  ")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("which, infill_ends", [("smollm2", {"<reponame>"}), ("gemma3", set())])
+def test_special_and_stop_tokens_are_llama_cpps(which, infill_ends, request):
+    """Which tokens are matched whole in text (only with parse_special: control and unknown; always:
+    user-defined) and which end generation: llama.cpp's token attributes and end-of-generation set, which it
+    derives from the file's token types and its own list of end-of-turn texts. llama.cpp also stops at the
+    code-infilling tokens it finds by name (SmolLM2's <reponame>, as a repository marker); camelid does not."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = request.getfixturevalue(f"{which}_tokenizer")
+    llm = _llama_cpp_vocab(request.getfixturevalue(f"{which}_gguf"))  # kept: its vocabulary dies with it
+    vocab = llm._model.vocab
+    attrs = [llama_cpp.llama_vocab_get_attr(vocab, i) for i in range(tok.vocab_size)]
+    added = tok.backend.get_added_tokens_decoder()
+    special = {i for i, a in enumerate(attrs) if a & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_UNKNOWN)}
+    user_defined = {i for i, a in enumerate(attrs) if a & LLAMA_TOKEN_ATTR_USER_DEFINED} - special
+    assert {i for i, t in added.items() if t.special} == special
+    assert {i for i, t in added.items() if not t.special} == user_defined
+    ends = {i for i in range(tok.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert tok.stop_ids == ends - {tok.backend.token_to_id(t) for t in infill_ends}
+    if which == "gemma3":  # <eos>, <end_of_turn>, and the HTML </s>, which llama.cpp 0.3.36 counts as an end
+        assert tok.stop_ids == {1, 106, 212} and len(user_defined) == 164
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("limit", SAMPLES)
+def test_gemma3_ids_match_llama_cpp(limit, gemma3_tokenizer, gemma3_llama_cpp, texts):
+    """With and without BOS and parse_special; the texts must have exercised byte fallback and user-defined
+    tokens (whitespace runs, tags) for the comparison to mean anything."""
+    compared = _sample(texts, limit) + GEMMA_TEXTS
+    _assert_llama_cpp_ids(gemma3_tokenizer, gemma3_llama_cpp, compared)
+    byte_ids = {gemma3_tokenizer.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    user_defined = {i for i, t in gemma3_tokenizer.backend.get_added_tokens_decoder().items() if not t.special}
+    encoded = [set(gemma3_tokenizer.encode(t, add_special=False)) for t in compared]
+    assert sum(bool(ids & byte_ids) for ids in encoded) >= (5 if limit else 10)
+    assert sum(bool(ids & user_defined) for ids in encoded) >= (40 if limit else 800)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("limit", SAMPLES)
+def test_gemma3_decode_matches_llama_cpp_and_round_trips(limit, gemma3_tokenizer, gemma3_llama_cpp, texts):
+    tok = gemma3_tokenizer
+    for text in _sample(texts, limit) + GEMMA_TEXTS:
+        ids = tok.encode(text)  # BOS, and special tokens in the text parsed
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special=skip) == _llama_cpp_detokenize(gemma3_llama_cpp, ids, special=not skip)
+        if "\u2581" in text:  # SentencePiece's space mark reads back as a space, in llama.cpp too
+            continue
+        assert tok.decode(ids[1:]) == text, text[:80]
+        literal = tok.encode(text, parse_special=False)  # special-token texts stay text, and come back as such
+        assert tok.decode(literal, skip_special=True) == text, text[:80]
+    assert tok.decode(tok.encode("\u2581a \u2581")) == "<bos> a  "
 
 
 # -- save / load ------------------------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ CHAT_HELP = """commands:
 
 
 def chat_template_for(loaded: LoadedModel, name: str | None = None):
-    """The template to chat with: a named built-in when given, else the model's own."""
+    """The template to chat with: a named built-in when given, else the model's own, else the built-in in its
+    family's format (a Gemma 3 base GGUF carries none: `gemma`)."""
     from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 
     tok = loaded.tokenizer
+    name = name or (None if loaded.chat_template else family_template_name(loaded))
     if name:
         # A built-in writes BOS itself, so only where this tokenizer would have added one.
         bos = tok.bos_token if tok.add_bos else None
@@ -29,6 +31,29 @@ def chat_template_for(loaded: LoadedModel, name: str | None = None):
             f"({', '.join(BUILTIN_TEMPLATES)})"
         )
     return ChatTemplate(loaded.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+
+def family_template_name(loaded: LoadedModel) -> str | None:
+    """The built-in template in the model family's format, for a model without a template of its own."""
+    from camelid.chat_template import family_template
+
+    return family_template(loaded.config.model_type, loaded.tokenizer)
+
+
+def model_notes(loaded: LoadedModel, template_name: str | None = None) -> list[str]:
+    """What a person chatting with this model should know first: that a base model was not taught to chat, and
+    which built-in template stands in for one the file lacks."""
+    from camelid.named_models import named_model_at
+
+    notes = []
+    named = named_model_at(loaded.source)
+    if named is not None and not named.instruct:
+        notes.append(f"{named.name} is a base model, not instruction-tuned: it continues text rather than follows "
+                     "instructions; fine-tune it (camelid train, camelid quickstart) for an assistant")
+    if not template_name and not loaded.chat_template:
+        notes.append(f"{loaded.source.name} has no chat template; using the built-in "
+                     f"{family_template_name(loaded)!r} (its family's format)")
+    return notes
 
 
 def encode_chat(loaded: LoadedModel, template, messages: list[dict], *, keep_tokens: int = 0) -> list[int]:
@@ -80,6 +105,8 @@ def run_chat(
     template = chat_template_for(loaded, template_name)
     history: list[dict] = []
     write(f"camelid chat with {loaded.source.name} — /help for commands, Ctrl-D to leave\n")
+    for note in model_notes(loaded, template_name):
+        write(f"note: {note}\n")
     while True:
         try:
             line = read(">>> ")

@@ -6,8 +6,12 @@ lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that
 real models' templates render here exactly as they do there.
 
 The built-ins reproduce FastChat's conversation formats for alpaca, vicuna_v1.1, koala_v1 and llama-2, and the
-ChatML format (FastChat's ChatML style with the usual "You are a helpful assistant." system prompt). A leading
-system message replaces a format's default system prompt.
+ChatML format (FastChat's ChatML style with the usual "You are a helpful assistant." system prompt). For model
+files that carry no template of their own (`family_template` names the one for an architecture), four more render
+what those families' official Hugging Face templates render for plain conversations: gemma (Gemma 2/3), qwen
+(Qwen2.5-Instruct: ChatML with Qwen's default system prompt), llama-3 (Llama 3 Instruct, 3.0's format) and phi-3
+(Phi-3-mini-instruct). A leading system message replaces a format's default system prompt; Gemma, which has no
+system role, opens the first user turn with it.
 
 BOS and EOS. `render`'s text is meant to be encoded with `add_special=False`, as transformers'
 `apply_chat_template` does, so a template that wants a BOS token writes `bos_token` itself:
@@ -15,12 +19,15 @@ BOS and EOS. `render`'s text is meant to be encoded with `add_special=False`, as
 - A model's own template gets the tokenizer's tokens, as transformers gives them, and decides for itself:
   `ChatTemplate(source, bos_token=tok.bos_token, eos_token=tok.eos_token)`.
 - A built-in writes `bos_token` at the start of the conversation (llama-2: before every `[INST]`, as Meta's
-  format does) when one is given, and nothing when it is not. So give it exactly when the model's tokenizer
-  adds BOS to a sequence: `ChatTemplate.named(name, bos_token=tok.bos_token if tok.add_bos else None,
-  eos_token=tok.eos_token)`. Without that, a LLaMA model would see a conversation with no BOS, and a model
-  that never uses one (SmolLM2, most ChatML models) would see a stray token.
+  format does) when one is given, and nothing when it is not; qwen and phi-3 never write one, as their official
+  templates do not. So give it exactly when the model's tokenizer adds BOS to a sequence:
+  `ChatTemplate.named(name, bos_token=tok.bos_token if tok.add_bos else None, eos_token=tok.eos_token)`.
+  Without that, a LLaMA model would see a conversation with no BOS, and a model that never uses one (SmolLM2,
+  most ChatML models) would see a stray token.
 - The FastChat formats end each assistant turn with `eos_token` (FastChat's `</s>`, LLaMA's EOS, when none is
-  given), so a fine-tuned model learns to stop with its own EOS. ChatML ends turns with `<|im_end|>`.
+  given), so a fine-tuned model learns to stop with its own EOS. The others end turns with their family's
+  end-of-turn token: `<|im_end|>` (chatml, qwen), `<end_of_turn>` (gemma), `<|eot_id|>` (llama-3), `<|end|>`
+  (phi-3, whose template also ends a conversation that has no generation prompt with `eos_token`).
 
 Training masks (`assistant_spans`) come from the template itself: the conversation is rendered up to each
 assistant turn and through it, and the difference is that turn's text. Nothing is split on separator strings.
@@ -124,11 +131,13 @@ _LLAMA_2 = (
 """
 )
 
-# ChatML: `<|im_start|>role\ncontent<|im_end|>\n` per message, the system block always present.
-_CHATML = (
-    _SYSTEM_SPLIT.replace("DEFAULT_SYSTEM", _literal("You are a helpful assistant."))
-    + """\
-{{- bos_token if bos_token else '' -}}
+
+def _chatml(default_system: str, *, bos: bool) -> str:
+    """ChatML: `<|im_start|>role\ncontent<|im_end|>\n` per message, the system block always present."""
+    return (
+        _SYSTEM_SPLIT.replace("DEFAULT_SYSTEM", _literal(default_system))
+        + ("{{- bos_token if bos_token else '' -}}\n" if bos else "")
+        + """\
 {{- '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' -}}
 {%- for message in loop_messages -%}
     {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}
@@ -137,7 +146,60 @@ _CHATML = (
     {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}
 """
+    )
+
+
+# Gemma 2/3's turns, assistant written `model`, contents trimmed. Gemma has no system role: as Gemma 3's own
+# template does, a system message's text and a blank line open the first user turn (Gemma 2's refuses one).
+_GEMMA = (
+    _SYSTEM_SPLIT.replace("DEFAULT_SYSTEM", "none")
+    + """\
+{%- set first_prefix = system_message + '\\n\\n' if system_message is not none else '' -%}
+{{- bos_token if bos_token else '' -}}
+{%- for message in loop_messages -%}
+"""
+    + _ALTERNATION_CHECK.replace("NAME", "gemma")
+    + """\
+    {{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' -}}
+    {{- (first_prefix if loop.first else '') + (message['content'] | trim) + '<end_of_turn>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<start_of_turn>model\\n' -}}
+{%- endif -%}
+"""
 )
+
+# Llama 3's instruct format as Meta-Llama-3-8B-Instruct's template writes it: a header per message, contents
+# trimmed, BOS before the first one, no default system prompt. This is 3.0's plain format, as FastChat's llama-3
+# (after 0.2.36) writes it: Llama 3.1's template also opens every conversation with a system block of its own
+# ("Cutting Knowledge Date: December 2023", "Today Date: 26 Jul 2024", and 3.2's the day it runs), which models
+# trained on 3.0's format never saw and which makes 3.2's rendering depend on the date.
+_LLAMA_3 = """\
+{%- for message in messages -%}
+    {{- bos_token if loop.first and bos_token else '' -}}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}
+    {{- (message['content'] | trim) + '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+{%- endif -%}
+"""
+
+# Phi-3-mini-instruct's format: `<|role|>\ncontent<|end|>\n` for system, user and assistant messages (others are
+# left out, as Phi-3's template leaves them), no BOS, no default system prompt. Without a generation prompt the
+# conversation ends with EOS, as there (assistant_spans leaves that EOS out of the last turn).
+_PHI_3 = """\
+{%- for message in messages -%}
+    {%- if message['role'] in ['system', 'user', 'assistant'] -%}
+        {{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>\\n' -}}
+{%- else -%}
+    {{- eos_token if eos_token else '' -}}
+{%- endif -%}
+"""
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "alpaca": _colon_two(
@@ -157,8 +219,13 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         sep=" ",
     ),
     "koala_v1": _colon_two("koala_v1", system="BEGINNING OF CONVERSATION:", user="USER", assistant="GPT", sep=" "),
-    "chatml": _CHATML,
+    "chatml": _chatml("You are a helpful assistant.", bos=True),
     "llama-2": _LLAMA_2,
+    "gemma": _GEMMA,
+    # Qwen2.5-Instruct's default system prompt; Qwen's tokenizers have no BOS and its template writes none.
+    "qwen": _chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", bos=False),
+    "llama-3": _LLAMA_3,
+    "phi-3": _PHI_3,
 }
 
 
@@ -346,7 +413,7 @@ class ChatTemplate:
 
     @classmethod
     def named(cls, name: str, *, bos_token: str | None = None, eos_token: str | None = None) -> "ChatTemplate":
-        """A built-in template by name: alpaca, vicuna_v1.1, koala_v1, chatml, llama-2."""
+        """A built-in template by name: alpaca, vicuna_v1.1, koala_v1, chatml, llama-2, gemma, qwen, llama-3, phi-3."""
         key = name.lower()
         if key not in BUILTIN_TEMPLATES:
             raise CamelidError(f"unknown chat template {name!r}; built-in templates: {', '.join(BUILTIN_TEMPLATES)}")
@@ -443,9 +510,10 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer) -> 
     A turn's text is what the model must generate after the prompt that `add_generation_prompt` ends with: the
     rendering through the turn minus the rendering of the conversation before it with the generation prompt,
     i.e. the content and the end-of-turn marker after it (`<|im_end|>`, `</s>`). Whitespace the template writes
-    after that marker (ChatML's newline) is left out, since the model stops before it. A token that straddles a
-    span's edge belongs to the span. There is one span per assistant message, in order (empty if the turn
-    renders no text).
+    after that marker (ChatML's newline) is left out, since the model stops before it, and so is an EOS that the
+    template writes only at the end of a conversation without a generation prompt (Phi-3's, after `<|end|>\n`):
+    that closes the conversation, not the turn. A token that straddles a span's edge belongs to the span. There is
+    one span per assistant message, in order (empty if the turn renders no text).
 
     Raises CamelidError when the template renders an earlier part of the conversation differently from how the
     whole conversation starts (e.g. it rewrites earlier turns): then no mask would match what the model sees.
@@ -456,8 +524,9 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer) -> 
         if not isinstance(message, Mapping) or message.get("role") != "assistant":
             continue
         prompt = template.render(messages[:i], add_generation_prompt=True)
-        through = template.render(messages[: i + 1])
-        if not (through.startswith(prompt) and full.startswith(through)):
+        closing = _closing_eos(template, messages[:i], prompt)
+        through = template.render(messages[: i + 1]).removesuffix(closing)
+        if not (through.startswith(prompt) and full.removesuffix(closing).startswith(through)):
             raise CamelidError(
                 f"chat template {template._label()} does not render the conversation before message {i} as the "
                 "start of the whole conversation, so its assistant turns cannot be masked exactly; "
@@ -479,3 +548,42 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer) -> 
         last = bisect_left(token_starts, char_end)  # the first token starting at or after the span's end
         spans.append((first, max(first, last)))
     return spans
+
+
+def _closing_eos(template: ChatTemplate, before: list[dict], prompt: str) -> str:
+    """`template`'s EOS if it ends the conversation `before` with it but writes the generation prompt (`prompt`) in
+    its place, as Phi-3's does; else ''. Such an EOS closes a finished conversation, and no turn learns it."""
+    eos = template.eos_token
+    if not eos:
+        return ""
+    ended = template.render(before)
+    if not prompt.startswith(ended) and ended.endswith(eos) and prompt.startswith(ended.removesuffix(eos)):
+        return eos
+    return ""
+
+
+# -- a built-in per model family ---------------------------------------------------------------------------
+
+# model_type -> the built-in in that family's format and the tokens the format needs whole in the vocabulary.
+_FAMILY_TEMPLATES = {
+    "gemma3": ("gemma", ("<start_of_turn>", "<end_of_turn>")),
+    "gemma3_text": ("gemma", ("<start_of_turn>", "<end_of_turn>")),
+    "qwen2": ("qwen", ("<|im_start|>", "<|im_end|>")),
+    "phi3": ("phi-3", ("<|user|>", "<|assistant|>", "<|end|>")),
+    # Llama 2, Mistral and SmolLM2 files say `llama` too: only Llama 3's vocabulary has these.
+    "llama": ("llama-3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+}
+
+
+def family_template(model_type: str, tokenizer) -> str | None:
+    """The name of the built-in template in a model family's format, for a model file that carries none.
+
+    `model_type` is config.json's `model_type` or a GGUF file's `general.architecture`; `tokenizer` is the
+    model's (camelid.tokenizer.Tokenizer). None when the family has no built-in or the vocabulary lacks the
+    tokens its format is written in. Qwen3 (`qwen3`) has none: its own template writes no default system prompt
+    and handles reasoning, unlike Qwen2.5's that `qwen` follows.
+    """
+    name, tokens = _FAMILY_TEMPLATES.get(model_type, (None, ()))
+    if name is None or any(tokenizer.backend.token_to_id(token) is None for token in tokens):
+        return None
+    return name

@@ -6,6 +6,7 @@ tokenizer and its chat template. `save_model` writes an HF directory that transf
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,10 +126,28 @@ def load_tokenizer_and_template(spec: str | Path, template_name: str | None = No
         bos = tokenizer.bos_token if tokenizer.add_bos else None
         return tokenizer, ChatTemplate.named(template_name, bos_token=bos, eos_token=tokenizer.eos_token)
     if not source:
-        raise CamelidError(
-            f"{path.name} has no chat template; pick a built-in with --template ({', '.join(BUILTIN_TEMPLATES)})"
-        )
+        from camelid.chat_template import family_template
+
+        family = family_template(_model_type(path), tokenizer)
+        if family is None:
+            raise CamelidError(
+                f"{path.name} has no chat template; pick a built-in with --template ({', '.join(BUILTIN_TEMPLATES)})"
+            )
+        return load_tokenizer_and_template(spec, family)
     return tokenizer, ChatTemplate(source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def _model_type(path: Path) -> str | None:
+    """The family a model file or directory says it is (config.json's model_type, GGUF's architecture)."""
+    from camelid.lora import adapter_base, is_adapter_dir
+
+    if is_adapter_dir(path):
+        return _model_type(resolve_model_path(adapter_base(path)))
+    if path.is_dir():
+        config = path / "config.json"
+        hf = read_json(config) if config.is_file() else {}
+        return hf.get("model_type") if isinstance(hf, dict) else None  # a tokenizer-only directory has none
+    return GGUFFile(path).metadata.get("general.architecture")
 
 
 def _tokenizer_and_template_source(path: Path):
@@ -228,7 +247,81 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         except (SafetensorError, OSError) as exc:
             raise CamelidError(f"{directory / name}: unreadable safetensors file ({exc}); is it truncated?") from None
     state.pop("model.rotary_emb.inv_freq", None)  # stored by some old exports; recomputed from the config
-    return config, state
+    return config, split_fused_projections(_language_model(state), config)
+
+
+# Where a multimodal checkpoint (Gemma 3 4B and up) keeps its language model, by transformers version.
+_LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                            "language_model.lm_head.": "lm_head."}
+
+
+def _language_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The language model's tensors under a plain causal LM's names; a multimodal checkpoint's vision tower and
+    projector are left out (camelid reads and writes text only)."""
+    if not any(name.startswith(prefix) for name in state for prefix in _LANGUAGE_MODEL_PREFIXES):
+        return state
+    text = {}
+    for name, tensor in state.items():
+        for prefix, plain in _LANGUAGE_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                text[plain + name[len(prefix):]] = tensor
+                break
+        else:
+            if name == "lm_head.weight":
+                text[name] = tensor
+    return text
+
+
+# transformers' Phi-3 keeps q/k/v and gate/up stacked by rows in one linear layer each; camelid's decoder keeps
+# the parts apart (as quantize and LoRA expect them). In the order the rows are stacked:
+FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+_FUSED = re.compile(r"(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(.+)")
+_PART = re.compile(r"(model\.layers\.\d+\.)(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(.+)")
+_FUSED_OF = {part: fused for fused, parts in FUSED_PROJECTIONS.items() for part in parts}
+
+
+def fused_rows(config: ModelConfig) -> dict[str, list[int]]:
+    """How many rows each part has in each fused projection of `config`'s family ({} where nothing is fused)."""
+    if not config.fused_projections:
+        return {}
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"self_attn.qkv_proj": [q, kv, kv], "mlp.gate_up_proj": [config.intermediate_size] * 2}
+
+
+def split_fused_projections(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` with each fused projection (model.layers.0.self_attn.qkv_proj.weight, also .bias or .lora_B.weight)
+    cut by rows into camelid's parts (q_proj, k_proj, v_proj); the inverse of fuse_projections."""
+    rows = fused_rows(config)
+    out = {}
+    for name, tensor in state.items():
+        m = _FUSED.fullmatch(name) if rows else None
+        if m is None:
+            out[name] = tensor
+            continue
+        if tensor.shape[0] != sum(rows[m[2]]):
+            raise CamelidError(f"tensor {name} has {tensor.shape[0]} rows, the config implies {sum(rows[m[2]])}")
+        parent = m[2].split(".")[0]
+        for part, piece in zip(FUSED_PROJECTIONS[m[2]], tensor.split(rows[m[2]])):
+            out[f"{m[1]}{parent}.{part}.{m[3]}"] = piece
+    return out
+
+
+def fuse_projections(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` with camelid's parts stacked by rows into the projections transformers fuses for `config`'s family
+    (q_proj, k_proj, v_proj -> qkv_proj); the inverse of split_fused_projections."""
+    if not config.fused_projections:
+        return state
+    out = {}
+    for name, tensor in state.items():
+        m = _PART.fullmatch(name)
+        if m is None:
+            out[name] = tensor
+            continue
+        fused = _FUSED_OF[m[2]]
+        parent, parts = fused.split(".")[0], FUSED_PROJECTIONS[fused]
+        if m[2] == parts[0]:  # the first part gathers the others
+            out[f"{m[1]}{fused}.{m[3]}"] = torch.cat([state[f"{m[1]}{parent}.{p}.{m[3]}"] for p in parts])
+    return out
 
 
 def save_model(loaded: LoadedModel, out: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
@@ -258,6 +351,7 @@ def write_model_files(
             for k, v in state.items()
             if not (k == "lm_head.weight" and config.tie_word_embeddings)
         }
+        state = fuse_projections(state, config)  # transformers' own layout where it fuses (Phi-3)
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes it 0600
         tokenizer.save(tmp, chat_template=chat_template)
@@ -297,9 +391,17 @@ GEMMA3_GGUF_NAMES = {
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+# Phi-3 as llama.cpp's phi3 holds it: q, k and v in one attn_qkv (or apart, as in GGUF_NAMES), and gate and up in
+# one ffn_up of twice the MLP's width, gate first (what its fused SwiGLU splits); transformers' fused names.
+PHI3_GGUF_NAMES = {
+    **GGUF_NAMES,
+    "blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",
+}
 # llama.cpp's architectures that camelid reads -> the model_type of the same family. llama and smollm3 store q/k
 # rows in interleaved rotary order; the others keep the Hugging Face layout (llama.cpp's "neox" rope).
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "gemma3": "gemma3_text"}
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "gemma3": "gemma3_text",
+              "phi3": "phi3"}
 SUPPORTED_GGUF_ARCHS = tuple(GGUF_ARCHS)
 INTERLEAVED_ROPE_ARCHS = ("llama", "smollm3")
 # llama.cpp's gemma3 takes Gemma 3's defaults where the file is silent: every 6th layer global, local layers
@@ -317,7 +419,7 @@ KNOWN_LLAMA3_SCALINGS = [
 
 def gguf_names(arch: str) -> dict[str, str]:
     """GGUF tensor name -> HF name for one of llama.cpp's architectures; {i} is the layer index."""
-    return GEMMA3_GGUF_NAMES if arch == "gemma3" else GGUF_NAMES
+    return {"gemma3": GEMMA3_GGUF_NAMES, "phi3": PHI3_GGUF_NAMES}.get(arch, GGUF_NAMES)
 
 
 def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
@@ -366,6 +468,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         **(_gemma3_settings(gguf, get) if arch == "gemma3" else {}),
+        **(_phi3_settings(gguf, get) if arch == "phi3" else {}),
     )
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
@@ -395,6 +498,20 @@ def _gemma3_settings(gguf: GGUFFile, get) -> dict:
         settings.update(sliding_window=int(window), layer_types=types,
                         rope_local_base_freq=float(gguf.metadata.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_BASE)))
     return settings
+
+
+def _phi3_settings(gguf: GGUFFile, get) -> dict:
+    """What a phi3 file says besides the common keys, as ModelConfig fields; longrope and a rotary embedding on
+    part of each head (Phi-3-mini-128k, Phi-3.5, Phi-4-mini) are refused."""
+    if "rope_factors_long.weight" in gguf.tensors or "rope_factors_short.weight" in gguf.tensors:
+        raise CamelidError(f"{gguf.path}: phi3 with longrope (rope_factors_long/short) is not supported")
+    head_dim = get("attention.key_length", get("embedding_length") // get("attention.head_count"))
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise CamelidError(f"{gguf.path}: phi3 with a rotary embedding on part of each head (rope.dimension_count "
+                           f"{get('rope.dimension_count')} of {head_dim}) is not supported")
+    # llama.cpp runs Phi-3 without its window (see its phi3.cpp), but the file keeps it, as transformers runs it
+    window = gguf.metadata.get("phi3.attention.sliding_window")
+    return {"sliding_window": int(window) if window else None}
 
 
 def gemma3_attention_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
@@ -438,4 +555,4 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
             elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
                 w = _unpermute_rope(w, config.num_key_value_heads)
         state[hf_name] = w
-    return config, state
+    return config, split_fused_projections(state, config)

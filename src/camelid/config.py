@@ -16,7 +16,8 @@ from camelid.files import read_json, write_atomic
 
 # model_type -> the architecture transformers names in config.json.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
 # The activation of the gated MLP, by transformers' name: SwiGLU, or GeGLU with the tanh approximation (Gemma).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names for what each layer attends to
@@ -141,6 +142,12 @@ class ModelConfig:
         return self.model_type == "gemma3_text"
 
     @property
+    def fused_projections(self) -> bool:
+        """Whether transformers stores q, k and v as one qkv_proj and gate and up as one gate_up_proj (Phi-3);
+        camelid's decoder keeps them apart (camelid.checkpoint splits and fuses them)."""
+        return self.model_type == "phi3"
+
+    @property
     def attention_scale(self) -> float | None:
         """What attention scores are multiplied by, where it is not 1/sqrt(head_dim) (None)."""
         return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar**-0.5
@@ -189,6 +196,8 @@ class ModelConfig:
             raise CamelidError(f"model_type {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         if arch == "gemma3_text":
             hf = _gemma3_text(hf)
+        if arch == "phi3":
+            _check_phi3(hf)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in hf.items() if k in known}
         if arch in ("qwen2", "qwen3", "smollm3"):
@@ -249,6 +258,22 @@ def _gemma3_text(hf: dict[str, Any]) -> dict[str, Any]:
         pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
         hf["layer_types"] = gemma3_layer_types(pattern, hf["num_hidden_layers"])
     return hf
+
+
+def _check_phi3(hf: dict[str, Any]) -> None:
+    """Refuse in one line what camelid's decoder does not run of a Phi-3 config.json: a rotary
+    embedding on part of each head (Phi-4-mini), and longrope (Phi-3-mini-128k, Phi-3.5), which transformers
+    also reads under its earlier names su and yarn. A sliding_window given applies to every layer, as Mistral's."""
+    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    scaling = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
+    partial = hf.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise CamelidError(f"model_type phi3: partial_rotary_factor {partial} (the rotary embedding on part of each "
+                           "head, as in Phi-4-mini) is not supported")
+    for where in (rope, scaling):  # longrope itself is refused with the other rope types camelid lacks
+        kind = where.get("rope_type", where.get("type"))
+        if kind in ("su", "yarn"):
+            raise CamelidError(f"model_type phi3: rope_scaling type {kind!r} (longrope) is not supported")
 
 
 def gemma3_layer_types(pattern: int, layers: int) -> list[str]:

@@ -24,6 +24,7 @@ from camelid.checkpoint import (
     INTERLEAVED_ROPE_ARCHS,
     SMOLLM3_NOPE_STEP,
     LoadedModel,
+    fuse_projections,
     gemma3_attention_scalar,
     gguf_names,
     load_model,
@@ -154,6 +155,10 @@ def _check_exportable(loaded: LoadedModel) -> None:
             None, no_rope_every(SMOLLM3_NOPE_STEP, config.num_hidden_layers)):
         raise CamelidError(f"llama.cpp's smollm3 leaves the rotary embedding out of every {SMOLLM3_NOPE_STEP}th layer "
                            "only; this model's no_rope_layers differ, so it cannot be exported as GGUF")
+    if config.model_type == "phi3" and config.num_attention_heads * config.head_dim != config.hidden_size:
+        raise CamelidError("llama.cpp's phi3 needs num_attention_heads x head_dim = hidden_size; this model's "
+                           f"{config.num_attention_heads} x {config.head_dim} is not {config.hidden_size}, so it "
+                           "cannot be exported as GGUF")
     if config.gemma:
         scalar = gemma3_attention_scalar(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                                          config.head_dim)
@@ -214,7 +219,7 @@ def _gguf_tensor_plan(config: ModelConfig, state: dict[str, torch.Tensor], kind:
         # llama.cpp keeps Llama-3.1 scaling as per-frequency divisors of the plain frequencies.
         plain = rope_inv_freq(ModelConfig(**{**config.__dict__, "rope_scaling": None}))
         plan["rope_freqs.weight"] = ((plain / rope_inv_freq(config)).float(), "f32")
-    for hf_name, tensor in state.items():
+    for hf_name, tensor in fuse_projections(state, config).items():  # Phi-3's attn_qkv and gate-and-up ffn_up
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp uses token_embd for the output when there is no output.weight
         gguf_name = hf_to_gguf_name(hf_name, gguf_architecture(config))
@@ -281,6 +286,8 @@ def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:
         writer.add_rope_freq_base_swa(config.rope_local_base_freq)
     else:  # llama.cpp runs the other architectures without sliding windows: a model with one is exact up to it
         context = min(context, config.sliding_window or context)
+        if config.model_type == "phi3":  # kept as llama.cpp's converter writes it (0: none), though phi3 ignores it
+            writer.add_sliding_window(config.sliding_window or 0)
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

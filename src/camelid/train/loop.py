@@ -218,7 +218,7 @@ def write_model_dir(loaded, cfg: TrainConfig, weights: dict, out: Path, template
     from camelid.lora import write_adapter
 
     if cfg.method == "lora":
-        write_adapter(weights, cfg.lora_config(), out, base_model=base_model_ref(cfg.model),
+        write_adapter(weights, cfg.lora_config(), out, base_model=base_model_ref(cfg.model), model_config=loaded.config,
                       tokenizer=loaded.tokenizer, chat_template=template_source, overwrite=True)
     else:
         write_model_files(loaded.config, weights, out, tokenizer=loaded.tokenizer, chat_template=template_source,
