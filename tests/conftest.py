@@ -39,6 +39,14 @@ def smollm2_model(smollm2_gguf):
     return load_model(smollm2_gguf, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def family_tok(smollm2_gguf):
+    """SmolLM2's tokenizer with the special tokens of the Gemma, Llama 3 and Phi-3 formats added (tests/helpers.py)."""
+    from helpers import family_tokenizer
+
+    return family_tokenizer(smollm2_gguf)
+
+
 @pytest.fixture(scope="module")
 def smollm2_tokenizer_and_template(smollm2_gguf):
     """SmolLM2's tokenizer and its own chat template, without the weights: (Tokenizer, ChatTemplate)."""

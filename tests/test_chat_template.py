@@ -6,7 +6,6 @@ import functools
 import json
 
 import pytest
-from helpers import family_tokenizer
 
 from camelid.chat_template import (
     BUILTIN_TEMPLATES,
@@ -355,11 +354,6 @@ def test_family_builtin_equals_llama_cpp(name, conversations):
             ours = template.render(messages, add_generation_prompt=prompt)
             assert llama_cpp_render(LLAMA_CPP_FORMATS[name], messages, prompt) == ours
             assert llama_cpp_render(template.source, messages, prompt) == ours
-
-
-@pytest.fixture(scope="module")
-def family_tok(smollm2_gguf):
-    return family_tokenizer(smollm2_gguf)
 
 
 @pytest.mark.parametrize("name", END_OF_TURN)

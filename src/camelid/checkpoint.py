@@ -117,24 +117,12 @@ def load_tokenizer_and_template(spec: str | Path, template_name: str | None = No
     carries them, else its base's. A built-in `template_name` (chatml, vicuna_v1.1, ...) replaces the model's
     template, as in `camelid chat --template`.
     """
-    from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+    from camelid.chat_template import template_for
 
     path = resolve_model_path(spec)
     tokenizer, source = _tokenizer_and_template_source(path)
-    if template_name:
-        # A built-in writes BOS itself, so only where this tokenizer would have added one.
-        bos = tokenizer.bos_token if tokenizer.add_bos else None
-        return tokenizer, ChatTemplate.named(template_name, bos_token=bos, eos_token=tokenizer.eos_token)
-    if not source:
-        from camelid.chat_template import family_template
-
-        family = family_template(_model_type(path), tokenizer)
-        if family is None:
-            raise CamelidError(
-                f"{path.name} has no chat template; pick a built-in with --template ({', '.join(BUILTIN_TEMPLATES)})"
-            )
-        return load_tokenizer_and_template(spec, family)
-    return tokenizer, ChatTemplate(source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    model_type = None if template_name or source else _model_type(path)
+    return tokenizer, template_for(tokenizer, source, model_type, name=template_name, what=path.name)
 
 
 def _model_type(path: Path) -> str | None:
@@ -197,7 +185,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
             for what, names in (("missing", missing), ("unexpected", unexpected))
             if names
         )
-        raise CamelidError(f"the checkpoint's tensors do not fit a {config.num_hidden_layers}-layer LLaMA ({detail})")
+        raise CamelidError(f"the checkpoint's tensors do not fit a {config.num_hidden_layers}-layer {config.model_type} "
+                           f"model ({detail})")
     for name, param in model.state_dict().items():
         if name in state and tuple(state[name].shape) != tuple(param.shape):
             raise CamelidError(
@@ -545,7 +534,8 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
             continue
         hf_name = gguf_to_hf_name(name, gguf.metadata["general.architecture"])
         if hf_name is None:
-            raise CamelidError(f"{gguf.path}: unexpected tensor {name}; this is not a plain LLaMA model")
+            raise CamelidError(f"{gguf.path}: unexpected tensor {name}, which camelid's {config.model_type} has no "
+                           "place for; the file holds parts camelid does not run")
         w = gguf.dequantize(name)
         if config.gemma and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's gemma3 stores the whole scale; transformers and camelid its offset from 1

@@ -148,6 +148,11 @@ class ModelConfig:
         return self.model_type == "phi3"
 
     @property
+    def norm_offset(self) -> float:
+        """What every RMSNorm adds to its stored weight: 1 in Gemma (see gemma), else 0."""
+        return 1.0 if self.gemma else 0.0
+
+    @property
     def attention_scale(self) -> float | None:
         """What attention scores are multiplied by, where it is not 1/sqrt(head_dim) (None)."""
         return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar**-0.5
@@ -255,7 +260,7 @@ def _gemma3_text(hf: dict[str, Any]) -> dict[str, Any]:
         raise CamelidError("model_type gemma3_text: use_bidirectional_attention (EmbeddingGemma) is not supported")
     hf["hidden_act"] = hf.pop("hidden_activation", None) or hf.get("hidden_act")
     if not hf.get("layer_types"):
-        pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        pattern = next((hf[k] for k in ("sliding_window_pattern", "_sliding_window_pattern") if hf.get(k) is not None), 6)
         hf["layer_types"] = gemma3_layer_types(pattern, hf["num_hidden_layers"])
     return hf
 
@@ -278,8 +283,10 @@ def _check_phi3(hf: dict[str, Any]) -> None:
 
 def gemma3_layer_types(pattern: int, layers: int) -> list[str]:
     """Gemma 3's interleaving as transformers and llama.cpp derive it: every pattern-th layer (counted from 1)
-    attends to the whole context, the others to a sliding window."""
-    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    attends to the whole context, the others to a sliding window; with 0, every layer slides (llama.cpp's rule)."""
+    if not isinstance(pattern, int) or pattern < 0:
+        raise CamelidError(f"model_type gemma3_text: sliding_window_pattern must be a whole number, not {pattern!r}")
+    return ["full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
 
 
 def no_rope_every(interval: int, layers: int) -> list[int]:

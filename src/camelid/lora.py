@@ -7,20 +7,20 @@ LLaMA model loads here with `load_adapter`. Only safetensors files are read, nev
 
 Phi-3's transformers model fuses q/k/v into qkv_proj and gate/up into gate_up_proj, where camelid keeps the
 parts apart; its adapters travel as peft's on the fused layers, converted exactly both ways (see _fuse_adapters
-and _split_fused_adapters).
+and _split_fused_adapters), and an adapter camelid wrote comes back with the parts, ranks and tensors it had.
 """
 
 import json
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from camelid.checkpoint import FUSED_PROJECTIONS, fused_rows, split_fused_projections
+from camelid.checkpoint import FUSED_PROJECTIONS, fused_rows
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir, read_json
@@ -44,7 +44,8 @@ class LoRAConfig:
 
     The defaults are the LoRA paper's and FastChat's: rank 8 on the query and value projections. A fused layer's
     name (qkv_proj, gate_up_proj) targets its parts. `rank_pattern` and `alpha_pattern` are peft's, for fused
-    layers only: the rank and alpha of each part's adapter where a Phi-3 adapter of peft's gave them.
+    layers only: the rank and alpha of each part's adapter where a Phi-3 adapter loaded needs other values than
+    r and alpha (see _split_fused_adapters); the parts of a fused layer share them.
     """
 
     r: int = 8
@@ -269,20 +270,20 @@ def write_adapter(
     out_dir: str | Path,
     *,
     base_model: str,
-    model_config: ModelConfig | None = None,
+    model_config: ModelConfig,
     tokenizer=None,
     chat_template: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """An adapter directory from adapter weights under the model's names (`model.layers.0...lora_A.weight`).
 
-    `model_config` is the base's: for a family whose layers transformers fuses (Phi-3), the adapters are written
-    as peft's on the fused layers, so that peft loads them on transformers' model.
+    `model_config` is the base's, and required: for a family whose layers transformers fuses (Phi-3), the
+    adapters are written as peft's on the fused layers, so that peft loads them on transformers' model.
     """
     from safetensors.torch import save_file
 
     weights, patterns = dict(weights), {"rank_pattern": {}, "alpha_pattern": {}}
-    if model_config is not None and model_config.fused_projections:
+    if model_config.fused_projections:
         weights, patterns = _fuse_adapters(weights, config, model_config)
     tensors = {f"{PEFT_PREFIX}{name}": v.detach().contiguous().cpu() for name, v in weights.items()}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -298,7 +299,8 @@ def write_adapter(
 def _fuse_adapters(weights: dict[str, Tensor], config: LoRAConfig, model_config: ModelConfig):
     """Adapters on camelid's parts as peft's on transformers' fused layers, exactly: the parts' A stacked and
     their B block-diagonal (a part not adapted gets zero rows), so a fused adapter's rank is r times the parts
-    adapted, and its alpha as many times alpha to keep the scale. (weights, peft's rank_pattern and alpha_pattern)."""
+    adapted, and its alpha as many times alpha to keep the scale. (weights, peft's rank_pattern and alpha_pattern).
+    _split_fused_adapters reads this layout back as it was."""
     rows = fused_rows(model_config)
     ranks, alphas = {}, {}
     for path, parts in FUSED_PROJECTIONS.items():
@@ -441,7 +443,7 @@ def load_adapter(model: Llama, directory: str | Path) -> Llama:
     except (SafetensorError, OSError) as exc:
         raise CamelidError(f"{weights}: unreadable safetensors file ({exc}); is it truncated?") from None
     try:
-        saved = _split_fused_adapters(saved, model.config)
+        saved, config = _split_fused_adapters(saved, config, model.config)
     except CamelidError as exc:
         raise CamelidError(f"{weights}: {exc}; was the adapter trained on another base model?") from None
 
@@ -467,20 +469,71 @@ def load_adapter(model: Llama, directory: str | Path) -> Llama:
     return model
 
 
-def _split_fused_adapters(saved: dict[str, Tensor], model_config: ModelConfig) -> dict[str, Tensor]:
-    """peft's adapters on transformers' fused layers as adapters on camelid's parts, exactly: each part keeps A
-    whole and takes its own rows of B, so its rank is the fused adapter's (rank_pattern's, where it gives one)."""
+def _split_fused_adapters(
+    saved: dict[str, Tensor], config: LoRAConfig, model_config: ModelConfig
+) -> tuple[dict[str, Tensor], LoRAConfig]:
+    """peft's adapters on transformers' fused layers as adapters on camelid's parts, exactly, and the config that
+    describes them: each part adapted takes some rows of the fused A and the same columns of its own rows of B
+    (which parts, and which columns: _part_columns). The parts of a fused layer share one rank, the columns kept;
+    its alpha is the fused alpha times kept / fused rank, so that the scale alpha / rank stays the fused one."""
     if not model_config.fused_projections:
-        return saved
-    out = {}
-    for name, tensor in saved.items():
-        m = re.fullmatch(rf"(.+\.)({'|'.join(FUSED_TARGETS)})\.lora_A\.weight", name)
-        if m is None:
-            out[name] = tensor
+        return saved, config
+    rows, out = fused_rows(model_config), dict(saved)
+    targets, ranks, alphas = list(config.targets), dict(config.rank_pattern), dict(config.alpha_pattern)
+    for path, parts in FUSED_PROJECTIONS.items():
+        parent, fused = path.split(".")
+        prefixes = [f"model.layers.{i}.{parent}" for i in range(model_config.num_hidden_layers)]
+        layers = {p: (out.pop(f"{p}.{fused}.lora_A.weight"), out.pop(f"{p}.{fused}.lora_B.weight"))
+                  for p in prefixes if f"{p}.{fused}.lora_A.weight" in out and f"{p}.{fused}.lora_B.weight" in out}
+        for prefix, (_, b) in layers.items():
+            if b.ndim != 2 or b.shape[0] != sum(rows[path]):
+                raise CamelidError(f"tensor {prefix}.{fused}.lora_B.weight has {b.shape[0]} rows, the config "
+                                   f"implies {sum(rows[path])}")
+        if not layers:
             continue
-        for part in FUSED_TARGETS[m[2]]:
-            out[f"{m[1]}{part}.lora_A.weight"] = tensor
-    return split_fused_projections(out, model_config)  # B's rows, as a fused weight's
+        rank = config.rank(parts[0])
+        if set(parts) <= set(config.targets) and all(a.shape[0] == b.shape[1] == rank for a, b in layers.values()):
+            cols = _part_columns([b.split(rows[path]) for _, b in layers.values()], parts, rank, config)
+            width, alpha = len(next(iter(cols.values()))), config.alpha_of(parts[0])
+            alpha = alpha if width == rank else alpha * width / rank
+            targets = [t for t in targets if t not in parts or t in cols]
+            ranks.pop(fused, None)
+            alphas.pop(fused, None)
+            if width != config.r or not math.isclose(alpha, config.alpha):  # else the plain r and alpha say it
+                ranks[fused], alphas[fused] = width, alpha
+        else:  # shapes that are not this config's: A kept whole, for load_adapter to name what is wrong
+            cols = dict.fromkeys(parts)
+        for prefix, (a, b) in layers.items():
+            for part, piece in zip(parts, b.split(rows[path])):
+                if part in cols:
+                    index = slice(None) if cols[part] is None else torch.tensor(cols[part], dtype=torch.long)
+                    out[f"{prefix}.{part}.lora_A.weight"] = a[index]
+                    out[f"{prefix}.{part}.lora_B.weight"] = piece[:, index]
+    return out, replace(config, targets=tuple(targets), rank_pattern=ranks, alpha_pattern=alphas)
+
+
+def _part_columns(b_parts: list[tuple[Tensor, ...]], parts: tuple[str, ...], rank: int, config: LoRAConfig):
+    """Which parts a fused layer's adapter of `rank` adapts, and the columns of B (rows of A) each keeps, given
+    each layer's B cut into the parts' rows: {part: [column, ...]}, every list as long.
+
+    A part keeps the columns where its rows of B are nonzero in some layer; one whose rows are zero in every layer
+    is not adapted (so an adapter camelid wrote for q and v comes back without k). The parts share one rank, so
+    one with fewer columns than another gets some more of those where its B is zero (the update is unchanged).
+    camelid's block-diagonal layout so comes back as the per-part adapters it was made from; peft's adapters,
+    trained on the whole fused layer, use every column in every part and keep them all.
+    An untrained adapter (B zero everywhere) tells nothing by its B: where its ranks are camelid's (fused rank
+    r x k and alpha x k, k parts) it comes back as the first k parts, each with its own r columns, which writes
+    the same file again; else as every part with every column, as its config says."""
+    used = [torch.stack([b[j].ne(0).any(0) for b in b_parts]).any(0) for j in range(len(parts))]  # [rank] each
+    cols = {part: u.nonzero().flatten().tolist() for part, u in zip(parts, used) if u.any()}
+    if cols:
+        width = max(len(c) for c in cols.values())
+        return {part: sorted(c + [i for i in range(rank) if i not in c][: width - len(c)]) for part, c in cols.items()}
+    k, fused = rank // config.r, _FUSED_OF[parts[0]]
+    if fused in config.rank_pattern and rank == k * config.r and k <= len(parts) and \
+            math.isclose(config.alpha_of(parts[0]), k * config.alpha):
+        return {part: list(range(j * config.r, (j + 1) * config.r)) for j, part in enumerate(parts[:k])}
+    return {part: list(range(rank)) for part in parts}
 
 
 def adapter_base(directory: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""The LLaMA-family decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and a KV cache.
+"""The LLaMA-family decoder: RMSNorm, rotary embeddings, grouped-query attention, a gated MLP, and a KV cache.
 
 One decoder serves every family; the switches ModelConfig derives from `model_type` (biases, q/k norms, sliding
 windows, layers without rope, Gemma's scaled embeddings, offset norms, GeGLU and extra norms) are read below.
@@ -182,7 +182,7 @@ class Attention(nn.Module):
         # Inference may replace q/k/v by one product over their stacked weights (camelid.quantize).
         self.qkv_proj: nn.Module | None = None
         # Qwen3, Gemma 3: each head's q and k RMS-normalised over the head dimension, before the rotary embedding.
-        offset = 1.0 if config.gemma else 0.0
+        offset = config.norm_offset
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, offset) if config.qk_norm else None
         self.scale = config.attention_scale  # None: SDPA's own 1/sqrt(head_dim)
@@ -288,7 +288,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.sandwich = config.gemma
-        offset = 1.0 if config.gemma else 0.0
+        offset = config.norm_offset
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset)
@@ -315,7 +315,7 @@ class Decoder(nn.Module):
             nn.init.normal_(weight)  # nn.Embedding's own initialisation
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, 1.0 if config.gemma else 0.0)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
 
 
 class Llama(nn.Module):

