@@ -43,7 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
-from camelid.data.formats import EMPTY_CONTENT, MISSING_CONTENT, BadRecord, json_records, to_messages, write_jsonl
+from camelid.data.formats import (
+    EMPTY_CONTENT,
+    MISSING_CONTENT,
+    BadRecord,
+    Skipped,
+    check_not_all_bad,
+    json_records,
+    to_messages,
+    write_jsonl,
+)
 from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 
@@ -173,6 +182,7 @@ def curate(
 
     exact_seen: dict[bytes, str] = {}  # normalised conversation -> where the kept copy is
     kept_where: list[str] = []
+    unreadable, first_bad = 0, None  # records skipped as unreadable (--skip-bad)
     for where, value in json_records(Path(src)):
         report.read += 1
         try:
@@ -184,6 +194,8 @@ def curate(
                 rule = "empty response"
             elif skip_bad:
                 rule = bad.reason
+                unreadable += 1
+                first_bad = first_bad or Skipped(where, bad.reason)
             else:
                 raise
             drop({"rule": rule, "where": where} | ({"record": value} if isinstance(value, dict) else {}))
@@ -204,6 +216,7 @@ def curate(
             rule, detail = found
             drop({"rule": rule, "where": where} | detail | {"messages": messages})
 
+    check_not_all_bad(src, report.read - unreadable, unreadable, first_bad)
     write_jsonl(out, kept)
     report.written = len(kept)
     report.outputs["curated"] = str(out)

@@ -1,13 +1,16 @@
 """Reading chat datasets (Alpaca, ShareGPT, OpenAI messages, GPT4All) record by record into validated conversations.
 
 A file is JSONL (one object per line, blank lines ignored) or one JSON array of objects (its first
-non-whitespace character is `[`). Each record's format is told by its keys, so a file may mix them. Every
+non-whitespace character is `[`), either of them gzip-compressed (`.jsonl.gz`, told by its first bytes). Files of
+other kinds (Parquet, Arrow, zstd, zip, a `datasets` save_to_disk folder) are named as what they are, with the
+command that converts them. Each record's format is told by its keys, so a file may mix them. Every
 conversation comes out as OpenAI-style messages: an optional system message, then user and assistant turns
 alternating, ending with the assistant (a leading assistant turn and a trailing user turn are dropped, as
 neither can be trained on). A record that cannot be made into one is an error naming its
 `path:line`, or, with `skip_bad`, a skipped entry with a short reason.
 """
 
+import gzip
 import json
 import re
 from collections import Counter
@@ -95,24 +98,41 @@ def iter_records(path, convert: Callable[[Any, str], T], *, skip_bad: bool = Fal
     """`convert(value, "path:line")` for each record of a JSONL or JSON-array file, in order.
 
     A record that cannot be read, or that `convert` refuses by raising `BadRecord`, raises; with `skip_bad` it
-    comes out as a `Skipped` instead.
+    comes out as a `Skipped` instead, unless every record of the file is bad: that raises at the end (see
+    check_not_all_bad), so that a reader writing atomically writes nothing.
     """
+    kept, first_bad, bad_count = 0, None, 0
     for where, value in json_records(path):
         try:
             if isinstance(value, BadRecord):
                 raise value
             item = convert(value, where)
+            kept += 1
         except BadRecord as bad:
             if not skip_bad:
                 raise
             item = Skipped(bad.where, bad.reason)
+            first_bad, bad_count = first_bad or item, bad_count + 1
         yield item
+    check_not_all_bad(path, kept, bad_count, first_bad)
+
+
+def check_not_all_bad(path, kept: int, bad: int, first: "Skipped | None") -> None:
+    """A one-line error when --skip-bad skipped every record of a file: it is not data in a format camelid reads,
+    and going on would write nothing and report success."""
+    if bad and not kept:
+        raise CamelidError(f"{path}: every one of its {bad} records was bad (the first at {first.where}: "
+                           f"{first.reason}); is the file in a format camelid reads (see camelid data --help)?")
 
 
 def json_records(path) -> Iterator[tuple[str, Any]]:
     """("path:line", parsed object or BadRecord) for each record of a JSONL or JSON-array file."""
     path = Path(path)
     if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            raise CamelidError(f"{path}: a Hugging Face datasets save_to_disk folder, which camelid does not read "
+                               f"yet; write it as JSONL with: python -c \"import datasets; "
+                               f"datasets.load_from_disk('{path}').to_json('{path.name}.jsonl')\"")
         raise CamelidError(f"{path}: is a directory; pass the .jsonl or .json file inside it")
     try:
         f = open(path, "rb")
@@ -121,10 +141,45 @@ def json_records(path) -> Iterator[tuple[str, Any]]:
     except OSError as exc:
         raise CamelidError(f"{path}: cannot read ({exc.strerror})") from None
     with f:
-        if first_byte(f) == b"[":
-            yield from _array_values(path, f.read())
+        magic = f.read(8)
+        f.seek(0)
+        _refuse_other_kinds(path, magic)
+        if magic.startswith(_GZIP):
+            with gzip.open(f) as unzipped:
+                yield from _json_values(path, unzipped)
         else:
-            yield from _jsonl_values(path, f)
+            yield from _json_values(path, f)
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP
+
+
+_GZIP = b"\x1f\x8b"
+# What a file is by its first bytes, where it is not JSON text: named in the error instead of "not UTF-8".
+_OTHER_KINDS = (
+    (b"PAR1", "a Parquet file", "Dataset.from_parquet"),
+    (b"ARROW1", "an Arrow file", "Dataset.from_file"),
+    (b"\xff\xff\xff\xff", "an Arrow stream (a datasets shard)", "Dataset.from_file"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file", None),
+    (b"PK\x03\x04", "a zip archive", None),
+)
+
+
+def _refuse_other_kinds(path: Path, magic: bytes) -> None:
+    for prefix, kind, reader in _OTHER_KINDS:
+        if magic.startswith(prefix):
+            fix = (f"write it as JSONL with: python -c \"import datasets; datasets.{reader}('{path}')"
+                   f".to_json('{path.stem}.jsonl')\"" if reader else "decompress it to a .jsonl or .json file")
+            raise CamelidError(f"{path}: {kind}, which camelid does not read yet; {fix}")
+
+
+def _json_values(path: Path, f) -> Iterator[tuple[str, Any]]:
+    if first_byte(f) == b"[":
+        yield from _array_values(path, f.read())
+    else:
+        yield from _jsonl_values(path, f)
 
 
 def strict_records(path, hint: str) -> Iterator[tuple[str, Any]]:

@@ -43,6 +43,7 @@ The steps, in order, each counted in the report:
 8. Identity conversations (optional) are appended to the train split.
 """
 
+import gzip
 import hashlib
 import json
 import random
@@ -62,6 +63,7 @@ from camelid.data.formats import (
     SHAREGPT_ROLES,
     BadRecord,
     first_byte,
+    is_gzip,
     json_records,
     to_messages,
 )
@@ -199,10 +201,18 @@ def _read(path: Path, recover: bool, skip_bad: bool, report: Report, progress: b
         for where, value in json_records(path):
             values.append((where, value))
             bar.update()
-    with open(path, "rb") as f:
-        is_array = first_byte(f) == b"["
-        f.seek(max(0, path.stat().st_size - 1))
-        ends_with_newline = f.read(1) == b"\n"
+    if is_gzip(path):  # the text's first and last bytes, after decompressing
+        with gzip.open(path, "rb") as f:
+            is_array = first_byte(f) == b"["
+            last_byte = b""
+            while chunk := f.read(1 << 20):
+                last_byte = chunk[-1:]
+        ends_with_newline = last_byte == b"\n"
+    else:
+        with open(path, "rb") as f:
+            is_array = first_byte(f) == b"["
+            f.seek(max(0, path.stat().st_size - 1))
+            ends_with_newline = f.read(1) == b"\n"
     last = values[-1][1] if values else None
     # In an array, a bad element ends the file (nothing after it can be trusted); in JSONL only a last line
     # without its newline is a cut, and other bad lines are bad records, an error unless `skip_bad`.
