@@ -24,6 +24,13 @@ def test_gzip_files_read_as_their_text(tmp_path, layout):
     assert len(read.records) == 5 and not read.skipped
 
 
+def test_a_gzip_file_cut_short_is_named_damaged(tmp_path):
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(gzip.compress(("".join(json.dumps(r) + "\n" for r in ALPACA) * 200).encode())[:300])
+    with pytest.raises(CamelidError, match=rf"^{path}: a damaged gzip file \(.*\); download or compress it again$"):
+        read_conversations(path)
+
+
 def test_the_hh_rlhf_file_is_not_called_not_utf8():
     """The shared Anthropic HH file is gzip-compressed JSONL: its text is read (its format is another matter)."""
     path = shared_file("preference/hh_rlhf_harmless_base_test.jsonl.gz")

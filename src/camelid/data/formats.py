@@ -13,6 +13,7 @@ neither can be trained on). A record that cannot be made into one is an error na
 import gzip
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -145,8 +146,11 @@ def json_records(path) -> Iterator[tuple[str, Any]]:
         f.seek(0)
         _refuse_other_kinds(path, magic)
         if magic.startswith(_GZIP):
-            with gzip.open(f) as unzipped:
-                yield from _json_values(path, unzipped)
+            try:
+                with gzip.open(f) as unzipped:
+                    yield from _json_values(path, unzipped)
+            except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+                raise CamelidError(f"{path}: a damaged gzip file ({exc}); download or compress it again") from None
         else:
             yield from _json_values(path, f)
 
