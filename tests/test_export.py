@@ -502,6 +502,48 @@ def test_export_hf_command_and_its_aliases(tiny_dir, tmp_path, capsys):
     assert main(["export", "hf", str(tiny_dir), str(tmp_path / "a"), "--force", "--dtype", "bfloat16"]) == 0
 
 
+def gguf_name(path) -> str:
+    """general.name as llama.cpp's own reader, the `gguf` package, reads it."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path).fields["general.name"].contents()
+
+
+def test_general_name_is_the_run_or_the_hub_id_unless_named(tiny_chat_dir, tmp_path, monkeypatch, capsys):
+    """Every export of a trained model was named "model" (issue 17): a train run's model is named after its run, a
+    checkpoint's after its run and step, an HF directory after the Hub id it came from, and --name wins."""
+    import shutil
+
+    from camelid.cli import main
+    from camelid.data.identity import identity_conversations
+    from camelid.export import _default_name
+    from camelid.train.loop import train
+    from camelid.train.recipe import build_config
+
+    monkeypatch.chdir(tmp_path)
+    Path("chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in identity_conversations()))
+    settings = dict(model=str(tiny_chat_dir), data=["chats.jsonl"], out="runs/mine", seq_len=256, batch_size=4,
+                    micro_batch_size=2, max_steps=1, save_every=1)
+    train(build_config(settings), progress=False, log=lambda message: None)
+    assert main(["export", "gguf", "runs/mine/model", "mine.gguf"]) == 0
+    assert gguf_name("mine.gguf") == "mine"
+    assert _default_name("runs/mine/checkpoints/step-000001/model") == "mine-step-000001"
+    assert main(["export", "gguf", "runs/mine/model", "named.gguf", "--name", "Nimbus 1"]) == 0
+    assert gguf_name("named.gguf") == "Nimbus 1"
+
+    # HF directories: the Hub id transformers saved, not a path on the machine that saved it; else the directory.
+    for directory, name_or_path in [("hub", "HuggingFaceTB/SmolLM2-135M-Instruct"), ("local", "/fsx/ckpt/run-3"),
+                                    ("model", None)]:
+        shutil.copytree(tiny_chat_dir, directory)
+        config = json.loads(Path(directory, "config.json").read_text())
+        Path(directory, "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
+    export_gguf("hub", "hub.gguf", progress=False)
+    assert gguf_name("hub.gguf") == "SmolLM2-135M-Instruct"
+    assert _default_name("local") == "local"
+    assert _default_name("model") == "model"  # not in a run directory
+    capsys.readouterr()
+
+
 def test_export_help_explains_every_flag(capsys):
     from camelid.cli import main
 

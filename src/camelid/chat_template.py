@@ -501,10 +501,11 @@ def _template_from_config(value, config_file: Path) -> str | None:
 # -- training masks ----------------------------------------------------------------------------------------
 
 
-def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer) -> list[tuple[int, int]]:
+def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer, **extra) -> list[tuple[int, int]]:
     """Token spans [start, end) of the assistant turns in the conversation's tokens.
 
-    The tokens are `tokenizer.encode(template.render(messages), add_special=False)`; the tokenizer needs
+    The tokens are `tokenizer.encode(template.render(messages, **extra), add_special=False)`, `extra` being
+    further template variables (`tools`); the tokenizer needs
     `encode_with_offsets(text, add_special=False) -> (ids, [(start_char, end_char)])`.
 
     A turn's text is what the model must generate after the prompt that `add_generation_prompt` ends with: the
@@ -518,14 +519,14 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer) -> 
     Raises CamelidError when the template renders an earlier part of the conversation differently from how the
     whole conversation starts (e.g. it rewrites earlier turns): then no mask would match what the model sees.
     """
-    full = template.render(messages)
+    full = template.render(messages, **extra)
     char_spans = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or message.get("role") != "assistant":
             continue
-        prompt = template.render(messages[:i], add_generation_prompt=True)
-        closing = _closing_eos(template, messages[:i], prompt)
-        through = template.render(messages[: i + 1]).removesuffix(closing)
+        prompt = template.render(messages[:i], add_generation_prompt=True, **extra)
+        closing = _closing_eos(template, messages[:i], prompt, extra)
+        through = template.render(messages[: i + 1], **extra).removesuffix(closing)
         if not (through.startswith(prompt) and full.removesuffix(closing).startswith(through)):
             raise CamelidError(
                 f"chat template {template._label()} does not render the conversation before message {i} as the "
@@ -550,13 +551,13 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], tokenizer) -> 
     return spans
 
 
-def _closing_eos(template: ChatTemplate, before: list[dict], prompt: str) -> str:
+def _closing_eos(template: ChatTemplate, before: list[dict], prompt: str, extra: dict) -> str:
     """`template`'s EOS if it ends the conversation `before` with it but writes the generation prompt (`prompt`) in
     its place, as Phi-3's does; else ''. Such an EOS closes a finished conversation, and no turn learns it."""
     eos = template.eos_token
     if not eos:
         return ""
-    ended = template.render(before)
+    ended = template.render(before, **extra)
     if not prompt.startswith(ended) and ended.endswith(eos) and prompt.startswith(ended.removesuffix(eos)):
         return eos
     return ""

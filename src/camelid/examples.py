@@ -13,12 +13,16 @@ example per row, grouped by length, is the alternative (`packing: false`).
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from camelid.chat_template import ChatTemplate, assistant_spans
+from camelid.errors import CamelidError
 from camelid.model import IGNORE
 
 OVERFLOW_RULES = ("truncate", "drop")
+NO_ANSWER_LEFT = "no answer within the sequence length"
+CUT = ("truncated", NO_ANSWER_LEFT)  # the statuses of examples that were cut to the sequence length
 
 
 @dataclass
@@ -47,15 +51,36 @@ class ExampleStats:
         return ", ".join(parts)
 
 
-def make_example(template: ChatTemplate, tokenizer, messages: list[dict]) -> Example:
-    """Tokens of the rendered conversation with targets on exactly the assistant turns."""
-    tokens = tokenizer.encode(template.render(messages), add_special=False)
+def make_example(template: ChatTemplate, tokenizer, messages: list[dict], tools: list | None = None) -> Example:
+    """Tokens of the rendered conversation with targets on exactly the assistant turns.
+
+    `tools` are the function schemas the conversation may call, given to the template as transformers does.
+    """
+    extra = {"tools": tools} if tools else {}
+    text = template.render(messages, **extra)
+    check_tools_written(template, messages, tools, text)
+    tokens = tokenizer.encode(text, add_special=False)
     targets = [IGNORE] * len(tokens)
-    for start, end in assistant_spans(template, messages, tokenizer):
+    for start, end in assistant_spans(template, messages, tokenizer, **extra):
         # the token at position j is predicted at position j - 1
         for j in range(max(start, 1), end):
             targets[j - 1] = tokens[j]
     return Example(tokens, targets)
+
+
+def check_tools_written(template: ChatTemplate, messages: list[dict], tools: list | None, text: str) -> None:
+    """A one-line error when the template leaves out a tool call, a tool's result or the tools: most templates
+    that predate tool calling (ChatML, Alpaca, the built-ins) write nothing for them, and training on such text
+    would teach answers to calls the model never sees."""
+    names = [call["function"]["name"] for m in messages for call in m.get("tool_calls") or ()]
+    results = [m["content"].strip()[:60] for m in messages if m["role"] == "tool"]
+    schemas = [t.get("function", t).get("name") for t in tools or ()]
+    missing = next((f"the tool call {n!r}" for n in names if n not in text), None) or \
+        next((f"the tool result {r!r}" for r in results if r not in text), None) or \
+        next((f"the tool {n!r}" for n in schemas if isinstance(n, str) and n not in text), None)
+    if missing:
+        raise CamelidError(f"chat template {template._label()} does not write tool calls ({missing} is not in its "
+                           "text); use a model whose own template writes them (Qwen2.5, Llama 3.1, SmolLM3, ...)")
 
 
 def make_examples(
@@ -63,28 +88,42 @@ def make_examples(
 ) -> tuple[list[Example], ExampleStats]:
     """Examples for many conversations; over-long ones are cut to `seq_len` (or dropped, `overflow="drop"`).
 
+    A conversation is a list of messages, or `{"messages": [...], "tools": [...]}` when it may call tools.
     An example left with nothing to learn (an empty answer, or every answer beyond the cut) is dropped.
     """
     if overflow not in OVERFLOW_RULES:
         raise ValueError(f"overflow must be one of {OVERFLOW_RULES}, not {overflow!r}")
     stats = ExampleStats()
     examples = []
-    for messages in conversations:
-        example = make_example(template, tokenizer, messages)
-        cut = len(example.tokens) > seq_len
-        if cut:
-            if overflow == "drop":
-                stats.dropped["longer than the sequence length"] += 1
-                continue
-            example = Example(example.tokens[:seq_len], example.targets[:seq_len])
-            example.targets[-1] = IGNORE  # its target lies beyond the cut
-            stats.truncated += 1
-        if example.supervised == 0:
-            stats.dropped["no answer within the sequence length" if cut else "nothing to learn"] += 1
+    for conversation in conversations:
+        if isinstance(conversation, dict):
+            example = make_example(template, tokenizer, conversation["messages"], conversation.get("tools"))
+        else:
+            example = make_example(template, tokenizer, conversation)
+        example, status = fit_example(example, seq_len, overflow)
+        stats.truncated += status in CUT  # every cut is counted, also one then dropped for having no answer left
+        if example is None:
+            stats.dropped[status] += 1
             continue
         examples.append(example)
         stats.kept += 1
     return examples, stats
+
+
+def fit_example(example: Example, seq_len: int, overflow: str) -> tuple[Example | None, str]:
+    """The example as training takes it, and what happened: "kept", "truncated" (cut to `seq_len`), or None and
+    why it was dropped (longer than `seq_len` with `overflow="drop"`, or nothing left to learn)."""
+    if overflow not in OVERFLOW_RULES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_RULES}, not {overflow!r}")
+    cut = len(example.tokens) > seq_len
+    if cut:
+        if overflow == "drop":
+            return None, "longer than the sequence length"
+        example = Example(example.tokens[:seq_len], example.targets[:seq_len])
+        example.targets[-1] = IGNORE  # its target lies beyond the cut
+    if example.supervised == 0:
+        return None, NO_ANSWER_LEFT if cut else "nothing to learn"
+    return example, "truncated" if cut else "kept"
 
 
 @dataclass
@@ -102,15 +141,8 @@ class Row:
 
 def pack(examples: list[Example], seq_len: int) -> list[Row]:
     """Lay examples end to end, in order, starting a new row when the next one does not fit."""
-    rows: list[Row] = []
-    for ex in examples:
-        if not rows or len(rows[-1].tokens) + len(ex.tokens) > seq_len:
-            rows.append(Row([], [], []))
-        row = rows[-1]
-        row.tokens += ex.tokens
-        row.targets += ex.targets
-        row.lengths.append(len(ex.tokens))
-    return rows
+    lengths = np.array([len(ex.tokens) for ex in examples], dtype=np.int64)
+    return [_row([examples[i] for i in group]) for group in pack_indices(np.arange(len(examples)), lengths, seq_len)]
 
 
 def one_per_row(examples: list[Example], group: int) -> list[Row]:
@@ -119,11 +151,34 @@ def one_per_row(examples: list[Example], group: int) -> list[Row]:
     Examples are sorted by length within windows of `group` consecutive examples; the windows keep the
     shuffled order, so batches still mix the data.
     """
-    rows = [Row(ex.tokens, ex.targets, [len(ex.tokens)]) for ex in examples]
+    lengths = np.array([len(ex.tokens) for ex in examples], dtype=np.int64)
+    return [_row([examples[i] for i in g]) for g in one_per_row_indices(np.arange(len(examples)), lengths, group)]
+
+
+def pack_indices(examples: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[int]]:
+    """`pack` on example numbers (`lengths[i]` the length of example i): the numbers of each row's examples."""
+    groups: list[list[int]] = []
+    used = seq_len + 1
+    for i, n in zip(examples.tolist(), lengths[examples].tolist()):
+        if used + n > seq_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
+
+
+def one_per_row_indices(examples: np.ndarray, lengths: np.ndarray, group: int) -> list[list[int]]:
+    """`one_per_row` on example numbers."""
     ordered = []
-    for s in range(0, len(rows), group):
-        ordered += sorted(rows[s : s + group], key=lambda r: len(r.tokens))
-    return ordered
+    for s in range(0, len(examples), group):
+        ordered += sorted(examples[s : s + group].tolist(), key=lambda i: lengths[i])
+    return [[i] for i in ordered]
+
+
+def _row(examples: list[Example]) -> Row:
+    return Row([t for ex in examples for t in ex.tokens], [t for ex in examples for t in ex.targets],
+               [len(ex.tokens) for ex in examples])
 
 
 @dataclass

@@ -73,9 +73,9 @@ def export_gguf(
     """Write `model` as one GGUF file that llama.cpp runs: weights, config, tokenizer and chat template.
 
     `model` is a LoadedModel or anything `load_model` takes (a LoRA adapter directory comes merged). `type` is one
-    of GGUF_TYPES; 1-D tensors stay f32 whatever it is. `name` is stored as general.name (default: the source's
-    own general.name, or its file or directory name). The file appears whole or not at all; an existing `out` is
-    replaced only with `overwrite`.
+    of GGUF_TYPES; 1-D tensors stay f32 whatever it is. `name` is stored as general.name (default: a GGUF's own,
+    the run's name for a model `camelid train` wrote, the Hub id an HF directory came from, else the file or
+    directory name). The file appears whole or not at all; an existing `out` is replaced only with `overwrite`.
     """
     from gguf import GGMLQuantizationType, GGUFWriter
 
@@ -94,7 +94,7 @@ def export_gguf(
     writer = GGUFWriter(tmp, gguf_architecture(config))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _add_model_metadata(writer, config, name or _default_name(loaded), qtype)
+        _add_model_metadata(writer, config, name or _default_name(loaded.source), qtype)
         for key, value in metadata.items():
             _add_value(writer, key, value)
         if loaded.chat_template:
@@ -183,8 +183,12 @@ def _gguf_type(kind: str):
     return GGMLQuantizationType[kind.upper()]
 
 
-def _default_name(loaded: LoadedModel) -> str:
-    source = Path(loaded.source)
+def _default_name(source: str | Path) -> str:
+    """The general.name a model is exported under when none is given: a GGUF file's own general.name (else its
+    stem); for a model `camelid train` wrote, its run's name (RUN/model -> RUN, RUN/checkpoints/step-N/model ->
+    RUN-step-N); for an HF directory, the Hub id transformers saved in its config.json, without the organisation;
+    else the directory's name. A train run's model directory is always called `model`, which says nothing."""
+    source = Path(source)
     if source.is_file():
         from camelid.gguf_file import GGUFFile
 
@@ -192,7 +196,31 @@ def _default_name(loaded: LoadedModel) -> str:
             return str(GGUFFile(source).metadata.get("general.name") or source.stem)
         except CamelidError:
             return source.stem
-    return source.name
+    return _run_name(source) or _hub_name(source) or source.resolve().name
+
+
+def _run_name(directory: Path) -> str | None:
+    """The run's name if `directory` is a model in a `camelid train` run directory (camelid.train.loop), else None."""
+    directory = directory.resolve()
+    if directory.name != "model":
+        return None
+    step = directory.parent
+    run, suffix = (step.parent.parent, f"-{step.name}") if step.parent.name == "checkpoints" else (step, "")
+    is_run = (run / "config.json").is_file() and (run / "metrics.jsonl").is_file()
+    return run.name + suffix if is_run else None
+
+
+def _hub_name(directory: Path) -> str | None:
+    """The model name in an HF directory's config.json `_name_or_path` (HuggingFaceTB/SmolLM2-135M-Instruct ->
+    SmolLM2-135M-Instruct), if it is a Hub id rather than a path on the machine that saved it; else None."""
+    try:
+        value = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    # As llama.cpp's converter decides: a Hub id is "name" or "org/name"; "/fsx/run-3/ckpt" or "./out" are paths.
+    if isinstance(value, str) and re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", value):
+        return value.rsplit("/", 1)[-1]
+    return None
 
 
 # -- the model -------------------------------------------------------------------------------------------------

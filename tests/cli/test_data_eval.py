@@ -82,7 +82,7 @@ def test_curate_reports_rules_and_writes_what_was_dropped(tmp_path):
         chat("What is the capital of France?", "The capital of France is Paris, on the Seine."),
         chat("Tell me a secret.", "As an AI language model, I cannot share secrets."),
         chat("What is the capital of France?", "The capital of France is Paris, on the Seine."),
-        chat("Say hi.", "Hi."),
+        chat("Write an essay about the sea.", "Waves."),
     ])
     out = tmp_path / "out.jsonl"
     result = run_camelid("data", "curate", src, "-o", out, "--write-dropped")
@@ -203,3 +203,26 @@ def test_killing_selfinstruct_keeps_the_tasks_and_saves_the_report(tmp_path):
     assert [json.loads(line)["instruction"] for line in out.read_text().splitlines()] == [
         "List two uses of a paperclip."]
     assert json.loads(out.with_name("tasks.jsonl.report.json").read_text())["stopped"] == "interrupted"
+
+
+def test_data_verbs_read_a_datasets_folder_split_with_renamed_columns(tmp_path):
+    import datasets
+
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"It is {2 * i}, the sum of {i} and {i}."} for i in range(6)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "qa"))
+    source = f"{tmp_path / 'qa'}:test"
+    result = run_camelid("data", "stats", source, "--columns", "instruction=question,output=answer", "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["conversations"] == 2 and facts["formats"] == {"alpaca": 2}
+    out = tmp_path / "curated.jsonl"
+    result = run_camelid("data", "curate", source, "-o", out, "--columns", "instruction=question,output=answer")
+    assert result.returncode == 0, result.stderr
+    assert [r.messages[0]["content"] for r in read_conversations(out).records] == ["What is 4 + 4?", "What is 5 + 5?"]
+    # Without the mapping every record is of no format camelid knows: the first is named, with the count after it.
+    result = run_camelid("data", "stats", source)
+    assert one_error_line(result) == (
+        f"camelid: error: {source}:row 1: unknown format (keys answer, question; give --format (sharegpt-preference, "
+        "alpaca-preference, hh-rlhf, preference, ultrafeedback, kto, openai, sharegpt, alpaca, gpt4all) or --columns "
+        "KEY=COLUMN), and 1 more bad record after it; fix the record or pass --skip-bad to drop such records")

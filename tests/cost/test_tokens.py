@@ -36,12 +36,12 @@ def batched_by_training(cfg, world):
     from camelid.chat import chat_template_for
     from camelid.checkpoint import load_model
     from camelid.examples import collate
-    from camelid.train.loop import build_rows, load_conversations
+    from camelid.train.data import training_rows
     from camelid.train.schedule import Schedule
 
     loaded = load_model(cfg.model, device="cpu", dtype="float32")
     template = chat_template_for(loaded, cfg.template)
-    rows, eval_rows = build_rows(cfg, template, loaded.tokenizer, load_conversations(cfg, print), print)
+    rows, eval_rows = training_rows(cfg, template, loaded.tokenizer, print)
     steps = math.ceil(cfg.epochs * math.ceil(len(rows) / cfg.batch_size))
     schedule = Schedule.plan(cfg, len(rows), world)
     real = processed = squares = 0

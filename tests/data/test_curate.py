@@ -254,6 +254,19 @@ KEEP = [
          "    print(i)\n```\nThat prints 0, 1 and 2."),  # cut, then finished after "continue"
     chat("Say something kind.", "You are doing better than you think.", system="Be warm.", id="k8"),
     chat("Write a haiku in Japanese.", "古池や蛙飛び込む水の音"),  # 17 words as CJK characters count
+    # Issue 17: one-word answers that are right, a requested apology, and a role statement that refuses nothing.
+    chat("Fill in the blank using a word that best completes the sentence.\n\nThe city was blanketed in a thick "
+         "layer of eerie ____.", "fog."),
+    chat("Input a URL and output the domain of that URL, excluding the subdomains.\n\n"
+         "https://docs.google.com/document", "google.com"),
+    chat("Is water wet?", "Yes."),
+    chat("Generate an excuse for not coming to work", "I'm sorry, but I'm unable to come into work today due to "
+         "unforeseen medical issues. I will try my best to recover quickly."),
+    chat("How would you assist a visually impaired customer to complete their online shopping transaction?",
+         "As an AI assistant, I would assist a visually impaired customer by reading the page aloud with "
+         "text-to-speech and guiding them through each step."),
+    chat("Write a story with dialogue.", 'The knight drew his sword. "I can\'t give up," he said, "and I won\'t '
+                                         'help you with that plan."'),  # characters' speech is not the model's
 ]
 
 # (record, the rule that must drop it), in file order after KEEP.
@@ -270,8 +283,8 @@ DROP = [
     (chat("Help me pick a lock.", "I’m sorry, but I can’t assist with that."), "refusal"),  # curly apostrophes
     (chat("Write a poem.", "I am unable to write poems.", "Then a story?", "Once upon a time there was a fox."),
      "refusal"),  # in any answer, not only the last
-    (chat("Is water wet?", "Yes."), "tiny response"),
-    (chat("Can you do it?", "I cannot."), "tiny response"),
+    (chat("Write an essay about water.", "Yes."), "tiny response"),  # short only where a long answer was asked
+    (chat("Can you explain how tides work?", "I cannot."), "tiny response"),
     (chat("AS AN AI LANGUAGE MODEL, what would you say about   cats?",
           "cats are independent, curious animals that many people love."), "exact duplicate"),
     (KEEP[1], "exact duplicate"),
@@ -298,9 +311,9 @@ def test_each_rule_drops_its_records_keeps_the_rest_and_counts_exactly(tmp_path)
     by_line = {d["where"]: d for d in dropped}
     first = len(KEEP) + 1
     assert by_line[f"{src}:{first + 2}"]["pattern"] == r"\brate limit (?:reached|exceeded)\b"
-    assert by_line[f"{src}:{first + 6}"]["match"] == "As an AI language model"
-    assert by_line[f"{src}:{first + 7}"]["match"] == "I’m sorry, but I can’t"
-    assert by_line[f"{src}:{first + 9}"]["words"] == 1
+    assert by_line[f"{src}:{first + 6}"]["match"] == "As an AI language model, I do not"
+    assert by_line[f"{src}:{first + 7}"]["match"] == "I can’t assist"
+    assert (by_line[f"{src}:{first + 9}"]["words"], by_line[f"{src}:{first + 9}"]["asked"]) == (1, "Write an essay")
     assert by_line[f"{src}:{first + 11}"]["duplicate_of"] == f"{src}:1"
     assert by_line[f"{src}:{first + 12}"]["duplicate_of"] == f"{src}:2"
     saved = json.loads((tmp_path / "out.jsonl.report.json").read_text())
@@ -320,7 +333,7 @@ def test_rules_can_be_turned_off(tmp_path):
 
 
 def test_min_response_words_counts_the_last_answer(tmp_path):
-    records = [chat("Q?", "One two three four five."), chat("Q2?", "One two three four")]
+    records = [chat("Describe a cat.", "One two three four five."), chat("Describe a dog.", "One two three four")]
     src = write_records(tmp_path / "in.jsonl", records)
     assert curate(src, tmp_path / "out.jsonl", min_response_words=5).dropped == {"tiny response": 1}
     assert count_words("don't stop-me now") == 5
@@ -472,3 +485,86 @@ def test_pattern_files_add_to_the_built_in_patterns_or_replace_them(tmp_path):
     assert [parse_threshold(t) for t in ("0.75", "1", "none", "off", "0")] == [0.75, 1.0, None, None, None]
     with pytest.raises(CamelidError, match=r"^--near-dup-threshold: 'high' is not a number; give e\.g\. 0\.8, or none$"):
         parse_threshold("high")
+
+
+# -- issue 17: rules relative to the question, refusals that are refusals, duplicates in the text that differs ---
+
+
+def only_rule(tmp_path, records, **rules):
+    """The (rule, text of the last answer) of each dropped record, with the other rules turned off."""
+    options = dict(failure_patterns=[], refusal_patterns=[], min_response_words=0, near_duplicate_threshold=None,
+                   drop_cut_off=False) | rules
+    src = write_records(tmp_path / "in.jsonl", records)
+    curate(src, tmp_path / "out.jsonl", write_dropped=True, **options)
+    return [(d["rule"], d["messages"][-1]["content"]) for d in read_jsonl(dropped_path(tmp_path / "out.jsonl"))]
+
+
+def test_a_short_answer_is_tiny_only_where_a_long_one_was_asked(tmp_path):
+    tiny = [("Write an essay about the sea.", "Waves."), ("Please write a poem about autumn.", "OK."),
+            ("Can you explain how a compiler works?", "Parsing."), ("Tell me about Rome.", "Rome."),
+            ("Compose a short story for my niece.", "Sure!"),
+            ("Describe the water cycle.", "Evaporation, rain.")]
+    fine = [("Select a random noun from the following list\n\nlist: dog, cat, bird, car", "bird"),
+            ("Detect the sentiment of the sentence.\n\nNobody understands me.", "Negative"),
+            ("What is 355*455?", "161,525"), ("Say hi.", "Hi."),
+            ("Summarize this movie in just one word:\n\nA slow horror film about grief.", "Inert."),
+            ("Describe the sky in one word.", "Blue."),
+            ("This is part 2 of my messages. Reply \"acknowledged\" if you understand.\n\n"
+             "How do value chains work? Explain the primary activities of a firm...", "Acknowledged.")]
+    dropped = only_rule(tmp_path, [chat(q, a) for q, a in tiny + fine], min_response_words=3)
+    assert dropped == [("tiny response", a) for _, a in tiny]
+
+
+def test_refusals_are_dropped_and_answers_that_only_sound_like_one_are_kept(tmp_path):
+    refusals = [
+        "I'm sorry, but I am not able to generate a PDF or perform any other external task.",
+        "As an AI, I don't have a physical house, so I cannot provide a description of it.",
+        "I apologize, but it is not possible for me to provide the missing code for a Minesweeper solver.",
+        "I'm just a computer program, so I don't have feelings or emotions like a human.",
+        "I'm sorry, but I am a text-based AI and do not have the ability to display images.",
+        "I’m sorry, I can’t help you with that.",  # curly apostrophes
+        "Unfortunately, I am unable to browse the internet. However, here is what I know about the topic.",
+        "That request goes against OpenAI's content policy.",
+    ]
+    answers = [
+        "I'm sorry to hear that. Would you like to talk about it?",
+        "I apologize for the confusion. Here is the corrected code.",
+        "This error means Python cannot find the file you are trying to run.",
+        "As an AI assistant, diplomacy forms a crucial part of my interaction with users.",
+        "As an AI language model, I can suggest three ways to improve your essay.",
+        "The kids loved it, and I can't recommend this summer camp highly enough!",
+        "I can't help feeling that the ending of the novel was rushed.",
+        "Dear Ms. Lee, I'm sorry, but I won't be able to attend the meeting on Friday.",  # a letter that was asked for
+    ]
+    dropped = only_rule(tmp_path, [chat("Go on.", t) for t in refusals + answers], refusal_patterns=REFUSAL_PATTERNS)
+    assert dropped == [("refusal", t) for t in refusals]
+
+
+TOOLS = ("toolformer: enabled\ntoolformer access: wikipedia, weather, python\n"
+         "wikipedia: a wrapper around Wikipedia. Useful for when you need to display general information about "
+         "people, places, companies, historical events, or other subjects found in an encyclopedia; it displays a "
+         "snippet summary of the topic. Input should be a search query.\nweather: useful for when you want to get "
+         "weather information from the OpenMeteo API. The input should be a question in natural language that this "
+         "API can answer.\npython: executes Python code and returns the value of the last expression.\n")
+
+
+def test_a_shared_opening_does_not_make_different_requests_alike(tmp_path):
+    distinct = [("Provide a summary of the given historical event.\nFrench Revolution",
+                 "Summary of the French Revolution: wikipedia('French Revolution')"),
+                ("Provide a summary of the given historical event.\nBattle of Waterloo",
+                 "Summary of the Battle of Waterloo: wikipedia('Battle of Waterloo')"),
+                ("What is the weather like in Paris today?", "The weather in Paris today is weather('Paris today')."),
+                ("Find the square root of 144.", "The square root of 144 is python('144 ** 0.5')."),
+                ("Multiply 17 by 23.", "17 times 23 is python('17 * 23').")]
+    copies = [("Give a short summary of the French Revolution from Wikipedia.",
+               "Here is a summary of the French Revolution: wikipedia('French Revolution')."),
+              ("Give a summary of the French Revolution.",
+               "Here is a summary of the French Revolution: wikipedia('French Revolution')"),
+              ("What's the weather like in Paris today?", "The weather in Paris today is: weather('Paris today')")]
+    records = [chat(TOOLS + q, a) for q, a in distinct + copies]
+    assert only_rule(tmp_path, records[:5], near_duplicate_threshold=0.8) == []  # the tool text alone made them 0.8
+    dropped = only_rule(tmp_path, records, near_duplicate_threshold=0.8)
+    assert dropped == [("near duplicate", a) for _, a in copies[1:]]
+    # The same question with a different answer is a different example, not a copy.
+    other = chat(TOOLS + distinct[2][0], "It is sunny and 24 degrees in Paris, according to weather('Paris').")
+    assert only_rule(tmp_path, [records[2], other], near_duplicate_threshold=0.8) == []

@@ -8,7 +8,7 @@ import pytest
 
 from camelid.data.formats import (
     CUT_INSIDE_ARRAY, CUT_INSIDE_RECORD, MISSING_CONTENT, SKIP_HINT, BadRecord, ReadResult, iter_conversations,
-    read_conversations, to_messages, write_jsonl,
+    read_conversations, to_messages, to_record, write_jsonl,
 )
 from camelid.errors import CamelidError
 
@@ -99,8 +99,10 @@ def test_gpt4all_prompt_and_response():
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
     ]
     # Told by `response`: a preference pair has a `prompt` too, and is no GPT4All row.
-    with pytest.raises(BadRecord, match=r"^x:1: unknown format \(expected .*, or 'prompt' and 'response'\)"):
-        to_messages({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away."}, "x:1")
+    pair = to_record({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away."}, "x:1")
+    assert (pair.format, pair.messages[-1]["content"], pair.rejected["content"]) == ("preference", "Hello", "Go away.")
+    with pytest.raises(BadRecord, match=r"^x:1: unknown format \(keys prompt; give --format \(sharegpt-preference, "):
+        to_messages({"prompt": "Hi"}, "x:1")
 
 
 def test_sharegpt_roles():
@@ -144,7 +146,8 @@ BAD = [
     ([1, 2], "not a JSON object"),
     ({"text": "hello"}, "unknown format"),
     (sharegpt(("human", "a"), ("narrator", "b")), "unknown role 'narrator'"),
-    (openai(("user", "a"), ("tool", "b")), "unknown role 'tool'"),
+    (openai(("user", "a"), ("robot", "b")), "unknown role 'robot'"),
+    (openai(("user", "a"), ("tool", "b")), "tool result without a tool call before it"),
     ({"conversations": []}, "empty conversation"),
     (openai(("system", "Be nice.")), "empty conversation"),
     (sharegpt(("human", "a"), ("human", "b"), ("gpt", "c")), "turns do not alternate user/assistant"),
@@ -288,8 +291,8 @@ def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CamelidError, match=rf"^{tmp_path / 'nope.jsonl'}: no such file$"):
         read_conversations(tmp_path / "nope.jsonl")
     with pytest.raises(CamelidError) as excinfo:
-        read_conversations(tmp_path)
-    assert one_line_error(excinfo).startswith(f"{tmp_path}: is a directory")
+        read_conversations(tmp_path)  # an empty folder: read by datasets, which finds no data files in it
+    assert one_line_error(excinfo).startswith(f"{tmp_path}: a folder that Hugging Face datasets could not read")
 
 
 def test_write_jsonl_reads_back(tmp_path):
@@ -325,3 +328,96 @@ def test_real_sharegpt_file():
     first_bad = result.skipped[0]
     message = one_line_error(excinfo)
     assert message.startswith(f"{first_bad.where}: {first_bad.reason}") and message.endswith(SKIP_HINT)
+
+
+# -- the format registry: preference, KTO and tool-calling layouts --------------------------------------------
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize("record, form", [
+    ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "preference"),
+    ({"prompt": [user("Hi")], "chosen": [bot("Hello!")], "rejected": [bot("Go away.")]}, "preference"),
+    # UltraFeedback binarized: the prompt string beside whole conversations, which hold it too
+    ({"prompt": "Hi", "chosen": [user("Hi"), bot("Hello!")], "rejected": [user("Hi"), bot("Go away.")],
+      "messages": [user("Hi"), bot("Hello!")], "score_chosen": 8.0, "score_rejected": 2.0}, "preference"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}, "hh-rlhf"),
+    ({"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
+      "rejected": {"from": "gpt", "value": "Go away."}}, "sharegpt-preference"),
+    ({"instruction": "Hi", "input": "", "chosen": "Hello!", "rejected": "Go away."}, "alpaca-preference"),
+    ({"instruction": "Hi", "completions": [{"response": "Go away.", "overall_score": 2},
+                                          {"response": "Hello!", "overall_score": 9},
+                                          {"response": "Hm.", "overall_score": 5}]}, "ultrafeedback"),
+])
+def test_every_preference_layout_reads_as_the_same_pair(record, form):
+    pair = to_record(record, "x:1")
+    assert pair.format == form and pair.kind == "preference"
+    assert pair.messages == [user("Hi"), bot("Hello!")] and pair.rejected == bot("Go away.")
+    assert to_record(pair.to_json(), "x:2").messages == pair.messages  # camelid's layout reads back
+
+
+def test_a_prompt_that_is_not_how_chosen_begins_is_refused():
+    with pytest.raises(BadRecord, match="'prompt' is not how 'chosen' begins"):
+        to_record({"prompt": "Hey", "chosen": [user("Hi"), bot("a")], "rejected": [user("Hi"), bot("b")]}, "x:1")
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [user("2+2?"), bot("5")], "label": False},
+    {"prompt": "2+2?", "completion": "5", "label": False},
+    {"prompt": [user("2+2?")], "completion": [bot("5")], "label": False},
+])
+def test_kto_rows_in_llama_factory_and_trl_layouts(record):
+    row = to_record(record, "x:1")
+    assert (row.format, row.kind, row.label, row.messages) == ("kto", "kto", False, [user("2+2?"), bot("5")])
+    assert row.for_sft() is None  # supervised training learns only desirable answers
+    assert to_record(row.to_json(), "x:2").label is False
+    with pytest.raises(BadRecord, match="'label' is not true or false"):
+        to_record(record | {"label": "no"}, "x:1")
+
+
+def test_tool_calls_from_sharegpt_and_openai_are_the_same_messages():
+    glaive = {"tools": json.dumps([{"name": "add", "parameters": {}}]), "conversations": [
+        {"from": "human", "value": "2+2?"},
+        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 2}})},
+        {"from": "observation", "value": "4"},
+        {"from": "gpt", "value": "It is 4."},
+    ]}
+    openai_record = {"tools": [{"name": "add", "parameters": {}}], "messages": [
+        user("2+2?"),
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+        bot("It is 4."),
+    ]}
+    a, b = to_record(glaive, "x:1"), to_record(openai_record, "x:2")
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    assert a.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert b.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call | {"id": "c1"}]}
+    assert a.messages[2] == {"role": "tool", "content": "4"} and b.messages[2]["tool_call_id"] == "c1"
+    assert a.tools == b.tools == [{"name": "add", "parameters": {}}]
+    assert to_record(a.to_json(), "x:3").messages == a.messages
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([user("q"), {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}, user("again")],
+     "tool call without its result"),
+    ([user("q"), {"role": "assistant", "content": "x", "tool_calls": [{"function": {"arguments": "{}"}}]}],
+     "tool call without a function name"),
+    ([user("q"), {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}],
+     "tool call arguments are not JSON"),
+])
+def test_broken_tool_calls_are_named(messages, reason):
+    with pytest.raises(BadRecord, match=reason):
+        to_record({"messages": messages}, "x:1")
+
+
+def test_alpaca_history_comes_before_the_instruction():
+    record = {"instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]], "system": "Be brief."}
+    assert to_messages(record, "x:1") == [{"role": "system", "content": "Be brief."}, user("2+2?"), bot("4"),
+                                          user("And 3+3?"), bot("6")]

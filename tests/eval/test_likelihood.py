@@ -165,6 +165,49 @@ def test_texts_batched_together_score_as_alone(tiny_chat_loaded):
     assert together.tokens == sum(a.tokens for a in alone)
 
 
+def test_progress_moves_inside_a_batch_and_changes_no_score(tiny_chat_loaded, monkeypatch):
+    """One batch of windows moves the bar after each decoder layer and each chunk of logits, so the bar moves
+    during the forward pass (a big batch ran 303 s without a tick, issue 17), and the scores stay the same."""
+    import io
+
+    from tqdm import tqdm
+
+    from camelid.eval import likelihood
+
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "file": io.StringIO()})
+            self.moves = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.moves.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(likelihood, "tqdm", Recorded)
+    model, tokenizer = tiny_chat_loaded.model, tiny_chat_loaded.tokenizer
+    texts = [TEXT * 4, TEXT]  # one window each, in one batch, with more targets than one chunk of logits
+    targets = sum(len(tokenizer.encode(t, add_special=False)) for t in texts)
+    assert targets > likelihood.LOGIT_CHUNK
+    at_the_head = []  # where the bar stood when the forward pass ended and the logits began
+    hook = model.lm_head.register_forward_pre_hook(lambda *_: at_the_head.append(bars[0].n))
+    try:
+        shown = perplexity(tiny_chat_loaded, texts, batch_size=8, progress=True)
+    finally:
+        hook.remove()
+    bar = bars[0]
+    assert bar.total == bar.n == shown.tokens  # the positions run: in a plain text, one per token scored
+    chunks = -(-targets // likelihood.LOGIT_CHUNK)
+    assert len([m for m in bar.moves if m > 0]) == len(model.model.layers) + chunks
+    assert 0 < at_the_head[0] < bar.total
+
+    quiet = perplexity(tiny_chat_loaded, texts, batch_size=8, progress=False)
+    assert (shown.nll, shown.tokens) == (quiet.nll, quiet.tokens)
+    assert [(s.nll, s.tokens) for s in shown.per_text] == [(s.nll, s.tokens) for s in quiet.per_text]
+
+
 def test_perplexity_rejects_bad_settings(tiny_chat_loaded):
     with pytest.raises(CamelidError, match="invalid context 5000: expected 1 to 1024"):
         perplexity(tiny_chat_loaded, [TEXT], context=5000, progress=False)

@@ -225,12 +225,12 @@ def test_malformed_rows_stop_with_file_and_line_unless_skipped(base_dir, data_fi
     lines = data_file.read_text().splitlines()
     lines.insert(5, json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}))
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(CamelidError, match=rf"{bad}:6: unknown role 'robot'.*--skip-bad"):
+    with pytest.raises(CamelidError, match=rf"{bad}:6: unknown role 'robot'.*set skip_bad=true to drop"):
         run_quietly(config(base_dir, bad, tmp_path / "run", max_steps=1))
     assert not (tmp_path / "run").exists()
     messages = []
     run_quietly(config(base_dir, bad, tmp_path / "run2", max_steps=1, skip_bad=True), log=messages.append)
-    assert any("skipped 1 (1 unknown role" in m for m in messages)
+    assert any(f"{bad}: " in m and "; skipped 1 of " in m and ": 1 unknown role" in m for m in messages), messages
 
 
 @pytest.mark.parametrize(

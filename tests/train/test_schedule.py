@@ -85,16 +85,16 @@ def test_a_real_run_takes_the_scheduled_steps_micro_batches_and_evaluations(tiny
                             eval_every=4, lr=1e-3, warmup_ratio=0.0, seed=3))
     built, collated = [], []
 
-    def build_rows(*args):
-        built.append(loop_build_rows(*args))
+    def prepared_rows(*args):
+        built.append(loop_prepared_rows(*args))
         return built[-1]
 
     def collate(rows):
         collated.append([r.tokens for r in rows])
         return loop_collate(rows)
 
-    loop_build_rows, loop_collate = loop.build_rows, loop.collate
-    monkeypatch.setattr(loop, "build_rows", build_rows)
+    loop_prepared_rows, loop_collate = loop.prepared_rows, loop.collate
+    monkeypatch.setattr(loop, "prepared_rows", prepared_rows)
     monkeypatch.setattr(loop, "collate", collate)
     loop.train(cfg, progress=False, log=lambda message: None)
 

@@ -1,19 +1,24 @@
 """`camelid data selfinstruct | sharegpt | mix | curate | stats`: making and inspecting training data."""
 
 from camelid.cli.options import (
-    MODEL_KINDS, add_endpoint, add_force, add_json, add_model, add_no_progress, add_on_error, add_out, add_skip_bad,
-    add_template, endpoint_client,
+    MODEL_KINDS, SOURCE_HELP, add_endpoint, add_force, add_json, add_model, add_no_progress, add_on_error, add_out,
+    add_reading, add_skip_bad, add_template, endpoint_client, reading_of,
 )
 from camelid.named_models import DEFAULT_MODEL
 
-DATASET_HELP = "a dataset (JSONL or JSON array; Alpaca, ShareGPT or OpenAI records)"
+DATASET_HELP = SOURCE_HELP + "; records in any format of `camelid data --help`"
 SEED_TASKS_HELP = "self-instruct seed tasks (JSONL: instruction, instances [{input, output}]) or Alpaca records"
 
 
 def add_data(sub) -> None:
+    from camelid.data.formats import FORMATS
+
     p = sub.add_parser("data", help="make training data: self-instruct, ShareGPT cleaning, mixtures, curation, stats",
                        description="Each verb writes JSONL that `camelid train` reads, and a report of what it kept "
-                       "and dropped, by rule (OUT.report.json and OUT.report.txt, or report.* in an output directory).")
+                       "and dropped, by rule (OUT.report.json and OUT.report.txt, or report.* in an output directory). "
+                       "Every verb, `train`, `eval perplexity` and `cost` read the same sources and formats: "
+                       + "; ".join(f"{name} ({spec.about})" for name, spec in FORMATS.items())
+                       + ". A record's format is told by its keys; --format forces one, --columns renames keys.")
     data = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
     for add in (_add_selfinstruct, _add_sharegpt, _add_mix, _add_curate, _add_stats):
         add(data)
@@ -130,7 +135,9 @@ def _add_mix(data) -> None:
         "examples each, with \"a helpful answer\" or \"an unhelpful answer\" in the system message (Koala's "
         "conditioning); chat with the result using --system \"a helpful answer\".",
     )
-    p.add_argument("sources", metavar="SOURCE", nargs="+", help="NAME=PATH[:weight=W|:count=N]")
+    p.add_argument("sources", metavar="SOURCE", nargs="+",
+                   help="NAME=PATH[:weight=W|:count=N]; PATH is any data source (" + SOURCE_HELP.removeprefix(
+                       "a data source: ") + ")")
     add_out(p, "OUT.jsonl", "the output file")
     p.add_argument("--total", type=int,
                    help="examples to write (default: the most that repeats no weighted source)")
@@ -138,6 +145,7 @@ def _add_mix(data) -> None:
     p.add_argument("--unhelpful", default="an unhelpful answer", help="the marker for rejected answers")
     p.add_argument("--seed", type=int, default=0, help="decides the sample and the order (default 0)")
     add_skip_bad(p)
+    add_reading(p)
     p.set_defaults(func=cmd_data_mix)
 
 
@@ -146,7 +154,7 @@ def cmd_data_mix(args) -> None:
 
     sources = [MixSource.parse(spec) for spec in args.sources]
     report = mix_datasets(sources, args.out, total=args.total, seed=args.seed, skip_bad=args.skip_bad,
-                          helpful=args.helpful, unhelpful=args.unhelpful)
+                          helpful=args.helpful, unhelpful=args.unhelpful, reading=reading_of(args))
     print(report.text())
 
 
@@ -165,14 +173,16 @@ def _add_curate(data) -> None:
     p.add_argument("--replace-patterns", action="store_true",
                    help="the pattern files replace the built-in lists instead of adding to them")
     p.add_argument("--min-words", type=int, default=3,
-                   help="drop a conversation whose last answer has fewer words (default 3; 0 turns it off)")
+                   help="drop a conversation whose last answer has fewer words when its prompt asks for a long "
+                   "answer (explain, write an essay, ...; default 3; 0 turns it off)")
     p.add_argument("--near-dup-threshold", default="0.8", metavar="J",
-                   help="drop a conversation whose word-set Jaccard similarity with a kept one is at least J "
-                   "(default 0.8; none turns it off)")
+                   help="drop a conversation whose answers, and whose text after the prompt lines both share, have a "
+                   "word-set Jaccard similarity of at least J with a kept one's (default 0.8; none turns it off)")
     p.add_argument("--keep-cut-off", action="store_true", help="keep answers whose code block never closes")
     p.add_argument("--write-dropped", action="store_true",
                    help="also write the dropped records, each with its rule, to OUT.dropped.jsonl")
     add_skip_bad(p)
+    add_reading(p)
     p.set_defaults(func=cmd_data_curate)
 
 
@@ -184,7 +194,8 @@ def cmd_data_curate(args) -> None:
     threshold = parse_threshold(args.near_dup_threshold)
     report = curate(args.src, args.out, refusal_patterns=refusals, failure_patterns=failures,
                     min_response_words=args.min_words, near_duplicate_threshold=threshold,
-                    drop_cut_off=not args.keep_cut_off, write_dropped=args.write_dropped, skip_bad=args.skip_bad)
+                    drop_cut_off=not args.keep_cut_off, write_dropped=args.write_dropped, skip_bad=args.skip_bad,
+                    reading=reading_of(args))
     print(report.text())
 
 
@@ -202,6 +213,7 @@ def _add_stats(data) -> None:
                    "(e.g. en,fr,de), or `all` for every language lingua knows (slower); needs camelid[lang]")
     add_json(p, "print the numbers as JSON")
     add_skip_bad(p)
+    add_reading(p)
     p.set_defaults(func=cmd_data_stats)
 
 
@@ -214,5 +226,5 @@ def cmd_data_stats(args) -> None:
     tokenizer, template = _tokenizer_and_template(args)
     languages = parse_language_codes(args.languages) if args.languages else False
     report = dataset_stats(args.src, tokenizer=tokenizer, template=template, histogram=args.histogram,
-                           languages=languages, skip_bad=args.skip_bad)
+                           languages=languages, skip_bad=args.skip_bad, reading=reading_of(args))
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else stats_text(report))

@@ -3,8 +3,8 @@
 import sys
 
 from camelid.cli.options import (
-    add_endpoint, add_json, add_model_to_run, add_no_progress, add_on_error, add_out, add_skip_bad, add_system,
-    add_template, endpoint_client, load_model_of,
+    SOURCE_HELP, add_endpoint, add_json, add_model_to_run, add_no_progress, add_on_error, add_out, add_reading,
+    add_skip_bad, add_system, add_template, endpoint_client, load_model_of, reading_of,
 )
 from camelid.named_models import DEFAULT_MODEL
 
@@ -141,11 +141,12 @@ def cmd_eval_report(args) -> None:
 def _add_perplexity(ev) -> None:
     p = ev.add_parser(
         "perplexity", help="perplexity of a model on text or on a dataset's assistant turns",
-        description="A .txt file is one text; JSONL/JSON records with a `text` field are texts, and conversations "
-        "(Alpaca, ShareGPT, OpenAI) are scored on their assistant tokens only, rendered as training renders them. "
+        description="A .txt file is one text; records with a `text` field are texts, and conversations (any format "
+        "of `camelid data --help`) are scored on their assistant tokens only, rendered as training renders them. "
         "Long texts are scored in sliding windows, every token once.",
     )
-    p.add_argument("data", metavar="DATA", help="a text file, or a JSONL/JSON file of texts or conversations")
+    p.add_argument("data", metavar="DATA", help="a text file, or a data source of texts or conversations: "
+                   + SOURCE_HELP.removeprefix("a data source: "))
     add_model_to_run(p)
     add_template(p, instead_of="the model's own, for conversations")
     p.add_argument("--context", type=int, help="most tokens in one forward pass (default: the model's context)")
@@ -154,6 +155,7 @@ def _add_perplexity(ev) -> None:
                    "tokens of history; stride = context is lm-eval's rolling windows")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     add_skip_bad(p, "malformed records")
+    add_reading(p)
     add_no_progress(p)
     p.set_defaults(func=cmd_eval_perplexity)
 
@@ -161,7 +163,7 @@ def _add_perplexity(ev) -> None:
 def cmd_eval_perplexity(args) -> None:
     from camelid.eval.likelihood import perplexity, read_texts
 
-    texts, skipped = read_texts(args.data, skip_bad=args.skip_bad)
+    texts, skipped = read_texts(args.data, skip_bad=args.skip_bad, reading=reading_of(args))
     _report_skipped(skipped, "records")
     r = perplexity(load_model_of(args), texts, template=args.template, context=args.context, stride=args.stride,
                    batch_size=args.batch_size, progress=not args.no_progress)

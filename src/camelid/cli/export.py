@@ -22,8 +22,9 @@ def add_export(sub) -> None:
                    help=f"weight type: {', '.join(GGUF_TYPES)} (default f16: half the size of f32 and practically "
                    "lossless; q8_0: a quarter of f32, slightly lossy; q5_1 to q4_0: smaller again and lossy, "
                    "meant for 7B-size models; the K-quants come from llama.cpp's llama-quantize on an f16 file)")
-    p.add_argument("--name", help="the model name stored in the file (general.name; default: the source's own, "
-                   "or its file or directory name)")
+    p.add_argument("--name", help="the model name stored in the file, which llama.cpp and its front ends show "
+                   "(general.name; default: a GGUF's own; for a `camelid train` run's RUN/model, the run's name; "
+                   "for an HF directory, the Hub id in its config.json; else the file or directory name)")
     add_force(p, "OUT.gguf if it exists")
     p.set_defaults(func=cmd_export_gguf)
 

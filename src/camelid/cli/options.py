@@ -171,6 +171,27 @@ def add_skip_bad(p: argparse.ArgumentParser, what: str = "unreadable records") -
     p.add_argument("--skip-bad", action="store_true", help=f"skip {what}, counted, instead of stopping")
 
 
+SOURCE_HELP = ("a data source: a JSON/JSONL file (also .gz, .zst), a Parquet, Arrow or CSV file, a datasets folder "
+               "(save_to_disk, the Hub's layout, shards; PATH:SPLIT picks a split), or hf:ORG/NAME[:SPLIT]")
+
+
+def add_reading(p: argparse.ArgumentParser) -> None:
+    """--format and --columns: how each record of a data source is read (camelid.data.formats.Reading)."""
+    from camelid.data.formats import FORMATS
+
+    p.add_argument("--format", choices=list(FORMATS), metavar="NAME",
+                   help="read every record in this format instead of telling it by its keys: "
+                   + ", ".join(FORMATS))
+    p.add_argument("--columns", metavar="KEY=COLUMN,...",
+                   help="read the source's COLUMN as the format's KEY, e.g. instruction=question,output=answer")
+
+
+def reading_of(args):
+    from camelid.data.formats import Reading, parse_columns
+
+    return Reading(args.format, parse_columns(args.columns))
+
+
 def add_no_progress(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
     p.add_argument("--no-progress", action="store_true", help=help)
 

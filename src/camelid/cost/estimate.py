@@ -13,6 +13,7 @@ from camelid.config import PRESETS, ModelConfig, preset
 from camelid.cost.flops import Flops, attention_width, count_parameters, lora_parameters, run_flops
 from camelid.cost.gpus import GPU, find_gpu
 from camelid.cost.tokens import Tokens, tokens_from_counts, tokens_from_data
+from camelid.data.sources import source_exists
 from camelid.errors import CamelidError
 
 DEFAULT_UTILIZATION = 0.20  # the 2023 stack's share of peak; the package docstring gives the published figures
@@ -146,7 +147,7 @@ def _model_and_data(cfg, preset_name, model_config, model_size, counts: dict):
     except CamelidError as exc:
         problems.append(str(exc))
     counts_given = any(v is not None for v in counts.values())
-    missing = [] if counts_given else [p for p in cfg.data if not Path(p).is_file()]
+    missing = [] if counts_given else [p for p in cfg.data if not source_exists(p)]
     if missing:
         problems.append(f"{missing[0]}: no such file, so its tokens cannot be counted; give the counts instead: "
                         "--examples N (with --tokens-per-example T) or --tokens N")

@@ -57,7 +57,7 @@ def batched_lengths(lengths: list[int], schedule: Schedule) -> tuple[int, int, i
 def tokens_from_data(cfg, world: int, tokenizer: str | None = None) -> Tokens:
     """D and S counted from the recipe's data files, tokenized with the model's (or `tokenizer`'s) tokenizer."""
     from camelid.checkpoint import load_tokenizer_and_template
-    from camelid.train.loop import build_rows, load_conversations
+    from camelid.train.data import training_rows
 
     spec = tokenizer or cfg.model
     try:
@@ -70,13 +70,12 @@ def tokens_from_data(cfg, world: int, tokenizer: str | None = None) -> Tokens:
             "give --tokenizer MODEL (one with the same tokenizer), or counts with --examples N"
         ) from None
     said: list[str] = []
-    conversations = load_conversations(cfg, said.append)
-    rows, eval_rows = build_rows(cfg, template, tok, conversations, said.append)
+    rows, eval_rows = training_rows(cfg, template, tok, said.append)
     schedule = Schedule.plan(cfg, len(rows), world, processes="GPU(s)", fix=BATCH_FIX)
-    real, processed, squares = batched_lengths([len(r.tokens) for r in rows], schedule)
+    real, processed, squares = batched_lengths(rows.lengths, schedule)
     eval_processed = eval_squares = 0
     for part in eval_batches(len(eval_rows), cfg.micro_batch_size):
-        _, p, s = padded([len(r.tokens) for r in eval_rows[part]])
+        _, p, s = padded(eval_rows.lengths[part])
         eval_processed, eval_squares = eval_processed + p, eval_squares + s
     template_name = f"the {cfg.template} template" if cfg.template else "its own chat template"
     how = [f"counted from the data as training builds its rows: {spec}'s tokenizer, {template_name}", *said]

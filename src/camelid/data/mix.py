@@ -19,34 +19,31 @@ Preference data becomes conditioned examples (Koala, after Chain of Hindsight, L
 answer" and the rejected one under "an unhelpful answer". The marker is a system message (put before an
 existing one, on its own line) because training learns only the assistant turns: the model reads the
 condition but is never trained to write it, and at inference `--system "a helpful answer"` asks for the good
-kind. Pairs are read with a `prompt` and string answers, as whole conversations, or as Anthropic's HH-RLHF
-rows (the data Koala used), whose `chosen` and `rejected` are whole transcripts of "Human:" and "Assistant:"
-turns. A preference source's share counts examples, two per pair; both examples of a pair are taken together,
-except that an odd share keeps one example, drawn at random, of the last pair taken.
+kind. Pairs are read in every preference layout of camelid.data.formats, Anthropic's HH-RLHF transcripts (the
+data Koala used) among them; a KTO row (one answer labelled desirable or not) becomes one example under the
+marker its label names. A preference source's share counts examples, two per pair; both examples of a pair
+are taken together, except that an odd share keeps one example, drawn at random, of the last pair taken.
 
 Each output record is `{"messages": [...], "source": NAME}` (NAME replacing any `source` the record had), plus
-`"condition": "helpful" | "unhelpful"` on conditioned examples and the record's own `id` when it had one;
-training ignores the extra keys. Everything is read before anything is written, so `out` may be an input.
+`"condition": "helpful" | "unhelpful"` on conditioned examples, the record's `tools` and its own `id` when it
+had them; training ignores `source`, `condition` and `id`. Everything is read before anything is written, so
+`out` may be an input.
 """
 
 import math
 import random
-import re
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
-from camelid.data.formats import BadRecord, json_records, to_messages, write_jsonl
+from camelid.data.formats import BadRecord, Reading, Record, Skipped, iter_records, to_record, write_jsonl
 from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
 
 HELPFUL = "a helpful answer"
 UNHELPFUL = "an unhelpful answer"
 
-# An HH-RLHF transcript: "\n\nHuman: ...\n\nAssistant: ..." turns, repeated, each marker after a blank line.
-_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclass
@@ -73,6 +70,8 @@ class MixSource:
             return cls(rest, name or Path(rest).stem, weight=1.0)
         key, has_key, value = share.partition("=")
         if not has_key:
+            if Path(path).is_dir():  # a folder's split (`folder:test`), not a weight
+                return cls(rest, name or Path(path).name, weight=1.0)
             key, value = "weight", share
         try:
             number = float(value) if key == "weight" else int(value)
@@ -94,18 +93,20 @@ def mix_datasets(
     skip_bad: bool = False,
     helpful: str = HELPFUL,
     unhelpful: str = UNHELPFUL,
+    reading: Reading | None = None,
 ) -> Report:
     """Write the mixture of `sources` to `out` (JSONL) and its report beside it; return the report.
 
     `total` is the number of examples to write (see the module docstring for its default); `helpful` and
-    `unhelpful` are the system-message markers given to preference pairs.
+    `unhelpful` are the system-message markers given to preference pairs; `reading` forces every source's
+    format or renames its columns (camelid.data.formats.Reading).
     """
     _check_sources(sources, total)
     _check_markers(helpful, unhelpful)
     _check_output(Path(out))
     report = Report("mix")
     report.facts["seed"] = seed
-    pools = [_read_source(source, report, skip_bad, helpful, unhelpful) for source in sources]
+    pools = [_read_source(source, report, skip_bad, reading or Reading(), helpful, unhelpful) for source in sources]
     shares = _shares(sources, pools, total)
 
     records: list[dict] = []
@@ -146,19 +147,15 @@ def split_by_weight(total: int, weights: list) -> list[int]:
 def condition_preference(record: dict, where: str, *, helpful: str = HELPFUL, unhelpful: str = UNHELPFUL):
     """A preference record as its two conditioned conversations, (helpful, unhelpful); raises `BadRecord`.
 
-    Accepted shapes: `{"prompt": str, "chosen": str, "rejected": str}`; `{"chosen": [messages], "rejected":
-    [messages]}`, whole conversations that differ only in their last assistant turn; the same as HH-RLHF
-    transcripts, `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}`; and `prompt` as a list of
-    messages with `chosen` and `rejected` as strings or lists of the messages that follow it. An optional
-    `system` string is the system message when the prompt has none.
+    Any preference layout camelid reads (camelid.data.formats): TRL's prompt/chosen/rejected with strings or
+    messages, whole conversations that differ only in their last assistant turn, HH-RLHF transcripts,
+    LLaMA-Factory's layouts. An optional `system` string is the system message when the prompt has none.
     """
-    chosen, rejected = _preference_conversations(record, where)
-    return _conditioned(chosen, helpful), _conditioned(rejected, unhelpful)
-
-
-def is_preference(record: Any) -> bool:
-    """Whether a record is a preference pair, told by its `chosen` and `rejected` keys."""
-    return isinstance(record, dict) and "chosen" in record and "rejected" in record
+    pair = to_record(record, where)
+    if pair.kind != "preference":
+        raise BadRecord(where, "not a preference record", f"read as {pair.format}")
+    rejected = pair.messages[:-1] + [pair.rejected]
+    return _conditioned(pair.messages, helpful), _conditioned(rejected, unhelpful)
 
 
 # -- reading a source ------------------------------------------------------------------------------------------
@@ -176,108 +173,63 @@ class _Pool:
         return len(self.units) * (2 if self.preference else 1)
 
 
-def _read_source(source: MixSource, report: Report, skip_bad: bool, helpful: str, unhelpful: str) -> _Pool:
-    units, first = [], None  # first: (where, is_preference) of the first record, which sets the source's kind
-    read, dropped = 0, {}
-    for where, value in json_records(Path(source.path)):
+def _read_source(source: MixSource, report: Report, skip_bad: bool, reading: Reading, helpful: str,
+                 unhelpful: str) -> _Pool:
+    units, first = [], None  # first: (where, kind) of the first record, which sets the source's kind
+    read, dropped = 0, Counter()
+    markers = {"helpful": helpful, "unhelpful": unhelpful}
+    for item in iter_records(source.path, reading.record, skip_bad=skip_bad):
         read += 1
-        preference = is_preference(value)
-        if isinstance(value, dict):  # anything else is no record of either kind, and is reported as bad below
-            if first is None:
-                first = (where, preference)
-            elif preference != first[1]:
-                kinds = ("plain", "preference (chosen/rejected)")
-                raise CamelidError(
-                    f"{where}: source {source.name!r} mixes {kinds[preference]} records with {kinds[first[1]]} "
-                    f"ones (such as {first[0]}); give each kind as its own source"
-                )
-        try:
-            if isinstance(value, BadRecord):
-                raise value
-            if preference:
-                pair = condition_preference(value, where, helpful=helpful, unhelpful=unhelpful)
-                if pair[0][-1] == pair[1][-1]:
-                    dropped["chosen equals rejected"] = dropped.get("chosen equals rejected", 0) + 1
-                    continue
-                units.append(tuple(_output(m, source.name, value, c) for m, c in zip(pair, ("helpful", "unhelpful"))))
-            else:
-                units.append((_output(to_messages(value, where), source.name, value),))
-        except BadRecord as bad:
-            if not skip_bad:
-                raise
-            dropped[bad.reason] = dropped.get(bad.reason, 0) + 1
+        if isinstance(item, Skipped):
+            dropped[item.reason] += 1
+            continue
+        first = first or (item.where, item.kind)
+        if item.kind != first[1]:
+            raise CamelidError(
+                f"{item.where}: source {source.name!r} mixes {_KINDS[item.kind]} records with {_KINDS[first[1]]} "
+                f"ones (such as {first[0]}); give each kind as its own source"
+            )
+        if item.kind == "preference":
+            if item.messages[-1] == item.rejected:
+                dropped["chosen equals rejected"] += 1
+                continue
+            pair = (item.messages, item.messages[:-1] + [item.rejected])
+            units.append(tuple(_output(_conditioned(m, markers[c]), source.name, item, c)
+                               for m, c in zip(pair, ("helpful", "unhelpful"))))
+        elif item.kind == "kto":  # one judged answer: conditioned by its label
+            condition = "helpful" if item.label else "unhelpful"
+            units.append((_output(_conditioned(item.messages, markers[condition]), source.name, item, condition),))
+        else:
+            units.append((_output(item.messages, source.name, item),))
     if not units:
         raise CamelidError(f"{source.path}: source {source.name!r} has no usable record; check the file")
     report.read += read
     for reason, n in dropped.items():
         report.drop(reason, n)
-    pool = _Pool(units, preference=bool(first and first[1]))
+    kind = first[1]
+    pool = _Pool(units, preference=kind == "preference")
     facts = {"path": str(source.path)}
     facts |= {"weight": source.weight} if source.weight is not None else {"count": source.count}
-    facts |= {"kind": "preference" if pool.preference else "plain", "read": read}
+    facts |= {"kind": {"conversation": "plain"}.get(kind, kind), "read": read}
     facts |= {"pairs" if pool.preference else "usable": len(units)}
     if dropped:
-        facts["dropped"] = dropped
+        facts["dropped"] = dict(dropped)
     report.facts[f"source {source.name}"] = facts
     return pool
 
 
-def _output(messages: list[dict], name: str, record: Any, condition: str | None = None) -> dict:
+_KINDS = {"conversation": "plain", "preference": "preference (chosen/rejected)", "kto": "KTO (labelled)"}
+
+
+def _output(messages: list[dict], name: str, record: Record, condition: str | None = None) -> dict:
     out = {"messages": messages, "source": name}
+    if record.tools:
+        out["tools"] = record.tools
     if condition:
         out["condition"] = condition
-    if isinstance(record, dict) and "id" in record:
-        out["id"] = record["id"]
+    if "id" in record.extra:
+        out["id"] = record.extra["id"]
     return out
-
-
-def _preference_conversations(record: dict, where: str) -> tuple[list[dict], list[dict]]:
-    prompt = record.get("prompt")
-    answers = {"chosen": record["chosen"], "rejected": record["rejected"]}
-    if prompt is None:
-        if all(isinstance(answer, str) for answer in answers.values()):
-            answers = {key: _hh_transcript(text, key, where) for key, text in answers.items()}
-        elif not all(isinstance(answer, list) for answer in answers.values()):
-            raise BadRecord(
-                where, "preference record without 'prompt'",
-                "give 'prompt' with string answers, or 'chosen' and 'rejected' as whole conversations",
-            )
-        prompt = []
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    elif not isinstance(prompt, list):
-        raise BadRecord(where, "'prompt' is not a string or a list of messages")
-    system = record.get("system")
-    if isinstance(system, str) and not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
-        prompt = [{"role": "system", "content": system}] + prompt
-    conversations = []
-    for key, answer in answers.items():
-        if isinstance(answer, str):
-            answer = [{"role": "assistant", "content": answer}]
-        elif not isinstance(answer, list):
-            raise BadRecord(where, f"'{key}' is not a string or a list of messages")
-        try:
-            conversations.append(to_messages({"messages": prompt + answer}, where))
-        except BadRecord as bad:
-            raise BadRecord(where, bad.reason, f"in '{key}'" + (f": {bad.detail}" if bad.detail else "")) from None
-    chosen, rejected = conversations
-    if chosen[:-1] != rejected[:-1]:
-        raise BadRecord(
-            where, "'chosen' and 'rejected' do not share the prompt", "they may differ only in the last answer"
-        )
-    return chosen, rejected
-
-
-def _hh_transcript(text: str, key: str, where: str) -> list[dict]:
-    """An HH-RLHF transcript as messages; the shared turns are checked later, as for any whole conversation."""
-    parts = _HH_MARKER.split("\n\n" + text.lstrip())  # some copies drop the leading blank line
-    if len(parts) < 3 or parts[0].strip():  # no marker, or text before the first: not a transcript
-        raise BadRecord(
-            where, "preference record without 'prompt'",
-            f"'{key}' is a string but not a transcript of 'Human:' and 'Assistant:' turns as in HH-RLHF; "
-            "give 'prompt' with string answers",
-        )
-    return [{"role": _HH_ROLES[name], "content": turn.strip()} for name, turn in zip(parts[1::2], parts[2::2])]
 
 
 def _conditioned(messages: list[dict], marker: str) -> list[dict]:

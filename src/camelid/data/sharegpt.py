@@ -43,7 +43,6 @@ The steps, in order, each counted in the report:
 8. Identity conversations (optional) are appended to the train split.
 """
 
-import gzip
 import hashlib
 import json
 import random
@@ -63,10 +62,11 @@ from camelid.data.formats import (
     SHAREGPT_ROLES,
     BadRecord,
     first_byte,
-    is_gzip,
-    json_records,
+    is_compressed,
+    source_records,
     to_messages,
 )
+from camelid.data.sources import is_json_text, open_text_bytes
 from camelid.data.languages import check_languages, detect_languages, language_detector
 from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
@@ -198,11 +198,14 @@ def _read(path: Path, recover: bool, skip_bad: bool, report: Report, progress: b
     a record that cannot be read raises unless `skip_bad`, whichever comes first in the file."""
     values = []
     with tqdm(desc="reading", unit=" records", disable=not progress, file=sys.stderr) as bar:
-        for where, value in json_records(path):
+        for where, value in source_records(path):
             values.append((where, value))
             bar.update()
-    if is_gzip(path):  # the text's first and last bytes, after decompressing
-        with gzip.open(path, "rb") as f:
+    if not is_json_text(path):  # a Parquet file or datasets folder: read whole by datasets, never cut off
+        report.read = len(values)
+        return values
+    if is_compressed(path):  # the text's first and last bytes, after decompressing
+        with open_text_bytes(path) as f:
             is_array = first_byte(f) == b"["
             last_byte = b""
             while chunk := f.read(1 << 20):

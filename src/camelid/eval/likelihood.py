@@ -17,7 +17,10 @@ through camelid's adapter (camelid.eval.lm_eval_adapter), and the tests hold the
   choice; `acc_norm` divides each sum by the choice's length first (lm-eval's `acc_norm`: its characters).
 """
 
+import contextlib
+import functools
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,8 @@ from tqdm import tqdm
 
 from camelid.chat import chat_template_for
 from camelid.checkpoint import LoadedModel
-from camelid.data.formats import BadRecord, Skipped, iter_records, to_messages
+from camelid.data.formats import BadRecord, Reading, Record, Skipped, iter_records
+from camelid.data.sources import DATA_SUFFIXES, HUB_PREFIX
 from camelid.errors import CamelidError
 from camelid.model import IGNORE, Llama
 from camelid.examples import make_example
@@ -64,6 +68,8 @@ def score_spans(
 
     Rows are batched longest first and, among equal lengths, by their tokens, so the same rows always meet in
     the same batches whatever order they are given in: a score does not depend on what else is scored with it.
+    The progress bar counts the rows' tokens and moves after each decoder layer of a batch's forward pass and
+    each chunk of its logits, not once a batch: one batch of long windows can take minutes on a CPU.
     """
     if batch_size < 1:
         raise CamelidError(f"invalid batch size {batch_size}: expected an integer >= 1")
@@ -75,39 +81,78 @@ def score_spans(
     logprob = torch.zeros(len(spans), dtype=torch.float64)
     misses = torch.zeros(len(spans), dtype=torch.long)
     counts = torch.zeros(len(spans), dtype=torch.long)
-    batches = range(0, len(order), batch_size)
-    for first in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = order[first : first + batch_size]
-        tokens = torch.zeros(len(batch), len(rows[batch[0]]), dtype=torch.long)
-        for b, r in enumerate(batch):
-            tokens[b, : len(rows[r])] = torch.tensor(rows[r])
-        # Right padding needs no mask: under causal attention a real token never sees the padding after it.
-        hidden = model.hidden(tokens.to(device))
-        where_b, where_pos, targets, owner = [], [], [], []
-        for b, r in enumerate(batch):
-            for i in by_row[r]:
-                span = spans[i]
-                for j, target in enumerate(span.targets):
-                    if target != IGNORE:
-                        where_b.append(b)
-                        where_pos.append(span.start + j)
-                        targets.append(target)
-                        owner.append(i)
-        if not targets:
-            continue
-        picked = hidden[torch.tensor(where_b, device=device), torch.tensor(where_pos, device=device)]  # [N, hidden]
-        targets_t = torch.tensor(targets, device=device)
-        owner_t = torch.tensor(owner)
-        for s in range(0, len(targets), LOGIT_CHUNK):
-            logits = model.lm_head(picked[s : s + LOGIT_CHUNK]).float()  # the softmax in float32 at least
-            t = targets_t[s : s + LOGIT_CHUNK]
-            lp = logits.log_softmax(-1).gather(1, t[:, None]).squeeze(1)
-            miss = logits.argmax(-1) != t
-            who = owner_t[s : s + LOGIT_CHUNK]
-            logprob.index_add_(0, who, lp.double().cpu())
-            misses.index_add_(0, who, miss.long().cpu())
-            counts.index_add_(0, who, torch.ones(len(who), dtype=torch.long))
+    layers = len(model.model.layers)
+    with tqdm(total=sum(len(r) for r in rows), desc=desc, unit="token", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            where_b, where_pos, targets, owner = _batch_targets(batch, by_row, spans)
+            parts = layers + math.ceil(len(targets) / LOGIT_CHUNK)  # the batch's share of the bar, in steps
+            step = _share_out(bar, sum(len(rows[r]) for r in batch), parts)
+            if targets:
+                tokens = torch.zeros(len(batch), len(rows[batch[0]]), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    tokens[b, : len(rows[r])] = torch.tensor(rows[r])
+                # Right padding needs no mask: under causal attention a real token never sees the padding after it.
+                with _after_each_layer(model, step):
+                    hidden = model.hidden(tokens.to(device))
+                step(upto=layers)  # camelid's int8 kernels run all the layers in one call, unseen by the hooks
+                where = torch.tensor(where_b, device=device), torch.tensor(where_pos, device=device)
+                picked = hidden[where]  # [N, hidden]
+                targets_t = torch.tensor(targets, device=device)
+                owner_t = torch.tensor(owner)
+                for s in range(0, len(targets), LOGIT_CHUNK):
+                    logits = model.lm_head(picked[s : s + LOGIT_CHUNK]).float()  # the softmax in float32 at least
+                    t = targets_t[s : s + LOGIT_CHUNK]
+                    lp = logits.log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+                    miss = logits.argmax(-1) != t
+                    who = owner_t[s : s + LOGIT_CHUNK]
+                    logprob.index_add_(0, who, lp.double().cpu())
+                    misses.index_add_(0, who, miss.long().cpu())
+                    counts.index_add_(0, who, torch.ones(len(who), dtype=torch.long))
+                    step()
+            step(upto=parts)
     return [SpanScore(lp, m == 0, n) for lp, m, n in zip(logprob.tolist(), misses.tolist(), counts.tolist())]
+
+
+def _batch_targets(batch: list[int], by_row: list[list[int]], spans: Sequence[Span]):
+    """Where a batch's spans read: (batch row, position, target token, span index), one list of each."""
+    where_b, where_pos, targets, owner = [], [], [], []
+    for b, r in enumerate(batch):
+        for i in by_row[r]:
+            span = spans[i]
+            for j, target in enumerate(span.targets):
+                if target != IGNORE:
+                    where_b.append(b)
+                    where_pos.append(span.start + j)
+                    targets.append(target)
+                    owner.append(i)
+    return where_b, where_pos, targets, owner
+
+
+def _share_out(bar, amount: int, parts: int):
+    """A function that moves `bar` on by `amount` in `parts` near-equal steps: one step a call, or up to step
+    `upto`; never past the last."""
+    done = 0
+
+    def step(upto: int | None = None) -> None:
+        nonlocal done
+        new = min(parts, done + 1 if upto is None else max(done, upto))
+        bar.update(amount * new // parts - amount * done // parts)
+        done = new
+
+    return step
+
+
+@contextlib.contextmanager
+def _after_each_layer(model: Llama, call):
+    """Call `call()` after each decoder layer's forward pass while the block runs."""
+    hooks = [layer.register_forward_hook(lambda *_: call()) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # -- tokenising as lm-eval does ----------------------------------------------------------------------------------
@@ -275,9 +320,10 @@ def perplexity(
     for text in texts:
         if isinstance(text, str):
             examples.append(text_example(tokenizer, text))
-        else:
+        else:  # messages, or {"messages", "tools"}
             chat = chat or chat_template_for(loaded, template)
-            example = make_example(chat, tokenizer, text)
+            messages, tools = (text["messages"], text.get("tools")) if isinstance(text, dict) else (text, None)
+            example = make_example(chat, tokenizer, messages, tools)
             examples.append((example.tokens, example.targets))
     per_text = sequence_nll(model, examples, context=context, stride=stride, batch_size=batch_size, progress=progress)
     tokens = sum(s.tokens for s in per_text)
@@ -287,43 +333,54 @@ def perplexity(
     return PerplexityResult(tokens, nll, math.exp(nll / tokens), per_text, context, stride)
 
 
-def read_texts(path, *, skip_bad: bool = False) -> tuple[list[str | list[dict]], list[Skipped]]:
-    """The texts of a file for `perplexity`, and the records skipped (with `skip_bad`).
+def read_texts(path, *, skip_bad: bool = False, reading: Reading | None = None) -> tuple[list, list[Skipped]]:
+    """The texts of a source for `perplexity`, and the records skipped (with `skip_bad`).
 
-    A .jsonl or .json file (JSONL or one array) holds records with a `text` string (a plain text) or a
-    conversation in any format camelid trains on (scored on its assistant turns); a file may mix them. Any
-    other file is one plain text, whole.
+    A data source (JSON/JSONL, Parquet, a datasets folder, ...: camelid.data.sources) holds records with a
+    `text` string (a plain text) or a conversation in any format camelid trains on, read as `reading` says and
+    scored as training learns it (its assistant turns; a pair's chosen answer; a KTO row's answer only when it
+    is desirable); a source may mix them. A file of any other suffix is one plain text, whole.
     """
-    path = Path(path)
-    if path.suffix.lower() not in (".jsonl", ".json"):
+    path = Path(str(path))
+    if not (str(path).startswith(HUB_PREFIX) or path.is_dir() or path.suffix.lower() in DATA_SUFFIXES):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise CamelidError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise CamelidError(f"{path}: is a directory; pass a text, .jsonl or .json file") from None
         except UnicodeDecodeError:
             raise CamelidError(f"{path}: not UTF-8 text") from None
         if not text.strip():
             raise CamelidError(f"{path}: the file is empty; nothing to score")
         return [text], []
-    texts: list[str | list[dict]] = []
+    reading = reading or Reading()
+    texts: list = []
     skipped: list[Skipped] = []
-    for item in iter_records(path, _text_or_messages, skip_bad=skip_bad):
-        (skipped if isinstance(item, Skipped) else texts).append(item)
+    undesirable = 0
+    for item in iter_records(path, functools.partial(_text_or_record, reading), skip_bad=skip_bad):
+        if isinstance(item, Skipped):
+            skipped.append(item)
+        elif isinstance(item, str):
+            texts.append(item)
+        elif item.for_sft() is None:
+            undesirable += 1
+        else:
+            texts.append({"messages": item.messages, "tools": item.tools} if item.tools else item.messages)
+    if undesirable:
+        print(f"camelid: {path}: left out {undesirable:,} KTO answers labelled undesirable, as training does",
+              file=sys.stderr)
     if not texts:
         raise CamelidError(f"{path}: no text or conversation to score")
     return texts, skipped
 
 
-def _text_or_messages(value, where: str) -> str | list[dict]:
-    if isinstance(value, dict) and "text" in value:
+def _text_or_record(reading: Reading, value, where: str) -> str | Record:
+    if isinstance(value, dict) and "text" in value and reading.format is None:
         if not isinstance(value["text"], str):
             raise BadRecord(where, "'text' is not a string")
         if not value["text"].strip():
             raise BadRecord(where, "empty text")
         return value["text"]
-    return to_messages(value, where)
+    return reading.record(value, where)
 
 
 # -- multiple choice ---------------------------------------------------------------------------------------------

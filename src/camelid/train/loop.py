@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir, write_atomic
-from camelid.examples import Row, collate, make_examples, one_per_row, pack
+from camelid.examples import Row, collate
 from camelid.train.recipe import RESUMABLE_KEYS, TrainConfig
-from camelid.train.schedule import Schedule, check_batch_size, eval_batches, held_out_size, shuffled
+from camelid.train.schedule import Schedule, check_batch_size, eval_batches
 
 STATE_FILE = "trainer_state.pt"
 
@@ -76,6 +76,16 @@ def processes(device: str | None) -> Iterator[Processes]:
             dist.destroy_process_group()
 
 
+def _peak_memory() -> str:
+    """This process's peak resident memory so far, and the largest of its finished child processes' (the data
+    workers'), as the kernel counts them."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return f"peak memory {mine:.2f} GiB" + (f" (data workers: at most {children:.2f} GiB each)" if children else "")
+
+
 def _barrier(procs: Processes) -> None:
     if procs.world > 1:
         dist.barrier()
@@ -84,45 +94,17 @@ def _barrier(procs: Processes) -> None:
 # -- data --------------------------------------------------------------------------------------------------------
 
 
-def load_conversations(cfg: TrainConfig, log) -> list[list[dict]]:
-    from camelid.data.formats import read_conversations
+def prepared_rows(cfg: TrainConfig, template, tokenizer, procs: Processes, log):
+    """The run's rows (camelid.train.data): the first process reads and tokenizes into the cache, the others
+    then find it there, so that no two processes write the same cache files."""
+    from camelid.train.data import training_rows
 
-    conversations = []
-    for path in cfg.data:
-        result = read_conversations(path, skip_bad=cfg.skip_bad)
-        conversations += [r.messages for r in result.records]
-        line = f"{path}: {len(result.records)} conversations"
-        if result.skipped:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in result.skipped_by_reason().items())
-            line += f", skipped {len(result.skipped)} ({reasons})"
-        log(line)
-    if not conversations:
-        raise CamelidError("the data holds no usable conversation; check the files given as data")
-    return conversations
-
-
-def build_rows(cfg: TrainConfig, template, tokenizer, conversations, log) -> tuple[list[Row], list[Row]]:
-    """Training and held-out rows. The held-out conversations are a seeded random share of all of them."""
-    order = shuffled(conversations, cfg.seed)
-    n_eval = held_out_size(len(order), cfg.eval_fraction)
-    held_out, train = order[:n_eval], order[n_eval:]
-    examples, stats = make_examples(template, tokenizer, train, cfg.seq_len, cfg.overflow)
-    log(f"training data: {stats.summary()}")
-    eval_examples, _ = make_examples(template, tokenizer, held_out, cfg.seq_len, cfg.overflow)
-    if not examples:
-        raise CamelidError("no conversation yields anything to learn; check the data and seq_len")
-    if cfg.packing:
-        rows, eval_rows = pack(examples, cfg.seq_len), pack(eval_examples, cfg.seq_len)
-    else:
-        group = 64 * cfg.micro_batch_size
-        rows, eval_rows = one_per_row(examples, group), one_per_row(eval_examples, group)
-    tokens = sum(len(r.tokens) for r in rows)
-    supervised = sum(r.supervised for r in rows)
-    log(
-        f"{len(rows)} training sequences ({tokens:,} tokens, {supervised:,} supervised), "
-        f"{len(eval_rows)} held out; {'packed' if cfg.packing else 'one example each'}"
-    )
-    return rows, eval_rows
+    if not procs.main:
+        _barrier(procs)
+    rows = training_rows(cfg, template, tokenizer, log)
+    if procs.main:
+        _barrier(procs)
+    return rows
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -313,7 +295,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, p
 
 
 def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
-    """Whether the run continues from a checkpoint; refuses a directory that holds something else."""
+    """Whether the run continues from a checkpoint; refuses a directory that holds something else.
+
+    A run resumed before its first checkpoint starts again from step 0 and says so on stderr, and its
+    metrics.jsonl so far is moved aside to metrics.jsonl.N, not overwritten.
+    """
     saved = run / "config.json"
     if run.exists() and not run.is_dir():
         raise CamelidError(f"{run} is a file; choose a directory for out")
@@ -335,7 +321,27 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> bool:
         )
     if not resume:
         raise CamelidError(f"{run} already holds this run; pass --resume to continue it, or choose a new out directory")
-    return bool(checkpoints(run))
+    if checkpoints(run):
+        return True
+    kept = _set_aside(run / "metrics.jsonl")
+    note = f" (the metrics so far are kept in {kept})" if kept else ""
+    print(f"camelid: no checkpoint to resume from in {run / 'checkpoints'}; starting from step 0{note}",
+          file=sys.stderr)
+    return False
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename `path`, if it exists, to the first free `path.N` (N = 1, 2, ...); returns the new path.
+
+    Why aside and not appended to: metrics.jsonl is read back as one attempt's steps in order (the loss plot, the
+    losses a resumed run returns), and a second step 1 after step 40 would draw a curve that doubles back.
+    """
+    if not path.is_file():
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    return path.rename(path.with_name(f"{path.name}.{n}"))
 
 
 def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
@@ -419,6 +425,7 @@ def _resuming(run: Path, cfg: TrainConfig, resume: bool, procs: Processes) -> bo
 
 def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log) -> TrainResult:
     run = Path(cfg.out)
+    started = time.perf_counter()
 
     def say(message: str) -> None:
         if procs.main:
@@ -430,8 +437,7 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
     loaded, template = prepare_model(cfg, procs)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs between processes, as their data does
     template_source = template.source
-    conversations = load_conversations(cfg, say)
-    rows, eval_rows = build_rows(cfg, template, loaded.tokenizer, conversations, say)
+    rows, eval_rows = prepared_rows(cfg, template, loaded.tokenizer, procs, say)
     schedule = Schedule.plan(cfg, len(rows), procs.world)
 
     model = wrap_model(loaded.model, cfg, procs)
@@ -469,6 +475,7 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
 
         bar = tqdm(total=schedule.steps, initial=start, desc="training", unit="step", file=sys.stderr,
                    dynamic_ncols=True)
+    say(f"ready to train after {time.perf_counter() - started:.1f} s; {_peak_memory()}")
     began, tokens_seen = time.perf_counter(), 0
     for step in range(start, schedule.steps):
         step_start = time.perf_counter()

@@ -51,6 +51,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 42
     skip_bad: bool = False
+    data_format: str | None = None
+    columns: list[str] = field(default_factory=list)
+    data_workers: int | None = None
     device: str | None = None
     parallel: str = "ddp"
     source: str = ""
@@ -76,6 +79,7 @@ class TrainConfig:
             (self.max_grad_norm >= 0, f"max_grad_norm must be 0 or more, not {self.max_grad_norm}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),
             (min(self.eval_every, self.save_every) >= 0, "eval_every and save_every must be 0 or more"),
+            (self.data_workers is None or self.data_workers >= 1, "data_workers must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -88,6 +92,9 @@ class TrainConfig:
             )
         if self.method == "lora":
             self.lora_config()  # validates rank, alpha, dropout and targets
+        from camelid.data.formats import Reading, parse_columns
+
+        Reading(self.data_format, parse_columns(",".join(self.columns)))  # validates the format and the columns
 
     def lora_config(self):
         from camelid.lora import LoRAConfig
@@ -100,7 +107,8 @@ class TrainConfig:
 
 HELP = {
     "model": 'MODEL to start from: a name from `camelid models`, a GGUF file, an HF directory, an adapter',
-    "data": 'dataset files (Alpaca, ShareGPT or OpenAI-messages; JSON or JSONL)',
+    "data": 'data sources: JSON/JSONL (also .gz, .zst), Parquet, Arrow, CSV files, datasets folders (PATH:SPLIT), '
+            'hf:ORG/NAME; any format of `camelid data --help`, told by its keys',
     "out": 'the run directory: checkpoints, metrics, loss curve, and the final model in OUT/model',
     "template": "a built-in chat template (alpaca, vicuna_v1.1, koala_v1, chatml, llama-2); empty = the model's own",
     "method": 'lora (train low-rank adapters on a frozen model) or full (train every weight)',
@@ -131,6 +139,9 @@ HELP = {
     "keep_checkpoints": 'how many step checkpoints to keep (the newest)',
     "seed": 'seeds the held-out split, packing order, data order and initialisation',
     "skip_bad": 'drop malformed dataset records (counted and reported) instead of stopping',
+    "data_format": 'read every record in this format instead of telling it by its keys (see `camelid data --help`)',
+    "columns": "rename the data's columns to the keys a format reads: instruction=question,output=answer",
+    "data_workers": 'processes that tokenize the data (default: up to 8 from 20,000 conversations, else 1)',
     "device": 'cpu | cuda | cuda:N; default: cuda when there is one (each process its own under torchrun)',
     "parallel": 'how several processes share the work under torchrun: ddp | fsdp',
     "source": "where the recipe's settings come from (documentation only)",
@@ -139,7 +150,7 @@ HELP = {
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUMABLE_KEYS = {"save_every", "keep_checkpoints", "eval_every", "notes", "source", "device"}
+RESUMABLE_KEYS = {"save_every", "keep_checkpoints", "eval_every", "notes", "source", "device", "data_workers"}
 
 
 def _field_type(name: str):
