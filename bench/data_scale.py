@@ -105,13 +105,17 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     if not args.reuse_cache:
         shutil.rmtree(work / "cache", ignore_errors=True)
+    for i in (1, 2):
+        shutil.rmtree(work / f"run{i}", ignore_errors=True)
     results = [train_once(args, data, work / f"run{i}") for i in (1, 2)]
     print(f"machine: {describe_cpu()}, {os.cpu_count()} CPUs")
     print(f"data: {args.conversations:,} conversations ({data.stat().st_size / 2**30:.2f} GiB JSONL), {args.model}, "
           f"seq_len {args.seq_len}, {results[0]['rows']:,} packed rows")
     print("| run | to the first step | peak memory (train) | peak memory (a data worker) |")
     print("|---|---|---|---|")
-    for name, r in zip(("first (reads, tokenizes, caches)", "second (cache hit)"), results):
+    names = ("first (cache hit: --reuse-cache)", "second (cache hit)") if args.reuse_cache else (
+        "first (reads, tokenizes, caches)", "second (cache hit)")
+    for name, r in zip(names, results):
         worker = f"{r['workers_peak_gib']:.2f} GiB" if r["workers_peak_gib"] else "-"
         print(f"| {name} | {r['to_first_step_s']:.1f} s | {r['peak_gib']:.2f} GiB | {worker} |")
     if not args.dir:
