@@ -14,6 +14,7 @@ from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from camelid.checkpoint import LoadedModel
 from camelid.config import ModelConfig
 from camelid.gguf_file import GGUFFile
+from camelid.errors import CamelidError
 from camelid.model import IGNORE, Llama, linear_cross_entropy
 from camelid.tokenizer import tokenizer_from_gguf
 from camelid.examples import Example, Row, collate, make_example, make_examples, one_per_row, pack
@@ -521,3 +522,35 @@ def test_model_loss_and_gradients_equal_cross_entropy_over_logits(three_examples
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+# A Llama 3.1-style tool template in miniature: calls as JSON, results written with `| tojson` (so a JSON result
+# arrives escaped: {\"temp\": 20}), the tools listed by name.
+TOJSON_TOOLS = (
+    "{%- for t in tools or [] %}tool: {{ t.function.name if t.function is mapping else t.name }}\n{% endfor %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'tool' %}{{ m.content | tojson }}"
+    "{% else %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ c.function | tojson }}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_calls_need_a_template_that_writes_them(tok):
+    from camelid.chat_template import ChatTemplate
+
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": '{"temp": 20}'},
+        {"role": "assistant", "content": "It is 20 degrees."},
+    ]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    example = make_example(ChatTemplate(TOJSON_TOOLS, name="tojson-tools"), tok, messages, tools)
+    learned = tok.decode([t for t in example.targets if t != IGNORE])
+    assert "weather" in learned and "It is 20 degrees." in learned and "temp" not in learned
+    with pytest.raises(CamelidError, match=r"^chat template 'chatml' does not write tool calls \(the tool call "
+                                           r"'weather' is not in its text\); use a model whose own template"):
+        make_example(ChatTemplate.named("chatml"), tok, messages, tools)
+    with pytest.raises(CamelidError, match=r"the tool 'weather' is not in its text"):
+        make_example(ChatTemplate.named("chatml"), tok, messages[:1] + messages[-1:], tools)

@@ -10,6 +10,7 @@ examples would alone. It wastes no compute on padding, which on a CPU is all of 
 example per row, grouped by length, is the alternative (`packing: false`).
 """
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -74,9 +75,12 @@ def check_tools_written(template: ChatTemplate, messages: list[dict], tools: lis
     would teach answers to calls the model never sees."""
     names = [call["function"]["name"] for m in messages for call in m.get("tool_calls") or ()]
     results = [m["content"].strip()[:60] for m in messages if m["role"] == "tool"]
-    schemas = [t.get("function", t).get("name") for t in tools or ()]
+    schemas = [t["function"] if isinstance(t.get("function"), dict) else t for t in tools or ()]
+    schemas = [t.get("name") for t in schemas]
+    # A result may be written as it is or as a JSON string (Llama 3.1's template writes `content | tojson`).
     missing = next((f"the tool call {n!r}" for n in names if n not in text), None) or \
-        next((f"the tool result {r!r}" for r in results if r not in text), None) or \
+        next((f"the tool result {r!r}" for r in results if r not in text and json.dumps(r)[1:-1] not in text),
+             None) or \
         next((f"the tool {n!r}" for n in schemas if isinstance(n, str) and n not in text), None)
     if missing:
         raise CamelidError(f"chat template {template._label()} does not write tool calls ({missing} is not in its "

@@ -125,7 +125,7 @@ def test_hf_names_load_through_datasets(tmp_path, monkeypatch):
     (b"PAR1\x15\x04", "a Parquet file that Hugging Face datasets could not read"),
     (b"ARROW1\x00\x00", "an Arrow file that Hugging Face datasets could not read"),
     (b"\xff\xff\xff\xff\x10\x01", "an Arrow file that Hugging Face datasets could not read"),
-    (b"PK\x03\x04", "a zip archive, which camelid does not read; unzip it"),
+    (b"PK\x03\x04", "a zip archive, which camelid does not read; unpack it"),
 ])
 def test_damaged_files_of_other_kinds_are_named_never_not_utf8(tmp_path, magic, kind):
     path = tmp_path / "data.bin"
@@ -207,3 +207,61 @@ def test_columns_rename_and_format_forces(tmp_path):
         Reading(format="alpacca")
     with pytest.raises(CamelidError, match=r"--columns 'instruction': give KEY=COLUMN pairs"):
         parse_columns("instruction")
+
+
+@pytest.mark.parametrize("suffix", [".bz2", ".xz"])
+def test_bzip2_and_xz_json_read_as_their_text(tmp_path, suffix):
+    import bz2
+    import lzma
+
+    text = "".join(json.dumps(r) + "\n" for r in ALPACA).encode()
+    path = tmp_path / f"data.jsonl{suffix}"
+    path.write_bytes(bz2.compress(text) if suffix == ".bz2" else lzma.compress(text))
+    assert messages_of(path) == EXPECTED
+
+
+def test_a_tar_archive_is_named_not_read_as_text(tmp_path):
+    import tarfile
+
+    inner = tmp_path / "data.jsonl"
+    inner.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    with tarfile.open(tmp_path / "data.tar.gz", "w:gz") as tar:
+        tar.add(inner, arcname="data.jsonl")
+    with pytest.raises(CamelidError, match=r"data.tar.gz: a tar archive, which camelid does not read; unpack it"):
+        read_conversations(tmp_path / "data.tar.gz", skip_bad=True)
+
+
+def test_compressed_csv_and_a_csv_that_is_not_utf8(tmp_path):
+    ds = datasets.Dataset.from_list(ALPACA)
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress((tmp_path / "d.csv").read_bytes()))
+    assert messages_of(tmp_path / "d.csv.gz") == EXPECTED
+    (tmp_path / "latin.csv").write_bytes("instruction,output\nCaf\xe9?,Oui.\n".encode("latin-1"))
+    with pytest.raises(CamelidError, match=r"latin.csv: a CSV file whose header is not UTF-8|latin.csv: a CSV file "
+                                           r"that Hugging Face datasets could not read"):
+        read_conversations(tmp_path / "latin.csv")
+
+
+def test_a_folder_of_json_shards_is_read_line_by_line_with_its_splits(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "train-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ALPACA[:3]))
+    (folder / "train-1.jsonl").write_text(json.dumps(ALPACA[3]) + "\n{broken\n")
+    (folder / "test.jsonl").write_text(json.dumps(ALPACA[4]) + "\n")
+    with pytest.raises(CamelidError, match=rf"^{folder / 'train-1.jsonl'}:2: invalid JSON"):
+        read_conversations(folder)
+    read = read_conversations(folder, skip_bad=True)
+    assert [r.messages for r in read.records] == EXPECTED[:4] and read.skipped[0].where == f"{folder}/train-1.jsonl:2"
+    assert messages_of(f"{folder}:test") == EXPECTED[4:]
+
+
+def test_perplexity_texts_and_mix_take_folders_and_hub_names(tmp_path, monkeypatch):
+    from camelid.data.mix import MixSource
+    from camelid.eval.likelihood import read_texts
+
+    folder = hub_folder(tmp_path)
+    texts, _ = read_texts(f"{folder}:test")
+    assert texts == EXPECTED[4:]
+    assert MixSource.parse("hf:org/name:test") == MixSource("hf:org/name:test", "name", weight=1.0)
+    assert MixSource.parse("a=hf:org/name:2") == MixSource("hf:org/name", "a", weight=2.0)
+    assert MixSource.parse(f"t={folder}:test:count=1") == MixSource(f"{folder}:test", "t", count=1)

@@ -377,8 +377,11 @@ def test_kto_rows_in_llama_factory_and_trl_layouts(record):
     assert (row.format, row.kind, row.label, row.messages) == ("kto", "kto", False, [user("2+2?"), bot("5")])
     assert row.for_sft() is None  # supervised training learns only desirable answers
     assert to_record(row.to_json(), "x:2").label is False
+    # A label that is no verdict is not told as KTO (it may be a class name); forced, it is refused.
+    from camelid.data.formats import Reading
+
     with pytest.raises(BadRecord, match="'label' is not true or false"):
-        to_record(record | {"label": "no"}, "x:1")
+        Reading(format="kto").record(record | {"label": "no"}, "x:1")
 
 
 def test_tool_calls_from_sharegpt_and_openai_are_the_same_messages():
@@ -421,3 +424,24 @@ def test_alpaca_history_comes_before_the_instruction():
     record = {"instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]], "system": "Be brief."}
     assert to_messages(record, "x:1") == [{"role": "system", "content": "Be brief."}, user("2+2?"), bot("4"),
                                           user("And 3+3?"), bot("6")]
+
+
+def test_a_label_that_is_not_a_verdict_is_an_extra_key_and_sharegpt_keeps_its_system():
+    record = to_record({"instruction": "Classify: cats.", "output": "animals", "label": "science"}, "x:1")
+    assert (record.format, record.extra) == ("alpaca", {"label": "science"})
+    sharegpt_record = to_record({"system": "You are a pirate.", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Arr."}]}, "x:1")
+    assert sharegpt_record.messages[0] == {"role": "system", "content": "You are a pirate."}
+
+
+@pytest.mark.parametrize("record, form, reason", [
+    ({"label": True, "prompt": "x"}, "kto", "missing 'completion'"),
+    ({"instruction": "x", "completions": 3}, "ultrafeedback", "'completions' is not a list"),
+    ({"chosen": ["x", {"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
+     "preference", "message is not an object"),
+])
+def test_forced_or_odd_shapes_are_one_line_errors(record, form, reason):
+    from camelid.data.formats import Reading
+
+    with pytest.raises(BadRecord, match=reason):
+        Reading(format=form).record(record, "x:1")

@@ -711,3 +711,17 @@ def _has_lingua() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_a_file_with_no_usable_conversation_writes_nothing_and_bad_lines_are_counted(tmp_path):
+    other = tmp_path / "qa.jsonl"
+    other.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(3)))
+    with pytest.raises(CamelidError, match=r"qa.jsonl: none of its 3 records is a usable conversation \(3 unknown "
+                                           r"format\); is it a ShareGPT file"):
+        clean_sharegpt(other, tmp_path / "out", skip_bad=True)
+    assert not (tmp_path / "out").exists()
+    broken = tmp_path / "broken.jsonl"
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    broken.write_text(json.dumps(good) + "\n{bad\n{bad\n" + json.dumps(good) + "\n")
+    with pytest.raises(CamelidError, match=r"broken.jsonl:2: invalid JSON \(.*\), and 1 more bad record after it"):
+        clean_sharegpt(broken, tmp_path / "out2")

@@ -211,7 +211,8 @@ def check_not_all_bad(path, kept: int, bad: int, first) -> None:
     reads, and going on would write nothing and report success."""
     if bad and not kept:
         raise CamelidError(f"{path}: every one of its {bad:,} records was bad (the first at {first.where}: "
-                           f"{first.reason}); is it in a format camelid reads (see --format in --help)?")
+                           f"{first.reason}); is it in a format camelid reads? give --format or --columns (recipe "
+                           "keys data_format, columns)")
 
 
 def strict_records(path, hint: str) -> Iterator[tuple[str, Any]]:
@@ -312,7 +313,8 @@ def _openai(value: dict, where: str) -> Record:
 
 
 def _sharegpt(value: dict, where: str) -> Record:
-    return Record(_validated(_sharegpt_turns(value["conversations"], where), where), where, tools=_tools(value, where))
+    turns = _system_first(value, _sharegpt_turns(value["conversations"], where))  # LLaMA-Factory's `system`
+    return Record(_validated(turns, where), where, tools=_tools(value, where))
 
 
 def _alpaca(value: dict, where: str) -> Record:
@@ -533,7 +535,8 @@ def _preference(value: dict, where: str) -> Record:
     whole = all(isinstance(value[k], list) and any(isinstance(m, dict) and m.get("role") not in ("assistant", None)
                                                    for m in value[k]) for k in ("chosen", "rejected"))
     if whole:  # the prompt is inside the answers; one given beside them must be theirs
-        first = next((m.get("content") for m in value["chosen"] if m.get("role") == "user"), None)
+        first = next((m.get("content") for m in value["chosen"] if isinstance(m, dict) and m.get("role") == "user"),
+                     None)
         if isinstance(prompt, str) and prompt != first or isinstance(prompt, list) and \
                 prompt != value["chosen"][:len(prompt)]:
             raise BadRecord(where, "'prompt' is not how 'chosen' begins")
@@ -578,6 +581,8 @@ def _alpaca_preference(value: dict, where: str) -> Record:
 def _ultrafeedback(value: dict, where: str) -> Record:
     """openbmb/UltraFeedback: completions scored by GPT-4. As the binarized set and TRL's script do, the best
     `overall_score` is chosen; of the rest, the lowest is rejected (deterministic, where they draw one at random)."""
+    if not isinstance(value["completions"], list):
+        raise BadRecord(where, "'completions' is not a list")
     scored = [c for c in value["completions"] if isinstance(c, dict) and isinstance(c.get("response"), str)
               and isinstance(c.get("overall_score"), (int, float))]
     if len(scored) < 2:
@@ -597,6 +602,9 @@ def _kto(value: dict, where: str) -> Record:
     if "messages" in value:
         messages = _validated(_openai_turns(value["messages"], where, "messages"), where)
     else:
+        for key in ("prompt", "completion"):
+            if key not in value:
+                raise BadRecord(where, f"missing '{key}'", "a KTO row has 'messages', or 'prompt' and 'completion'")
         prompt = value["prompt"]
         prompt = [_turn("user", prompt)] if isinstance(prompt, str) else _openai_turns(prompt, where, "prompt")
         completion = value["completion"]
@@ -632,14 +640,14 @@ FORMATS: dict[str, Format] = {
         needs=("instruction", "completions"), reads=("instruction", "completions"),
         kind="preference", about="instruction + scored completions, openbmb/UltraFeedback"),
     "kto": Format(
-        lambda v: "label" in v and ("messages" in v or "completion" in v), _kto,
+        lambda v: isinstance(v.get("label"), bool) and ("messages" in v or "completion" in v), _kto,
         needs=("label",), reads=("messages", "prompt", "completion", "label", "system", "tools"),
         kind="kto", about="messages or prompt + completion, with a true/false label"),
     "openai": Format(
         _has("messages"), _openai, needs=("messages",), reads=("messages", "tools"),
         kind="conversation", about="messages with roles system/user/assistant/tool, tool_calls, tools"),
     "sharegpt": Format(
-        _has("conversations"), _sharegpt, needs=("conversations",), reads=("conversations", "tools"),
+        _has("conversations"), _sharegpt, needs=("conversations",), reads=("conversations", "system", "tools"),
         kind="conversation", about="conversations of from/value, function_call and observation turns too, tools"),
     "alpaca": Format(
         lambda v: "instruction" in v or "output" in v, _alpaca,

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from camelid.data.sources import HUB_PREFIX
 from camelid.data.formats import BadRecord, Reading, Record, Skipped, iter_records, to_record, write_jsonl
 from camelid.pipeline_report import Report
 from camelid.errors import CamelidError
@@ -67,11 +68,12 @@ class MixSource:
             name, rest = "", spec
         path, colon, share = rest.rpartition(":")
         if not (colon and path):
-            return cls(rest, name or Path(rest).stem, weight=1.0)
+            return cls(rest, name or _source_name(rest), weight=1.0)
         key, has_key, value = share.partition("=")
         if not has_key:
-            if Path(path).is_dir():  # a folder's split (`folder:test`), not a weight
-                return cls(rest, name or Path(path).name, weight=1.0)
+            split = not share.replace(".", "", 1).isdigit() and (Path(path).is_dir() or rest.startswith(HUB_PREFIX))
+            if split:  # `folder:test`, `hf:org/name` or `hf:org/name:test`: a split or a Hub name, not a weight
+                return cls(rest, name or _source_name(rest), weight=1.0)
             key, value = "weight", share
         try:
             number = float(value) if key == "weight" else int(value)
@@ -80,8 +82,15 @@ class MixSource:
         if key not in ("weight", "count") or number is None:
             raise CamelidError(f"source {spec!r}: after the last ':' give weight=W, count=N or a weight "
                                "(e.g. alpaca=alpaca.jsonl:weight=0.3)")
-        name = name or Path(path).stem
+        name = name or _source_name(path)
         return cls(path, name, weight=number) if key == "weight" else cls(path, name, count=number)
+
+
+def _source_name(path: str) -> str:
+    """A source's default name: its file's stem, or a Hub dataset's name (hf:org/name:split -> name)."""
+    if path.startswith(HUB_PREFIX):
+        return path[len(HUB_PREFIX):].split(":")[0].rsplit("/", 1)[-1]
+    return Path(path).stem
 
 
 def mix_datasets(

@@ -65,6 +65,7 @@ from camelid.data.formats import (
     is_compressed,
     source_records,
     to_messages,
+    with_count,
 )
 from camelid.data.sources import is_json_text, open_text_bytes
 from camelid.data.languages import check_languages, detect_languages, language_detector
@@ -151,6 +152,10 @@ def clean_sharegpt(
     values = _read(Path(source), recover, skip_bad, report, progress)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         convs = _clean(values, report, progress)
+        if values and not convs:  # nothing to write: not ShareGPT data, and an empty split is no success
+            reasons = ", ".join(f"{n:,} {reason}" for reason, n in report.dropped.most_common(3))
+            raise CamelidError(f"{source}: none of its {len(values):,} records is a usable conversation ({reasons}); "
+                               "is it a ShareGPT file (conversations of from/value)?")
         del values
         convs = _dedupe(convs, report)
         if wanted is not None:
@@ -223,9 +228,9 @@ def _read(path: Path, recover: bool, skip_bad: bool, report: Report, progress: b
     if cut is not None:
         values.pop()
     if not skip_bad:
-        for _, value in values:
-            if isinstance(value, BadRecord):
-                raise value  # "path:line: invalid JSON (...); fix the record or pass --skip-bad ..."
+        bad = [value for _, value in values if isinstance(value, BadRecord)]
+        if bad:  # "path:line: invalid JSON (...), and N more bad records after it; fix the record or pass --skip-bad"
+            raise with_count(bad[0], len(bad) - 1)
     if cut is not None:
         complete = len(values)
         line = cut.where.rsplit(":", 1)[1]

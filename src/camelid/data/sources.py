@@ -16,6 +16,7 @@ A file of a kind that is neither (a zip archive) is named as what it is, with th
 """
 
 import gzip
+import io
 import json
 import re
 import zlib
@@ -31,11 +32,14 @@ CUT_INSIDE_RECORD = "file ends inside a record"
 CUT_INSIDE_ARRAY = "file ends inside the array"
 
 HUB_PREFIX = "hf:"
-DATA_SUFFIXES = (".json", ".jsonl", ".gz", ".zst", ".parquet", ".arrow", ".csv", ".tsv")  # told from plain text
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv")  # what tells data from plain text
 DEFAULT_SPLIT = "train"
 
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
+_BZIP2 = b"BZh"
+_XZ = b"\xfd7zXZ\x00"
+_COMPRESSED = (_GZIP, _ZSTD, _BZIP2, _XZ)
 _ARROW_MAGIC = (b"ARROW1", b"\xff\xff\xff\xff")  # an Arrow file; an Arrow stream (how `datasets` writes shards)
 
 
@@ -63,7 +67,12 @@ def source_records(source: str | Path) -> Iterator[tuple[str, Any]]:
     path, split = _name_and_split(text, exists=lambda p: Path(p).exists())
     path = Path(path)
     if path.is_dir():
-        yield from _rows(str(source), _load_folder(path, split))
+        shards = _folder_json_files(path, split)
+        if shards is not None:
+            for shard in shards:
+                yield from json_records(shard)
+        else:
+            yield from _rows(str(source), _load_folder(path, split))
         return
     if split is not None:
         raise CamelidError(f"{path}: a file has no splits; give ':{split}' only after a folder or a Hub name")
@@ -75,6 +84,26 @@ def source_records(source: str | Path) -> Iterator[tuple[str, Any]]:
     options = _csv_options(path) if kind == "csv" else {}
     yield from _rows(str(path), _with_datasets(f"{path}: {what}",
                                                lambda d: getattr(d.Dataset, load)(str(path), **options)))
+
+
+def is_data_source(source: str | Path) -> bool:
+    """Whether `source` is data (a Hub name, a folder, `PATH:SPLIT`, a file with a data suffix under any
+    compression: data.jsonl.gz) rather than one plain text file."""
+    text = str(source)
+    path = Path(_name_and_split(text, lambda p: Path(p).exists())[0])
+    return text.startswith(HUB_PREFIX) or path.is_dir() or _data_suffix(path) in DATA_SUFFIXES
+
+
+def source_stamp(source: str | Path) -> list:
+    """What tells that a source's content changed, without reading it: each file's size and modification time;
+    for a Hub dataset, the fingerprint `datasets` gives the version it has (its own cache tells versions apart)."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        name, split = _name_and_split(text[len(HUB_PREFIX):], exists=lambda name: ":" not in name)
+        return [_load_hub(name, split)._fingerprint]
+    path = Path(_name_and_split(text, lambda p: Path(p).exists())[0])
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def source_exists(source: str | Path) -> bool:
@@ -106,10 +135,14 @@ def _csv_options(path: Path) -> dict:
     import csv
 
     d = _datasets()
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+    sep = "\t" if _data_suffix(path) == ".tsv" else ","
+    try:
+        with open_text_bytes(path) as raw:
+            header = next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), delimiter=sep), [])
+    except UnicodeDecodeError:
+        raise CamelidError(f"{path}: a CSV file whose header is not UTF-8 text; save it as UTF-8") from None
     return {"features": d.Features({name: d.Value("string") for name in header}), "keep_default_na": False,
-            "sep": "\t" if path.suffix.lower() == ".tsv" else ","}
+            "sep": sep}
 
 
 def is_json_text(source: str | Path) -> bool:
@@ -130,12 +163,33 @@ def _file_kind(path: Path) -> str:
         return "parquet"
     if magic.startswith(_ARROW_MAGIC):
         return "arrow"
-    if magic.startswith(b"PK\x03\x04"):
-        raise CamelidError(f"{path}: a zip archive, which camelid does not read; unzip it and give the data file "
-                           f"or the folder inside")
-    if path.suffix.lower() in (".csv", ".tsv"):
+    for prefix, kind in ((b"PK\x03\x04", "a zip archive"), (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive")):
+        if magic.startswith(prefix):
+            raise CamelidError(f"{path}: {kind}, which camelid does not read; unpack it and give the data file or "
+                               "the folder inside")
+    if _is_tar(path):
+        raise CamelidError(f"{path}: a tar archive, which camelid does not read; unpack it (tar -xf) and give the "
+                           "data file or the folder inside")
+    if _data_suffix(path) in (".csv", ".tsv"):  # compressed too: pandas reads data.csv.gz through
         return "csv"
     return "json"
+
+
+def _is_tar(path: Path) -> bool:
+    import tarfile
+
+    try:
+        return tarfile.is_tarfile(path)  # reads through gzip, bz2 and xz too
+    except OSError:
+        return False
+
+
+def _data_suffix(path: Path) -> str:
+    """The suffix that says what the data is, under any compression suffix: data.csv.gz -> .csv."""
+    suffixes = [x.lower() for x in path.suffixes]
+    while suffixes and suffixes[-1] in (".gz", ".zst", ".bz2", ".xz"):
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
 
 
 # -- through datasets ----------------------------------------------------------------------------------------
@@ -158,6 +212,27 @@ def _with_datasets(what, load):
         message = " ".join(str(exc).split())[:300]
         raise CamelidError(f"{what} that Hugging Face datasets could not read ({type(exc).__name__}: {message}); "
                            "check that it is whole (download it again) and in a layout datasets reads") from None
+
+
+def _folder_json_files(path: Path, split: str | None) -> list[Path] | None:
+    """The files of `split` in a folder whose data files are all JSON text, found by the rules `datasets` uses
+    for a folder's splits (train*, test*, data/train-*, ...); None for a folder of other data. camelid reads
+    these itself, so that a bad line is named and skipped as in one file."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        splits = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except Exception:  # no data files, or none it knows: datasets' own error says so below
+        return None
+    files = [Path(f) for f in splits.get(split or DEFAULT_SPLIT, [])] if split or DEFAULT_SPLIT in splits else (
+        [Path(f) for f in next(iter(splits.values()))] if len(splits) == 1 else [])
+    everything = [Path(f) for fs in splits.values() for f in fs]
+    if not everything or not all(is_json_text(f) for f in everything):
+        return None
+    if not files:
+        raise CamelidError(f"{path}: has no split {split or DEFAULT_SPLIT!r}; its splits are "
+                           f"{', '.join(map(str, splits))} (give one as {path}:SPLIT)")
+    return files
 
 
 def _load_folder(path: Path, split: str | None):
@@ -225,8 +300,21 @@ def json_records(path) -> Iterator[tuple[str, Any]]:
                 raise CamelidError(f"{path}: a damaged gzip file ({exc}); download or compress it again") from None
         elif magic.startswith(_ZSTD):
             yield from _zstd_values(path, f)
+        elif magic.startswith(_BZIP2) or magic.startswith(_XZ[:4]):
+            yield from _stdlib_values(path, f, "bzip2" if magic.startswith(_BZIP2) else "xz")
         else:
             yield from _json_values(path, f)
+
+
+def _stdlib_values(path: Path, f, kind: str) -> Iterator[tuple[str, Any]]:
+    import bz2
+    import lzma
+
+    try:
+        with (bz2.open(f) if kind == "bzip2" else lzma.open(f)) as unpacked:
+            yield from _json_values(path, unpacked)
+    except (EOFError, OSError, lzma.LZMAError) as exc:
+        raise CamelidError(f"{path}: a damaged {kind} file ({exc}); download or compress it again") from None
 
 
 def _zstd_values(path: Path, f) -> Iterator[tuple[str, Any]]:
@@ -243,14 +331,14 @@ def _zstd_values(path: Path, f) -> Iterator[tuple[str, Any]]:
 
 def is_compressed(path: Path) -> bool:
     with open(path, "rb") as f:
-        magic = f.read(4)
-    return magic.startswith(_GZIP) or magic.startswith(_ZSTD)
+        magic = f.read(6)
+    return any(magic.startswith(m) for m in _COMPRESSED)
 
 
 def open_text_bytes(path: Path):
     """The file's bytes after decompressing (gzip or zstd), as a binary file object to read forward."""
     f = open(path, "rb")
-    magic = f.read(4)
+    magic = f.read(6)
     f.seek(0)
     if magic.startswith(_GZIP):
         return gzip.open(f)
@@ -260,6 +348,11 @@ def open_text_bytes(path: Path):
         import zstandard
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, closefd=True))
+    if magic.startswith(_BZIP2) or magic.startswith(_XZ[:4]):
+        import bz2
+        import lzma
+
+        return bz2.open(f) if magic.startswith(_BZIP2) else lzma.open(f)
     return f
 
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from camelid.chat import chat_template_for
 from camelid.checkpoint import LoadedModel
 from camelid.data.formats import BadRecord, Reading, Record, Skipped, iter_records
-from camelid.data.sources import DATA_SUFFIXES, HUB_PREFIX
+from camelid.data.sources import is_data_source
 from camelid.errors import CamelidError
 from camelid.model import IGNORE, Llama
 from camelid.examples import make_example
@@ -341,8 +341,8 @@ def read_texts(path, *, skip_bad: bool = False, reading: Reading | None = None) 
     scored as training learns it (its assistant turns; a pair's chosen answer; a KTO row's answer only when it
     is desirable); a source may mix them. A file of any other suffix is one plain text, whole.
     """
-    path = Path(str(path))
-    if not (str(path).startswith(HUB_PREFIX) or path.is_dir() or path.suffix.lower() in DATA_SUFFIXES):
+    if not is_data_source(path):
+        path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -25,10 +25,10 @@ from camelid.errors import CamelidError
 from camelid.examples import (
     CUT, Example, ExampleStats, Row, fit_example, make_example, one_per_row_indices, pack_indices,
 )
+from camelid.data.sources import source_stamp
 from camelid.files import cache_dir
 from camelid.train.schedule import held_out_size, shuffled
 
-CACHE_VERSION = 1  # raised when what the cached files hold changes
 LEARNED = ("conversation", "preference", "kto")  # notes of rows that are trained on
 KEPT = ("kept", "truncated")  # the statuses of examples that are trained on
 PARALLEL_FROM = 20_000  # conversations from which tokenizing is spread over processes (below, starting them costs more)
@@ -66,9 +66,9 @@ def _conversation_dataset(cfg, log):
     import datasets
 
     # One JSON text: datasets would take lists in gen_kwargs as shards. The stamps make a changed file a new set.
-    spec = json.dumps({"sources": [str(p) for p in cfg.data], "stamps": [_stamp(p) for p in cfg.data],
-                       "data_format": cfg.data_format, "columns": list(cfg.columns), "skip_bad": cfg.skip_bad,
-                       "version": CACHE_VERSION})
+    spec = json.dumps({"sources": [str(p) for p in cfg.data], "stamps": [source_stamp(p) for p in cfg.data],
+                       "code": _code_stamp(),
+                       "data_format": cfg.data_format, "columns": list(cfg.columns), "skip_bad": cfg.skip_bad})
     try:
         dataset = datasets.Dataset.from_generator(_conversation_rows, gen_kwargs={"spec": spec},
                                                   features=_conversation_features(),
@@ -97,14 +97,16 @@ def _conversation_rows(spec: str):
             yield {"source": i, "note": item.kind, "conversation": json.dumps(conversation, ensure_ascii=False)}
 
 
-def _stamp(source) -> list:
-    """What tells a source's content changed without reading it: each file's size and modification time."""
-    path = Path(str(source))
-    if not path.exists():
-        head = str(source).rpartition(":")[0]  # PATH:SPLIT
-        path = Path(head) if head and Path(head).exists() else path
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+def _code_stamp() -> str:
+    """A hash of the code that reads records and makes examples: a change to it is a new cache, with no version
+    number to remember to raise."""
+    from camelid import chat_template, examples
+    from camelid.data import formats, sources
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for module in (sources, formats, examples, chat_template):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _log_sources(cfg, dataset, log) -> None:
@@ -191,8 +193,8 @@ def _tokenized(conversations, cfg, template, tokenizer, cache: bool):
     import datasets
 
     fingerprint = hashlib.sha256(json.dumps([
-        conversations._fingerprint, template.source, template.bos_token, template.eos_token, tokenizer.backend.to_str(),
-        tokenizer.add_bos, tokenizer.add_eos, cfg.seq_len, cfg.overflow, CACHE_VERSION,
+        conversations._fingerprint, _code_stamp(), template.source, template.bos_token, template.eos_token, tokenizer.backend.to_str(),
+        tokenizer.add_bos, tokenizer.add_eos, cfg.seq_len, cfg.overflow,
     ]).encode()).hexdigest()[:32]
     workers = cfg.data_workers or (min(os.cpu_count() or 1, 8) if len(conversations) >= PARALLEL_FROM else None)
     features = datasets.Features({
