@@ -39,8 +39,6 @@ from camelid.data.sources import (  # noqa: F401  (re-exported: the reader's nam
     CUT_INSIDE_RECORD,
     SKIP_HINT,
     BadRecord,
-    first_byte,
-    is_compressed,
     json_records,
     source_records,
 )
@@ -292,7 +290,6 @@ class Format:
     read: Callable[[dict, str], Record]
     needs: tuple[str, ...]  # keys it cannot do without
     reads: tuple[str, ...]  # every key it takes; the others are the record's extra keys
-    kind: str
     about: str  # its keys and where it comes from, for --help
 
 
@@ -620,40 +617,40 @@ FORMATS: dict[str, Format] = {
         _has("conversations", "chosen", "rejected"), _sharegpt_preference,
         needs=("conversations", "chosen", "rejected"),
         reads=("conversations", "chosen", "rejected", "system", "tools"),
-        kind="preference", about="conversations + chosen/rejected messages, LLaMA-Factory"),
+        about="conversations + chosen/rejected messages, LLaMA-Factory"),
     "alpaca-preference": Format(
         _has("instruction", "chosen", "rejected"), _alpaca_preference,
         needs=("instruction", "chosen", "rejected"),
         reads=("instruction", "input", "chosen", "rejected", "system", "history"),
-        kind="preference", about="instruction + chosen/rejected strings, LLaMA-Factory"),
+        about="instruction + chosen/rejected strings, LLaMA-Factory"),
     "hh-rlhf": Format(
         lambda v: "prompt" not in v and _is_transcript(v.get("chosen")), _hh_rlhf,
         needs=("chosen", "rejected"), reads=("chosen", "rejected"),
-        kind="preference", about="chosen/rejected Human:/Assistant: transcripts, Anthropic HH-RLHF"),
+        about="chosen/rejected Human:/Assistant: transcripts, Anthropic HH-RLHF"),
     "preference": Format(
         _has("chosen", "rejected"), _preference,
         needs=("chosen", "rejected"),
         reads=("prompt", "chosen", "rejected", "system", "tools", "messages", "score_chosen", "score_rejected"),
-        kind="preference", about="prompt + chosen/rejected strings or messages, TRL and UltraFeedback binarized"),
+        about="prompt + chosen/rejected strings or messages, TRL and UltraFeedback binarized"),
     "ultrafeedback": Format(
         _has("instruction", "completions"), _ultrafeedback,
         needs=("instruction", "completions"), reads=("instruction", "completions"),
-        kind="preference", about="instruction + scored completions, openbmb/UltraFeedback"),
+        about="instruction + scored completions, openbmb/UltraFeedback"),
     "kto": Format(
         lambda v: isinstance(v.get("label"), bool) and ("messages" in v or "completion" in v), _kto,
         needs=("label",), reads=("messages", "prompt", "completion", "label", "system", "tools"),
-        kind="kto", about="messages or prompt + completion, with a true/false label"),
+        about="messages or prompt + completion, with a true/false label"),
     "openai": Format(
         _has("messages"), _openai, needs=("messages",), reads=("messages", "tools"),
-        kind="conversation", about="messages with roles system/user/assistant/tool, tool_calls, tools"),
+        about="messages with roles system/user/assistant/tool, tool_calls, tools"),
     "sharegpt": Format(
         _has("conversations"), _sharegpt, needs=("conversations",), reads=("conversations", "system", "tools"),
-        kind="conversation", about="conversations of from/value, function_call and observation turns too, tools"),
+        about="conversations of from/value, function_call and observation turns too, tools"),
     "alpaca": Format(
         lambda v: "instruction" in v or "output" in v, _alpaca,
         needs=("instruction", "output"), reads=("instruction", "input", "output", "system", "history"),
-        kind="conversation", about="instruction, input, output, system, history"),
+        about="instruction, input, output, system, history"),
     "gpt4all": Format(  # told by `response`: `prompt` alone is also a preference pair's key
         _has("response"), _gpt4all, needs=("prompt", "response"), reads=("prompt", "response"),
-        kind="conversation", about="prompt, response"),
+        about="prompt, response"),
 }

@@ -61,13 +61,11 @@ from camelid.data.formats import (
     CUT_INSIDE_RECORD,
     SHAREGPT_ROLES,
     BadRecord,
-    first_byte,
-    is_compressed,
     source_records,
     to_messages,
     with_count,
 )
-from camelid.data.sources import is_json_text, open_text_bytes
+from camelid.data.sources import first_byte, is_compressed, is_json_text, open_text_bytes
 from camelid.data.languages import check_languages, detect_languages, language_detector
 from camelid.pipeline_report import Report
 from camelid.errors import CamelidError

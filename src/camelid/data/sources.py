@@ -2,7 +2,7 @@
 
 What a source may be:
 - JSON text: JSONL (one object per line, blank lines ignored) or one JSON array of objects, plain or compressed
-  with gzip or zstd (told by the first bytes, not the name). camelid reads these itself, streaming, so that a
+  with gzip, zstd, bzip2 or xz (told by the first bytes, not the name). camelid reads these itself, streaming, so that a
   bad record is reported by its line (`data.jsonl:1018`) and the rest of the file is still read: Hugging
   Face `datasets` reads a JSON file as one Arrow table, so one record of another shape fails the whole file
   (the packaged ShareGPT, cut off mid-record, cannot be loaded by it at all) and its errors name no line.
@@ -12,7 +12,7 @@ What a source may be:
   folder or Hub dataset with several splits takes one as `path:split` (default `train`). Their records are
   named `path:row N` (N from 1), and a column that a row does not fill (None, as Arrow pads a column that
   only some records had) counts as absent.
-A file of a kind that is neither (a zip archive) is named as what it is, with the command that converts it.
+An archive (zip, 7-Zip, tar) is named as what it is, with what to do instead.
 """
 
 import gzip
@@ -59,13 +59,10 @@ class BadRecord(CamelidError):
 
 def source_records(source: str | Path) -> Iterator[tuple[str, Any]]:
     """("where", value) for each record of `source`, in order; a record that cannot be parsed comes as a BadRecord."""
-    text = str(source)
-    if text.startswith(HUB_PREFIX):
-        name, split = _name_and_split(text[len(HUB_PREFIX):], exists=lambda name: ":" not in name)
-        yield from _rows(text, _load_hub(name, split))
+    hub, path, split = _parsed(source)
+    if hub is not None:
+        yield from _rows(str(source), _load_hub(hub, split))
         return
-    path, split = _name_and_split(text, exists=lambda p: Path(p).exists())
-    path = Path(path)
     if path.is_dir():
         shards = _folder_json_files(path, split)
         if shards is not None:
@@ -89,27 +86,34 @@ def source_records(source: str | Path) -> Iterator[tuple[str, Any]]:
 def is_data_source(source: str | Path) -> bool:
     """Whether `source` is data (a Hub name, a folder, `PATH:SPLIT`, a file with a data suffix under any
     compression: data.jsonl.gz) rather than one plain text file."""
-    text = str(source)
-    path = Path(_name_and_split(text, lambda p: Path(p).exists())[0])
-    return text.startswith(HUB_PREFIX) or path.is_dir() or _data_suffix(path) in DATA_SUFFIXES
+    hub, path, _ = _parsed(source)
+    return hub is not None or path.is_dir() or _data_suffix(path) in DATA_SUFFIXES
 
 
 def source_stamp(source: str | Path) -> list:
     """What tells that a source's content changed, without reading it: each file's size and modification time;
     for a Hub dataset, the fingerprint `datasets` gives the version it has (its own cache tells versions apart)."""
-    text = str(source)
-    if text.startswith(HUB_PREFIX):
-        name, split = _name_and_split(text[len(HUB_PREFIX):], exists=lambda name: ":" not in name)
-        return [_load_hub(name, split)._fingerprint]
-    path = Path(_name_and_split(text, lambda p: Path(p).exists())[0])
+    hub, path, split = _parsed(source)
+    if hub is not None:
+        return [_load_hub(hub, split)._fingerprint]
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def source_exists(source: str | Path) -> bool:
     """Whether `source` names a file or folder here (with or without a `:split`), or a Hub dataset (not checked)."""
+    hub, path, _ = _parsed(source)
+    return hub is not None or path.exists()
+
+
+def _parsed(source: str | Path) -> tuple[str | None, Path | None, str | None]:
+    """(Hub name, None, split) for `hf:org/name[:split]`, else (None, path, split) for `path[:split]`."""
     text = str(source)
-    return text.startswith(HUB_PREFIX) or Path(_name_and_split(text, lambda p: Path(p).exists())[0]).exists()
+    if text.startswith(HUB_PREFIX):
+        name, split = _name_and_split(text[len(HUB_PREFIX):], exists=lambda name: ":" not in name)
+        return name, None, split
+    path, split = _name_and_split(text, exists=lambda p: Path(p).exists())
+    return None, Path(path), split
 
 
 def _name_and_split(text: str, exists) -> tuple[str, str | None]:
@@ -129,7 +133,6 @@ _COLUMNAR = {  # kind: (what it is, in messages; the datasets.Dataset method tha
 }
 
 
-
 def _csv_options(path: Path) -> dict:
     """Every CSV column read as the text written in it: pandas would read "3" as a number, "" as NaN."""
     import csv
@@ -146,7 +149,7 @@ def _csv_options(path: Path) -> dict:
 
 
 def is_json_text(source: str | Path) -> bool:
-    """Whether `source` is a file that camelid reads as JSON text itself (plain, gzip or zstd)."""
+    """Whether `source` is a file that camelid reads as JSON text itself (plain or compressed)."""
     path = Path(source)
     return path.is_file() and _file_kind(path) == "json"
 

@@ -37,7 +37,7 @@ PARALLEL_FROM = 20_000  # conversations from which tokenizing is spread over pro
 def training_rows(cfg, template, tokenizer, log) -> tuple["Rows", "Rows"]:
     """Training and held-out rows of `cfg.data`, read, tokenized and cached as the module docstring says."""
     conversations = _conversation_dataset(cfg, log)
-    return _rows(cfg, template, tokenizer, conversations, log)
+    return _plan_rows(cfg, template, tokenizer, conversations, log)
 
 
 def rows_of_conversations(cfg, template, tokenizer, conversations: list, log) -> tuple["Rows", "Rows"]:
@@ -46,7 +46,7 @@ def rows_of_conversations(cfg, template, tokenizer, conversations: list, log) ->
 
     table = {"source": [0] * len(conversations), "note": ["conversation"] * len(conversations),
              "conversation": [json.dumps(c if isinstance(c, dict) else {"messages": c}) for c in conversations]}
-    return _rows(cfg, template, tokenizer, datasets.Dataset.from_dict(table, features=_conversation_features()),
+    return _plan_rows(cfg, template, tokenizer, datasets.Dataset.from_dict(table, features=_conversation_features()),
                  log, cache=False)
 
 
@@ -144,7 +144,7 @@ def _camelid_cause(exc: BaseException) -> BaseException:
 # -- examples ----------------------------------------------------------------------------------------------------
 
 
-def _rows(cfg, template, tokenizer, conversations, log, cache: bool = True) -> tuple["Rows", "Rows"]:
+def _plan_rows(cfg, template, tokenizer, conversations, log, cache: bool = True) -> tuple["Rows", "Rows"]:
     notes = _column(conversations, "note")
     learned = np.flatnonzero(np.isin(notes, LEARNED))
     if not len(learned):
