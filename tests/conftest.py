@@ -105,6 +105,22 @@ def tiny_chat_loaded(tiny_chat_dir):
     return load_model(tiny_chat_dir, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def chatty(tiny_chat_dir):
+    """The tiny random model with its weights scaled up 15x: greedy decoding of the model as saved writes only
+    newlines whatever the prompt, which would make every answer "" and hide a mixed-up batch."""
+    import torch
+
+    from camelid.checkpoint import load_model
+
+    loaded = load_model(tiny_chat_dir, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.ndim == 2:
+                p.mul_(15)
+    return loaded
+
+
 @pytest.fixture(scope="session")
 def served_models(smollm2_gguf, tiny_chat_dir):
     """Two models behind one engine each: the real SmolLM2 as "smollm2" and a tiny random one as "tiny"."""

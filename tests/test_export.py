@@ -591,3 +591,36 @@ def test_models_that_cannot_be_exported_are_refused(smollm2_tokenizer, tmp_path)
     with pytest.raises(CamelidError, match="tokenizer has 49152 tokens but the model's embedding only 1000 rows"):
         gguf_vocabulary(loaded.tokenizer, 1000)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_a_base_model_tuned_in_gemmas_template_answers_in_llama_cpp_through_the_files_template(gemma3_gguf, tmp_path):
+    """`camelid quickstart alpaca` trains Gemma 3 270M base (no template of its own) in the built-in `gemma`
+    template, and its model directory carries that template's source. Exported as GGUF, the template is in the
+    file's metadata, and llama-cpp-python's chat completion, rendering with it, feeds exactly the tokens camelid's
+    chat would, then answers."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from camelid.chat import chat_template_for, encode_chat
+    from camelid.checkpoint import write_model_files
+
+    base = load_model(gemma3_gguf, device="cpu", dtype="float32")
+    gemma = chat_template_for(base, "gemma")
+    directory = write_model_files(base.config, base.model.state_dict(), tmp_path / "model", tokenizer=base.tokenizer,
+                                  chat_template=gemma.source)
+    path = export_gguf(directory, tmp_path / "model.gguf", type="f16", progress=False)
+    llm = _llama(path, n_ctx=512)
+    try:
+        assert llm.metadata["tokenizer.chat_template"] == gemma.source
+        assert llm.chat_format == "chat_template.default"  # llama-cpp-python's handler for the file's own template
+        messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
+        token_text = lambda t: llm._model.token_get_text(t)  # noqa: E731
+        rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=token_text(llm.token_eos()),
+                                       bos_token=token_text(llm.token_bos()))(messages=messages)
+        theirs = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        assert theirs == encode_chat(base, gemma, messages)
+        reply = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=8)
+        assert reply["usage"]["prompt_tokens"] == len(theirs) and reply["usage"]["completion_tokens"] > 0
+    finally:
+        llm.close()

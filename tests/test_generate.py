@@ -428,3 +428,15 @@ def test_smollm2_streams_its_generated_text(smollm2_model, smollm2_prompts, smol
     params = SamplingParams(**GREEDY, max_new_tokens=N_NEW, ignore_eos=True)
     pieces = list(stream(smollm2_model.model, smollm2_model.tokenizer, prompt, params))
     assert "".join(pieces) == expected.text == smollm2_model.tokenizer.decode(expected.token_ids)
+
+
+def test_a_completion_says_which_stop_token_ended_it(tiny, tokenizer):
+    """The stop token is not part of the answer's tokens but is reported; an answer cut at the limit has none."""
+    prompt = [5, 6, 7]
+    free = generate(tiny, tokenizer, [prompt], SamplingParams(**GREEDY, max_new_tokens=4, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and free.stop_token is None
+    third = free.token_ids[2]
+    stopped = generate(tiny, tokenizer, [prompt], SamplingParams(**GREEDY, max_new_tokens=4, ignore_eos=True,
+                                                                 stop_token_ids=[third]))[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_token == third
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(third)]

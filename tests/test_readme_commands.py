@@ -22,17 +22,20 @@ from pathlib import Path
 from helpers import FIXTURES, TESTS, write_jsonl
 
 from camelid.cli import build_parser, main
+from camelid.cli.run import quickstart_of
 
 README = TESTS.parent / "README.md"
 # What `camelid train` writes in its run directory (camelid.train.loop's docstring); held to a real run below.
 RUN_LAYOUT = ["checkpoints", "config.json", "loss.png", "metrics.jsonl", "model"]
 IN_A_RUN = re.compile(r"config\.json|metrics\.jsonl|loss\.png|model|checkpoints(/step-\d{6}(/model)?)?")
-QUICKSTART_RUN = "run"  # `camelid quickstart --out OUT` trains into OUT/run (camelid.train.quickstart)
+QUICKSTART_RUN = "run"  # `camelid quickstart [alpaca] --out OUT` trains into OUT/run
 TRAINED = "runs/mine"  # the run whose commands are run below
 RUN_HERE = [("train",), ("export", "gguf"), ("export", "hf"), ("export", "merge"), ("eval", "perplexity"),
             ("eval", "choice")]
 NOT_RUN_HERE = {("chat",): "it waits for a person at a terminal",
-                ("eval", "answers"): "it generates up to 1,024 tokens for each of MT-bench's 80 questions"}
+                ("eval", "answers"): "it generates up to 1,024 tokens for each of MT-bench's 80 questions",
+                ("eval", "ifeval"): "it answers IFEval's 541 prompts (tests/eval/test_ifeval.py runs it on a tiny "
+                                    "model)"}
 TINY = ["max_steps=1", "seq_len=256"]  # added to a train command's keys, with model=: later keys override the recipe
 
 
@@ -122,7 +125,7 @@ def run_directories() -> set[str]:
         if verb_of(argv) == ("train",):
             runs.update(w.removeprefix("out=") for w in argv if w.startswith("out="))
         elif verb_of(argv) == ("quickstart",):
-            runs.add(f"{parse(argv).out}/{QUICKSTART_RUN}")
+            runs.add(f"{quickstart_of(parse(argv))[1]}/{QUICKSTART_RUN}")
     return runs
 
 

@@ -60,6 +60,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (end-of-turn token or stop string) or "length"
     prompt_tokens: int
+    stop_token: int | None = None  # the stop token that ended it (not part of token_ids), if one did
 
 
 class DecodedText:
@@ -71,6 +72,7 @@ class DecodedText:
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out
         self.finish_reason: str | None = None
+        self.stop_token: int | None = None  # the stop token that ended the sequence, if one did
 
     def add(self, token: int, tokenizer, stops: Sequence[str]) -> str | None:
         """Append a generated token; "stop" when the text now holds a stop string (cut before it), else None."""
@@ -178,7 +180,7 @@ def _generate(
             if row.finish_reason:
                 continue
             if tok in stop_ids:
-                row.finish_reason = "stop"
+                row.finish_reason, row.stop_token = "stop", tok
             else:
                 row.finish_reason = row.add(tok, tokenizer, params.stop)
                 if row.finish_reason is None and len(row.ids) == budgets[i]:
@@ -224,7 +226,8 @@ def generate(model: Llama, tokenizer, prompts: list[list[int]], params: Sampling
         for i, new, _ in events:
             texts[i] += new
     return [
-        Completion(text=t, token_ids=r.ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_len)
+        Completion(text=t, token_ids=r.ids, finish_reason=r.finish_reason, prompt_tokens=r.prompt_len,
+                   stop_token=r.stop_token)
         for t, r in zip(texts, rows)
     ]
 

@@ -26,7 +26,7 @@ print(json.dumps({"helps": found, "torch": "torch" in sys.modules,
 """
 VERBS = ["models", "chat", "generate", "convert", "train", "quickstart", "cost", "serve", "export", "data", "eval"]
 SUBVERBS = {"export": ["gguf", "hf", "merge"], "data": ["selfinstruct", "sharegpt", "mix", "curate", "stats"],
-            "eval": ["answers", "judge", "report", "perplexity", "choice", "ratings"]}
+            "eval": ["answers", "judge", "report", "perplexity", "choice", "ratings", "ifeval"]}
 
 
 @pytest.fixture(scope="module")

@@ -456,7 +456,7 @@ def test_abandoned_whole_answer_frees_its_row(served_models, server):
 
 def test_full_queue_answers_503(served_models):
     """One row and room for one waiting request: a third request is refused with 503, in OpenAI's shape."""
-    from camelid.serve.engine import BatchingEngine
+    from camelid.engine import BatchingEngine
     from camelid.serve.served_model import ServedModel
 
     # SmolLM2 decodes slowly enough on CPU that a 400-token answer still holds the row when the third one comes

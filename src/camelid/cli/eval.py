@@ -6,21 +6,46 @@ from camelid.cli.options import (
     SOURCE_HELP, add_endpoint, add_json, add_model_to_run, add_no_progress, add_on_error, add_out, add_reading,
     add_skip_bad, add_system, add_template, endpoint_client, load_model_of, reading_of,
 )
+from camelid.errors import CamelidError
 from camelid.named_models import DEFAULT_MODEL
 
 JUDGE_URL = "http://127.0.0.1:8000/v1"  # `camelid serve` on this machine
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate: answers, LLM-as-a-judge, reports, perplexity, multiple choice, ratings")
+    p = sub.add_parser("eval", help="evaluate: answers, LLM-as-a-judge, reports, perplexity, multiple choice, ratings, IFEval")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="VERB")
-    for add in (_add_answers, _add_judge, _add_report, _add_perplexity, _add_choice, _add_ratings):
+    for add in (_add_answers, _add_judge, _add_report, _add_perplexity, _add_choice, _add_ratings, _add_ifeval):
         add(ev)
 
 
 def _report_skipped(skipped, what: str) -> None:
     if skipped:
         print(f"skipped {len(skipped)} bad {what} (first: {skipped[0].where}: {skipped[0].reason})", file=sys.stderr)
+
+
+def _add_answerer(p) -> None:
+    """Who answers: a local --model, or an --endpoint; and the name written into the answers."""
+    add_model_to_run(p)
+    add_template(p)
+    p.add_argument("--endpoint", metavar="URL",
+                   help="answer through this OpenAI-compatible base URL instead of loading --model")
+    p.add_argument("--endpoint-model", metavar="NAME", help="the model name to request (default: --model)")
+    p.add_argument("--model-id", help="the name written into the answers (default: the model's)")
+
+
+def _answerer(args):
+    """(local model, None) or (None, endpoint client), as `_add_answerer`'s options say; options that only the
+    other one takes are refused rather than ignored."""
+    local = [f for f, given in (("--quantize", args.quantize != "none"), ("--device", args.device),
+                                ("--dtype", args.dtype), ("--template", args.template)) if given]
+    if args.endpoint:
+        if local:
+            raise CamelidError(f"{local[0]} applies to a local model, not to --endpoint (the server decides)")
+        return None, endpoint_client(args, args.endpoint, args.endpoint_model or args.model)
+    if args.endpoint_model:
+        raise CamelidError("--endpoint-model needs --endpoint")
+    return load_model_of(args), None
 
 
 def _add_answers(ev) -> None:
@@ -33,12 +58,7 @@ def _add_answers(ev) -> None:
     )
     p.add_argument("questions", metavar="QUESTIONS", help="a question file (JSONL: question_id, category, turns)")
     add_out(p, "OUT.jsonl", "the answer file, appended to and resumed")
-    add_model_to_run(p)
-    add_template(p)
-    p.add_argument("--endpoint", metavar="URL",
-                   help="answer through this OpenAI-compatible base URL instead of loading --model")
-    p.add_argument("--endpoint-model", metavar="NAME", help="the model name to request (default: --model)")
-    p.add_argument("--model-id", help="the name written into the answers (default: the model's)")
+    _add_answerer(p)
     add_system(p, "a system prompt for every question (default: none)")
     p.add_argument("--temperature", type=float, help="one temperature for every question instead of the category's")
     p.add_argument("--category-temperature", action="append", default=[], metavar="CATEGORY=T",
@@ -57,11 +77,7 @@ def cmd_eval_answers(args) -> None:
     from camelid.eval.answers import generate_answers, parse_category_temperatures
 
     temperatures = parse_category_temperatures(args.category_temperature)
-    model = client = None
-    if args.endpoint:
-        client = endpoint_client(args, args.endpoint, args.endpoint_model or args.model)
-    else:
-        model = load_model_of(args)
+    model, client = _answerer(args)
     report = generate_answers(
         args.questions, args.out, model=model, client=client, model_id=args.model_id, temperature=args.temperature,
         category_temperatures=temperatures or None, max_tokens=args.max_tokens, seed=args.seed,
@@ -246,3 +262,70 @@ def cmd_eval_ratings(args) -> None:
         ratings_plot(r, args.plot)
     if args.win_rates:
         win_rate_plot(r, args.win_rates, battles=battles)
+
+
+def _add_ifeval(ev) -> None:
+    from camelid.eval.ifeval import MAX_TOKENS, PROMPTS
+
+    p = ev.add_parser(
+        "ifeval", help="IFEval: instruction following checked by program (lm-eval's checkers), four figures",
+        description="Answers IFEval's prompts (each as one user turn, greedy) with a local model or an endpoint "
+        "and scores every answer with lm-evaluation-harness's ifeval checkers: prompt-level and instruction-level "
+        "accuracy, strict and loose, and each instruction type's. OUT gets answers.jsonl (resumed by a re-run), "
+        "responses.jsonl (Google's {prompt, response} format), results.jsonl, scores.json, report.md and "
+        "ifeval.png. --responses scores a file of answers instead, without a model.",
+    )
+    add_out(p, "DIR", "the directory for the answers, scores, table and plot")
+    p.add_argument("--prompts", default=PROMPTS, metavar="SRC",
+                   help=f"IFEval's prompts: input_data.jsonl or any data source (default {PROMPTS}, as lm-eval)")
+    _add_answerer(p)
+    p.add_argument("--responses", metavar="FILE",
+                   help="score these answers instead of generating: JSONL of {prompt, response} (optionally key), "
+                   "or an answers.jsonl of camelid")
+    add_system(p, "a system prompt for every prompt (default: none, as IFEval)")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"most tokens per answer (default {MAX_TOKENS}, lm-eval's; an answer cut short is scored as "
+                   "it stands)")
+    p.add_argument("--limit", type=int, help="only the first N prompts (the figures are then over those N)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="answers a local model decodes at once, by continuous batching (default 16)")
+    p.add_argument("--punkt-wheel", metavar="FILE",
+                   help="install NLTK's Punkt tables from this llama-index-core wheel instead of downloading it")
+    add_skip_bad(p, "malformed prompts")
+    add_no_progress(p)
+    add_endpoint(p, "--endpoint")
+    p.set_defaults(func=cmd_eval_ifeval)
+
+
+def cmd_eval_ifeval(args) -> None:
+    from camelid.eval.ifeval import (
+        MAX_TOKENS, check_checker_packages, check_run_settings, install_punkt, read_prompts, rescore, run_ifeval,
+    )
+
+    check_run_settings(args.max_tokens, args.batch_size, args.limit)
+    if args.responses:
+        answering = [f for f, given in (
+            ("--endpoint", args.endpoint), ("--model", args.model != DEFAULT_MODEL), ("--quantize", args.quantize != "none"),
+            ("--device", args.device), ("--dtype", args.dtype), ("--template", args.template),
+            ("--system", args.system), ("--model-id", args.model_id), ("--endpoint-model", args.endpoint_model),
+            ("--max-tokens", args.max_tokens != MAX_TOKENS), ("--batch-size", args.batch_size != 16)) if given]
+        if answering:
+            raise CamelidError(f"{answering[0]} is for answering; --responses scores answers already written")
+    check_checker_packages()
+    install_punkt(args.punkt_wheel, log=lambda m: print(m, file=sys.stderr))
+    prompts, skipped = read_prompts(args.prompts, skip_bad=args.skip_bad)
+    _report_skipped(skipped, "prompts")
+    if args.responses:
+        scores = rescore(prompts, args.responses, args.out, limit=args.limit)
+    else:
+        model, client = _answerer(args)
+        shown = len(prompts) if args.limit is None else min(args.limit, len(prompts))
+        print(f"IFEval: {shown} of {len(prompts)} prompts, greedy, at most {args.max_tokens} tokens per answer "
+              "(lm-eval: 1,280)", file=sys.stderr)
+        scores = run_ifeval(prompts, args.out, model=model, client=client, model_id=args.model_id,
+                            max_tokens=args.max_tokens, limit=args.limit, system=args.system,
+                            batch_size=args.batch_size, template=args.template, progress=not args.no_progress)
+    print(scores.markdown())
+    if cut := scores.settings.get("answers_cut_at_max_tokens"):
+        print(f"\n{cut} answers reached --max-tokens {args.max_tokens} and were scored as they stood")
+    print(f"\nwritten to {args.out}: scores.json, report.md, ifeval.png, results.jsonl, responses.jsonl")

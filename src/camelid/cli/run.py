@@ -4,7 +4,7 @@ import sys
 
 from camelid.cli.export import write_hf
 from camelid.cli.options import (
-    MODEL_KINDS, add_backend, add_force, add_model, add_model_to_run, add_no_progress, add_overrides,
+    MODEL_KINDS, add_backend, add_force, add_model, add_model_to_run, add_no_progress,
     add_sampling, add_system, add_template, add_written_dtype, backend_options, sampling_params,
 )
 from camelid.errors import CamelidError
@@ -102,22 +102,60 @@ def cmd_convert(args) -> None:
 def add_quickstart(sub) -> None:
     from camelid.data.identity import DEFAULT_CREATOR, DEFAULT_NAME
 
+    from camelid.eval.alpaca_quickstart import IFEVAL_PROMPTS, IFEVAL_TOKENS
+
     p = sub.add_parser(
-        "quickstart", help="give the default model a new name with LoRA on a CPU in minutes; show before/after",
-        description="Writes an identity set (who the assistant is, who made it), asks held-out questions, "
-        "fine-tunes with recipes/quickstart.yaml, asks again and prints the answers side by side.",
+        "quickstart", help="identity: give the default model a new name with LoRA in minutes; alpaca: make a base "
+        "model an assistant in under an hour and measure it with IFEval",
+        description="identity (the default) writes an identity set (who the assistant is, who made it), asks "
+        "held-out questions, fine-tunes with recipes/quickstart.yaml, asks again and prints the answers side by "
+        "side. alpaca fine-tunes Gemma 3 270M base on Alpaca instructions with recipes/alpaca-cpu.yaml and "
+        "prints held-out answers side by side, IFEval before and after, and each step's time.",
     )
     p.add_argument("--name", default=DEFAULT_NAME, help=f"the assistant's new name (default {DEFAULT_NAME!r})")
     p.add_argument("--creator", default=DEFAULT_CREATOR, help=f"who made it (default {DEFAULT_CREATOR!r})")
-    add_model(p, "the model to fine-tune (default: the recipe's, smollm2-135m-instruct)")
-    p.add_argument("--out", default="runs/quickstart", help="the run directory (default runs/quickstart)")
+    add_model(p, "the model to fine-tune (default: the recipe's: smollm2-135m-instruct; gemma3-270m for alpaca)")
+    p.add_argument("--out", help="the run directory (default runs/quickstart, or runs/alpaca)")
+    g = p.add_argument_group("alpaca")
+    g.add_argument("--data", metavar="FILE", help="the instruction file (default: the alpaca-cpu recipe's)")
+    g.add_argument("--prompts", default=IFEVAL_PROMPTS, metavar="SRC",
+                   help="IFEval's prompts (default %(default)s; hf:google/IFEval where the Hub is reachable)")
+    g.add_argument("--ifeval-tokens", type=int, default=IFEVAL_TOKENS,
+                   help="most tokens per IFEval answer (default %(default)s, for a CPU; lm-eval uses 1,280)")
+    g.add_argument("--ifeval-limit", type=int, help="only the first N IFEval prompts (default: all 541)")
     add_force(p, "an earlier quickstart run in --out")
     add_no_progress(p)
-    add_overrides(p, "override a key of the quickstart recipe (see: camelid train --help), e.g. epochs=5")
+    p.add_argument("overrides", metavar="[alpaca|identity] KEY=VALUE", nargs="*",
+                   help="first, optionally, which quickstart (default identity); then keys of its recipe to "
+                   "override (quickstart or alpaca-cpu; see: camelid train --help), e.g. epochs=5")
     p.set_defaults(func=cmd_quickstart)
 
 
+QUICKSTARTS = {"identity": "runs/quickstart", "alpaca": "runs/alpaca"}  # each quickstart's default --out
+
+
+def quickstart_of(args) -> tuple[str, str]:
+    """(which quickstart, its run directory) from the parsed arguments; takes the quickstart's name off the
+    overrides."""
+    job = args.overrides.pop(0) if args.overrides and args.overrides[0] in QUICKSTARTS else "identity"
+    if args.overrides and "=" not in args.overrides[0]:
+        raise CamelidError(f"unknown quickstart {args.overrides[0]!r}; choose {' or '.join(QUICKSTARTS)}, then "
+                           "KEY=VALUE overrides")
+    return job, args.out or QUICKSTARTS[job]
+
+
 def cmd_quickstart(args) -> None:
+    job, args.out = quickstart_of(args)
+    if job == "alpaca":
+        _alpaca_quickstart(args)
+        return
+    from camelid.eval.alpaca_quickstart import IFEVAL_PROMPTS, IFEVAL_TOKENS
+
+    for flag, value in (("--data", args.data), ("--ifeval-limit", args.ifeval_limit),
+                        ("--prompts", args.prompts if args.prompts != IFEVAL_PROMPTS else None),
+                        ("--ifeval-tokens", args.ifeval_tokens if args.ifeval_tokens != IFEVAL_TOKENS else None)):
+        if value is not None:
+            raise CamelidError(f"{flag} belongs to `camelid quickstart alpaca`")
     from camelid.train.quickstart import run_quickstart, side_by_side
 
     result = run_quickstart(
@@ -127,3 +165,21 @@ def cmd_quickstart(args) -> None:
     print(side_by_side(result))
     print(f"\nthe fine-tuned model (a LoRA adapter on {result.model_dir}) is ready; chat with it:")
     print(f"  camelid chat -m {result.model_dir}")
+
+
+def _alpaca_quickstart(args) -> None:
+    from camelid.data.identity import DEFAULT_CREATOR, DEFAULT_NAME
+    from camelid.eval.alpaca_quickstart import alpaca_summary, run_alpaca_quickstart
+
+    if (args.name, args.creator) != (DEFAULT_NAME, DEFAULT_CREATOR):
+        raise CamelidError("--name and --creator belong to the identity quickstart, not `quickstart alpaca`")
+    if args.ifeval_limit is not None and args.ifeval_limit < 1:
+        raise CamelidError(f"--ifeval-limit must be at least 1 (got {args.ifeval_limit})")
+    if args.ifeval_tokens < 1:
+        raise CamelidError(f"--ifeval-tokens must be at least 1 (got {args.ifeval_tokens})")
+    result = run_alpaca_quickstart(
+        model=args.model, data=args.data, prompts=args.prompts, out=args.out,
+        overrides=args.overrides, force=args.force, ifeval_tokens=args.ifeval_tokens, ifeval_limit=args.ifeval_limit,
+        progress=not args.no_progress,
+    )
+    print(alpaca_summary(result))

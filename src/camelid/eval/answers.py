@@ -2,14 +2,15 @@
 
 A question has one or more turns; the model answers the first, and each later turn is asked in the same
 conversation, after the model's own earlier answers. The answers come from a camelid model in this process
-(questions batched through `camelid.generate.generate`) or from any OpenAI-compatible endpoint (questions in
-flight at once, up to the client's concurrency).
+(continuous batching on `camelid serve`'s engine: up to `batch_size` answers decode together, and a finished
+one's row takes the next question) or from any OpenAI-compatible endpoint (questions in flight at once, up to the
+client's concurrency). Either way, each request is seeded from the run's seed, the question and the turn.
 
 Each question is answered at its category's temperature, FastChat's MT-bench defaults unless overridden:
 greedy (0) where there is one right answer (math, coding, reasoning, extraction), a little randomness for
 knowledge (stem, humanities: 0.1) and 0.7 for writing, role play and anything else. Sampling draws from the
 model's whole distribution at that temperature (no top-k/top-p/min-p), as an OpenAI-style endpoint does by
-default, so both backends sample alike. Every request is seeded from `seed`, the question and the turn.
+default, so both backends sample alike.
 
 The output is FastChat's answer file, one JSON object a line:
 
@@ -23,6 +24,7 @@ the question file, as FastChat sorts its answer files.
 """
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import sys
@@ -201,7 +203,7 @@ def generate_answers(questions: str | Path | Sequence[Question], out: str | Path
                      category_temperatures: Mapping[str, float] | None = None, max_tokens: int = MAX_TOKENS,
                      seed: int = 0, question_ids: Iterable[int | str] | None = None, limit: int | None = None,
                      system: str | None = None, batch_size: int = BATCH_SIZE, template: str | None = None,
-                     device: str | None = None, dtype=None, progress: bool = True) -> Report:
+                     device: str | None = None, dtype=None, strip: bool = True, progress: bool = True) -> Report:
     """Answer the questions into the FastChat answer file `out`, resuming what `out` holds; returns the report.
 
     The answers come from exactly one of `model` (a camelid model: a name, GGUF file or HF directory as
@@ -211,7 +213,8 @@ def generate_answers(questions: str | Path | Sequence[Question], out: str | Path
     question instead of the category's (see temperature_for); category_temperatures: per-category overrides of
     FastChat's. 0 is greedy. max_tokens: most tokens per answer turn. seed: seeds every request. question_ids,
     limit: answer only these questions, and only the first `limit` of them. system: a system message before
-    the first turn (default none). batch_size: questions generated together by a local model.
+    the first turn (default none). batch_size: questions generated together by a local model. strip: take
+    whitespace off each answer's ends, as FastChat does (IFEval scores the text as generated).
 
     The report (`out`.report.json and .txt) is saved however the run ends. A failed endpoint request raises
     TeacherError after the answers already finished are written; running again resumes.
@@ -235,7 +238,7 @@ def generate_answers(questions: str | Path | Sequence[Question], out: str | Path
         model_id = Path(str(source)).name.removesuffix(".gguf")
     out = Path(out)
     report = Report("answers")
-    done, torn_at = read_appended(out, _is_answer, "an answer record")
+    done, torn_at = read_appended(out, is_answer_record, "an answer record")
     if others := {record.get("model_id") for record in done} - {model_id}:
         raise CamelidError(f"{out} holds answers of {', '.join(map(str, others))}, not {model_id}; give each model "
                            "its own output file")
@@ -252,22 +255,23 @@ def generate_answers(questions: str | Path | Sequence[Question], out: str | Path
     stopped = None
     try:
         with open_to_append(out) as f:
-            def write(question: Question, turns: list[str]) -> None:
+            def write(question: Question, turns: list[str], finish_reasons: list[str]) -> None:
                 append_json_line(f, {"question_id": question.question_id, "answer_id": uuid.uuid4().hex,
-                           "model_id": model_id, "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()})
+                                     "model_id": model_id, "choices": [{"index": 0, "turns": turns}],
+                                     "finish_reasons": finish_reasons, "tstamp": time.time()})
                 report.written += 1
                 bar.update(1)
 
             if client is not None:
                 _answer_with_endpoint(client, todo, write, report, temperatures=temperatures,
-                                      max_tokens=max_tokens, seed=seed, system=system)
+                                      max_tokens=max_tokens, seed=seed, system=system, strip=strip)
             else:
                 from camelid.checkpoint import LoadedModel, load_model
 
                 if not isinstance(model, LoadedModel):
                     model = load_model(model, device=device, dtype=dtype)
                 _answer_locally(model, todo, write, report, temperatures=temperatures, max_tokens=max_tokens,
-                                seed=seed, system=system, batch_size=batch_size, template=template)
+                                seed=seed, system=system, batch_size=batch_size, template=template, strip=strip)
     except BaseException as exc:
         stopped = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         raise
@@ -278,7 +282,7 @@ def generate_answers(questions: str | Path | Sequence[Question], out: str | Path
         report.outputs["answers"] = str(out)
         report.save(out)
     order = {q.question_id: i for i, q in enumerate(questions)}
-    records, _ = read_appended(out, _is_answer, "an answer record")
+    records, _ = read_appended(out, is_answer_record, "an answer record")
     rewrite_sorted(out, records, key=lambda r: order.get(r["question_id"], len(order)))
     return report
 
@@ -293,28 +297,28 @@ def _choose(questions: list[Question], question_ids: Iterable[int | str] | None,
     return chosen[:limit] if limit is not None else chosen
 
 
-def _is_answer(value: Any) -> bool:
+def is_answer_record(value: Any) -> bool:
+    """Whether a JSON value looks like a record of FastChat's answer schema."""
     return isinstance(value, dict) and "question_id" in value and isinstance(value.get("choices"), list)
 
 
-def _answer_with_endpoint(client: ChatClient, todo: list[Question], write, report: Report, *,
-                          temperatures: dict, max_tokens: int, seed: int, system: str | None) -> None:
-    """Every question's turns, one after another within a question, questions concurrently; written as done."""
-    usage_before = replace(client.usage)
-    cut = 0
+def _answer_all(todo: list[Question], ask, write, *, system: str | None, strip: bool, close=None) -> None:
+    """Ask every question's turns one after another within a question, questions concurrently; each question is
+    written when its last turn is answered, with why each turn ended ("stop" or "length"). `ask(messages,
+    question, turn_number)` is a coroutine giving the answer's text and finish reason; `close`, a coroutine
+    function, is awaited at the end, in the same event loop. Inside a running event loop (a notebook) the
+    questions are asked from a thread of their own."""
 
-    async def answer(question: Question) -> tuple[Question, list[str]]:
-        nonlocal cut
+    async def answer(question: Question) -> tuple[Question, list[str], list[str]]:
         messages = [{"role": "system", "content": system}] if system else []
-        turns = []
+        turns, reasons = [], []
         for number, text in enumerate(question.turns, 1):
             messages.append({"role": "user", "content": text})
-            reply = await client.chat(messages, temperature=temperatures[question.question_id],
-                                      max_tokens=max_tokens, seed=request_seed(seed, question.question_id, number))
-            cut += reply.finish_reason == "length"
-            turns.append(reply.text.strip())
+            text, reason = await ask(messages, question, number)
+            turns.append(text.strip() if strip else text)
+            reasons.append(reason)
             messages.append({"role": "assistant", "content": turns[-1]})
-        return question, turns
+        return question, turns, reasons
 
     async def run() -> None:
         pending = [asyncio.ensure_future(answer(q)) for q in todo]
@@ -325,10 +329,33 @@ def _answer_with_endpoint(client: ChatClient, todo: list[Question], write, repor
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            await client.aclose()
+            if close is not None:
+                await close()
 
     try:
+        asyncio.get_running_loop()
+    except RuntimeError:
         asyncio.run(run())
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, run()).result()
+
+
+def _answer_with_endpoint(client: ChatClient, todo: list[Question], write, report: Report, *,
+                          temperatures: dict, max_tokens: int, seed: int, system: str | None, strip: bool) -> None:
+    """The questions through an OpenAI-compatible endpoint, up to the client's concurrency at once."""
+    usage_before = replace(client.usage)
+    cut = 0
+
+    async def ask(messages: list[dict], question: Question, number: int) -> tuple[str, str]:
+        nonlocal cut
+        reply = await client.chat(messages, temperature=temperatures[question.question_id], max_tokens=max_tokens,
+                                  seed=request_seed(seed, question.question_id, number))
+        cut += reply.finish_reason == "length"
+        return reply.text, reply.finish_reason
+
+    try:
+        _answer_all(todo, ask, write, system=system, strip=strip, close=client.aclose)
     finally:
         used = client.usage.since(usage_before)
         report.facts.update({"backend": client.base_url, "turns_cut_at_max_tokens": cut, "requests": used.requests,
@@ -338,40 +365,62 @@ def _answer_with_endpoint(client: ChatClient, todo: list[Question], write, repor
 
 
 def _answer_locally(loaded, todo: list[Question], write, report: Report, *, temperatures: dict, max_tokens: int,
-                    seed: int, system: str | None, batch_size: int, template: str | None) -> None:
-    """Batches of questions of one temperature, turn by turn; each batch written when its last turn is done."""
+                    seed: int, system: str | None, batch_size: int, template: str | None, strip: bool) -> None:
+    """The questions on a camelid model by continuous batching (`camelid serve`'s engine): up to `batch_size`
+    answers decode together, and a finished answer's row takes the next request at once, so a long answer does
+    not hold up a batch of short ones. Each request is seeded as an endpoint's would be."""
     from camelid.chat import chat_template_for, encode_chat
-    from camelid.generate import SamplingParams, generate
+    from camelid.generate import SamplingParams
+    from camelid.engine import BatchingEngine
+    from camelid.jobs import GenerationParams
 
     chat_template = chat_template_for(loaded, template)
-    # Keep room for an answer when a long second turn must lose the first one (encode_chat drops oldest turns).
-    keep = min(max_tokens, loaded.config.max_sequence_length // 2)
-    by_temperature: dict[float, list[Question]] = {}
-    for question in todo:
-        by_temperature.setdefault(temperatures[question.question_id], []).append(question)
+    context = loaded.config.max_sequence_length
+    # Keep room for an answer when a long later turn must lose the first one (encode_chat drops oldest turns).
+    keep = min(max_tokens, context // 2)
+    engine = BatchingEngine(loaded, max_batch=batch_size, max_queue=len(todo) + 1,
+                            max_len=_cache_length(loaded, chat_template, todo, system, max_tokens))
     cut = generated = 0
+
+    async def ask(messages: list[dict], question: Question, number: int) -> tuple[str, str]:
+        nonlocal cut, generated
+        sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperatures[question.question_id],
+                                  top_k=0, top_p=1.0, min_p=0.0, seed=request_seed(seed, question.question_id, number))
+        prompt = encode_chat(loaded, chat_template, messages, keep_tokens=keep)
+        if len(prompt) + max_tokens > engine.context and engine.context < context:
+            raise CamelidError(f"question {question.question_id!r}, turn {number}: {len(prompt)} prompt tokens and "
+                               f"{max_tokens} to answer outgrow the {engine.context}-token cache sized for it (a bug)")
+        job = engine.submit(prompt, GenerationParams(sampling))
+        text = []
+        while (piece := await job.queue.get()).finish_reason is None:
+            text.append(piece.text)
+        if piece.finish_reason not in ("stop", "length"):
+            raise CamelidError(f"generating the answer to question {question.question_id!r} failed "
+                               f"({piece.finish_reason}" + ("; the error is printed above)" if piece.finish_reason
+                                                            == "error" else ")"))
+        cut += piece.finish_reason == "length"
+        generated += piece.completion_tokens
+        return "".join(text) + piece.text, piece.finish_reason
+
     try:
-        for temp, group in by_temperature.items():
-            for start in range(0, len(group), batch_size):
-                batch = group[start : start + batch_size]
-                conversations = [[{"role": "system", "content": system}] if system else [] for _ in batch]
-                answers: list[list[str]] = [[] for _ in batch]
-                for turn in range(max(len(q.turns) for q in batch)):
-                    rows = [i for i, q in enumerate(batch) if turn < len(q.turns)]
-                    prompts = []
-                    for i in rows:
-                        conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
-                        prompts.append(encode_chat(loaded, chat_template, conversations[i], keep_tokens=keep))
-                    params = SamplingParams(max_new_tokens=max_tokens, temperature=temp, top_k=0, top_p=1.0, min_p=0.0,
-                                            seed=request_seed(seed, batch[0].question_id, turn + 1))
-                    for i, completion in zip(rows, generate(loaded.model, loaded.tokenizer, prompts, params)):
-                        text = completion.text.strip()
-                        answers[i].append(text)
-                        conversations[i].append({"role": "assistant", "content": text})
-                        cut += completion.finish_reason == "length"
-                        generated += len(completion.token_ids)
-                for question, turns in zip(batch, answers):
-                    write(question, turns)
+        _answer_all(todo, ask, write, system=system, strip=strip)
     finally:
+        engine.close()
         report.facts.update({"backend": f"local {loaded.source}", "turns_cut_at_max_tokens": cut,
                              "completion_tokens": generated})
+
+
+def _cache_length(loaded, chat_template, todo: list[Question], system: str | None, max_tokens: int) -> int:
+    """KV-cache rows long enough for the longest question's whole conversation, at most the model's context:
+    its first prompt, every later turn's text (with room for the template's markers) and every answer."""
+    if not todo:
+        return 1
+    from camelid.chat import encode_chat
+
+    def longest(question: Question) -> int:
+        first = [{"role": "system", "content": system}] if system else []
+        first.append({"role": "user", "content": question.turns[0]})
+        later = sum(len(loaded.tokenizer.encode(t, add_special=False)) + 32 for t in question.turns[1:])
+        return len(encode_chat(loaded, chat_template, first)) + later + max_tokens * len(question.turns)
+
+    return min(loaded.config.max_sequence_length, max(longest(q) for q in todo))

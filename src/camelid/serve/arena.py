@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse
 
 from camelid.generate import SamplingParams
 from camelid.serve.http import read_body, sse_response
-from camelid.serve.jobs import GenerationParams, Job
+from camelid.jobs import GenerationParams, Job
 from camelid.serve.protocol import APIError, AnswerRequest, BattleRequest, VoteRequest
 from camelid.serve.served_model import ServedModel
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from camelid.serve.jobs import Job
+from camelid.jobs import Job
 from camelid.serve.protocol import APIError, ServerLimits, error_body, explain_validation
 
 KEYED_PATHS = ("/v1/", "/arena/api/")  # what --api-key guards; the pages themselves are public

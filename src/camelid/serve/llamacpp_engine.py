@@ -1,4 +1,4 @@
-"""The server's engine for `--backend llamacpp`: `camelid.serve.jobs.Engine`, the engine interface, on llama.cpp.
+"""The server's engine for `--backend llamacpp`: `camelid.jobs.Engine`, the engine interface, on llama.cpp.
 
 llama-cpp-python's `Llama` runs one sequence, so one worker thread answers the requests one at a time, first
 come first served, and the `n` choices of a request one after another. A request waiting in line, or being
@@ -13,7 +13,7 @@ import traceback
 from contextlib import closing
 
 from camelid.llamacpp import LlamaCppModel, steps
-from camelid.serve.jobs import Job, JobQueue, Piece, token_logprob
+from camelid.jobs import Job, JobQueue, Piece, token_logprob
 
 
 class LlamaCppEngine(JobQueue):

@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse
 from camelid.errors import CamelidError
 from camelid.generate import SamplingParams
 from camelid.serve.http import read_body, sse_response
-from camelid.serve.jobs import GenerationParams, Job, Piece, TokenLogprob
+from camelid.jobs import GenerationParams, Job, Piece, TokenLogprob
 from camelid.serve.protocol import APIError, ChatRequest, CompletionRequest, SamplingFields, ServerLimits
 from camelid.serve.served_model import ServedModel
 

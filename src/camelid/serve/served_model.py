@@ -5,7 +5,7 @@ from typing import Any
 
 from camelid.checkpoint import LoadedModel
 from camelid.errors import CamelidError
-from camelid.serve.jobs import Engine, GenerationParams, Job, QueueFull
+from camelid.jobs import Engine, GenerationParams, Job, QueueFull
 from camelid.serve.protocol import APIError
 
 

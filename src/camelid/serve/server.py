@@ -69,7 +69,7 @@ def start_engine(model: Backend, *, max_batch: int = 8, max_queue: int = 64):
         from camelid.serve.llamacpp_engine import LlamaCppEngine
 
         return LlamaCppEngine(model.loaded, max_batch=max_batch, max_queue=max_queue)
-    from camelid.serve.engine import BatchingEngine
+    from camelid.engine import BatchingEngine
 
     return BatchingEngine(model.loaded, max_batch=max_batch, max_queue=max_queue, max_len=model.context)
 

@@ -130,21 +130,25 @@ def run_quickstart(
 
 def side_by_side(result: QuickstartResult, width: int = 100) -> str:
     """The questions with the answers before and after, in two columns."""
-    col = (width - 3) // 2
-    lines = [f"{'before':<{col}} | after", "-" * width]
-    for question, ident, before, after in zip(result.questions, result.identity, result.before, result.after):
-        lines.append(("[identity] " if ident else "[general] ") + question)
-        left = textwrap.wrap(before.replace("\n", " "), col) or [""]
-        right = textwrap.wrap(after.replace("\n", " "), col) or [""]
-        for i in range(max(len(left), len(right))):
-            a = left[i] if i < len(left) else ""
-            b = right[i] if i < len(right) else ""
-            lines.append(f"{a:<{col}} | {b}")
-        lines.append("")
+    rows = [(("[identity] " if ident else "[general] ") + question, before, after)
+            for question, ident, before, after in zip(result.questions, result.identity, result.before, result.after)]
     hit_before, n = result.named(result.before)
     hit_after, _ = result.named(result.after)
-    lines.append(
-        f"{result.name!r} appears in {hit_before}/{n} identity answers before fine-tuning, {hit_after}/{n} after "
+    return two_columns(rows, width) + (
+        f"\n{result.name!r} appears in {hit_before}/{n} identity answers before fine-tuning, {hit_after}/{n} after "
         f"(trained in {result.train_seconds:.0f} s)"
     )
+
+
+def two_columns(rows: list[tuple[str, str, str]], width: int = 100, left: str = "before", right: str = "after") -> str:
+    """Each (heading, left text, right text) as a heading line over two wrapped columns."""
+    col = (width - 3) // 2
+    lines = [f"{left:<{col}} | {right}", "-" * width]
+    for heading, a_text, b_text in rows:
+        lines.append(heading)
+        a = textwrap.wrap(a_text.replace("\n", " "), col) or [""]
+        b = textwrap.wrap(b_text.replace("\n", " "), col) or [""]
+        for i in range(max(len(a), len(b))):
+            lines.append(f"{a[i] if i < len(a) else '':<{col}} | {b[i] if i < len(b) else ''}")
+        lines.append("")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ step feeds one token for rows 0..n-1, where n - 1 is the highest row in use: new
 row, so a lone request decodes exactly as `camelid generate` does (a batch of one).
 
 Results travel to the asyncio side as `Piece`s on each job's queue, put there thread-safely. `BatchingEngine`
-implements `camelid.serve.jobs.Engine`, the interface the routes use.
+implements `camelid.jobs.Engine`, the interface `camelid serve`'s routes and `camelid eval answers` use.
 """
 
 import sys
@@ -20,7 +20,7 @@ from torch import Tensor
 from camelid.checkpoint import LoadedModel
 from camelid.generate import DecodedText, prefill, process_logits
 from camelid.native import torch_single_threaded
-from camelid.serve.jobs import Job, JobQueue, Piece, TokenLogprob, token_logprob
+from camelid.jobs import Job, JobQueue, Piece, TokenLogprob, token_logprob
 
 
 @dataclass

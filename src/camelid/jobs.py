@@ -1,9 +1,9 @@
-"""What the routes hand an engine and what they get back, and the interface every engine implements.
+"""What a caller hands an engine and gets back, and the interface every engine implements.
 
-A route submits a prompt with its `GenerationParams` and gets a `Job`; the engine's worker thread puts the
-answer on the job's queue as `Piece`s. `Engine` is the interface the routes rely on; camelid's batching engine
-(`serve/engine.py`) and llama.cpp's (`serve/llamacpp_engine.py`) implement it on `JobQueue`, the waiting line
-and worker thread they share.
+A caller (a route of `camelid serve`, or `camelid eval answers` answering locally) submits a prompt with its
+`GenerationParams` and gets a `Job`; the engine's worker thread puts the answer on the job's queue as `Piece`s.
+`Engine` is the interface callers rely on; camelid's batching engine (`engine.py`) and llama.cpp's
+(`serve/llamacpp_engine.py`) implement it on `JobQueue`, the waiting line and worker thread they share.
 """
 
 import asyncio
