@@ -305,7 +305,8 @@ def cmd_eval_ifeval(args) -> None:
     check_run_settings(args.max_tokens, args.batch_size, args.limit)
     if args.responses:
         answering = [f for f, given in (
-            ("--endpoint", args.endpoint), ("--model", args.model != DEFAULT_MODEL), ("--quantize", args.quantize != "none"),
+            ("--endpoint", args.endpoint), ("--model", args.model != DEFAULT_MODEL),
+            ("--quantize", args.quantize != "none"),
             ("--device", args.device), ("--dtype", args.dtype), ("--template", args.template),
             ("--system", args.system), ("--model-id", args.model_id), ("--endpoint-model", args.endpoint_model),
             ("--max-tokens", args.max_tokens != MAX_TOKENS), ("--batch-size", args.batch_size != 16)) if given]

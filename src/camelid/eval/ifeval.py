@@ -46,7 +46,8 @@ from camelid.files import cache_dir, read_appended, write_atomic
 
 PROMPTS = "hf:google/IFEval"  # what lm-eval's ifeval task reads
 MAX_TOKENS = 1280  # lm-eval's max_gen_toks for ifeval
-PROMPTS_HINT = "expected IFEval's input_data.jsonl: key, prompt, instruction_id_list, kwargs (one object per instruction)"
+PROMPTS_HINT = ("expected IFEval's input_data.jsonl: key, prompt, instruction_id_list, kwargs (one object per "
+                "instruction)")
 RESPONSES_HINT = "expected JSONL of {prompt, response} (Google's input_response_data, optionally with key) or " \
                  "camelid's answers.jsonl"
 
@@ -104,7 +105,8 @@ class IFEvalScores:
         lines = ["| prompt-level strict | instruction-level strict | prompt-level loose | instruction-level loose |",
                  "|---:|---:|---:|---:|",
                  "| " + " | ".join(f"{100 * f[k]:.1f}" for k in FIGURES) + " |", "",
-                 f"{self.prompts} prompt{'s' * (self.prompts != 1)}, {sum(len(r['strict']) for r in self.results)} instructions"
+                 f"{self.prompts} prompt{'s' * (self.prompts != 1)}, "
+                 f"{sum(len(r['strict']) for r in self.results)} instructions"
                  + (f"; {self.missing} prompts had no response and count as failed" if self.missing else ""), "",
                  "| instruction | count | strict | loose |", "|---|---:|---:|---:|"]
         for name, row in sorted(self.by_instruction.items()):
@@ -212,7 +214,8 @@ def read_prompts(source: str | Path = PROMPTS, *, skip_bad: bool = False) -> tup
             with _own_random():
                 prompt = _prompt(value, where, known)
             if prompt.key in seen:
-                raise CamelidError(f"{where}: key {prompt.key} again (first at {seen[prompt.key]}); keys must be unique")
+                raise CamelidError(f"{where}: key {prompt.key} again (first at {seen[prompt.key]}); keys must be "
+                                   "unique")
         except CamelidError as exc:
             if not skip_bad:
                 raise CamelidError(f"{exc}; {PROMPTS_HINT} (or --skip-bad)") from None
