@@ -15,7 +15,6 @@ run in OUT/run with the model in OUT/run/model.
 """
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.files import write_atomic
-from camelid.train.quickstart import two_columns
+from camelid.train.quickstart import clear_run_directory, two_columns
 
 RECIPE = "alpaca-cpu"
 HELD_OUT = 50
@@ -138,7 +137,8 @@ def run_alpaca_quickstart(*, model: str | None = None, data: str | None = None, 
     check_run_settings(ifeval_tokens, batch_size, ifeval_limit)
     install_punkt(log=log)
     ifeval_prompts, _ = read_prompts(prompts)
-    _fresh_run_directory(run, force)
+    clear_run_directory(run, force, marker="heldout.jsonl", what="an alpaca quickstart run")
+    run.mkdir(parents=True, exist_ok=True)
     _, held_out = split_instructions(source, run)
     laps = _Laps(log)
     measure = dict(held_out=held_out, prompts=ifeval_prompts, template=cfg.template, max_tokens=ifeval_tokens,
@@ -157,17 +157,6 @@ def run_alpaca_quickstart(*, model: str | None = None, data: str | None = None, 
         indent=2, ensure_ascii=False) + "\n")
     write_atomic(run / "summary.json", json.dumps(outcome.to_dict(), indent=2) + "\n")
     return outcome
-
-
-def _fresh_run_directory(run: Path, force: bool) -> None:
-    """An empty `run`; an earlier alpaca quickstart run there is removed only with `force`, anything else never."""
-    if run.exists() and any(run.iterdir()):
-        if not force:
-            raise CamelidError(f"{run} already exists; pass --force to replace it, or --out for a new directory")
-        if not (run / "heldout.jsonl").is_file():
-            raise CamelidError(f"{run} is not an alpaca quickstart run, so it is left alone; choose another --out")
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
 
 
 class _Laps:

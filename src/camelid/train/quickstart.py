@@ -84,12 +84,7 @@ def run_quickstart(
     data = run / "identity.jsonl"
     keys = [f"data={data}", f"out={run / 'run'}"] + ([f"model={model}"] if model else []) + list(overrides)
     cfg = read_recipe("quickstart", keys)  # settings are checked before anything is removed or computed
-    if run.exists() and any(run.iterdir()):
-        if not force:
-            raise CamelidError(f"{run} already exists; pass --force to replace it, or --out for a new directory")
-        if not (run / "identity.jsonl").is_file():
-            raise CamelidError(f"{run} is not a quickstart run, so it is left alone; choose another --out")
-        shutil.rmtree(run)
+    clear_run_directory(run, force, marker="identity.jsonl", what="a quickstart run")
     conversations = identity_conversations(name, creator)
     questions = heldout_identity_questions(name, creator) + general_questions()
     identity = [True] * (len(questions) - len(general_questions())) + [False] * len(general_questions())
@@ -126,6 +121,17 @@ def run_quickstart(
         ) + "\n",
     )
     return outcome
+
+
+def clear_run_directory(run: Path, force: bool, *, marker: str, what: str) -> None:
+    """Make way for a quickstart run in `run`: an earlier run there (it holds `marker`) is removed only with
+    `force`; a directory that is not one is never touched."""
+    if run.exists() and any(run.iterdir()):
+        if not force:
+            raise CamelidError(f"{run} already exists; pass --force to replace it, or --out for a new directory")
+        if not (run / marker).is_file():
+            raise CamelidError(f"{run} is not {what}, so it is left alone; choose another --out")
+        shutil.rmtree(run)
 
 
 def side_by_side(result: QuickstartResult, width: int = 100) -> str:
