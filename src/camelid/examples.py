@@ -52,8 +52,10 @@ class ExampleStats:
         return ", ".join(parts)
 
 
-def make_example(template: ChatTemplate, tokenizer, messages: list[dict], tools: list | None = None) -> Example:
-    """Tokens of the rendered conversation with targets on exactly the assistant turns.
+def make_example(template: ChatTemplate, tokenizer, messages: list[dict], tools: list | None = None,
+                 last_only: bool = False) -> Example:
+    """Tokens of the rendered conversation with targets on exactly the assistant turns (`last_only`: the last
+    one, the answer that preference tuning judges).
 
     `tools` are the function schemas the conversation may call, given to the template as transformers does.
     """
@@ -62,7 +64,8 @@ def make_example(template: ChatTemplate, tokenizer, messages: list[dict], tools:
     check_tools_written(template, messages, tools, text)
     tokens = tokenizer.encode(text, add_special=False)
     targets = [IGNORE] * len(tokens)
-    for start, end in assistant_spans(template, messages, tokenizer, **extra):
+    spans = assistant_spans(template, messages, tokenizer, **extra)
+    for start, end in spans[-1:] if last_only else spans:
         # the token at position j is predicted at position j - 1
         for j in range(max(start, 1), end):
             targets[j - 1] = tokens[j]

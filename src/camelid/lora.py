@@ -10,6 +10,7 @@ parts apart; its adapters travel as peft's on the fused layers, converted exactl
 and _split_fused_adapters), and an adapter camelid wrote comes back with the parts, ranks and tensors it had.
 """
 
+import contextlib
 import json
 import math
 import re
@@ -114,8 +115,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / r
+        self.disabled = False  # set by adapters_disabled: the layer is then its base alone
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         # The adapter's weights may be kept in float32 while the base is bfloat16 (as peft does for training).
         a, b = self.lora_A.weight, self.lora_B.weight
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
@@ -221,6 +225,20 @@ def apply_lora(model: Llama, config: LoRAConfig) -> Llama:
         setattr(parent, name, adapter.train(model.training))  # new modules start in training mode
     model.lora = config
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block, every adapter of `model` is switched off: the model computes its base, with no second
+    copy of the weights (preference tuning's reference model, as peft's `disable_adapter`)."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for adapter in adapters:
+        adapter.disabled = True
+    try:
+        yield model
+    finally:
+        for adapter in adapters:
+            adapter.disabled = False
 
 
 def merge_lora(model: Llama) -> Llama:

@@ -339,8 +339,10 @@ class Llama(nn.Module):
         self.native = None  # a camelid.native.NativeDecoder (--quantize int8), which then runs `hidden`
         self.lora = None  # the camelid.lora.LoRAConfig of unmerged adapters, set by apply_lora, cleared by merge_lora
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, *, targets: Tensor | None = None, **kw) -> Tensor:
-        """Logits for every position, [B, T, vocab]; or, given `targets` [B, T], the summed cross-entropy.
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, *, targets: Tensor | None = None,
+                per_token: bool = False, **kw) -> Tensor:
+        """Logits for every position, [B, T, vocab]; or, given `targets` [B, T], the summed cross-entropy (with
+        `per_token`, the cross-entropy of each supervised position [N], in the order of `targets != IGNORE`).
 
         Targets are the next token to predict at each position, IGNORE where there is nothing to learn. The
         vocabulary projection is computed only at supervised positions, in chunks (see linear_cross_entropy).
@@ -349,6 +351,8 @@ class Llama(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         keep = targets != IGNORE
+        if per_token:
+            return linear_token_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
         return linear_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
 
     def hidden(
@@ -391,8 +395,9 @@ class Llama(nn.Module):
         else:
             if positions is None:
                 positions = torch.arange(T, device=tokens.device).expand(B, T)
-            # Token indices: within a packed example they are as far apart as its positions.
-            query_at = key_at = torch.arange(T, device=tokens.device)
+            # Where tokens sit, for sliding windows: their indices, or with a mask (packed examples, the branching
+            # answers of preference pairs) their positions, which say how far apart two tokens that see each other are.
+            query_at = key_at = positions if mask is not None else torch.arange(T, device=tokens.device)
         windows = [self.config.window(i) for i in range(len(self.model.layers))]
         masks = {w: self._attention_mask(mask, query_at, key_at, w, cache is not None, x.dtype) for w in set(windows)}
         local = [self.config.local_rope(i) for i in range(len(self.model.layers))]
@@ -414,13 +419,13 @@ class Llama(nn.Module):
         cache, or an additive [B, 1, G*T, S] with one (query heads folded as Attention folds them).
 
         `allowed` [B, T, S] says which keys each query may see (None: causal); `query_at` ([B, T] or [T]) and
-        `key_at` [S] are where queries and keys sit. A sliding window of W keeps the W nearest keys, the query's
-        own included (transformers' rule).
+        `key_at` ([B, S] or [S]) are where queries and keys sit. A sliding window of W keeps the W nearest keys,
+        the query's own included (transformers' rule).
         """
         if window is not None:
-            near = key_at > query_at[..., None] - window  # [B, T, S] or [T, S]
+            near = key_at[..., None, :] > query_at[..., None] - window  # [B, T, S] or [T, S]
             if allowed is None:
-                allowed = (near & (key_at <= query_at[..., None])).expand(1, *near.shape[-2:])
+                allowed = (near & (key_at[..., None, :] <= query_at[..., None])).expand(1, *near.shape[-2:])
             else:
                 allowed = allowed & near
         if allowed is None:
@@ -460,6 +465,62 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk:
         logits = (hidden[s : s + chunk] @ weight.T).to(wide)
         total += F.cross_entropy(logits, targets[s : s + chunk], reduction="sum")
     return total
+
+
+def linear_token_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
+    """cross_entropy(hidden @ weight.T, targets) of each row [N], without holding the [N, vocab] logits.
+
+    For losses that weigh tokens unequally (preference tuning weighs each answer's tokens by its pair's margin).
+    Each row's gradient with respect to its hidden state is worked out in the forward pass, as in
+    linear_cross_entropy; the weight's gradient, which mixes rows by their upstream gradients, costs a second
+    projection in backward and is computed only when the weight is trained.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearTokenCrossEntropy.apply(hidden, weight, targets, chunk)
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    return torch.cat([F.cross_entropy((hidden[s : s + chunk] @ weight.T).to(wide), targets[s : s + chunk],
+                                      reduction="none") for s in range(0, hidden.shape[0], chunk)]
+                     or [hidden.new_zeros(0, dtype=wide)])
+
+
+def _softmax_minus_target(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The cross-entropy of each row and its gradient with respect to the logits (softmax - one_hot), the
+    latter computed in place over `logits`."""
+    lse = logits.logsumexp(-1)
+    losses = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return losses, grad
+
+
+class _LinearTokenCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        losses = hidden.new_empty(hidden.shape[0], dtype=wide)
+        grad_hidden = torch.empty_like(hidden)  # row i: d(loss_i)/d(hidden_i)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s : s + chunk] @ weight.T).to(wide)
+            losses[s : s + chunk], grad = _softmax_minus_target(logits, targets[s : s + chunk])
+            grad_hidden[s : s + chunk] = grad.to(hidden.dtype) @ weight
+        ctx.chunk = chunk
+        ctx.save_for_backward(grad_hidden, hidden if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[1] else None, targets)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        grad_hidden, hidden, weight, targets = ctx.saved_tensors
+        grad_w = None
+        if weight is not None:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            wide = torch.promote_types(hidden.dtype, torch.float32)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s : s + ctx.chunk]
+                _, grad = _softmax_minus_target((h @ weight.T).to(wide), targets[s : s + ctx.chunk])
+                grad_w += ((grad * grad_losses[s : s + ctx.chunk, None]).T @ h.float())
+            grad_w = grad_w.to(weight.dtype)
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), grad_w, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

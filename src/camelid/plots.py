@@ -13,30 +13,56 @@ def loss_curve(metrics: list[dict], path: str | Path, title: str = "training los
     matplotlib.use("Agg")  # files only: no display is needed or touched
     import matplotlib.pyplot as plt
 
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    held_out = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train (per step)")
-        smooth, avg = [], None
-        for x in losses:  # exponential moving average, as TensorBoard's smoothing
-            avg = x if avg is None else 0.9 * avg + 0.1 * x
-            smooth.append(avg)
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train (smoothed)")
-    if held_out:
-        steps, losses = zip(*held_out)
-        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="held out")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per supervised token")
+    _curve(ax, metrics, "loss", "cross-entropy per supervised token")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if train or held_out:
-        ax.legend()
     fig.tight_layout()
     path = save_png(fig, path)
     plt.close(fig)
     return path
+
+
+def preference_curves(metrics: list[dict], path: str | Path, title: str) -> Path:
+    """A PNG of a preference run: the loss, the reward margin and the reward accuracy per step (raw and
+    smoothed), each with its held-out value where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
+              ("rewards/accuracies", "share of pairs ranked right")]
+    panels = [(key, label) for key, label in panels if any(key in m or f"eval_{key}" in m for m in metrics)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        _curve(ax, metrics, key, label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _curve(ax, metrics: list[dict], key: str, ylabel: str) -> None:
+    """One metric per step on `ax`: raw, smoothed, and its held-out value (`eval_<key>`) as points."""
+    train = [(m["step"], m[key]) for m in metrics if key in m]
+    held_out = [(m["step"], m[f"eval_{key}"]) for m in metrics if f"eval_{key}" in m]
+    if train:
+        steps, values = zip(*train)
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1, label="train (per step)")
+        smooth, avg = [], None
+        for x in values:  # exponential moving average, as TensorBoard's smoothing
+            avg = x if avg is None else 0.9 * avg + 0.1 * x
+            smooth.append(avg)
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train (smoothed)")
+    if held_out:
+        steps, values = zip(*held_out)
+        ax.plot(steps, values, "o-", color="tab:orange", linewidth=2, label="held out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if train or held_out:
+        ax.legend()
 
 
 def length_histogram(

@@ -1,4 +1,4 @@
-"""`camelid data selfinstruct | sharegpt | mix | curate | stats`: making and inspecting training data."""
+"""`camelid data selfinstruct | sharegpt | mix | curate | stats | pairs`: making and inspecting training data."""
 
 from camelid.cli.options import (
     MODEL_KINDS, SOURCE_HELP, add_endpoint, add_force, add_json, add_model, add_no_progress, add_on_error, add_out,
@@ -20,7 +20,7 @@ def add_data(sub) -> None:
                        + "; ".join(f"{name} ({spec.about})" for name, spec in FORMATS.items())
                        + ". A record's format is told by its keys; --format forces one, --columns renames keys.")
     data = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
-    for add in (_add_selfinstruct, _add_sharegpt, _add_mix, _add_curate, _add_stats):
+    for add in (_add_selfinstruct, _add_sharegpt, _add_mix, _add_curate, _add_stats, _add_pairs):
         add(data)
 
 
@@ -228,3 +228,38 @@ def cmd_data_stats(args) -> None:
     report = dataset_stats(args.src, tokenizer=tokenizer, template=template, histogram=args.histogram,
                            languages=languages, skip_bad=args.skip_bad, reading=reading_of(args))
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else stats_text(report))
+
+
+def _add_pairs(data) -> None:
+    p = data.add_parser(
+        "pairs", help="turn judge battles, arena votes and scores into preference pairs and KTO rows",
+        description="Reads arena votes (`camelid serve --votes`), battles of pairwise judgments (`eval judge "
+        "--mode pairwise-*` writes OUT.battles.jsonl) and single-answer judgments (`--mode single`), told apart "
+        "by their keys. A decisive verdict becomes a pair (prompt, chosen, rejected: what `camelid train "
+        "objective=dpo` reads) and, with --kto, two labelled answers (what objective=kto reads). Battles and "
+        "judgments name answers by question: give the question and answer files the judge read. A second-turn "
+        "verdict compares conversations that differ before it: KTO rows only. Prints what was dropped, by why.",
+    )
+    p.add_argument("inputs", metavar="FILE", nargs="+", help="vote, battle or judgment files (JSONL)")
+    p.add_argument("-o", "--out", metavar="PAIRS.jsonl", help="write the pairs here")
+    p.add_argument("--kto", metavar="KTO.jsonl", help="write labelled answers here (winners and good scores desirable)")
+    p.add_argument("--questions", metavar="FILE", help="the question file of the battles and judgments")
+    p.add_argument("--answers", metavar="PATH", nargs="+", default=[],
+                   help="the answer files (or directories of them) of the battles and judgments")
+    p.add_argument("--ties", choices=("drop", "keep"), default="drop",
+                   help="a tie has no chosen answer: drop it (default) or keep both answers as desirable (needs --kto)")
+    p.add_argument("--both-bad", choices=("drop", "keep"), default="drop",
+                   help='a "tie (bothbad)" vote: drop it (default) or keep both answers as undesirable (needs --kto)')
+    p.add_argument("--good", type=float, default=7.0,
+                   help="a single judgment's score from which its answer is desirable (default 7)")
+    p.add_argument("--bad", type=float, default=4.0,
+                   help="a score up to which the answer is undesirable (default 4); scores between are dropped")
+    p.set_defaults(func=cmd_data_pairs)
+
+
+def cmd_data_pairs(args) -> None:
+    from camelid.eval.pairs import make_pairs
+
+    report = make_pairs(args.inputs, args.out, kto_out=args.kto, questions=args.questions, answers=args.answers,
+                        ties=args.ties, both_bad=args.both_bad, good=args.good, bad=args.bad)
+    print(report.text())

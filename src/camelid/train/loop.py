@@ -451,6 +451,18 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
         f"of {cfg.batch_size} sequences x {cfg.seq_len} tokens, {procs.world} process(es) on {procs.device.type}"
     )
 
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if procs.device.type == "cuda" else contextlib.nullcontext()
+    )
+    if procs.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    _barrier(procs)
+    pref = cfg.preference()
+    reference = eval_reference = None
+    if pref is not None and pref.objective in ("dpo", "kto"):  # before a checkpoint's weights are loaded
+        reference, eval_reference = _reference(run, model, rows, eval_rows, cfg, procs, autocast, progress, say)
+
     start = 0
     if resuming:
         latest = checkpoints(run)[-1]
@@ -459,14 +471,21 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
     metrics_path = run / "metrics.jsonl"
     metrics = _read_metrics(metrics_path, start) if procs.main else []
     if procs.main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_atomic(run / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
     _barrier(procs)
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if procs.device.type == "cuda" else contextlib.nullcontext()
-    )
+    def evaluated(step: int) -> dict:
+        if pref is None:
+            return {"eval_loss": evaluate(model, eval_rows, cfg, procs, autocast)}
+        return evaluate_preference(model, eval_rows, eval_reference, pref, cfg, procs, autocast)
+
+    if pref is not None and eval_rows and start == 0:  # the held-out accuracy before training, for the curve
+        record = {"step": 0} | {k: round(v, 6) for k, v in evaluated(0).items()}
+        say("before training: " + ", ".join(f"{k} {v}" for k, v in record.items() if k != "step"))
+        if procs.main:
+            metrics.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
     eval_loss = None
     losses = [m["loss"] for m in metrics if "loss" in m]
     bar = None
@@ -482,8 +501,13 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
         ids = schedule.rows_for_step(step)
         global_rows = [rows[i] for i in ids]
         supervised = sum(r.supervised for r in global_rows)
-        parts = [[rows[i] for i in part] for part in schedule.micro_batches(ids, procs.rank)]
-        loss_sum = _accumulate_gradients(model, parts, supervised, procs, autocast)
+        parts = schedule.micro_batches(ids, procs.rank)
+        if pref is None:
+            loss_sum = _accumulate_gradients(model, [[rows[i] for i in p] for p in parts], supervised, procs, autocast)
+            step_metrics = {}
+        else:
+            loss_sum, step_metrics = _accumulate_preference_gradients(model, rows, parts, global_rows, reference,
+                                                                      pref, procs, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
@@ -493,7 +517,7 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
             dist.all_reduce(loss_sum)
         step_tokens = sum(len(r.tokens) for r in global_rows)
         tokens_seen += step_tokens
-        loss_value = float(loss_sum) / supervised
+        loss_value = float(loss_sum) / (supervised if pref is None else 1)  # preference losses come as means
         losses.append(loss_value)
         record = {
             "step": step + 1,
@@ -504,10 +528,11 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
             "tokens": step_tokens,
             "supervised_tokens": supervised,
             "tokens_per_second": round(step_tokens / (time.perf_counter() - step_start), 1),
-        }
+        } | {k: round(v, 6) for k, v in step_metrics.items()}
         if eval_rows and schedule.evaluates_after(step):
-            eval_loss = evaluate(model, eval_rows, cfg, procs, autocast)
-            record["eval_loss"] = round(eval_loss, 6)
+            held_out = evaluated(step + 1)
+            eval_loss = held_out["eval_loss"]
+            record |= {k: round(v, 6) for k, v in held_out.items()}
         if procs.main:
             metrics.append(record)
             with open(metrics_path, "a") as f:
@@ -556,6 +581,72 @@ def _accumulate_gradients(model, parts: list[list[Row]], supervised: int, procs:
     return loss_sum
 
 
+def _accumulate_preference_gradients(model, rows, parts: list[list[int]], global_rows, reference, pref,
+                                     procs: Processes, autocast) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of a preference objective over this process's micro-batches of one step; returns
+    the step's loss (this process's share of the mean) and the step's metrics, all processes together."""
+    from camelid.train.preference import add_sums, collate_pairs, metric_means, micro_batch_terms, step_totals
+
+    totals = step_totals(global_rows)
+    loss_sum, sums = torch.zeros((), device=procs.device), {}
+    for k, part in enumerate(parts):
+        batch = collate_pairs([rows[i] for i in part]).to(procs.device)
+        ref = None if reference is None else torch.cat([reference[i] for i in part]).float().to(procs.device)
+        with _no_sync(model, procs, last=k == len(parts) - 1), autocast:
+            terms = micro_batch_terms(pref, model, batch, ref, totals, procs.world)
+        (terms.loss * procs.world).backward()  # DDP/FSDP average over processes, hence * world
+        loss_sum += terms.loss.detach()
+        add_sums(sums, terms.sums)
+        release_freed_memory(procs.device)
+    return loss_sum, metric_means(sums, procs.world, procs.device)
+
+
+@torch.no_grad()
+def evaluate_preference(model, rows, reference, pref, cfg: TrainConfig, procs: Processes, autocast) -> dict:
+    """The objective's loss and metrics over the held-out rows, as `eval_*` (every process computes all of them)."""
+    from camelid.train.preference import add_sums, collate_pairs, metric_means, micro_batch_terms, step_totals
+
+    was_training = model.training
+    model.eval()
+    target = model if procs.world > 1 and cfg.parallel == "fsdp" else _unwrapped(model)
+    totals = step_totals(list(rows))
+    loss, sums = 0.0, {}
+    for part in eval_batches(len(rows), cfg.micro_batch_size):
+        batch = collate_pairs(rows[part]).to(procs.device)
+        ref = None if reference is None else torch.cat(reference[part]).float().to(procs.device)
+        with autocast:
+            terms = micro_batch_terms(pref, target, batch, ref, totals, world=1)
+        loss += float(terms.loss)
+        add_sums(sums, terms.sums)
+    model.train(was_training)
+    return {"eval_loss": loss} | {f"eval_{k}": v for k, v in metric_means(sums, 1, procs.device).items()}
+
+
+def _reference(run: Path, model, rows, eval_rows, cfg: TrainConfig, procs: Processes, autocast, progress: bool,
+               say) -> tuple[list, list]:
+    """The reference log-probs of the training and held-out rows: read from the run's cache, or computed now
+    (from the weights as loaded: before any step) and cached."""
+    from camelid.train.preference import REFERENCE_FILE, read_reference, reference_log_probs, write_reference
+
+    cached = {name: read_reference(run, name, r) for name, r in (("train", rows), ("held_out", eval_rows))}
+    _barrier(procs)
+    if all(v is not None for v in cached.values()):
+        say(f"reference log-probs read from {run / REFERENCE_FILE}")
+        return cached["train"], cached["held_out"]
+    if checkpoints(run) and cfg.method == "full":
+        raise CamelidError(f"{run / REFERENCE_FILE} is missing or was made for other data, and a fully fine-tuned "
+                           "checkpoint cannot give the reference again; start the run in a new out directory")
+    began = time.perf_counter()
+    values = {name: reference_log_probs(model, r, cfg.micro_batch_size, procs, autocast, progress)
+              for name, r in (("train", rows), ("held_out", eval_rows))}
+    if procs.main:
+        write_reference(run, values)
+    _barrier(procs)
+    what = "the base with the adapters off" if cfg.method == "lora" else "the weights as loaded"
+    say(f"reference log-probs ({what}) in {time.perf_counter() - began:.1f} s, cached in {run / REFERENCE_FILE}")
+    return values["train"], values["held_out"]
+
+
 def _local(value):
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
@@ -595,9 +686,12 @@ def evaluate(model, rows: list[Row], cfg: TrainConfig, procs: Processes, autocas
 
 
 def _plot(metrics: list[dict], run: Path) -> None:
-    from camelid.plots import loss_curve
+    from camelid.plots import loss_curve, preference_curves
 
     try:
-        loss_curve(metrics, run / "loss.png", title=f"{run.name}: loss per supervised token")
+        if any("rewards/chosen" in m for m in metrics):
+            preference_curves(metrics, run / "loss.png", title=f"{run.name}")
+        else:
+            loss_curve(metrics, run / "loss.png", title=f"{run.name}: loss per supervised token")
     except ImportError:
         pass  # matplotlib is a dependency; a broken install should not end a finished run

@@ -14,6 +14,32 @@ from camelid.errors import CamelidError
 
 METHODS = ("lora", "full")
 PARALLEL = ("ddp", "fsdp")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "kto")
+PAIRED = ("dpo", "simpo", "orpo")  # the objectives that learn from chosen/rejected pairs
+# beta's default per objective: TRL's for DPO, ORPO and KTO; SimPO's paper tunes 2.0-2.5 (TRL's CPO has 0.1).
+BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
+# The keys that only some objectives read, and their defaults (TRL's). Set for another objective, they are refused.
+OBJECTIVE_KEYS = {
+    "beta": (("dpo", "simpo", "orpo", "kto"), None),
+    "label_smoothing": (("dpo", "simpo"), 0.0),
+    "simpo_gamma": (("simpo",), 0.5),
+    "desirable_weight": (("kto",), 1.0),
+    "undesirable_weight": (("kto",), 1.0),
+    "max_prompt_len": (("dpo", "simpo", "orpo", "kto"), None),
+}
+
+
+@dataclass(frozen=True)
+class Preference:
+    """The settings of a preference objective, with their defaults filled in (see HELP)."""
+
+    objective: str
+    beta: float
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    max_prompt_len: int | None = None
 
 
 @dataclass
@@ -25,6 +51,13 @@ class TrainConfig:
     out: str
     template: str | None = None
     method: str = "lora"
+    objective: str = "sft"
+    beta: float | None = None
+    label_smoothing: float | None = None
+    simpo_gamma: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+    max_prompt_len: int | None = None
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
@@ -64,6 +97,8 @@ class TrainConfig:
             self.data = [self.data]
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, not {self.method!r}"),
+            (self.objective in OBJECTIVES,
+             f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, not {self.parallel!r}"),
             (self.overflow in ("truncate", "drop"), f"overflow must be truncate or drop, not {self.overflow!r}"),
             (bool(self.data), "data is empty; give at least one dataset file"),
@@ -84,6 +119,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise CamelidError(message)
+        self._check_objective_keys()
         from camelid.chat_template import BUILTIN_TEMPLATES
 
         if self.template is not None and self.template not in BUILTIN_TEMPLATES:
@@ -95,6 +131,33 @@ class TrainConfig:
         from camelid.data.formats import Reading, parse_columns
 
         Reading(self.data_format, parse_columns(",".join(self.columns)))  # validates the format and the columns
+
+    def _check_objective_keys(self) -> None:
+        for key, (objectives, _) in OBJECTIVE_KEYS.items():
+            if getattr(self, key) is not None and self.objective not in objectives:
+                raise CamelidError(f"{key} applies to objective {' or '.join(objectives)}, not {self.objective}; "
+                                   f"remove it or set objective")
+        if self.objective == "sft":
+            return
+        p = self.preference()
+        checks = [
+            (p.beta > 0, f"beta must be above 0, not {p.beta}"),
+            (0 <= p.label_smoothing < 0.5, f"label_smoothing must be from 0 up to 0.5, not {p.label_smoothing}"),
+            (min(p.desirable_weight, p.undesirable_weight) > 0, "desirable_weight and undesirable_weight must be above 0"),
+            (p.max_prompt_len is None or 1 <= p.max_prompt_len < self.seq_len,
+             f"max_prompt_len must be from 1 up to seq_len ({self.seq_len}), not {p.max_prompt_len}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CamelidError(message)
+
+    def preference(self) -> Preference | None:
+        """The preference objective's settings with defaults filled in; None for supervised fine-tuning."""
+        if self.objective == "sft":
+            return None
+        values = {k: getattr(self, k) for k, (objectives, _) in OBJECTIVE_KEYS.items()
+                  if self.objective in objectives and getattr(self, k) is not None}
+        return Preference(self.objective, **({"beta": BETA[self.objective]} | values))
 
     def lora_config(self):
         from camelid.lora import LoRAConfig
@@ -112,12 +175,23 @@ HELP = {
     "out": 'the run directory: checkpoints, metrics, loss curve, and the final model in OUT/model',
     "template": "a built-in chat template (alpaca, vicuna_v1.1, koala_v1, chatml, llama-2); empty = the model's own",
     "method": 'lora (train low-rank adapters on a frozen model) or full (train every weight)',
+    "objective": "what is learned: sft (the answers of conversations), dpo, simpo, orpo (chosen over rejected "
+                 "answers of preference pairs) or kto (answers labelled desirable or not)",
+    "beta": "preference strength: DPO's and KTO's KL weight (default 0.1), SimPO's reward scale (2.0), ORPO's "
+            "odds-ratio weight lambda (0.1)",
+    "label_smoothing": "dpo, simpo: the assumed share of pairs whose labels are flipped (conservative DPO), 0 up to 0.5",
+    "simpo_gamma": "simpo: the target reward margin gamma (default 0.5)",
+    "desirable_weight": "kto: weight of the desirable answers' losses (default 1)",
+    "undesirable_weight": "kto: weight of the undesirable answers' losses (default 1)",
+    "max_prompt_len": "preference objectives: a longer prompt keeps its last max_prompt_len tokens (default: "
+                      "only seq_len limits prompt + answer)",
     "lora_r": 'LoRA rank',
     "lora_alpha": 'LoRA scale numerator: updates are scaled by alpha / r',
     "lora_dropout": "dropout on each adapter's input",
     "lora_targets": "linear layers of every block that get an adapter (comma-separated on the command line; "
                     "all-linear: all seven)",
-    "seq_len": 'tokens per training sequence',
+    "seq_len": 'tokens per training sequence (preference objectives: per prompt + answer; a row holds a prompt once '
+               'and both its answers, up to 2 x seq_len)',
     "packing": 'pack short examples into one sequence (else one example per row, grouped by length)',
     "overflow": 'what to do with a conversation longer than seq_len: truncate | drop',
     "batch_size": 'sequences per optimizer step, all processes together',

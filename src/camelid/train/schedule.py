@@ -40,7 +40,7 @@ def check_batch_size(cfg, world: int, processes: str = "process(es)", fix: str |
 
 def eval_batches(rows: int, micro_batch_size: int) -> list[slice]:
     """The held-out rows' micro-batches, in order (every process evaluates all of them)."""
-    return [slice(s, s + micro_batch_size) for s in range(0, rows, micro_batch_size)]
+    return [slice(s, min(s + micro_batch_size, rows)) for s in range(0, rows, micro_batch_size)]
 
 
 @functools.lru_cache(maxsize=2)
