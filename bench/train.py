@@ -158,16 +158,13 @@ def camelid_step(loaded, args):
     return model, loss, after_backward, {}
 
 
-def peft_step(loaded, args):
-    import peft
+def transformers_model(loaded):
+    """transformers' model of the architecture `loaded` is, holding camelid's tensors: built without weights and
+    given them, as from_pretrained does, so there is no second copy of the weights."""
     import transformers
 
-    from camelid.train.loop import release_freed_memory, release_memory_during_forward
-
-    transformers.logging.set_verbosity_error()
     hf_config = loaded.config.to_hf()
     config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
-    # Built without weights and given camelid's tensors, as from_pretrained does: no second copy of the weights.
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
     hf.load_state_dict(loaded.model.state_dict(), strict=True, assign=True)
@@ -179,6 +176,17 @@ def peft_step(loaded, args):
         hf.lm_head.weight = hf.model.embed_tokens.weight
     meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
     assert not meta, f"left on the meta device: {meta}"
+    return hf
+
+
+def peft_step(loaded, args):
+    import peft
+    import transformers
+
+    from camelid.train.loop import release_freed_memory, release_memory_during_forward
+
+    transformers.logging.set_verbosity_error()
+    hf = transformers_model(loaded)
     lora = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                            target_modules=list(args.targets), task_type="CAUSAL_LM")
     model = peft.get_peft_model(hf, lora)

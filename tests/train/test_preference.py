@@ -163,19 +163,31 @@ def _paired_batch(examples) -> dict:
 
 def test_dpo_equals_trl_per_pair(setup, tmp_path):
     loaded, _, peft_model, tokenizer, examples = setup
-    for smoothing in (0.0,):
-        pref = Preference("dpo", beta=0.1, label_smoothing=smoothing)
-        trainer = _trainer("dpo", peft_model, tokenizer, tmp_path, beta=0.1, loss_type=["sigmoid"])
-        for ex in examples:
-            prompt, chosen, rejected = _answers(ex)
-            inputs = trainer.data_collator([{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}])
-            theirs = float(trainer._compute_loss(peft_model, inputs, return_outputs=False))
-            metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
-            loss, ours = _camelid(loaded.model, pref, [ex])
-            assert float(loss) == pytest.approx(theirs, abs=TOL)
-            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                        "logps/rejected"):
-                assert ours[key] == pytest.approx(metrics[key], abs=TOL), key
+    pref = Preference("dpo", beta=0.1)
+    trainer = _trainer("dpo", peft_model, tokenizer, tmp_path, beta=0.1, loss_type=["sigmoid"])
+    for ex in examples:
+        prompt, chosen, rejected = _answers(ex)
+        inputs = trainer.data_collator([{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}])
+        theirs = float(trainer._compute_loss(peft_model, inputs, return_outputs=False))
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+        loss, ours = _camelid(loaded.model, pref, [ex])
+        assert float(loss) == pytest.approx(theirs, abs=TOL)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                    "logps/rejected"):
+            assert ours[key] == pytest.approx(metrics[key], abs=TOL), key
+
+
+def test_conservative_dpo_is_the_label_smoothed_sigmoid():
+    """TRL 1.16's DPO sigmoid loss has no label smoothing (its CPO loss has, tested through SimPO above); cDPO's
+    loss is checked against its definition."""
+    from camelid.train.preference import pair_losses
+
+    logps = torch.tensor([[-10.0, -12.0], [-8.0, -7.5]], dtype=torch.float64)
+    reference = torch.tensor([[-11.0, -11.0], [-8.0, -8.0]], dtype=torch.float64)
+    out = pair_losses(Preference("dpo", beta=0.2, label_smoothing=0.1), logps, torch.ones_like(logps), reference)
+    margin = 0.2 * torch.tensor([2.0, -0.5], dtype=torch.float64)  # beta x (chosen - rejected log-ratio)
+    expected = -0.9 * torch.log(torch.sigmoid(margin)) - 0.1 * torch.log(torch.sigmoid(-margin))
+    torch.testing.assert_close(out["losses"], expected)
 
 
 def test_simpo_equals_trl_cpo_simpo_per_pair(setup, tmp_path):
@@ -451,3 +463,40 @@ def test_settings_of_another_objective_are_refused(keys, match):
 
     with pytest.raises(CamelidError, match=match):
         build_config({"model": "m", "data": ["d"], "out": "o"} | keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, method, parallel", [("dpo", "lora", "ddp"), ("dpo", "full", "fsdp"),
+                                                         ("orpo", "full", "ddp")])
+def test_two_processes_equal_one(tiny_chat_dir, pairs_file, tmp_path, objective, method, parallel):
+    """torchrun with 2 gloo processes: the same losses, metrics and weights as 1 process (the reference computed
+    half by each process under DDP, by both together under FSDP)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    keys = dict(model=tiny_chat_dir, data=pairs_file, seq_len=192, batch_size=4, micro_batch_size=1, max_steps=3,
+                lr=1e-3, seed=3, objective=objective, method=method, parallel=parallel, lora_dropout=0.0,
+                packing=False, eval_fraction=0.1, eval_every=3)
+    args = [f"{k}={v}" for k, v in keys.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "camelid", "train", *args, f"out={tmp_path / 'one'}", "--no-progress"],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "camelid",
+                          "train", *args, f"out={tmp_path / 'two'}", "--no-progress"], env=env, capture_output=True,
+                         text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 process(es)" in two.stderr
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("one", "two")]
+    for a, b in zip(*records):
+        for key in a:
+            if key not in ("tokens_per_second", "lr"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a, b = load_file(tmp_path / "one" / "model" / name), load_file(tmp_path / "two" / "model" / name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)

@@ -13,7 +13,9 @@ from camelid.errors import CamelidError
 from camelid.train.recipe import FIELDS, HELP, TrainConfig, find_recipe, read_recipe
 
 ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-PUBLISHED = ["alpaca", "vicuna", "koala", "gpt4all"]
+SEEDS = ["alpaca", "vicuna", "koala", "gpt4all"]  # the 2023 models, each in its own prompt format
+PREFERENCE = ["zephyr-dpo", "simpo", "orpo", "kto"]  # after SFT: the model's own template, or ORPO's chatml
+PUBLISHED = SEEDS + PREFERENCE
 
 # What each recipe must say: the numbers its sources publish (and, for Koala, the stated estimates), so that an
 # accidental edit of a recipe fails here. See each YAML's `source` and `notes`.
@@ -38,6 +40,15 @@ EXPECTED = {
         epochs=4.0, lr=5e-5, warmup_ratio=0.002, weight_decay=0.0, min_lr_ratio=1.0, gradient_checkpointing=False,
         eval_fraction=0.05, parallel="ddp",
     ),
+    "zephyr-dpo": dict(
+        objective="dpo", beta=0.01, method="full", lr=5e-7, epochs=1.0, seq_len=1024, max_prompt_len=512,
+        batch_size=128, warmup_ratio=0.1, min_lr_ratio=0.0, packing=False,
+    ),
+    "simpo": dict(objective="simpo", beta=10.0, simpo_gamma=3.0, lr=1e-6, epochs=1.0, seq_len=2048,
+                  max_prompt_len=1800, batch_size=128, warmup_ratio=0.1, packing=False),
+    "orpo": dict(objective="orpo", beta=0.1, lr=5e-6, epochs=5.0, seq_len=2048, max_prompt_len=1792, batch_size=32,
+                 packing=False),
+    "kto": dict(objective="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, lr=1e-6),
 }
 
 
@@ -79,7 +90,7 @@ def test_every_recipe_cites_a_source_and_uses_a_known_template(name):
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_recipes_use_a_builtin_template_and_link_their_sources(name):
     cfg = read_recipe(name)
-    assert cfg.template in BUILTIN_TEMPLATES
+    assert cfg.template in BUILTIN_TEMPLATES or (name in PREFERENCE and cfg.template is None)
     assert "https://" in cfg.source
     assert cfg.notes.strip()
 

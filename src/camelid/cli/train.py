@@ -50,13 +50,16 @@ def _recipe_keys() -> str:
     for name, f in FIELDS.items():
         default = f.default_factory() if callable(f.default_factory) else f.default
         shown = "required" if default is dataclasses.MISSING else f"default {default!r}"
-        lines.append(f"  {name:<24}{HELP[name]} ({shown})")
+        # a key whose default depends on the objective says so in its help
+        lines.append(f"  {name:<24}{HELP[name]}" + ("" if "default" in HELP[name] else f" ({shown})"))
     lines += [
         "",
         "examples:",
         "  camelid train quickstart                       # the CPU recipe in recipes/quickstart.yaml",
         "  camelid train alpaca model=./llama-7b data=alpaca_data.json out=runs/alpaca",
         "  camelid train model=smollm2-135m-instruct data=chats.jsonl out=runs/mine method=lora lr=2e-4",
+        "  camelid train quickstart-dpo                   # LoRA DPO on HH-RLHF pairs (recipes/quickstart-dpo.yaml)",
+        "  camelid train model=runs/mine/model data=pairs.jsonl out=runs/dpo objective=dpo beta=0.1 lr=5e-6",
         "  torchrun --nproc-per-node 8 -m camelid train vicuna model=./llama-13b data=sharegpt.json out=runs/v",
     ]
     return "\n".join(lines)

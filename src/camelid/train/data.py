@@ -377,29 +377,25 @@ class Rows(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        group = self.groups[i]
+        return self._row(self.groups[i])
+
+    def _row(self, group: list[int]) -> Row:
         part = self.examples[group]
         return Row([t for ts in part["tokens"] for t in ts], [t for ts in part["targets"] for t in ts],
                    [len(ts) for ts in part["tokens"]])
 
 
-class PairRows(Sequence):
+class PairRows(Rows):
     """Rows of preference examples read from the tokenized Arrow file when asked for; `rows[i]` is a
     camelid.train.preference.PairRow. `partners` maps a KTO example to the one whose answer is its KL branch."""
 
     def __init__(self, examples, groups: list[list[int]], lengths: np.ndarray, partners: dict, seq_len: int):
-        self.examples, self.groups, self.partners, self.seq_len = examples, groups, partners, seq_len
-        self.lengths = [int(lengths[g].sum()) for g in groups]
+        super().__init__(examples, groups, lengths)
+        self.partners, self.seq_len = partners, seq_len
 
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, i):
+    def _row(self, group: list[int]):
         from camelid.train.preference import pair_row
 
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        group = self.groups[i]
         mine = [self._example(k) for k in group]
         others = [self._example(self.partners[k]) if k in self.partners else None for k in group]
         return pair_row(mine, others, self.seq_len)

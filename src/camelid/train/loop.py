@@ -1,9 +1,11 @@
-"""Supervised fine-tuning, full or LoRA, in one process or many (`torchrun`): `camelid train`.
+"""Fine-tuning, full or LoRA, in one process or many (`torchrun`): `camelid train`, supervised or on preferences
+(camelid.train.preference).
 
 The run directory (`out`) holds:
   config.json           the settings (a different run in the same directory is refused)
   metrics.jsonl         one line per optimizer step (loss, lr, grad norm, tokens/s) and per evaluation
-  loss.png              the loss curve
+  loss.png              the loss curve (preference objectives: beside the reward margin and accuracy)
+  reference_logps.safetensors   DPO's and KTO's reference log-probs, computed before the first step
   checkpoints/step-N/   model (adapter or full) + trainer_state.pt, every `save_every` steps
   model/                the final model: an adapter directory (LoRA) or an HF model directory (full)
 
@@ -474,13 +476,13 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
         write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
     _barrier(procs)
 
-    def evaluated(step: int) -> dict:
+    def evaluated() -> dict:
         if pref is None:
             return {"eval_loss": evaluate(model, eval_rows, cfg, procs, autocast)}
         return evaluate_preference(model, eval_rows, eval_reference, pref, cfg, procs, autocast)
 
     if pref is not None and eval_rows and start == 0:  # the held-out accuracy before training, for the curve
-        record = {"step": 0} | {k: round(v, 6) for k, v in evaluated(0).items()}
+        record = {"step": 0} | {k: round(v, 6) for k, v in evaluated().items()}
         say("before training: " + ", ".join(f"{k} {v}" for k, v in record.items() if k != "step"))
         if procs.main:
             metrics.append(record)
@@ -530,7 +532,7 @@ def _train(cfg: TrainConfig, procs: Processes, resume: bool, progress: bool, log
             "tokens_per_second": round(step_tokens / (time.perf_counter() - step_start), 1),
         } | {k: round(v, 6) for k, v in step_metrics.items()}
         if eval_rows and schedule.evaluates_after(step):
-            held_out = evaluated(step + 1)
+            held_out = evaluated()
             eval_loss = held_out["eval_loss"]
             record |= {k: round(v, 6) for k, v in held_out.items()}
         if procs.main:
