@@ -535,6 +535,17 @@ BAD_CHAT_FIELDS = {
             "x" * (SMALL["max_prompt_chars"] + 1),
         ]),
     ],
+    # OpenAI fields camelid does not implement: refused by name, never ignored
+    "tools": [[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]],
+    "tool_choice": ["required", {"type": "function", "function": {"name": "f"}}],
+    "functions": [[{"name": "f", "parameters": {}}]],
+    "function_call": ["auto", {"name": "f"}],
+    "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}],
+    "logit_bias": [{"504": -100}, {"1": 100}],
+    "audio": [{"voice": "alloy", "format": "wav"}],
+    "modalities": [["text", "audio"]],
+    "prediction": [{"type": "content", "content": "hi"}],
+    "reasoning_effort": ["low"],
     "max_completion_tokens": [0, -1, *NOT_AN_INT, *HUGE],  # over the limit: see test_max_completion_tokens_limit
     "logprobs": [5, *NOT_A_BOOL],
     "top_logprobs": [-1, 21, 10**30, *NOT_AN_INT, *HUGE],  # sent with logprobs: true
@@ -546,6 +557,9 @@ BAD_COMPLETION_FIELDS = {
     ],
     "logprobs": [-1, 21, 10**30, *NOT_AN_INT, *HUGE],
     "echo": NOT_A_BOOL,
+    "suffix": ["the end"],
+    "best_of": [2],
+    "logit_bias": [{"504": -100}],
 }
 NOT_JSON = [
     b"", b" ", b"{", b"}", b'{"model": "tiny"', b'{"model": tiny}', b"{'model': 'tiny'}", b'{"model": "tiny",}',
@@ -700,3 +714,76 @@ def test_one_failing_request_leaves_the_others_alone(client, served_models):
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "length"
     assert text == reference(loaded, loaded.tokenizer.encode("Hello"), 1000, ignore_eos=True).text
+
+
+# -- fields not implemented, encodings, disconnects -----------------------------------------------------------------
+
+
+def test_an_unimplemented_field_is_refused_by_name_and_one_that_asks_nothing_is_answered(client):
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    for kwargs, param in [({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"logit_bias": {"504": -100}}, "logit_bias")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny", messages=CAPITAL, max_tokens=2, **kwargs)
+        assert caught.value.param == param
+        assert f"{param} is not supported by this server" in caught.value.message
+    answer = client.chat.completions.create(model="tiny", messages=CAPITAL, max_tokens=2, tools=[], tool_choice="none",
+                                            response_format={"type": "text"}, logit_bias={}, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, suffix="the end")
+    assert caught.value.param == "suffix"
+
+
+def test_an_image_part_is_refused_as_text_only(client):
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": image}], max_tokens=2)
+    assert "this model reads text only (a image_url part)" in caught.value.message
+    assert caught.value.param.startswith("messages.0")
+
+
+def test_compressed_bodies_are_decoded_within_the_limit(served_models):
+    import gzip
+    import zlib
+
+    from camelid.serve.protocol import ServerLimits
+
+    body = json.dumps({**COMPLETION, "prompt": FOX, "temperature": 0, "max_tokens": 4}).encode()
+    deflated = zlib.compress(body)
+    bomb = gzip.compress(json.dumps({**COMPLETION, "padding": " " * (4 * SMALL["max_body_bytes"])}).encode())
+    with live_server(served_models, limits=ServerLimits(**SMALL)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def post(content, encoding):
+            headers = {"Content-Type": "application/json"} | ({"Content-Encoding": encoding} if encoding else {})
+            return http.post("/v1/completions", content=content, headers=headers)
+
+        plain = post(body, None).json()["choices"][0]["text"]
+        assert post(gzip.compress(body), "gzip").json()["choices"][0]["text"] == plain
+        assert post(deflated, "deflate").json()["choices"][0]["text"] == plain
+        assert len(bomb) < SMALL["max_body_bytes"]  # small on the wire, over the limit once decoded
+        for content, encoding, status, words in [
+            (body, "br", 415, "Content-Encoding 'br' is not supported"), (bomb, "gzip", 413, "once decoded"),
+            (b"not gzip at all", "gzip", 400, "not valid gzip"), (gzip.compress(body)[:-12], "gzip", 400, "ends before"),
+        ]:
+            response = post(content, encoding)
+            assert response.status_code == status and words in response.json()["error"]["message"], response.text
+
+
+def test_a_client_gone_mid_body_is_a_4xx_not_a_traceback():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from camelid.serve.http import read_body
+    from camelid.serve.protocol import APIError, CompletionRequest, ServerLimits
+
+    messages = iter([{"type": "http.request", "body": b'{"model": "ti', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/v1/completions"}, receive)
+    with pytest.raises(APIError) as caught:
+        asyncio.run(read_body(request, CompletionRequest, ServerLimits()))
+    assert caught.value.code == "client_disconnected"  # starlette's ClientDisconnect, caught inside read_body

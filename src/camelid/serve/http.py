@@ -4,6 +4,7 @@ responses in OpenAI's shape, and the Prometheus metrics."""
 import hmac
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from camelid.jobs import Job
 from camelid.serve.protocol import APIError, ServerLimits, error_body, explain_validation
@@ -20,19 +22,46 @@ KEYED_PATHS = ("/v1/", "/arena/api/")  # what --api-key guards; the pages themse
 KNOWN_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", "/arena"}
 
 
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
 async def read_body(request: Request, schema: type[BaseModel], limits: ServerLimits):
-    """Read the body within the size limit (also without a Content-Length) and validate it: errors are 4xx."""
+    """Read the body within the size limit (also without a Content-Length; a gzip or deflate body is decoded,
+    and held to the limit once decoded) and validate it: errors are 4xx."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "", *ENCODINGS):
+        raise APIError(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or a plain body",
+                       code="unsupported_content_encoding")
+    decoder = zlib.decompressobj(ENCODINGS[encoding]) if encoding in ENCODINGS else None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise APIError(413, f"the body is over {limits.max_body_bytes} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            if decoder is not None:
+                chunk = _decoded(decoder, chunk, limits.max_body_bytes - size + 1, encoding)
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise APIError(413, f"the body is over {limits.max_body_bytes} bytes"
+                               + (" once decoded" if decoder else ""), code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away mid-body: one access-log line, no traceback
+        raise APIError(400, "the client disconnected before sending the whole body", code="client_disconnected") \
+            from None
+    if decoder is not None and not decoder.eof:
+        raise APIError(400, f"the {encoding} body ends before its end", code="invalid_content_encoding")
     try:
         return schema.model_validate_json(b"".join(chunks), strict=True)
     except ValidationError as exc:
         message, param = explain_validation(exc.errors())
         raise APIError(400, message, param=param) from None
+
+
+def _decoded(decoder, chunk: bytes, room: int, encoding: str) -> bytes:
+    """`chunk` decompressed, at most `room` bytes of it (more would be over the limit anyway: a zip bomb stops
+    here); a body that is not what its encoding says is a 400."""
+    try:
+        return decoder.decompress(chunk, max(room, 1))
+    except zlib.error:
+        raise APIError(400, f"the body is not valid {encoding}", code="invalid_content_encoding") from None
 
 
 def sse_response(events: AsyncIterator[dict], job: Job) -> StreamingResponse:

@@ -7,7 +7,7 @@ bodies are at the end.
 """
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,10 +71,38 @@ def _is_type_tag(part) -> bool:
 Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
+# OpenAI request fields that camelid does not implement: refused by name (400) rather than silently ignored. A
+# value that asks for nothing (null, an empty list or object, tool_choice "none" or "auto", response_format
+# {"type": "text"}, modalities ["text"], best_of 1, suffix "") is accepted.
+ASKS_NOTHING = {"tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "modalities": (["text"],),
+                "best_of": (1,), "suffix": ("",)}
+CHAT_UNIMPLEMENTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "response_format": "structured outputs (JSON mode and JSON schemas)",
+    "logit_bias": "logit_bias", "audio": "audio output", "modalities": "output other than text",
+    "prediction": "predicted outputs", "web_search_options": "web search", "reasoning_effort": "reasoning effort",
+}
+COMPLETION_UNIMPLEMENTED = {"suffix": "suffix (insertion)", "best_of": "best_of", "logit_bias": "logit_bias"}
+
+
+def refuse_unimplemented(data, unimplemented: dict) -> None:
+    """A 400 naming the first field of `unimplemented` that `data` (a request body) asks something of."""
+    if not isinstance(data, dict):
+        return
+    for name, what in unimplemented.items():
+        value = data.get(name)
+        if value is None or value in ([], {}) or value in ASKS_NOTHING.get(name, ()):
+            continue
+        raise APIError(400, f"{name} is not supported by this server ({what}); leave it out", param=name,
+                       code="unsupported_parameter")
+
+
 class SamplingFields(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI-compatible servers do, except the
+    OpenAI fields that camelid does not implement (UNIMPLEMENTED): those are refused by name."""
 
     model_config = ConfigDict(extra="ignore", strict=False)
+    UNIMPLEMENTED: ClassVar[dict] = {}
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -95,6 +123,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _null_is_default(cls, data):
         """OpenAI's optional parameters may be sent as null (the openai client does): null means the default."""
+        refuse_unimplemented(data, cls.UNIMPLEMENTED)
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None or k in ("model", "messages", "prompt")}
         return data
@@ -116,10 +145,22 @@ class TextPart(BaseModel):
     text: str
 
 
+NOT_TEXT_PARTS = ("image_url", "input_audio", "file", "image", "audio", "input_image", "input_file")
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        parts = data.get("content") if isinstance(data, dict) else None
+        kinds = [p.get("type") for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+        if other := next((k for k in kinds if k in NOT_TEXT_PARTS), None):
+            raise ValueError(f"this model reads text only (a {other} part); send the content as text")
+        return data
 
     def text(self) -> str:
         if self.content is None:
@@ -135,6 +176,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(SamplingFields):
+    UNIMPLEMENTED: ClassVar[dict] = CHAT_UNIMPLEMENTED
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -143,6 +185,7 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    UNIMPLEMENTED: ClassVar[dict] = COMPLETION_UNIMPLEMENTED
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's completions default
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
