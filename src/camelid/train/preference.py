@@ -254,9 +254,9 @@ def pair_losses(pref, logps: torch.Tensor, counts: torch.Tensor, reference: torc
     """
     if pref.objective == "dpo":
         chosen, rejected = logps[:, 0], logps[:, 1]
-        ratios = (logps - reference) * pref.beta
-        losses = _smoothed((ratios[:, 0] - ratios[:, 1]) / pref.beta, pref.beta, pref.label_smoothing)
-        rewards = ratios.detach()
+        ratios = logps - reference  # each answer's log-ratio to the reference
+        losses = _smoothed(ratios[:, 0] - ratios[:, 1], pref.beta, pref.label_smoothing)
+        rewards = (ratios * pref.beta).detach()
     else:  # SimPO and ORPO compare answers by their mean log-probability per token
         average = logps / counts.clamp(min=1)
         chosen, rejected = average[:, 0], average[:, 1]
