@@ -160,3 +160,38 @@ def sharegpt_records(limit: int):
             break
         out.append(record)
     return out
+
+
+LM_EVAL_TASK = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+"""
+LM_EVAL_KINDS = {
+    "multiple_choice": """\
+output_type: multiple_choice
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+""",
+    "generate_until": """\
+output_type: generate_until
+doc_to_target: "{{choices[answer]}}"
+generation_kwargs: {until: ["\\n", "."], max_gen_toks: 12, do_sample: false, temperature: 0}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true, ignore_punctuation: true}
+""",
+}
+
+
+def lm_eval_task(name: str, data: Path, cache: Path, kind: str = "multiple_choice") -> str:
+    """An lm-eval task YAML over a local JSONL file of questions (question, choices, answer: an index): multiple
+    choice scored by acc and acc_norm, or generation (`generate_until`) scored by exact match with the answer."""
+    return LM_EVAL_TASK.format(name=name, data=data, cache=cache) + LM_EVAL_KINDS[kind] + "metadata:\n  version: 1.0\n"

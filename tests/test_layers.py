@@ -20,7 +20,7 @@ LAYERS = [
     # the model and its weights
     {"model", "checkpoint", "lora", "quantize", "native"},
     # generation and examples
-    {"generate", "examples", "chat", "llamacpp", "backend", "jobs", "engine"},
+    {"generate", "examples", "chat", "llamacpp", "backend", "jobs", "engine", "grammar"},
     # the stages, in the loop's order: each may import those before it
     {"data"}, {"train"}, {"eval"}, {"export"}, {"serve"}, {"cost"},
     # the command line

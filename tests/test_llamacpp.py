@@ -301,6 +301,8 @@ def test_a_model_directory_is_refused_with_the_way_to_a_gguf_file(tiny_chat_dir,
     (["chat", "--dtype", "float32"], "--dtype"),
     (["serve", "--quantize", "f16"], "--quantize"),
     (["serve", "--device", "cuda"], "--device"),
+    (["serve", "--prefill-chunk", "64"], "--prefill-chunk"),
+    (["serve", "--no-prefix-cache"], "--no-prefix-cache"),
 ], ids=lambda a: " ".join(a) if isinstance(a, list) else a)
 def test_flags_that_do_not_apply_to_llama_cpp_are_refused(args, flag, capsys):
     assert main([*args, "--backend", "llamacpp"]) == 1
@@ -411,6 +413,20 @@ def test_served_logprobs_are_llama_cpps(client, backend, reference):
         assert [t.logprob for t in item.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-5)
         assert [t.token for t in item.top_logprobs] == [backend.tokenizer.decode([i]) for i in best.indices.tolist()]
         reference.eval([token])
+
+
+@pytest.mark.llamacpp
+def test_prompt_logprobs_are_refused_by_name(served):
+    from camelid.errors import CamelidError
+    from camelid.jobs import GenerationParams
+
+    async def submit():
+        served.engine.submit([1, 2, 3], GenerationParams(SamplingParams(), prompt_logprobs=1))
+
+    with pytest.raises(CamelidError, match="^echo with logprobs is not supported on the llama.cpp backend; use "
+                                           "--backend camelid$"):
+        asyncio.run(submit())
+    assert served.engine.queue_depth == 0
 
 
 @pytest.mark.llamacpp

@@ -425,6 +425,12 @@ class ChatTemplate:
     def _label(self) -> str:
         return repr(self.name) if self.name else "(unnamed)"
 
+    def reads(self, variable: str) -> bool:
+        """Whether the template uses `variable` at all (`tools`: it can put tool definitions in the prompt)."""
+        from jinja2 import meta
+
+        return variable in meta.find_undeclared_variables(_environment().parse(self.source))
+
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False, **extra) -> str:
         """The conversation as the model's text. `extra` are further template variables (tools, documents, ...)."""
         # The variables transformers passes: special tokens, then the caller's, then the conversation.

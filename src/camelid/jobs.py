@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from camelid.errors import CamelidError
@@ -32,6 +33,9 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
     n: int = 1
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit; -100 bans, 100 forces
+    grammar: object | None = None  # a camelid.grammar.Grammar the answer must follow (structured outputs, tools)
+    prompt_logprobs: int | None = None  # as logprobs, for the prompt's tokens (echo); the first has none
 
 
 @dataclass
@@ -47,6 +51,55 @@ def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
     best = logp.topk(top) if top else None
     pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
     return TokenLogprob(token, float(logp[token]), pairs)
+
+
+class TokenRules:
+    """One choice's rules for its next token, beyond sampling: the request's logit_bias, OpenAI's presence and
+    frequency penalties on the tokens the choice generated, and the grammar its answer must follow."""
+
+    def __init__(self, params: GenerationParams):
+        self.params = params
+        self.counts: dict[int, int] = {}  # output token -> times generated (penalties)
+        self.matcher = None if params.grammar is None else params.grammar.matcher()
+        bias = params.logit_bias or {}
+        self._bias_ids = torch.tensor(list(bias), dtype=torch.long)
+        self._bias = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def shape(self, raw: Tensor) -> Tensor:
+        """The float logits [1, vocab] with the bias, the penalties and the grammar's mask applied (`raw` itself
+        when there is nothing to apply)."""
+        shaped = raw
+        if len(self._bias_ids):
+            shaped = apply_logit_bias(shaped, self._bias_ids.to(raw.device), self._bias.to(raw.device))
+        p = self.params
+        if self.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(self.counts), device=raw.device)
+            counts = torch.tensor(list(self.counts.values()), device=raw.device, dtype=raw.dtype)
+            shaped = shaped.clone() if shaped is raw else shaped
+            shaped[0, ids] -= p.presence_penalty + p.frequency_penalty * counts
+        if self.matcher is not None:
+            shaped = self.matcher.mask(shaped)
+        return shaped
+
+    def took(self, token: int) -> None:
+        """`token` was generated (not a stop token)."""
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.matcher is not None:
+            self.matcher.accept(token)
+
+
+def apply_logit_bias(logits: Tensor, ids: Tensor, bias: Tensor) -> Tensor:
+    """`logits` [1, vocab] with `bias` added at `ids`, as OpenAI documents logit_bias: -100 bans a token (-inf
+    here, exactly), and 100 selects exclusively (only the tokens biased by 100 remain)."""
+    out = logits.clone()
+    out[0, ids] += bias
+    out[0, ids[bias <= -100]] = float("-inf")
+    forced = ids[bias >= 100]
+    if len(forced):
+        only = torch.full_like(out, float("-inf"))
+        only[0, forced] = out[0, forced]
+        out = only
+    return out
 
 
 @dataclass
@@ -68,6 +121,8 @@ class Job:
         self.queue: asyncio.Queue[Piece] = asyncio.Queue()
         self.cancelled = False
         self.submitted = time.monotonic()
+        # with params.prompt_logprobs: one per prompt token, the first None; set before the first piece is put
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._loop = loop
 
     def cancel(self) -> None:

@@ -99,10 +99,9 @@ class Step:
     tokens: int  # the answer's tokens so far
 
 
-def steps(llm, tokenizer, prompt: list[int], params: SamplingParams, *, presence_penalty: float = 0.0,
-          frequency_penalty: float = 0.0) -> Iterator[Step]:
-    """Decode one prompt (token ids) on a llama_cpp.Llama, a token per step; OpenAI's presence and frequency
-    penalties act on the answer's own tokens (as camelid's server applies them)."""
+def steps(llm, tokenizer, prompt: list[int], params: SamplingParams, rules=None) -> Iterator[Step]:
+    """Decode one prompt (token ids) on a llama_cpp.Llama, a token per step. `rules` (a camelid.jobs.TokenRules:
+    a request's logit_bias, penalties and grammar, as camelid's server applies them) shape each step's logits."""
     if not prompt:
         raise CamelidError("empty prompt: give at least one token of input")
     context = llm.n_ctx()
@@ -116,23 +115,19 @@ def steps(llm, tokenizer, prompt: list[int], params: SamplingParams, *, presence
     else:
         generator.manual_seed(params.seed)
     text = DecodedText(len(prompt))
-    counts: dict[int, int] = {}
     try:
         _evaluate_prompt(llm, prompt)
         while True:
             raw = _last_logits(llm)
-            shaped = raw[None]
-            if counts and (presence_penalty or frequency_penalty):
-                shaped = shaped.clone()
-                shaped[0, list(counts)] -= presence_penalty + frequency_penalty * torch.tensor(
-                    list(counts.values()), dtype=shaped.dtype)
+            shaped = raw[None] if rules is None else rules.shape(raw[None].float())
             history = torch.tensor([prompt + text.ids]) if params.repetition_penalty != 1.0 else None
             token = _sample(shaped, params, history, generator)
             if token in stop_ids:
                 kept, finish = None, "stop"  # the end-of-turn token is not part of the answer
             else:
                 kept, finish = token, text.add(token, tokenizer, params.stop)
-                counts[token] = counts.get(token, 0) + 1
+                if rules is not None:
+                    rules.took(token)
                 if finish is None and len(text.ids) >= budget:
                     finish = "length"
             yield Step(kept, raw, text.release(params.stop, final=finish is not None), finish, len(text.ids))

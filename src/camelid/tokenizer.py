@@ -170,12 +170,17 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        # built by the backend anew on each call: thousands of tokens on Gemma (8 ms), so asked once
+        return frozenset(self.backend.get_added_tokens_decoder())
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for, which may be part of a character (decode() would show U+FFFD)."""
         piece = self.backend.id_to_token(int(token_id))
         if piece is None:
             return b""
-        if int(token_id) in self.backend.get_added_tokens_decoder():
+        if int(token_id) in self._added_ids:
             return piece.encode()
         decoder = type(self.backend.decoder).__name__
         if decoder == "ByteLevel":  # GPT-2's byte-to-printable-character alphabet

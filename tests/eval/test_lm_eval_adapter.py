@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import FIXTURES
+from helpers import FIXTURES, lm_eval_task
 
 from camelid.checkpoint import load_model
 from camelid.eval.likelihood import choice_accuracy, encode_continuations, perplexity, read_questions, windows
@@ -24,30 +24,6 @@ TEXT = (
     "cultures since the pre-Columbian era. Llamas are social animals and live with others as a herd. Their wool "
     "is soft and contains only a small amount of lanolin. Llamas can learn simple tasks after a few repetitions."
 )
-TASK_YAML = """\
-task: camelid_choice_test
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
 def request(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=tuple(args), idx=0)
 
@@ -148,7 +124,7 @@ def test_lm_eval_multiple_choice_equals_camelid_eval_choice(smollm2_gguf, tmp_pa
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "camelid_choice_test.yaml").write_text(TASK_YAML.format(data=data, cache=tmp_path / "cache"))
+    (tasks / "camelid_choice_test.yaml").write_text(lm_eval_task("camelid_choice_test", data, tmp_path / "cache"))
 
     lm = CamelidLM(loaded, batch_size=16)
     manager = TaskManager(include_path=str(tasks), include_defaults=False)  # indexing lm-eval's own tasks takes 20 s

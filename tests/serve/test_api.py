@@ -6,6 +6,7 @@ which must get a 4xx in OpenAI's error shape, after which the server still answe
 """
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -358,6 +359,188 @@ def test_metrics_count_requests_and_tokens(served_models):
     assert ("camelid_running_sequences", (("model", "tiny"),)) in after
 
 
+# -- logit_bias ----------------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_tokens(client, served_models):
+    loaded = by_name(served_models, "smollm2").loaded
+    prompt = chat_prompt(loaded, CAPITAL)
+    first = reference(loaded, prompt, 1).token_ids[0]  # "The"
+    kw = dict(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=3, logprobs=True)
+    banned = client.chat.completions.create(logit_bias={str(first): -100}, **kw).choices[0]
+    with torch.inference_mode():
+        second_best = int(torch.topk(loaded.model(torch.tensor([prompt]))[0, -1], 2).indices[1])
+    assert banned.logprobs.content[0].token == loaded.tokenizer.decode([second_best])
+    # the model's own logprob is reported, not the biased one
+    forced_token = loaded.tokenizer.encode(" Paris", add_special=False)[0]
+    forced = client.chat.completions.create(logit_bias={str(forced_token): 100}, **kw).choices[0]
+    assert [e.token for e in forced.logprobs.content] == [" Paris"] * 3  # exclusive selection, every step
+    sampled = client.chat.completions.create(**{**kw, "temperature": 1.5, "seed": 3},
+                                             logit_bias={str(forced_token): 100, "504": 100})
+    assert {e.token for e in sampled.choices[0].logprobs.content} <= {" Paris", loaded.tokenizer.decode([504])}
+    fox = loaded.tokenizer.encode(FOX)
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([fox]))[0, -1].float()
+    gap = float(logits.max() - logits[forced_token])  # a finite bias is added to the logit, exactly
+    for bias, first_token in [(gap + 0.05, " Paris"), (gap - 0.05, loaded.tokenizer.decode(reference(loaded, fox, 1).token_ids))]:
+        nudged = client.completions.create(model="smollm2", prompt=fox, temperature=0, max_tokens=1,
+                                           logit_bias={str(forced_token): bias})
+        assert nudged.choices[0].text == first_token
+
+
+def logprobs_of_prompt(loaded, prompt: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits over the prompt itself, [len(prompt) - 1, vocab]: row i predicts token
+    i + 1."""
+    with torch.inference_mode():
+        return loaded.model(torch.tensor([prompt]))[0, :-1].float().log_softmax(-1)
+
+
+# -- echo, logprobs and lists of prompts (lm-eval's local-completions) ----------------------------------------------
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_echo_with_logprobs_gives_the_prompts_logprobs(client, served_models, streamed):
+    loaded = by_name(served_models, "smollm2").loaded
+    tok = loaded.tokenizer
+    prompt = tok.encode(FOX)
+    expected = reference(loaded, prompt, 1)
+    logp = logprobs_of_prompt(loaded, prompt + expected.token_ids)
+    kw = dict(model="smollm2", prompt=prompt, temperature=0, max_tokens=1, logprobs=2, echo=True)
+    if streamed:
+        tokens, token_logprobs, top, offsets, text = [], [], [], [], ""
+        for c in client.completions.create(stream=True, **kw):
+            if c.choices:
+                text += c.choices[0].text
+                if c.choices[0].logprobs:
+                    lp = c.choices[0].logprobs
+                    tokens, token_logprobs = tokens + lp.tokens, token_logprobs + lp.token_logprobs
+                    top, offsets = top + lp.top_logprobs, offsets + lp.text_offset
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, lp = choice.text, choice.logprobs
+        tokens, token_logprobs, top, offsets = lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    everything = prompt + expected.token_ids
+    assert text == tok.decode(prompt) + expected.text
+    assert tokens == [tok.decode([t]) for t in everything]
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert token_logprobs[0] is None and top[0] is None  # nothing predicts the first token (OpenAI, vLLM)
+    for i, token in enumerate(everything[1:], start=1):
+        assert token_logprobs[i] == pytest.approx(float(logp[i - 1, token]), abs=1e-3)
+        best = torch.topk(logp[i - 1], 2)
+        assert list(top[i].values()) == pytest.approx(best.values.tolist(), abs=1e-3)
+
+
+def test_a_list_of_prompts_is_answered_as_each_alone(client, served_models):
+    loaded = by_name(served_models, "smollm2").loaded
+    texts = [FOX, "Once upon a time", "1, 2, 3,"]
+    prompts = [loaded.tokenizer.encode(t) for t in texts]
+    expected = [reference(loaded, p, 5).text for p in prompts]
+    for prompt in (texts, prompts):
+        answer = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=5)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        assert [c.text for c in answer.choices] == expected
+        assert answer.usage.prompt_tokens == sum(map(len, prompts))
+        assert answer.usage.completion_tokens == 15
+    two = client.completions.create(model="smollm2", prompt=texts[:2], temperature=0, max_tokens=5, n=2)
+    assert [c.text for c in sorted(two.choices, key=lambda c: c.index)] == [expected[0]] * 2 + [expected[1]] * 2
+    streamed = [""] * 3
+    finishes = [None] * 3
+    for chunk in client.completions.create(model="smollm2", prompt=texts, temperature=0, max_tokens=5, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert streamed == expected and finishes == ["length"] * 3
+
+
+# -- /tokenize, /detokenize, /tokenizer_info --------------------------------------------------------------------
+
+
+def test_tokenizer_endpoints_in_vllm_and_llama_cpp_shapes(server, served_models):
+    tok = by_name(served_models, "smollm2").loaded.tokenizer
+    with httpx.Client(base_url=server, timeout=60) as http:
+        vllm = http.post("/tokenize", json={"model": "smollm2", "prompt": FOX}).json()
+        assert vllm["tokens"] == tok.encode(FOX) and vllm["count"] == len(vllm["tokens"])
+        assert vllm["max_model_len"] == by_name(served_models, "smollm2").engine.context
+        plain = http.post("/tokenize", json={"model": "smollm2", "prompt": "<|im_end|>", "add_special_tokens": False})
+        assert plain.json()["tokens"] == [tok.encode("<|im_end|>", add_special=False)[0]]  # a special token parsed
+        llama = http.post("/tokenize", json={"model": "smollm2", "content": FOX, "with_pieces": True}).json()
+        assert [t["id"] for t in llama["tokens"]] == tok.encode(FOX, add_special=False)
+        assert "".join(t["piece"] for t in llama["tokens"]) == FOX
+        chat = http.post("/tokenize", json={"model": "smollm2", "messages": CAPITAL}).json()
+        assert chat["tokens"] == chat_prompt(by_name(served_models, "smollm2").loaded, CAPITAL)
+        back = http.post("/detokenize", json={"model": "smollm2", "tokens": vllm["tokens"]}).json()
+        assert back["prompt"] == back["content"] == tok.decode(vllm["tokens"])
+        info = http.get("/tokenizer_info", params={"model": "smollm2"}).json()
+        assert info["eos_token"] == tok.eos_token and "im_start" in info["chat_template"]
+        assert http.post("/tokenize", json={"prompt": FOX}).json() == vllm  # no model: the first served
+        for path, body, param in [("/tokenize", {"model": "smollm2"}, None),
+                                  ("/tokenize", {"model": "smollm2", "prompt": "a", "content": "b"}, None),
+                                  ("/tokenize", {"model": "nope", "prompt": "a"}, "model"),
+                                  ("/tokenize", {"model": "smollm2", "prompt": 5}, "prompt"),
+                                  ("/detokenize", {"model": "smollm2", "tokens": [49152]}, "tokens"),
+                                  ("/detokenize", {"model": "smollm2", "tokens": "1 2"}, "tokens")]:
+            response = http.post(path, json=body)
+            assert what_is_wrong(response, param, None) is None, (path, body, response.text)
+
+
+# -- structured outputs --------------------------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
+                                           "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3}},
+          "required": ["name", "age", "pets"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_response_format_json_schema_and_json_object(client, streamed):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Reply with a JSON object: a person's name, age and pets."}]
+    formats = [({"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}, PERSON),
+               ({"type": "json_object"}, {"type": "object"})]
+    for response_format, schema in formats:
+        kw = dict(model="smollm2", messages=messages, temperature=0, max_tokens=120, response_format=response_format)
+        if streamed:
+            text, finish, _, _ = stream_chat(client, **kw)
+        else:
+            choice = client.chat.completions.create(**kw).choices[0]
+            text, finish = choice.message.content, choice.finish_reason
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_json_answer_is_one_row_of_a_batch_among_free_ones(client, served_models):
+    jsonschema = pytest.importorskip("jsonschema")
+    loaded = by_name(served_models, "smollm2").loaded
+    free = dict(model="smollm2", prompt=FOX, temperature=0, max_tokens=30)
+    constrained = dict(model="smollm2", messages=[{"role": "user", "content": "A person, as JSON."}], temperature=0.8,
+                       seed=5, max_tokens=150,
+                       response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        frees = [pool.submit(client.completions.create, **free) for _ in range(2)]
+        jsons = [pool.submit(client.chat.completions.create, **constrained) for _ in range(2)]
+        expected = reference(loaded, loaded.tokenizer.encode(FOX), 30).text
+        assert [f.result().choices[0].text for f in frees] == [expected] * 2
+        for j in jsons:
+            jsonschema.validate(json.loads(j.result().choices[0].message.content), PERSON)
+
+
+def test_metrics_count_the_tokens_of_a_stream_its_client_dropped(served_models):
+    engine = by_name(served_models, "tiny").engine
+    with live_server(served_models) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        before = _samples(httpx.get(f"{url}/metrics").text)
+        stream = c.completions.create(model="tiny", prompt="Hello", max_tokens=1000, stream=True,
+                                      extra_body={"ignore_eos": True})
+        received = sum(1 for _, _ in zip(range(5), stream))
+        assert received == 5
+        stream.close()  # the client goes away mid-answer
+        deadline = time.monotonic() + 10
+        while engine.rows_in_use and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = _samples(httpx.get(f"{url}/metrics").text)
+    key = ("camelid_completion_tokens_total", (("model", "tiny"),))
+    assert 5 <= after[key] - before.get(key, 0) < 1000  # counted though no usage was ever sent
+
+
 # -- many clients at once --------------------------------------------------------------------------------------
 
 
@@ -526,6 +709,14 @@ BAD_CHAT_FIELDS = {
     "messages": [
         *NOT_TEXT, "hi", ["hi"], [None], [5], [[]], [{}], [{"content": "hi"}],
         *([{"role": role, "content": "hi"}] for role in ["tool", "function", "User", "", "bot", 5, None]),
+        [{"role": "tool", "content": "18 C", "tool_call_id": ""}], [{"role": "user", "content": "hi", "tool_call_id": "1"}],
+        *([{"role": "assistant", "tool_calls": calls}] for calls in [
+            "x", [5], [{}], [{"id": "1"}], [{"id": "1", "type": "function", "function": {"name": "f"}}],
+            [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+            [{"id": "1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+            [{"id": "", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            [{"id": "1", "type": "retrieval", "function": {"name": "f", "arguments": "{}"}}],
+        ]),
         *([{"role": "user", "content": content}] for content in [
             5, True, {}, ["hi"], [None], [{"type": "text"}], [{"type": "text", "text": 5}], [{"text": "hi"}],
             [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
@@ -536,12 +727,39 @@ BAD_CHAT_FIELDS = {
         ]),
     ],
     # OpenAI fields camelid does not implement: refused by name, never ignored
-    "tools": [[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]],
-    "tool_choice": ["required", {"type": "function", "function": {"name": "f"}}],
     "functions": [[{"name": "f", "parameters": {}}]],
     "function_call": ["auto", {"name": "f"}],
-    "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}],
-    "logit_bias": [{"504": -100}, {"1": 100}],
+    "response_format": [
+        "json", 5, ["json_object"], {}, {"type": "xml"}, {"type": "json_schema"}, {"type": "JSON_OBJECT"},
+        {"type": "json_object", "json_schema": {"name": "x", "schema": {}}}, {"type": "text", "extra": 1},
+        *({"type": "json_schema", "json_schema": spec} for spec in [
+            {"schema": {}}, {"name": "has space", "schema": {}}, {"name": "x" * 65, "schema": {}}, {"name": 5},
+            {"name": "x", "schema": 5}, {"name": "x", "schema": "object"}, {"name": "x", "schema": False},
+            {"name": "x", "schema": {"type": "strin"}}, {"name": "x", "schema": {"not": {"type": "string"}}},
+            {"name": "x", "schema": {"type": "array", "uniqueItems": True}}, {"name": "x", "schema": {}, "strict": 1},
+            {"name": "x", "schema": {"type": "string", "format": "foo"}, "strict": True},
+            {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}},
+            {"name": "x", "schema": {}, "unknown": 1},
+            {"name": "x", "schema": json.loads('{"items": ' * 70 + "{}" + "}" * 70)},  # 70 levels deep
+        ]),
+    ],
+    "tools": [
+        "x", 5, {}, [None], [5], [{}], [{"type": "function"}], [{"type": "retrieval", "function": {"name": "f"}}],
+        [{"type": "function", "function": {}}], [{"type": "function", "function": {"name": "has space"}}],
+        [{"type": "function", "function": {"name": "f" * 65}}], [{"type": "function", "function": {"name": 5}}],
+        [{"type": "function", "function": {"name": "f", "parameters": "object"}}],
+        [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+        [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}],
+        [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"items": ' * 70 + "{}" + "}" * 70)}}],
+        [{"type": "function", "function": {"name": "f"}}] * 2, [{"type": "function", "function": {"name": "f"}}] * 129,
+    ],
+    "tool_choice": ["sometimes", 5, "REQUIRED", {"type": "function"}, {"type": "function", "function": {"name": "f"}},
+                    {"function": {"name": "f"}}, "required"],  # no tools given: a name or required is wrong
+    "parallel_tool_calls": NOT_A_BOOL,
+    "logit_bias": [
+        "x", 5, [1], {"abc": 1}, {"-1": 5}, {"1.5": 1}, {"": 1}, {"1": 101}, {"1": -100.5}, {"1": "x"},
+        {"1": None}, {"1": [1]}, {"49152": 1}, {"99999999999999999999": -100}, {str(i): 1 for i in range(1025)},
+    ],
     "audio": [{"voice": "alloy", "format": "wav"}],
     "modalities": [["text", "audio"]],
     "prediction": [{"type": "content", "content": "hi"}],
@@ -552,14 +770,15 @@ BAD_CHAT_FIELDS = {
 }
 BAD_COMPLETION_FIELDS = {
     "prompt": [
-        *NOT_TEXT, "", [""], [[]], ["a", "b"], [[1], [2]], [49152], [-1], [10**30], [1.5], [True], [None], [[49152]],
+        *NOT_TEXT, "", [""], [[]], ["a", ""], [[1], []], [49152], [-1], [10**30], [1.5], [True], [None], [[49152]],
         [1, "a"], ["a", 1], [[1, "a"]], [[[1]]], [{}], [1] * 1024, "x" * (SMALL["max_prompt_chars"] + 1),
+        ["a"] * 65, [[1]] * 65, ["a", [1] * 1024],
     ],
     "logprobs": [-1, 21, 10**30, *NOT_AN_INT, *HUGE],
     "echo": NOT_A_BOOL,
     "suffix": ["the end"],
     "best_of": [2],
-    "logit_bias": [{"504": -100}],
+    "logit_bias": [{"abc": 1}, {"1": 101}, {"49152": 1}],
 }
 NOT_JSON = [
     b"", b" ", b"{", b"}", b'{"model": "tiny"', b'{"model": tiny}', b"{'model': 'tiny'}", b'{"model": "tiny",}',
@@ -609,8 +828,8 @@ def bad_requests() -> list[tuple[str, str, str, object, dict, str | None, int | 
     cases += [
         ("top_logprobs without logprobs", "POST", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, auth,
          "top_logprobs", 400),
-        ("echo while streaming", "POST", "/v1/completions", {**COMPLETION, "echo": True, "stream": True}, auth,
-         "echo", 400),
+        ("ignore_eos with a JSON answer", "POST", "/v1/chat/completions",
+         {**CHAT, "ignore_eos": True, "response_format": {"type": "json_object"}}, auth, "ignore_eos", 400),
         ("unknown model card", "GET", "/v1/models/nope", None, auth, "model", 404),
         ("unknown endpoint", "POST", "/v1/embeddings", {"model": "tiny", "input": "hi"}, auth, None, 404),
         ("misspelt endpoint", "POST", "/v1/chat/completion", CHAT, auth, None, 404),
@@ -720,15 +939,15 @@ def test_one_failing_request_leaves_the_others_alone(client, served_models):
 
 
 def test_an_unimplemented_field_is_refused_by_name_and_one_that_asks_nothing_is_answered(client):
-    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
-    for kwargs, param in [({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
-                          ({"logit_bias": {"504": -100}}, "logit_bias")]:
+    for kwargs, param in [({"extra_body": {"audio": {"voice": "alloy"}}}, "audio"),
+                          ({"extra_body": {"functions": [{"name": "f", "parameters": {}}]}}, "functions")]:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="tiny", messages=CAPITAL, max_tokens=2, **kwargs)
         assert caught.value.param == param
         assert f"{param} is not supported by this server" in caught.value.message
     answer = client.chat.completions.create(model="tiny", messages=CAPITAL, max_tokens=2, tools=[], tool_choice="none",
-                                            response_format={"type": "text"}, logit_bias={}, temperature=0)
+                                            response_format={"type": "text"}, logit_bias={}, temperature=0,
+                                            modalities=["text"])
     assert answer.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, suffix="the end")

@@ -28,6 +28,7 @@ def test_models_are_named_by_flag_or_by_their_file():
     (["--max-batch", "0"], "--max-batch must be at least 1, not 0"),
     (["--port", "-1"], "--port must be at least 0, not -1"),
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, not 0"),
+    (["--prefill-chunk", "-1"], "--prefill-chunk must be at least 0, not -1"),
 ])
 def test_bad_flags_are_one_line(flags, message):
     done = subprocess.run([sys.executable, "-m", "camelid", "serve", *flags], capture_output=True, text=True,

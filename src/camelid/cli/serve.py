@@ -6,7 +6,8 @@ from camelid.cli.options import MODEL_HELP, add_backend, add_device, add_model, 
 from camelid.errors import CamelidError
 from camelid.named_models import DEFAULT_MODEL
 
-LEAST = {"max_batch": 1, "max_queue": 1, "max_tokens_limit": 1, "max_body_bytes": 1, "port": 0}  # flag: its minimum
+LEAST = {"max_batch": 1, "max_queue": 1, "max_tokens_limit": 1, "max_body_bytes": 1, "port": 0,
+         "prefill_chunk": 0}  # flag: its minimum
 
 
 def add_serve(sub) -> None:
@@ -33,6 +34,12 @@ def add_serve(sub) -> None:
     p.add_argument("--context", type=int,
                    help="tokens of context per sequence, prompt and answer together (default: the model's own, at most "
                    "4096; the cache for every row is allocated up front)")
+    p.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                   help="prompt tokens prefilled per decode step while other requests decode, so that a long prompt "
+                   "does not stall their streams (default 16; 0: each prompt whole before the next step)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt whole, instead of reusing what a batch row holds of an earlier request "
+                   "with the same beginning (a system prompt, a chat's earlier turns); answers are the same either way")
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the largest max_tokens a request may ask for (default 4096)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -48,9 +55,10 @@ def cmd_serve(args) -> None:
     from camelid.serve.server import serve
 
     for flag, least in LEAST.items():
-        if getattr(args, flag) < least:
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
             raise CamelidError(f"--{flag.replace('_', '-')} must be at least {least}, not {getattr(args, flag)}")
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, api_key=args.api_key, limits=limits,
           votes=args.votes, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-          template=args.template, log=lambda m: print(m, file=sys.stderr), **backend_options(args))
+          template=args.template, prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
+          log=lambda m: print(m, file=sys.stderr), **backend_options(args))

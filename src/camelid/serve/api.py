@@ -1,7 +1,7 @@
 """The app: the OpenAI-compatible API and the pages over the served models, behind the key and size guard.
 
-`create_app` only composes: the state the routes read (`request.app.state`), the routers of `openai.py` and
-`arena.py`, the error handlers of `http.py`, and the guard around it all.
+`create_app` only composes: the state the routes read (`request.app.state`), the routers of `openai.py`,
+`tokens.py` and `arena.py`, the error handlers of `http.py`, and the guard around it all.
 """
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from camelid.serve import arena, openai
+from camelid.serve import arena, openai, tokens
 from camelid.serve.http import EXCEPTION_HANDLERS, Guard, Metrics
 from camelid.serve.protocol import ServerLimits
 from camelid.serve.served_model import ServedModel
@@ -30,6 +30,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, limits:
     app.state.arena = arena.Arena(models, votes)
     app.add_middleware(Guard, api_key=api_key, limits=limits, metrics=app.state.metrics)
     app.include_router(openai.router)
+    app.include_router(tokens.router)
     app.include_router(arena.router)
     app.mount("/static", StaticFiles(directory=arena.STATIC), name="static")
     return app

@@ -162,7 +162,7 @@ async def answer(request: Request):
     params = GenerationParams(SamplingParams(max_new_tokens=min(ARENA_MAX_TOKENS, room), **ARENA_SAMPLING))
     job = side.model.submit(prompt, params, param="prompt")
     side.started = True
-    return sse_response(_answer_events(side, job), job)  # which frees the row if the person leaves mid-answer
+    return sse_response(_answer_events(side, job), [job])  # which frees the row if the person leaves mid-answer
 
 
 @router.post("/arena/api/vote")

@@ -18,8 +18,9 @@ from starlette.requests import ClientDisconnect
 from camelid.jobs import Job
 from camelid.serve.protocol import APIError, ServerLimits, error_body, explain_validation
 
-KEYED_PATHS = ("/v1/", "/arena/api/")  # what --api-key guards; the pages themselves are public
-KNOWN_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", "/arena"}
+KEYED_PATHS = ("/v1/", "/arena/api/", "/tokenize", "/detokenize", "/tokenizer_info")  # what --api-key guards; the pages themselves are public
+KNOWN_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", "/arena",
+               "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -64,8 +65,8 @@ def _decoded(decoder, chunk: bytes, room: int, encoding: str) -> bytes:
         raise APIError(400, f"the body is not valid {encoding}", code="invalid_content_encoding") from None
 
 
-def sse_response(events: AsyncIterator[dict], job: Job) -> StreamingResponse:
-    """`events` as server-sent events ending in [DONE]; the job is cancelled when the stream ends, however."""
+def sse_response(events: AsyncIterator[dict], jobs: list[Job]) -> StreamingResponse:
+    """`events` as server-sent events ending in [DONE]; the jobs are cancelled when the stream ends, however."""
 
     async def lines():
         try:
@@ -76,7 +77,8 @@ def sse_response(events: AsyncIterator[dict], job: Job) -> StreamingResponse:
                 yield f"data: {json.dumps(exc.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()  # the client went away, or we are done: either way the rows are free
+            for job in jobs:  # the client went away, or we are done: either way the rows are free
+                job.cancel()
 
     return StreamingResponse(lines(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -169,10 +171,10 @@ class Metrics:
         self.running = Gauge("camelid_running_sequences", "Batch rows in use", ["model"], registry=r)
         self.latency = Histogram("camelid_request_seconds", "Time from request to last token", ["endpoint"],
                                  registry=r, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self._counted: dict[str, int] = {}  # the engines' generated_tokens when /metrics last read them
 
-    def finished(self, model: str, job: Job, endpoint: str, tokens: int) -> None:
-        """Count an answer of `tokens` tokens, and the time since its request was submitted."""
-        self.completion_tokens.labels(model).inc(tokens)
+    def finished(self, job: Job, endpoint: str) -> None:
+        """Record the time from a request's submission to its last token."""
         self.latency.labels(endpoint).observe(time.monotonic() - job.submitted)
 
     def exposition(self, models) -> str:
@@ -180,4 +182,8 @@ class Metrics:
         for m in models:
             self.queue.labels(m.name).set(m.engine.queue_depth)
             self.running.labels(m.name).set(m.engine.rows_in_use)
+            # every token the engine generated, those of answers cut short by their client included
+            generated = m.engine.generated_tokens
+            self.completion_tokens.labels(m.name).inc(generated - self._counted.get(m.name, 0))
+            self._counted[m.name] = generated
         return generate_latest(self.registry).decode()

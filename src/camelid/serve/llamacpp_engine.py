@@ -12,8 +12,9 @@ import sys
 import traceback
 from contextlib import closing
 
+from camelid.errors import CamelidError
 from camelid.llamacpp import LlamaCppModel, steps
-from camelid.jobs import Job, JobQueue, Piece, token_logprob
+from camelid.jobs import GenerationParams, Job, JobQueue, Piece, TokenRules, token_logprob
 
 
 class LlamaCppEngine(JobQueue):
@@ -36,6 +37,11 @@ class LlamaCppEngine(JobQueue):
     @property
     def rows_in_use(self) -> int:
         return int(self.running is not None)
+
+    def submit(self, prompt: list[int], params: GenerationParams) -> Job:
+        if params.prompt_logprobs is not None:  # llama-cpp-python keeps only the last position's logits
+            raise CamelidError("echo with logprobs is not supported on the llama.cpp backend; use --backend camelid")
+        return super().submit(prompt, params)
 
     def close(self) -> None:
         """Stop the worker; requests still running or waiting end as "cancelled". The model stays loaded."""
@@ -70,8 +76,7 @@ class LlamaCppEngine(JobQueue):
         if sampling.seed is not None and choice:  # n choices from one seed: different, repeatable
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + choice) % 2**64)
         pending = []  # logprobs of tokens whose text is held back
-        decoding = steps(self.llm, self.tokenizer, job.prompt, sampling, presence_penalty=params.presence_penalty,
-                         frequency_penalty=params.frequency_penalty)
+        decoding = steps(self.llm, self.tokenizer, job.prompt, sampling, TokenRules(params))
         with closing(decoding):
             for step in decoding:
                 if job.cancelled or self._closed:

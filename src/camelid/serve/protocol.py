@@ -6,6 +6,7 @@ top_p 1); `top_k`, `min_p` and `repetition_penalty` are extensions, off unless g
 bodies are at the end.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -14,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP = 4  # as OpenAI
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128  # as OpenAI
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 
 
 @dataclass
@@ -74,15 +78,13 @@ Float = Annotated[float, Field(allow_inf_nan=False)]
 # OpenAI request fields that camelid does not implement: refused by name (400) rather than silently ignored. A
 # value that asks for nothing (null, an empty list or object, tool_choice "none" or "auto", response_format
 # {"type": "text"}, modalities ["text"], best_of 1, suffix "") is accepted.
-ASKS_NOTHING = {"tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "modalities": (["text"],),
-                "best_of": (1,), "suffix": ("",)}
+ASKS_NOTHING = {"modalities": (["text"],), "best_of": (1,), "suffix": ("",)}
 CHAT_UNIMPLEMENTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling", "response_format": "structured outputs (JSON mode and JSON schemas)",
-    "logit_bias": "logit_bias", "audio": "audio output", "modalities": "output other than text",
+    "functions": "the deprecated function calling: send tools", "function_call": "the deprecated function calling: "
+    "send tools and tool_choice", "audio": "audio output", "modalities": "output other than text",
     "prediction": "predicted outputs", "web_search_options": "web search", "reasoning_effort": "reasoning effort",
 }
-COMPLETION_UNIMPLEMENTED = {"suffix": "suffix (insertion)", "best_of": "best_of", "logit_bias": "logit_bias"}
+COMPLETION_UNIMPLEMENTED = {"suffix": "suffix (insertion)", "best_of": "best_of"}
 
 
 def refuse_unimplemented(data, unimplemented: dict) -> None:
@@ -118,6 +120,7 @@ class SamplingFields(BaseModel):
     min_p: Float = Field(0.0, ge=0, le=1)  # extension
     repetition_penalty: Float = Field(1.0, gt=0, le=10)  # extension
     ignore_eos: bool = False  # extension (benchmarks)
+    logit_bias: dict[str, Float] | None = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
 
     @model_validator(mode="before")
     @classmethod
@@ -138,6 +141,20 @@ class SamplingFields(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value):
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        for key, bias in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys are token ids (as strings, e.g. \"1234\"), not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in [-100, 100]; token {key} has {bias}")
+        return {int(k): float(v) for k, v in value.items()}
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -148,10 +165,50 @@ class TextPart(BaseModel):
 NOT_TEXT_PARTS = ("image_url", "input_audio", "file", "image", "audio", "input_image", "input_file")
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # as OpenAI
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made (sent back with the conversation)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    @field_validator("function")
+    @classmethod
+    def _arguments_are_json(cls, value: CalledFunction):
+        try:
+            json.loads(value.arguments)
+        except ValueError:
+            raise ValueError(f"the arguments of {value.name} are not JSON: {value.arguments[:60]!r}") from None
+        return value
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)  # tool: the call this answers
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_where_they_belong(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("only a tool message has a tool_call_id")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -162,12 +219,72 @@ class Message(BaseModel):
             raise ValueError(f"this model reads text only (a {other} part); send the content as text")
         return data
 
+    def as_dict(self) -> dict:
+        """The message as a chat template reads it (`developer` is the system prompt of older templates); tool
+        calls carry their arguments as objects, as the templates of tool-calling models expect (and vLLM gives)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI
+    description: str | None = None
+    schema_: dict | bool = Field(True, alias="schema")  # none given: any JSON
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -182,6 +299,10 @@ class ChatRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(SamplingFields):

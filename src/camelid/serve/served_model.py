@@ -19,13 +19,13 @@ class ServedModel:
     template: Any  # a camelid.chat_template.ChatTemplate, or None when the model has none
     created: int
 
-    def chat_prompt(self, messages: list[dict], param: str) -> list[int]:
-        """`messages` rendered with the model's template as token ids; 400 about `param` if that cannot be done
-        or the prompt leaves no room to answer in the context."""
+    def chat_prompt(self, messages: list[dict], param: str, **variables) -> list[int]:
+        """`messages` rendered with the model's template (and its further `variables`: tools) as token ids; 400
+        about `param` if that cannot be done or the prompt leaves no room to answer in the context."""
         if self.template is None:
             raise APIError(400, f"model {self.name!r} has no chat template; use /v1/completions", param="model")
         try:
-            text = self.template.render(messages, add_generation_prompt=True)
+            text = self.template.render(messages, add_generation_prompt=True, **variables)
         except CamelidError as exc:
             raise APIError(400, f"the chat template refused the {param}: {exc}", param=param) from None
         ids = self.loaded.tokenizer.encode(text, add_special=False)
