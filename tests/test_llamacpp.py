@@ -8,6 +8,7 @@ backend reuses llama.cpp's KV cache across prompts, and must give the answers a 
 """
 
 import asyncio
+import json
 import sys
 import threading
 import time
@@ -427,6 +428,27 @@ def test_prompt_logprobs_are_refused_by_name(served):
                                            "--backend camelid$"):
         asyncio.run(submit())
     assert served.engine.queue_depth == 0
+
+
+@pytest.mark.llamacpp
+def test_logit_bias_json_schemas_and_required_tool_calls_on_llama_cpp(client):
+    """The same token rules as camelid's engine, applied to llama.cpp's logits."""
+    jsonschema = pytest.importorskip("jsonschema")
+    ask = [{"role": "user", "content": "Name a city as JSON."}]
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+              "additionalProperties": False}
+    answer = client.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=40,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "c", "schema": schema}})
+    assert answer.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+    tool = {"type": "function", "function": {"name": "find", "parameters": schema}}
+    called = client.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=60,
+                                            tools=[tool], tool_choice="required", parallel_tool_calls=False)
+    assert called.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(called.choices[0].message.tool_calls[0].function.arguments), schema)
+    forced = client.completions.create(model="smollm2", prompt=FOX, temperature=0, max_tokens=3, logit_bias={"504": 100})
+    assert forced.choices[0].text == "TheTheThe"
 
 
 @pytest.mark.llamacpp

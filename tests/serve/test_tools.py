@@ -10,7 +10,9 @@ from helpers import live_server
 
 from camelid.chat_template import ChatTemplate
 from camelid.serve.protocol import ChatRequest
-from camelid.serve.tools import MAX_CALLS, CallStream, read_calls, tool_use, with_tools
+from camelid.errors import CamelidError
+from camelid.serve.tools import (MAX_CALLS, CallStream, call_grammar, read_calls, tool_use,
+                                 with_tools)
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -106,6 +108,42 @@ def test_a_streamed_answer_in_any_pieces_gives_the_same_calls(answer):
         assert called == bool(expected_calls)
 
 
+# A template written for these tests in Llama 3.1's way: tools listed as JSON, calls as one bare JSON object
+LLAMA_TEMPLATE = """\
+{%- for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{% if tools and loop.first %}Call a function as {"name": ..., "parameters": ...}:
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}{% endif %}
+{%- if m.tool_calls %}<|python_tag|>{{ m.tool_calls[0].function | tojson }}{% else %}{{ m.content }}{% endif %}<|eot_id|>
+{%- endfor %}
+{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+LLAMA_ANSWERS = {
+    '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}':
+        (None, [("get_weather", {"city": "Paris", "unit": "celsius"})]),
+    '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}': (None, [("get_time", {"zone": "UTC"})]),
+    "It is sunny {in} Paris.": ("It is sunny {in} Paris.", []),
+    '{"city": "Paris"}': ('{"city": "Paris"}', []),  # JSON, but no call
+}
+
+
+@pytest.mark.parametrize("answer", LLAMA_ANSWERS, ids=range(len(LLAMA_ANSWERS)))
+def test_llama_3_calls_are_read_whole_and_streamed(answer):
+    use = use_of(ChatTemplate(LLAMA_TEMPLATE, name="llama-test"))
+    assert use.format == "llama-3"
+    content, calls = read_calls(answer, use)
+    assert (content, calls_of(calls)) == LLAMA_ANSWERS[answer]
+    stream = CallStream(use)
+    deltas = [d for i in range(0, len(answer), 3) for d in stream.feed(answer[i : i + 3])]
+    last, called = stream.end()
+    deltas += last
+    assert ("".join(d.get("content", "") for d in deltas) or None) == LLAMA_ANSWERS[answer][0]
+    names = [p["function"]["name"] for d in deltas for p in d.get("tool_calls", []) if p["function"].get("name")]
+    assert names == [name for name, _ in LLAMA_ANSWERS[answer][1]] and called == bool(names)
+
+
 # -- prompts -------------------------------------------------------------------------------------------------------
 
 FED_BACK = ASK + [
@@ -138,6 +176,33 @@ def test_the_fallback_lists_the_tools_and_writes_calls_and_results_as_text():
     assert messages[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert messages[3]["content"] == "<tool_response>\n18 C, sunny\n</tool_response>"
     assert all(set(m) == {"role", "content"} for m in messages)  # what any template can render
+
+
+@pytest.mark.parametrize("template", [None, LLAMA_TEMPLATE], ids=["hermes", "llama-3"])
+def test_a_required_call_grammar_takes_valid_calls_only(smollm2_tokenizer_and_template, template):
+    tokenizer, _ = smollm2_tokenizer_and_template
+    use = use_of(ChatTemplate(template, name="t") if template else None, tool_choice="required",
+                 parallel_tool_calls=False)
+    grammar = call_grammar(use, tokenizer, tokenizer.vocab_size)
+    key = "parameters" if use.format == "llama-3" else "arguments"
+
+    def follows(arguments: dict, name: str = "get_weather") -> bool:
+        call = json.dumps({"name": name, key: arguments})
+        text = call if use.format == "llama-3" else f"<tool_call>\n{call}\n</tool_call>\n"
+        matcher = grammar.matcher()
+        try:
+            for token in tokenizer.encode(text, add_special=False):
+                matcher.accept(token)
+        except CamelidError:
+            return False
+        return matcher.is_stopped
+
+    assert follows({"city": "Paris", "unit": "celsius"})
+    assert follows({"zone": "UTC"}, "get_time")
+    assert not follows({"city": "Paris"})  # unit is required
+    assert not follows({"city": "Paris", "unit": "kelvin"})  # not in the enum
+    assert not follows({"city": "Paris", "unit": "celsius", "extra": 1})  # no keys beyond those declared
+    assert not follows({"zone": "UTC"}, "get_mood")  # no such tool
 
 
 # -- through the server --------------------------------------------------------------------------------------------

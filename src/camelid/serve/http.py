@@ -18,7 +18,8 @@ from starlette.requests import ClientDisconnect
 from camelid.jobs import Job
 from camelid.serve.protocol import APIError, ServerLimits, error_body, explain_validation
 
-KEYED_PATHS = ("/v1/", "/arena/api/", "/tokenize", "/detokenize", "/tokenizer_info")  # what --api-key guards; the pages themselves are public
+# what --api-key guards; the pages themselves are public
+KEYED_PATHS = ("/v1/", "/arena/api/", "/tokenize", "/detokenize", "/tokenizer_info")
 KNOWN_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", "/arena",
                "/tokenize", "/detokenize", "/tokenizer_info"}
 

@@ -65,6 +65,9 @@ async def chat_completions(request: Request):
     params = _generation(body, max_tokens, 0 if body.logprobs and top is None else top, served, len(prompt),
                          limits, limit_param)
     params.grammar = await _response_grammar(served, body) or await _call_grammar(served, use)
+    if params.grammar is not None and body.ignore_eos:
+        raise APIError(400, "ignore_eos cannot be used with a JSON response_format or a required tool call: the "
+                       "answer ends where its grammar does", param="ignore_eos")
     if use is not None and use.choice == "auto" and not use.parallel and use.format == "hermes":
         params.sampling = dataclasses.replace(params.sampling, stop=params.sampling.stop + (CLOSE,))  # one call
     job = _submit(request, served, prompt, params)
@@ -149,9 +152,6 @@ async def _response_grammar(served: ServedModel, body: ChatRequest) -> Grammar |
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
-    if body.ignore_eos:
-        raise APIError(400, "ignore_eos cannot be used with response_format: the answer ends where the JSON does",
-                       param="ignore_eos")
     tokenizer, vocab = served.loaded.tokenizer, served.loaded.config.vocab_size
     try:
         if fmt.type == "json_object":

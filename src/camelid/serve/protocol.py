@@ -76,8 +76,8 @@ Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
 # OpenAI request fields that camelid does not implement: refused by name (400) rather than silently ignored. A
-# value that asks for nothing (null, an empty list or object, tool_choice "none" or "auto", response_format
-# {"type": "text"}, modalities ["text"], best_of 1, suffix "") is accepted.
+# value that asks for nothing (null, an empty list or object, modalities ["text"], best_of 1, suffix "") is
+# accepted.
 ASKS_NOTHING = {"modalities": (["text"],), "best_of": (1,), "suffix": ("",)}
 CHAT_UNIMPLEMENTED = {
     "functions": "the deprecated function calling: send tools", "function_call": "the deprecated function calling: "

@@ -2,9 +2,9 @@
 
 The shapes are those clients already send: vLLM's (`prompt`, `add_special_tokens`; `tokens` back, with `count` and
 `max_model_len`), which lm-evaluation-harness's remote tokenizer uses, and llama.cpp's server's (`content`,
-`add_special`; `content` back from /detokenize). A chat can be tokenized too (`messages`: the prompt /v1/chat/completions would
-run, the model's template with its generation prompt). Without `model`, the first model served answers (lm-eval's
-remote tokenizer names none).
+`add_special`; `content` back from /detokenize). A chat can be tokenized too (`messages`: the prompt that
+/v1/chat/completions would run, the model's template with its generation prompt). Without `model`, the first model
+served answers (lm-eval's remote tokenizer names none).
 """
 
 from fastapi import APIRouter, Request

@@ -6,7 +6,8 @@ Two formats of call are read, chosen by what the model's chat template writes:
 - hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call. The templates of
   Qwen2.5, Qwen3, SmolLM3 and Hermes 2 Pro take `tools` and write this.
 - llama-3: the whole answer one JSON object `{"name": ..., "parameters": {...}}`, as the templates of Llama 3.1,
-  3.2 and 3.3 ask for their JSON tool calls (their built-in `<|python_tag|>` tools are not read).
+  3.2 and 3.3 ask for their JSON tool calls (a `<|python_tag|>` before it is allowed; the built-in tools' Python
+  calls are not read).
 
 A template that takes no `tools` (SmolLM2's, the built-ins) gets the fallback: a system message, written here,
 that lists the tools as JSON schemas and asks for hermes blocks; earlier calls are written into their assistant
@@ -28,6 +29,7 @@ from camelid.grammar import JSON_OPTIONS, Grammar, GrammarError, json_schema_gra
 from camelid.serve.protocol import APIError, ChatRequest, NamedToolChoice
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's mark before a call
 MAX_CALLS = 8  # calls in one required answer: a small greedy model may otherwise repeat its calls to max_tokens
 HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 
@@ -92,7 +94,7 @@ def call_format(template: ChatTemplate | None) -> str | None:
         return None
     if OPEN in template.source:
         return "hermes"
-    if "<|python_tag|>" in template.source:
+    if PYTHON_TAG in template.source:
         return "llama-3"
     return None
 
@@ -188,7 +190,7 @@ def read_calls(text: str, use: ToolUse) -> tuple[str | None, list[dict]]:
     """(content, tool calls in OpenAI's shape) of a whole answer: calls that parse and name a given tool, or no
     calls at all and the whole text as content."""
     if use.format == "llama-3":
-        call = _call(text.strip().removeprefix("<|python_tag|>"), use, "parameters")
+        call = _call(text.strip().removeprefix(PYTHON_TAG), use, "parameters")
         return (None, [call]) if call is not None else (text, [])
     if OPEN not in text:
         return text, []
@@ -263,19 +265,22 @@ class CallStream:
         """The deltas left at the answer's end, and whether the answer made calls (finish_reason tool_calls)."""
         held, self.held = self.held, ""
         if self.use.format == "llama-3":
-            content, calls = read_calls(held, self.use) if held else (None, [])
+            _, calls = read_calls(held, self.use) if held else (None, [])
             return (self._call_deltas(calls) if calls else self._content(held)), bool(calls)
         deltas = self._block(held) if held.startswith(OPEN) else self._content(held)
         return deltas, self.calls > 0
 
     def _llama_feed(self) -> list[dict]:
-        if self.content or not self.held.lstrip().startswith(("{", "<|python_tag|>"[: len(self.held.lstrip())])):
+        """A Llama 3 call is the whole answer: an answer that may be one waits for its end; others stream."""
+        start = self.held.lstrip()
+        may_be_call = start.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(start)
+        if self.content or not may_be_call:
             held, self.held = self.held, ""
             return self._content(held)
-        return []  # it may be a call: wait for the end
+        return []
 
     def _block(self, block: str) -> list[dict]:
-        content, calls = read_calls(block, self.use)
+        _, calls = read_calls(block, self.use)
         return self._call_deltas(calls) if calls else self._content(block)
 
     def _call_deltas(self, calls: list[dict]) -> list[dict]:
@@ -283,8 +288,8 @@ class CallStream:
         for call in calls:
             head = {"index": self.calls, "id": call["id"], "type": "function",
                     "function": {"name": call["function"]["name"], "arguments": ""}}
-            deltas += [{"tool_calls": [head]},
-                       {"tool_calls": [{"index": self.calls, "function": {"arguments": call["function"]["arguments"]}}]}]
+            arguments = {"index": self.calls, "function": {"arguments": call["function"]["arguments"]}}
+            deltas += [{"tool_calls": [head]}, {"tool_calls": [arguments]}]
             self.calls += 1
         self.after_call, self.blank = True, ""
         return deltas
