@@ -36,6 +36,7 @@ class GenerationParams:
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit; -100 bans, 100 forces
     grammar: object | None = None  # a camelid.grammar.Grammar the answer must follow (structured outputs, tools)
     prompt_logprobs: int | None = None  # as logprobs, for the prompt's tokens (echo); the first has none
+    adapter: int = 0  # which of the model's LoRA adapters answers (camelid.adapters); 0: the base
 
 
 @dataclass

@@ -178,8 +178,12 @@ class Metrics:
         self.latency.labels(endpoint).observe(time.monotonic() - job.submitted)
 
     def exposition(self, models) -> str:
-        """Prometheus' text format, with the engines' queue and rows read now."""
+        """Prometheus' text format, with the engines' queue and rows read now. Adapters share their base's engine
+        (camelid.adapters), whose figures are given once, under the base's name."""
+        engines = {}
         for m in models:
+            engines.setdefault(id(m.engine), m)
+        for m in engines.values():
             self.queue.labels(m.name).set(m.engine.queue_depth)
             self.running.labels(m.name).set(m.engine.rows_in_use)
             # every token the engine generated, those of answers cut short by their client included
