@@ -222,7 +222,7 @@ class BatchingEngine(JobQueue):
             if params.logprobs is not None:
                 slot.pending.append(token_logprob(raw[0], token, params.logprobs))
             slot.rules.took(token)
-            self.generated_tokens += 1
+            self._generated(params)
             finish = slot.text.add(token, self.tokenizer, sampling.stop)
             if finish is None and len(slot.text.ids) >= slot.budget:
                 finish = "length"

@@ -148,6 +148,7 @@ class Engine(Protocol):
     context: int  # prompt and answer together, in tokens
     max_batch: int  # the most choices one request may ask for
     generated_tokens: int
+    generated_by_adapter: dict[int, int]  # generated_tokens by GenerationParams.adapter
 
     @property
     def queue_depth(self) -> int: ...
@@ -173,6 +174,7 @@ class JobQueue:
         self.context, self.max_batch, self.max_queue = context, max_batch, max_queue
         self.waiting: collections.deque[Job] = collections.deque()
         self.generated_tokens = 0
+        self.generated_by_adapter: collections.Counter[int] = collections.Counter()
         self._wake = threading.Condition()  # the worker waits on it for work, or for the close
         self._closed = False
 
@@ -211,3 +213,8 @@ class JobQueue:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def _generated(self, params: GenerationParams) -> None:
+        """Count a token generated for a request (the worker thread's; /metrics reads the counts)."""
+        self.generated_tokens += 1
+        self.generated_by_adapter[params.adapter] += 1

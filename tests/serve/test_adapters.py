@@ -151,6 +151,23 @@ def test_a_row_is_not_reused_across_adapters(base_dir, adapter_dirs, expected):
         models[0].engine.close()
 
 
+def test_metrics_count_each_adapters_tokens(served):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def completion_tokens(url: str) -> dict:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        return {s.labels["model"]: s.value for family in families for s in family.samples
+                if s.name == "camelid_completion_tokens_total"}
+
+    with live_server(served) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        before = completion_tokens(url)
+        for name in ("one", "two", "two"):
+            ask(client, name, QUESTIONS[1])
+        after = completion_tokens(url)
+    assert {name: after[name] - before.get(name, 0) for name in after} == {"base": 0, "one": TOKENS, "two": 2 * TOKENS}
+
+
 def tensor_bytes(modules) -> int:
     """Bytes of the distinct parameters and buffers of `modules` (a tensor shared by several counted once)."""
     tensors = {t.data_ptr(): t for m in modules for t in [*m.parameters(), *m.buffers()]}

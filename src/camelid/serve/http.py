@@ -179,15 +179,13 @@ class Metrics:
 
     def exposition(self, models) -> str:
         """Prometheus' text format, with the engines' queue and rows read now. Adapters share their base's engine
-        (camelid.adapters), whose figures are given once, under the base's name."""
-        engines = {}
+        (camelid.adapters), whose queue and rows are given once, under the base's name (adapter 0)."""
         for m in models:
-            engines.setdefault(id(m.engine), m)
-        for m in engines.values():
-            self.queue.labels(m.name).set(m.engine.queue_depth)
-            self.running.labels(m.name).set(m.engine.rows_in_use)
-            # every token the engine generated, those of answers cut short by their client included
-            generated = m.engine.generated_tokens
+            if m.adapter == 0:
+                self.queue.labels(m.name).set(m.engine.queue_depth)
+                self.running.labels(m.name).set(m.engine.rows_in_use)
+            # every token the engine generated for this model, those of answers cut short by their client included
+            generated = m.engine.generated_by_adapter.get(m.adapter, 0)
             self.completion_tokens.labels(m.name).inc(generated - self._counted.get(m.name, 0))
             self._counted[m.name] = generated
         return generate_latest(self.registry).decode()
