@@ -18,7 +18,7 @@ LAYERS = [
     {"errors", "files", "gguf_file", "config", "tokenizer", "chat_template", "named_models", "pipeline_report",
      "plots", "client"},
     # the model and its weights
-    {"model", "checkpoint", "lora", "quantize", "native"},
+    {"model", "checkpoint", "lora", "adapters", "quantize", "native"},
     # generation and examples
     {"generate", "examples", "chat", "llamacpp", "backend", "jobs", "engine", "grammar"},
     # the stages, in the loop's order: each may import those before it

@@ -20,6 +20,11 @@ place rather than copied between rows: no copy, and what a row holds stays until
 The cache keeps every position (sliding windows are masks over it), and the reused keys sit at the positions
 they were computed at, so the answer is the same as without the cache. At least the prompt's last token is run,
 for its logits; a request that asks for the prompt's logprobs reuses nothing, since it needs every position's.
+A row's keys and values depend on the adapter that computed them, so a row is reused only by the same adapter.
+
+Adapters per request (camelid.adapters): a model may carry LoRA adapters beside its base weights, and each request
+names one (GenerationParams.adapter, 0: the base). Rows of different adapters share every forward pass: before
+each, `adapter_rows` tells the model's adapter layers which adapter each row of the pass uses.
 
 Results travel to the asyncio side as `Piece`s on each job's queue, put there thread-safely. `BatchingEngine`
 implements `camelid.jobs.Engine`, the interface `camelid serve`'s routes and `camelid eval answers` use.
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from camelid.adapters import adapter_rows
 from camelid.checkpoint import LoadedModel
 from camelid.errors import CamelidError
 from camelid.generate import PREFILL_CHUNK, DecodedText, process_logits
@@ -84,6 +90,7 @@ class BatchingEngine(JobQueue):
         self.slots: list[_Slot | None] = [None] * max_batch
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         self.held: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens each row's cache holds, in order
+        self.held_by = [0] * max_batch  # the adapter that computed what each row holds
         self._start_worker("camelid-engine")
 
     # -- the asyncio side --------------------------------------------------------------------------------------
@@ -158,6 +165,7 @@ class BatchingEngine(JobQueue):
                 free.remove(row)
                 self.cache.lengths[row] = reused
                 del self.held[row][reused:]
+                self.held_by[row] = job.params.adapter
                 slot = _Slot(job, choice, budget, self._generator(job, choice), DecodedText(len(job.prompt)))
                 slot.to_prefill = job.prompt[reused:]
                 self.slots[row] = slot
@@ -177,7 +185,8 @@ class BatchingEngine(JobQueue):
         if not self.prefix_cache or job.params.prompt_logprobs is not None:  # those need every position's logits
             return free[0], 0
         most = len(job.prompt) - 1  # the last prompt token is always run: its logits pick the first answer token
-        shared = [min(_shared_prefix(self.held[row], job.prompt), most) for row in free]
+        shared = [min(_shared_prefix(self.held[row], job.prompt), most) if self.held_by[row] == job.params.adapter
+                  else 0 for row in free]
         best = shared.index(max(shared))
         return free[best], shared[best]
 
@@ -213,7 +222,7 @@ class BatchingEngine(JobQueue):
             if params.logprobs is not None:
                 slot.pending.append(token_logprob(raw[0], token, params.logprobs))
             slot.rules.took(token)
-            self.generated_tokens += 1
+            self._generated(params)
             finish = slot.text.add(token, self.tokenizer, sampling.stop)
             if finish is None and len(slot.text.ids) >= slot.budget:
                 finish = "length"
@@ -234,7 +243,8 @@ class BatchingEngine(JobQueue):
             return
         feed = torch.tensor([[s.last if d else 0] for s, d in zip(self.slots[:n], decoding)], device=self.device)
         live = torch.tensor(decoding[:n], device=self.device, dtype=torch.long)
-        hidden = self.model.hidden(feed, self.cache.rows(0, n), valid=live)
+        with adapter_rows(self.model, self._adapters(range(n))):
+            hidden = self.model.hidden(feed, self.cache.rows(0, n), valid=live)
         logits[:n] = self.model.lm_head(hidden[:, -1])
         for row in range(n):
             if decoding[row]:
@@ -289,7 +299,8 @@ class BatchingEngine(JobQueue):
         for i, (row, take) in enumerate(run):
             feed[i, :take] = torch.tensor(self.slots[row].to_prefill[:take])
         valid = torch.tensor([take for _, take in run], device=self.device)
-        hidden = self.model.hidden(feed.to(self.device), self.cache.rows(first, first + len(run)), valid=valid)
+        with adapter_rows(self.model, self._adapters(row for row, _ in run)):
+            hidden = self.model.hidden(feed.to(self.device), self.cache.rows(first, first + len(run)), valid=valid)
         for i, (row, take) in enumerate(run):
             slot = self.slots[row]
             if slot.choice == 0 and slot.job.params.prompt_logprobs is not None:
@@ -298,6 +309,10 @@ class BatchingEngine(JobQueue):
             slot.to_prefill = slot.to_prefill[take:]
             if not slot.to_prefill:
                 logits[row] = self.model.lm_head(hidden[i, take - 1])
+
+    def _adapters(self, rows) -> list[int]:
+        """The adapter each of `rows` uses (the base for a row fed but not advanced)."""
+        return [0 if self.slots[row] is None else self.slots[row].job.params.adapter for row in rows]
 
     def _prompt_logprobs(self, job: Job, start: int, hidden: Tensor) -> None:
         """Extend the job's prompt logprobs by those that the hidden states of positions start.. score: each

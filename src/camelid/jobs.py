@@ -36,6 +36,7 @@ class GenerationParams:
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit; -100 bans, 100 forces
     grammar: object | None = None  # a camelid.grammar.Grammar the answer must follow (structured outputs, tools)
     prompt_logprobs: int | None = None  # as logprobs, for the prompt's tokens (echo); the first has none
+    adapter: int = 0  # which of the model's LoRA adapters answers (camelid.adapters); 0: the base
 
 
 @dataclass
@@ -147,6 +148,7 @@ class Engine(Protocol):
     context: int  # prompt and answer together, in tokens
     max_batch: int  # the most choices one request may ask for
     generated_tokens: int
+    generated_by_adapter: dict[int, int]  # generated_tokens by GenerationParams.adapter
 
     @property
     def queue_depth(self) -> int: ...
@@ -172,6 +174,7 @@ class JobQueue:
         self.context, self.max_batch, self.max_queue = context, max_batch, max_queue
         self.waiting: collections.deque[Job] = collections.deque()
         self.generated_tokens = 0
+        self.generated_by_adapter: collections.Counter[int] = collections.Counter()
         self._wake = threading.Condition()  # the worker waits on it for work, or for the close
         self._closed = False
 
@@ -210,3 +213,8 @@ class JobQueue:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def _generated(self, params: GenerationParams) -> None:
+        """Count a token generated for a request (the worker thread's; /metrics reads the counts)."""
+        self.generated_tokens += 1
+        self.generated_by_adapter[params.adapter] += 1

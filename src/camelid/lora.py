@@ -450,6 +450,18 @@ def _weights_file(directory: Path) -> Path:
 
 def load_adapter(model: Llama, directory: str | Path) -> Llama:
     """Add the adapters saved in `directory` (by camelid or peft) to `model`, in place; see `merge_lora`."""
+    config, saved = read_adapter(model, directory)
+    apply_lora(model, config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    return model
+
+
+def read_adapter(model: Llama, directory: str | Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """The LoRA settings and weights (under `model`'s names) saved in `directory`, checked to fit `model`: a
+    one-line refusal naming the first tensor that does not."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -479,12 +491,7 @@ def load_adapter(model: Llama, directory: str | Path) -> Llama:
                 f"{weights}: tensor {name} has shape {tuple(saved[name].shape)}, this model needs {shape}; "
                 "was the adapter trained on another base model?"
             )
-    apply_lora(model, config)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in expected:
-            params[name].copy_(saved[name])
-    return model
+    return config, saved
 
 
 def _split_fused_adapters(

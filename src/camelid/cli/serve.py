@@ -19,6 +19,10 @@ def add_serve(sub) -> None:
     )
     add_model(p, f"a model to serve (repeatable), named NAME in the API (default: its file or model name); MODEL is "
               f"{MODEL_HELP}", action="append", metavar="[NAME=]MODEL")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter directory (camelid's or peft's) to serve on the model as NAME (repeatable): "
+                   "every adapter shares the one copy of the base weights and its batch, and a request's model "
+                   "picks the adapter, or the base by the base's name (camelid's backend, unquantized base)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -61,4 +65,4 @@ def cmd_serve(args) -> None:
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, api_key=args.api_key, limits=limits,
           votes=args.votes, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
           template=args.template, prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
-          log=lambda m: print(m, file=sys.stderr), **backend_options(args))
+          adapters=args.adapter, log=lambda m: print(m, file=sys.stderr), **backend_options(args))

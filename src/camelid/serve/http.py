@@ -179,12 +179,14 @@ class Metrics:
         self.latency.labels(endpoint).observe(time.monotonic() - job.submitted)
 
     def exposition(self, models) -> str:
-        """Prometheus' text format, with the engines' queue and rows read now."""
+        """Prometheus' text format, with the engines' queue and rows read now. Adapters share their base's engine
+        (camelid.adapters), whose queue and rows are given once, under the base's name (adapter 0)."""
         for m in models:
-            self.queue.labels(m.name).set(m.engine.queue_depth)
-            self.running.labels(m.name).set(m.engine.rows_in_use)
-            # every token the engine generated, those of answers cut short by their client included
-            generated = m.engine.generated_tokens
+            if m.adapter == 0:
+                self.queue.labels(m.name).set(m.engine.queue_depth)
+                self.running.labels(m.name).set(m.engine.rows_in_use)
+            # every token the engine generated for this model, those of answers cut short by their client included
+            generated = m.engine.generated_by_adapter.get(m.adapter, 0)
             self.completion_tokens.labels(m.name).inc(generated - self._counted.get(m.name, 0))
             self._counted[m.name] = generated
         return generate_latest(self.registry).decode()

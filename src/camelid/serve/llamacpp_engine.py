@@ -83,7 +83,7 @@ class LlamaCppEngine(JobQueue):
                     job.put(Piece(choice, "", [], "cancelled", step.tokens))
                     return
                 if step.token is not None:
-                    self.generated_tokens += 1
+                    self._generated(params)
                     if params.logprobs is not None:
                         pending.append(token_logprob(step.logits, step.token, params.logprobs))
                 if step.text or step.finish_reason:

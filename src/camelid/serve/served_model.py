@@ -1,6 +1,6 @@
 """A model the server answers for, and the two things every route asks of it: a chat as a prompt, and a job."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from camelid.checkpoint import LoadedModel
@@ -11,13 +11,18 @@ from camelid.serve.protocol import APIError
 
 @dataclass
 class ServedModel:
-    """A model the server answers for under `name`: its weights, tokenizer, chat template and engine."""
+    """A model the server answers for under `name`: its weights, tokenizer, chat template and engine.
+
+    `adapter` picks one of the LoRA adapters that the engine's model carries (camelid.adapters): an adapter is
+    served as a model of its own that shares its base's engine, and so its weights, cache rows and decode steps.
+    """
 
     name: str
     loaded: LoadedModel
     engine: Engine
     template: Any  # a camelid.chat_template.ChatTemplate, or None when the model has none
     created: int
+    adapter: int = 0  # 0: the base
 
     def chat_prompt(self, messages: list[dict], param: str, **variables) -> list[int]:
         """`messages` rendered with the model's template (and its further `variables`: tools) as token ids; 400
@@ -37,7 +42,7 @@ class ServedModel:
     def submit(self, prompt: list[int], params: GenerationParams, param: str | None = None) -> Job:
         """Queue a request on the engine; a full line is 503, a request it refuses 400 (about `param`)."""
         try:
-            return self.engine.submit(prompt, params)
+            return self.engine.submit(prompt, replace(params, adapter=self.adapter))
         except QueueFull as exc:
             raise APIError(503, str(exc), type="server_overloaded", code="queue_full") from None
         except CamelidError as exc:

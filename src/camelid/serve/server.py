@@ -2,6 +2,7 @@
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from camelid.backend import Backend
@@ -30,40 +31,103 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_adapter_specs(specs: list[str], model_names: list[str]) -> list[tuple[str, str]]:
+    """`NAME=PATH` into (name, path) pairs; names must differ from each other and from the models'."""
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CamelidError(f"bad --adapter {spec!r}: give NAME=PATH (the name requests use as their model)")
+        if name in model_names or name in (n for n, _ in pairs):
+            raise CamelidError(f"two models are served as {name!r}; give the adapter another NAME")
+        pairs.append((name, path))
+    return pairs
+
+
 def load_served_models(specs: list[str], *, backend: str = "camelid", device: str | None = None,
                        dtype: str | None = None, quantize: str = "none", threads: int | None = None,
                        context: int | None = None, max_batch: int = 8, max_queue: int = 64,
                        template: str | None = None, prefill_chunk: int | None = None,
-                       prefix_cache: bool = True) -> list[ServedModel]:
+                       prefix_cache: bool = True, adapters: list[str] = ()) -> list[ServedModel]:
     """Load each model of `specs` (MODEL or NAME=MODEL) on `backend` and start an engine for it.
 
     `backend`, `device`, `dtype`, `quantize`, `threads` and `context` (tokens per sequence) are those of
     camelid.backend.load_backend; `template` names a built-in chat template for every model instead of its own.
     `prefill_chunk` (None: the engine's default) and `prefix_cache` are camelid.engine.BatchingEngine's.
+    `adapters` (NAME=PATH, LoRA adapter directories) are served on the one model of `specs`, sharing its weights
+    and engine (see add_adapters).
     """
     from camelid.backend import check_backend, load_backend, set_threads
-    from camelid.chat import chat_template_for
 
+    pairs = parse_model_specs(specs)
+    adapter_pairs = parse_adapter_specs(list(adapters), [n for n, _ in pairs])
+    check_adapter_options(adapter_pairs, backend=backend, quantize=quantize, models=len(pairs))
     check_backend(backend, device=device, dtype=dtype, quantize=quantize, threads=threads)
     check_engine_options(backend, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     threads = set_threads(backend, threads)  # once: llama.cpp's default is torch's count before torch gets one
     served = []
     try:
-        for name, spec in parse_model_specs(specs):
+        for name, spec in pairs:
             model = load_backend(spec, backend=backend, device=device, dtype=dtype, quantize=quantize,
                                  threads=threads, n_ctx=context)
-            try:
-                chat_template = chat_template_for(model.loaded, template)
-            except CamelidError:
-                chat_template = None  # completions only
+            loaded = [(name, model.loaded)] + add_adapters(model.loaded, adapter_pairs)  # before the engine runs
             engine = start_engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                   prefix_cache=prefix_cache)
-            served.append(ServedModel(name, model.loaded, engine, chat_template, int(time.time())))
+            now = int(time.time())
+            served += [ServedModel(n, lm, engine, _chat_template(lm, template), now, adapter=index)
+                       for index, (n, lm) in enumerate(loaded)]
     except BaseException:  # a later model failed to load: stop the engines already started
         for m in served:
             m.engine.close()
         raise
     return served
+
+
+def _chat_template(loaded, template: str | None):
+    """The template a model chats with, or None (completions only) when it has none."""
+    from camelid.chat import chat_template_for
+
+    try:
+        return chat_template_for(loaded, template)
+    except CamelidError:
+        return None
+
+
+def check_adapter_options(adapters: list, *, backend: str, quantize: str, models: int) -> None:
+    """Refuse --adapter where it cannot work, before any model loads."""
+    if not adapters:
+        return
+    if backend == "llamacpp":
+        raise CamelidError("--adapter is for camelid's backend; leave out --backend llamacpp (or serve an adapter "
+                           "merged into its base alone: -m PATH)")
+    if quantize != "none":
+        raise CamelidError(f"--adapter needs a float base, not --quantize {quantize}; leave out --quantize (or "
+                           f"serve an adapter merged into its base alone: -m PATH --quantize {quantize})")
+    if models != 1:
+        raise CamelidError(f"--adapter serves adapters on one base model, but {models} models are given; give one -m")
+
+
+def add_adapters(base, adapters: list[tuple[str, str]]) -> list:
+    """Add each (name, adapter directory) to the base's model (camelid.adapters: its weights are shared), as
+    adapter 1, 2, ...; return (name, LoadedModel) for each: the base's model and tokenizer, the adapter's own chat
+    template where it carries one. An adapter that does not fit the base is a one-line refusal naming it."""
+    from camelid.adapters import add_adapter
+    from camelid.chat_template import read_chat_template
+    from camelid.tokenizer import load_tokenizer
+
+    out = []
+    for index, (name, path) in enumerate(adapters, start=1):
+        path = Path(path)
+        try:
+            add_adapter(base.model, path, index)
+        except CamelidError as exc:
+            raise CamelidError(f"--adapter {name}: {exc}") from None
+        if (path / "tokenizer.json").is_file() and \
+                load_tokenizer(path).backend.get_vocab() != base.tokenizer.backend.get_vocab():
+            raise CamelidError(f"--adapter {name}: {path} carries a vocabulary other than the served base's; serve "
+                               f"it on its own base (-m {path})")
+        out.append((name, replace(base, chat_template=read_chat_template(path) or base.chat_template, source=path)))
+    return out
 
 
 def check_engine_options(backend: str, *, prefill_chunk: int | None, prefix_cache: bool) -> None:
@@ -101,8 +165,8 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_ke
 
     `api_key` (default: $CAMELID_API_KEY) guards the API; `limits` bounds requests; arena votes are appended to
     `votes`; `load` holds load_served_models' options (backend, device, dtype, quantize, threads, context,
-    max_batch, max_queue, template, prefill_chunk, prefix_cache). `log` gets the lines a person reads (the address,
-    warnings).
+    max_batch, max_queue, template, prefill_chunk, prefix_cache, adapters). `log` gets the lines a person reads
+    (the address, warnings).
     """
     import uvicorn
 
@@ -118,5 +182,5 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_ke
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        for m in models:
-            m.engine.close()
+        for engine in {id(m.engine): m.engine for m in models}.values():  # adapters share their base's
+            engine.close()
