@@ -79,6 +79,23 @@ def stream_completion(client, **kw) -> tuple[str, str, object, list]:
     return text, finish[0], chunks[-1].usage, chunks
 
 
+def completion_logprobs(client, streamed: bool, **kw) -> tuple[str, list, list, list, list]:
+    """(text, tokens, token_logprobs, top_logprobs, text_offset) of a completion with one choice, whole or
+    gathered from its stream."""
+    if not streamed:
+        choice = client.completions.create(**kw).choices[0]
+        lp = choice.logprobs
+        return choice.text, lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    text, tokens, token_logprobs, top, offsets = "", [], [], [], []
+    for c in client.completions.create(stream=True, **kw):
+        if c.choices:
+            text += c.choices[0].text
+            if lp := c.choices[0].logprobs:
+                tokens, token_logprobs = tokens + lp.tokens, token_logprobs + lp.token_logprobs
+                top, offsets = top + lp.top_logprobs, offsets + lp.text_offset
+    return text, tokens, token_logprobs, top, offsets
+
+
 # -- answers equal camelid generate's ------------------------------------------------------------------------------
 
 
@@ -213,20 +230,7 @@ def test_completion_logprobs_are_the_models(client, served_models, streamed):
     expected = reference(loaded, prompt, 6)
     logp = logprobs_of(loaded, prompt, expected.token_ids)
     kw = dict(model="smollm2", prompt=FOX, temperature=0, max_tokens=6, logprobs=3)
-    if streamed:
-        tokens, token_logprobs, top, offsets, text = [], [], [], [], ""
-        for c in client.completions.create(stream=True, **kw):
-            if c.choices and c.choices[0].logprobs:
-                lp = c.choices[0].logprobs
-                tokens += lp.tokens
-                token_logprobs += lp.token_logprobs
-                top += lp.top_logprobs
-                offsets += lp.text_offset
-            text += c.choices[0].text if c.choices else ""
-    else:
-        choice = client.completions.create(**kw).choices[0]
-        lp, text = choice.logprobs, choice.text
-        tokens, token_logprobs, top, offsets = lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    text, tokens, token_logprobs, top, offsets = completion_logprobs(client, streamed, **kw)
     assert text == expected.text
     assert tokens == [tok.decode([t]) for t in expected.token_ids]
     assert "".join(tokens) == text
@@ -406,19 +410,7 @@ def test_echo_with_logprobs_gives_the_prompts_logprobs(client, served_models, st
     expected = reference(loaded, prompt, 1)
     logp = logprobs_of_prompt(loaded, prompt + expected.token_ids)
     kw = dict(model="smollm2", prompt=prompt, temperature=0, max_tokens=1, logprobs=2, echo=True)
-    if streamed:
-        tokens, token_logprobs, top, offsets, text = [], [], [], [], ""
-        for c in client.completions.create(stream=True, **kw):
-            if c.choices:
-                text += c.choices[0].text
-                if c.choices[0].logprobs:
-                    lp = c.choices[0].logprobs
-                    tokens, token_logprobs = tokens + lp.tokens, token_logprobs + lp.token_logprobs
-                    top, offsets = top + lp.top_logprobs, offsets + lp.text_offset
-    else:
-        choice = client.completions.create(**kw).choices[0]
-        text, lp = choice.text, choice.logprobs
-        tokens, token_logprobs, top, offsets = lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
+    text, tokens, token_logprobs, top, offsets = completion_logprobs(client, streamed, **kw)
     everything = prompt + expected.token_ids
     assert text == tok.decode(prompt) + expected.text
     assert tokens == [tok.decode([t]) for t in everything]

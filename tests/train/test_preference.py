@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shared_file
 
 from camelid.checkpoint import load_model
 from camelid.chat import chat_template_for
@@ -27,7 +28,6 @@ from camelid.train.preference import (
 from camelid.train.recipe import Preference
 
 trl = pytest.importorskip("trl")
-PREFERENCE = Path(__file__).parents[3] / "shared" / "data" / "preference"
 TOL = 1e-5
 
 
@@ -35,7 +35,7 @@ def _records(n: int) -> list[dict]:
     """The shortest pairs of LLaMA-Factory's demo file, as camelid reads them."""
     from camelid.data.formats import iter_conversations
 
-    items = list(iter_conversations(str(PREFERENCE / "dpo_en_demo.json")))
+    items = list(iter_conversations(str(shared_file("preference/dpo_en_demo.json"))))
     items.sort(key=lambda r: len(json.dumps(r.messages)) + len(r.rejected["content"]))
     return [{"messages": r.messages, "rejected": r.rejected} for r in items[:n]]
 
