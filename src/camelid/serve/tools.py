@@ -141,9 +141,9 @@ def with_tools(messages: list[dict], use: ToolUse | None, template: ChatTemplate
 def call_grammar(use: ToolUse, tokenizer, vocab_size: int) -> Grammar | None:
     """With a required or named choice, the grammar of an answer that is only calls (several, if parallel calls
     are allowed and no one function is named), each valid under its function's parameters; None for "auto"."""
-    wanted = [t["function"] for t in use.tools if use.choice in ("required", t["function"]["name"])]
     if use.choice == "auto":
         return None
+    wanted = [t["function"] for t in use.tools if use.choice in ("required", t["function"]["name"])]
     key = "parameters" if use.format == "llama-3" else "arguments"
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, key: closed(f["parameters"])},
                         "required": ["name", key], "additionalProperties": False} for f in wanted],
