@@ -227,6 +227,11 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "llama-3": _LLAMA_3,
     "phi-3": _PHI_3,
 }
+_BUILTIN_SOURCES = frozenset(BUILTIN_TEMPLATES.values())
+# Real templates are a few thousand characters (Llama 3.1's with tools: ~5,000), and render a conversation plus
+# at most some thousands of characters of their own (tool definitions are the caller's, counted as messages).
+MAX_TEMPLATE_CHARS = 200_000
+MAX_RENDER_CHARS = 1_000_000  # what a template may write beyond twice its messages' text
 
 
 # -- the sandbox -------------------------------------------------------------------------------------------
@@ -403,13 +408,14 @@ class ChatTemplate:
         self.name = name
         self.bos_token = bos_token
         self.eos_token = eos_token
-        try:
-            self._template = _compile(source)
-        except TemplateSyntaxError as exc:
-            raise CamelidError(
-                f"chat template {self._label()} does not compile: {_one_line(exc)} (line {exc.lineno}); "
-                f"fix it or use a built-in one ({', '.join(BUILTIN_TEMPLATES)})"
-            ) from None
+        if not isinstance(source, str) or len(source) > MAX_TEMPLATE_CHARS:
+            size = f"{len(source):,} characters" if isinstance(source, str) else type(source).__name__
+            raise CamelidError(f"chat template {self._label()} is {size}, not a string of at most "
+                               f"{MAX_TEMPLATE_CHARS:,} characters; use a built-in one ({', '.join(BUILTIN_TEMPLATES)})")
+        # camelid's own templates render in process; any other is compiled and rendered in a bounded worker
+        self._template = _compile(source) if source in _BUILTIN_SOURCES else None
+        if self._template is None:
+            self._checked(self._ask({"source": source}))  # one that does not compile is refused now
 
     @classmethod
     def named(cls, name: str, *, bos_token: str | None = None, eos_token: str | None = None) -> "ChatTemplate":
@@ -429,7 +435,10 @@ class ChatTemplate:
         """Whether the template uses `variable` at all (`tools`: it can put tool definitions in the prompt)."""
         from jinja2 import meta
 
-        return variable in meta.find_undeclared_variables(_environment().parse(self.source))
+        try:  # parsing runs nothing, and the source is at most MAX_TEMPLATE_CHARS
+            return variable in meta.find_undeclared_variables(_environment().parse(self.source))
+        except (TemplateError, RecursionError):
+            return False
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False, **extra) -> str:
         """The conversation as the model's text. `extra` are further template variables (tools, documents, ...)."""
@@ -442,20 +451,82 @@ class ChatTemplate:
         variables.update({key: _plain(value) for key, value in extra.items()})
         variables["messages"] = [_plain_message(m) for m in messages]
         variables["add_generation_prompt"] = bool(add_generation_prompt)
+        if self._template is not None:
+            reply = render_request({"variables": variables}, self._template)
+        else:
+            reply = self._ask({"source": self.source, "variables": variables})
+        return self._checked(reply)["text"]
+
+    def _ask(self, request: dict) -> dict:
+        """A worker's reply to `request` (camelid.template_worker); its failures as one-line errors."""
+        from camelid.template_worker import RENDER_SECONDS, WORKER_MEMORY, Stopped, ask
+
         try:
-            return self._template.render(**variables)
-        except _Refusal as exc:
-            raise CamelidError(f"chat template {self._label()} refused the conversation: {_one_line(exc)}") from None
-        except SecurityError as exc:
-            raise CamelidError(
-                f"chat template {self._label()} tried something the sandbox forbids: {_one_line(exc)}; "
-                "do not use this template"
-            ) from None
-        except Exception as exc:  # the template is untrusted input: any failure of it is the template's
-            raise CamelidError(
-                f"chat template {self._label()} failed to render: {type(exc).__name__}: {_one_line(exc)}; "
-                "check the messages it expects or use a built-in template"
-            ) from exc
+            reply = ask(request)
+        except Stopped as exc:
+            limit = (f"took more than {RENDER_SECONDS:g} s to render" if exc.reason == "time" else
+                     f"used more than its {WORKER_MEMORY >> 20} MiB of memory" if exc.reason == "memory" else
+                     f"stopped its worker process ({exc.reason})")
+            raise CamelidError(f"chat template {self._label()} {limit} and was stopped (a template limit); "
+                               f"do not use this template, or pick a built-in one ({', '.join(BUILTIN_TEMPLATES)})"
+                               ) from None
+        return reply
+
+    def _checked(self, reply: dict) -> dict:
+        error = reply.get("error")
+        if error is None:
+            return reply
+        detail, fix = reply.get("message", ""), f"use a built-in template ({', '.join(BUILTIN_TEMPLATES)})"
+        raise CamelidError({
+            "syntax": f"chat template {self._label()} does not compile: {detail}; fix it or {fix}",
+            "refusal": f"chat template {self._label()} refused the conversation: {detail}",
+            "security": f"chat template {self._label()} tried something the sandbox forbids: {detail}; "
+                        "do not use this template",
+            "length": f"chat template {self._label()} rendered more than {detail} characters and was stopped "
+                      f"(a template limit); do not use this template, or {fix}",
+            "memory": f"chat template {self._label()} ran out of memory and was stopped (a template limit); {fix}",
+        }.get(error, f"chat template {self._label()} failed to render: {detail}; check the messages it expects "
+                     f"or {fix}"))
+
+
+def render_request(request: dict, template: jinja2.Template | None = None) -> dict:
+    """What a request to render (or only compile) a template gives: {"text": ...} or {"error": kind, "message"}.
+
+    Run by the template workers on a model's template, and in process on a built-in (`template`, compiled).
+    `request` holds the template's `source` (when not given compiled) and, to render, the `variables`. A model's
+    template stops at MAX_RENDER_CHARS plus twice the variables' size as JSON, so that text it makes up cannot
+    grow without bound while a long conversation, or many tools, still renders.
+    """
+    trusted = template is not None
+    try:
+        template = template or _compile(request["source"])
+    except TemplateSyntaxError as exc:
+        return {"error": "syntax", "message": f"{_one_line(exc)} (line {exc.lineno})"}
+    except MemoryError:
+        return {"error": "memory"}
+    except Exception as exc:  # RecursionError on deep nesting, SecurityError while folding constants, ...
+        return {"error": "failure", "message": f"{type(exc).__name__} while compiling: {_one_line(exc)}"}
+    variables = request.get("variables")
+    if variables is None:
+        return {"text": ""}
+    # camelid's own templates cannot run away; a model's may write only so much beyond what it was given
+    limit = None if trusted else MAX_RENDER_CHARS + 2 * len(json.dumps(variables, ensure_ascii=False))
+    try:
+        pieces, size = [], 0
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if limit is not None and size > limit:
+                return {"error": "length", "message": f"{limit:,}"}
+            pieces.append(piece)
+        return {"text": "".join(pieces)}
+    except _Refusal as exc:
+        return {"error": "refusal", "message": _one_line(exc)}
+    except SecurityError as exc:
+        return {"error": "security", "message": _one_line(exc)}
+    except MemoryError:
+        return {"error": "memory"}
+    except Exception as exc:  # the template is untrusted input: any failure of it is the template's
+        return {"error": "failure", "message": f"{type(exc).__name__}: {_one_line(exc)}"}
 
 
 def read_chat_template(path: str | Path) -> str | None:

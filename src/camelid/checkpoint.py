@@ -175,6 +175,10 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
     """A model holding exactly `state`, built without first allocating random weights."""
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    layers = {int(m[1]) for name in state if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if (max(layers) + 1 if layers else 0) != config.num_hidden_layers:  # before the layers are built
+        raise CamelidError(f"the config says {config.num_hidden_layers} layers, but the checkpoint has tensors for "
+                           f"{max(layers) + 1 if layers else 0}; config and weights do not belong together")
     with torch.device("meta"):
         model = Llama(config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
@@ -219,6 +223,8 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
+    for name in files:
+        _check_inside(directory, name)
     if not files:
         pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
         if pickles:
@@ -237,6 +243,23 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             raise CamelidError(f"{directory / name}: unreadable safetensors file ({exc}); is it truncated?") from None
     state.pop("model.rotary_emb.inv_freq", None)  # stored by some old exports; recomputed from the config
     return config, split_fused_projections(_language_model(state), config)
+
+
+def _check_inside(directory: Path, name) -> None:
+    """Refuse a weight file that is not inside the model directory: an index naming `../elsewhere/x.safetensors`
+    or an absolute path, or a link to a file outside. Hugging Face's own cache is allowed its layout, where a
+    snapshot's files link into the same repository's `blobs` folder."""
+    if not isinstance(name, str) or not name:
+        raise CamelidError(f"{directory}: the safetensors index names a shard {name!r}, not a file name")
+    root = directory.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision>/
+        allowed.append(root.parent.parent / "blobs")
+    target = (directory / name).resolve()
+    lexical = Path(os.path.normpath(root / name))
+    if not (lexical.is_relative_to(root) and any(target.is_relative_to(a) for a in allowed)):
+        raise CamelidError(f"{directory}: weight file {name} lies outside the model directory; camelid loads "
+                           "weights only from inside it (move the file in, or fix the index)")
 
 
 # Where a multimodal checkpoint (Gemma 3 4B and up) keeps its language model, by transformers version.
@@ -429,16 +452,50 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     if f"{arch}.expert_count" in meta and meta[f"{arch}.expert_count"]:
         raise CamelidError(f"{gguf.path}: mixture-of-experts models are not supported")
 
-    def get(key, default=None):
+    def get(key, default=None, kind="count"):
+        """Metadata `arch.key`, checked: a count is a whole number of at least 1, a real a positive number."""
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise CamelidError(f"{gguf.path}: metadata {arch}.{key} is missing; the file is incomplete")
+        fits = (type(value) is int and value >= 1 if kind == "count" else
+                type(value) in (int, float) and 0 < value < float("inf"))
+        if not fits:
+            what = "a whole number of at least 1" if kind == "count" else "a positive number"
+            raise CamelidError(f"{gguf.path}: metadata {arch}.{key} is {_shown(value)}, not {what}; the file is damaged")
         return value
 
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     if "token_embd.weight" not in gguf.tensors:
         raise CamelidError(f"{gguf.path}: no token_embd.weight tensor; this is not a complete LLaMA model")
+    _check_block_count(gguf, get("block_count"))
+    try:
+        return _config_from_metadata(gguf, arch, get, heads, hidden)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:  # a value of the wrong type that no check above names
+        raise CamelidError(f"{gguf.path}: a metadata value has the wrong type or range ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())}); the file is damaged") from None
+
+
+def _shown(value) -> str:
+    """A metadata value for an error message, cut short (it may be a whole vocabulary)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_block_count(gguf: GGUFFile, layers: int) -> None:
+    """The layer count the metadata gives must be the one the tensors have, before any list of layers is made."""
+    found = {int(parts[1]) for name in gguf.tensors if (parts := name.split("."))[0] == "blk" and parts[1].isdigit()}
+    have = max(found) + 1 if found else 0
+    if layers != have:
+        arch = gguf.metadata["general.architecture"]
+        raise CamelidError(f"{gguf.path}: metadata {arch}.block_count is {layers}, but the file has tensors for "
+                           f"{have} layers; the file is damaged")
+
+
+def _config_from_metadata(gguf: GGUFFile, arch: str, get, heads: int, hidden: int) -> ModelConfig:
+    from camelid.tokenizer import gguf_special_ids
+
+    meta, special = gguf.metadata, gguf_special_ids(gguf.metadata)
     config = ModelConfig(
         vocab_size=gguf.tensors["token_embd.weight"].shape[0],  # the tensor says it; metadata may omit padding
         hidden_size=hidden,
@@ -448,20 +505,20 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         num_key_value_heads=get("attention.head_count_kv", heads),
         head_dim=get("attention.key_length", hidden // heads),
         max_position_embeddings=get("context_length"),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", kind="real")),
+        rope_theta=float(get("rope.freq_base", 10000.0, kind="real")),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
         model_type=GGUF_ARCHS[arch],
         no_rope_layers=no_rope_every(SMOLLM3_NOPE_STEP, get("block_count")) if arch == "smollm3" else None,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        bos_token_id=special.get("bos_token_id"),
+        eos_token_id=special.get("eos_token_id"),
         **(_gemma3_settings(gguf, get) if arch == "gemma3" else {}),
         **(_phi3_settings(gguf, get) if arch == "phi3" else {}),
     )
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
-        config.rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        config.rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", kind="real"))}
     elif scaling_type not in ("none", None):
         raise CamelidError(f"{gguf.path}: rope scaling {scaling_type!r} is not supported (supported: linear, llama3)")
     if "rope_freqs.weight" in gguf.tensors:

@@ -31,7 +31,13 @@ ROPE_KEYS = {
 # The precisions a model's weights are loaded in and written as, by name. They live here, free of torch, so that
 # `camelid --help` lists them without loading it (camelid.checkpoint maps the names to torch's dtypes).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "f16", "int8")  # how camelid.quantize stores the linear weights for decoding
+QUANTIZATIONS = ("none", "f16", "int8")
+# The largest each size may be, far above released models' (vocabulary 262,144, width 16,384, MLP 53,248,
+# 126 layers, 128 heads, head_dim 256, 10M positions), so that a damaged or hostile config.json or GGUF file
+# cannot make camelid build a billion layers before its tensors are looked at.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+               "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
+               "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}  # how camelid.quantize stores the linear weights for decoding
 # What `camelid export gguf --type` offers: everything the `gguf` package quantizes in Python bit for bit as
 # ggml's reference code does. The K-quants are missing there (the package only dequantizes them); llama.cpp's
 # llama-quantize makes them from an f16 or f32 export.
@@ -75,17 +81,31 @@ class ModelConfig:
         if self.model_type not in ARCHITECTURES:
             supported = ", ".join(ARCHITECTURES)
             raise CamelidError(f"model_type {self.model_type!r} is not supported (supported: {supported})")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise CamelidError(f"config {name} must be a positive integer, not {getattr(self, name)!r}")
-        if self.num_key_value_heads is not None and (
-            not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 1
-        ):
-            raise CamelidError(f"config num_key_value_heads must be a positive integer, not {self.num_key_value_heads!r}")
+        # A config comes with a downloaded model: every size is checked before anything is built from it.
+        for name, most in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("num_key_value_heads", "head_dim"):
+                continue
+            if type(value) is not int or not 1 <= value <= most:
+                raise CamelidError(f"config {name} must be a whole number from 1 to {most:,}, not {value!r}")
+        for name in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is None and name in ("rope_local_base_freq", "query_pre_attn_scalar"):
+                continue
+            if type(value) not in (int, float) or not 0 < value < float("inf") or (name == "rms_norm_eps" and value >= 1):
+                raise CamelidError(f"config {name} must be a positive number{' below 1' * (name == 'rms_norm_eps')}, "
+                                   f"not {value!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if not all(i is None or (type(i) is int and i >= 0) for i in ids):
+                raise CamelidError(f"config {name} must be a token id (a whole number from 0), not {value!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise CamelidError(f"config head_dim must be even (the rotary embedding turns pairs), not {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CamelidError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -199,6 +219,11 @@ class ModelConfig:
             arch = hf["model_type"]
         if arch not in ARCHITECTURES:
             raise CamelidError(f"model_type {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        layers = hf.get("num_hidden_layers")
+        if layers is not None and (type(layers) is not int or not 1 <= layers <= SIZE_LIMITS["num_hidden_layers"]):
+            # checked first: the layer patterns below are lists of this length
+            raise CamelidError(f"config num_hidden_layers must be a whole number from 1 to "
+                               f"{SIZE_LIMITS['num_hidden_layers']:,}, not {layers!r}")
         if arch == "gemma3_text":
             hf = _gemma3_text(hf)
         if arch == "phi3":

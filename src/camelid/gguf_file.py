@@ -5,6 +5,7 @@ The `gguf` package (llama.cpp's own Python library) supplies the type tables and
 vocabulary; this parser reads the same header in tens of milliseconds, which is most of a small model's load time.
 """
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from camelid.errors import CamelidError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_ELEMENTS = 1 << 40  # elements one tensor may have (the largest embeddings of released models: ~2**30)
+# Items in all metadata arrays together, as Python lists ~8 times their bytes on disk: a 262K-token vocabulary's
+# tokens, scores, types and merges are ~1M.
+MAX_METADATA_ITEMS = 1 << 23
 
 # GGUF metadata value types -> (struct format, numpy dtype) for the fixed-size ones.
 _SCALARS = {
@@ -58,10 +64,12 @@ class GGUFFile:
                 raise CamelidError(f"{self.path}: the file is empty, not a GGUF model") from None
         try:
             self._parse()
-        except (struct.error, IndexError, UnicodeDecodeError, ValueError):
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError):
             raise CamelidError(f"{self.path}: damaged GGUF header; the file is truncated or corrupt") from None
 
     # -- header --------------------------------------------------------------------------------------------
+    # The file is untrusted: every count, length, type, dimension and offset is checked before it is used to
+    # size anything, so that a damaged or hostile header is a one-line error, never a hang or a huge allocation.
     def _parse(self) -> None:
         buf = self._map
         if buf[:4] != GGUF_MAGIC:
@@ -69,29 +77,65 @@ class GGUFFile:
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
         if version not in (2, 3):
             raise CamelidError(f"{self.path}: GGUF version {version} is not supported (supported: 2, 3)")
+        # the least a metadata entry (key length, type, one byte) and a tensor entry (name length, one dimension,
+        # type, offset) can take
+        if n_kv * 13 + n_tensors * 28 > len(buf) - 24:
+            raise self._damaged(f"its header claims {n_kv:,} metadata entries and {n_tensors:,} tensors, more "
+                                f"than a file of {len(buf):,} bytes holds")
         self._pos = 24
+        self._items_left = MAX_METADATA_ITEMS
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
             (vtype,) = self._unpack("<I")
-            self.metadata[key] = self._value(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = self._string()
-            (n_dims,) = self._unpack("<I")
-            dims = self._unpack(f"<{n_dims}Q")
-            ggml_type, offset = self._unpack("<IQ")
-            infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if alignment < 1:
-            raise ValueError(f"alignment {alignment}")
+            if key in self.metadata:
+                raise self._damaged(f"metadata key {key} appears twice")
+            self.metadata[key] = self._value(vtype, key)
+        infos = [self._tensor_info() for _ in range(n_tensors)]
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
+            raise self._damaged(f"general.alignment is {alignment!r}, not a power of two")
         data_start = -(-self._pos // alignment) * alignment
-        self.tensors = {n: TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos}
-        for info in self.tensors.values():
-            if info.offset + self._nbytes(info) > len(buf):
+        self.tensors = {}
+        for name, shape, ggml_type, offset in infos:
+            if name in self.tensors:
+                raise self._damaged(f"tensor {name} appears twice")
+            if offset % alignment:
+                raise self._damaged(f"tensor {name} starts at offset {offset}, not a multiple of the alignment "
+                                    f"{alignment}")
+            self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset)
+        end = data_start
+        for info in sorted(self.tensors.values(), key=lambda t: t.offset):
+            if info.offset < end:
+                raise self._damaged(f"tensor {info.name}'s data overlaps the tensor before it")
+            end = info.offset + self._nbytes(info)
+            if end > len(buf):
                 raise CamelidError(
                     f"{self.path}: tensor {info.name} runs past the end of the file; the file is truncated"
                 )
+
+    def _damaged(self, problem: str) -> CamelidError:
+        return CamelidError(f"{self.path}: {problem}; the file is damaged or not a model file")
+
+    def _tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
+        """One tensor's entry, checked: 1 to 4 dimensions of at least 1, a known type whose blocks fit the rows."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        name = self._string()
+        (n_dims,) = self._unpack("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise self._damaged(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+        dims = self._unpack(f"<{n_dims}Q")
+        ggml_type, offset = self._unpack("<IQ")
+        if min(dims) < 1 or math.prod(dims) > MAX_ELEMENTS:  # Python's integers: no product wraps around
+            raise self._damaged(f"tensor {name} has dimensions {list(dims)}")
+        try:
+            block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
+        except (ValueError, KeyError):
+            raise self._damaged(f"tensor {name} has unknown GGML type {ggml_type}") from None
+        if dims[0] % block:
+            raise self._damaged(f"tensor {name}'s rows of {dims[0]} do not divide into its type's blocks of {block}")
+        return name, tuple(int(d) for d in reversed(dims)), ggml_type, offset
 
     def _unpack(self, fmt: str) -> tuple:
         out = struct.unpack_from(fmt, self._map, self._pos)
@@ -115,7 +159,7 @@ class GGUFFile:
         self._pos = pos
         return out
 
-    def _value(self, vtype: int) -> Any:
+    def _value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALARS:
             (v,) = self._unpack(_SCALARS[vtype][0])
             return v
@@ -123,6 +167,12 @@ class GGUFFile:
             return self._string()
         if vtype == _ARRAY:
             item_type, n = self._unpack("<IQ")
+            least = np.dtype(_SCALARS[item_type][1]).itemsize if item_type in _SCALARS else 8  # a string's length
+            if n * least > len(self._map) - self._pos:
+                raise self._damaged(f"metadata {key} claims {n:,} items, more than the rest of the file holds")
+            self._items_left -= n
+            if self._items_left < 0:
+                raise self._damaged(f"its metadata arrays hold more than {MAX_METADATA_ITEMS:,} items (at {key})")
             if item_type in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
                 arr = np.frombuffer(self._map, dtype=dtype, count=n, offset=self._pos)
@@ -130,19 +180,18 @@ class GGUFFile:
                 return arr.tolist()
             if item_type == _STRING:
                 return self._strings(n)
-            return [self._value(item_type) for _ in range(n)]
-        raise ValueError(f"unknown metadata value type {vtype}")
+            if item_type == _ARRAY:
+                return [self._value(item_type, key) for _ in range(n)]
+            vtype = item_type
+        raise self._damaged(f"metadata {key} has unknown value type {vtype}")
 
     # -- tensors -------------------------------------------------------------------------------------------
     @staticmethod
     def _nbytes(info: TensorInfo) -> int:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        try:
-            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
-        except (ValueError, KeyError):
-            return 0  # unknown type: reported when the tensor is read
-        return int(np.prod(info.shape, dtype=np.int64)) // block * block_bytes
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]  # known: checked on reading
+        return math.prod(info.shape) // block * block_bytes
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored (a uint8 view into the memory map)."""

@@ -171,6 +171,13 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for: twice its longest vocabulary entry (a
+        normalizer may join characters, as NFC joins a letter and its accent). Text longer than `n` times this
+        cannot be fewer than `n` tokens, which says so without tokenizing it."""
+        return 2 * max(len(piece) for piece in self.backend.get_vocab(with_added_tokens=True))
+
+    @functools.cached_property
     def _added_ids(self) -> frozenset[int]:
         # built by the backend anew on each call: thousands of tokens on Gemma (8 ms), so asked once
         return frozenset(self.backend.get_added_tokens_decoder())
@@ -314,6 +321,22 @@ def _tokenizer_from_directory(directory: Path) -> Tokenizer:
     )
 
 
+def gguf_special_ids(metadata: dict[str, Any]) -> dict[str, int]:
+    """The special tokens a GGUF file names (`bos_token_id`, `eos_token_id`, ... without `tokenizer.ggml.`), each
+    checked to be a token of its vocabulary: an id outside it is an error that names the key (llama.cpp warns and
+    drops it, which would leave a model that never stops or never starts right)."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    size = len(tokens) if isinstance(tokens, list) else 0
+    named = {}
+    for key, value in metadata.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            if type(value) is not int or not 0 <= value < size:
+                raise CamelidError(f"GGUF metadata {key} is {value!r}, not a token of the {size}-token vocabulary; "
+                                   "the file is damaged")
+            named[key.removeprefix("tokenizer.ggml.")] = value
+    return named
+
+
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     """Build the tokenizer that a GGUF file's `tokenizer.ggml.*` metadata describes."""
     kind = metadata.get("tokenizer.ggml.model")
@@ -330,9 +353,16 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     vocab = {t: i for i, t in enumerate(tokens)}  # on a duplicate the last id wins, as in llama.cpp
 
+    named = gguf_special_ids(metadata)
+
     def special_id(key: str, default: int | None) -> int | None:
-        value = metadata.get(f"tokenizer.ggml.{key}", default)
-        return value if value is not None and 0 <= value < len(tokens) else default
+        return named.get(key, default)
+
+    for key, values in (("token_type", metadata.get("tokenizer.ggml.token_type")),
+                        ("scores", metadata.get("tokenizer.ggml.scores"))):
+        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
+            raise CamelidError(f"GGUF metadata tokenizer.ggml.{key} does not give one value per token of the "
+                               f"{len(tokens)}; the file is damaged")
 
     for text in END_OF_GENERATION_TOKENS:  # control tokens whatever the file says, as in llama.cpp
         if text in vocab:

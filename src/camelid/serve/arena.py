@@ -77,14 +77,14 @@ class Arena:
         self.pick = random.Random()  # its own generator, seeded by the OS: the draw is nobody else's business
         self.write_lock = threading.Lock()
 
-    def start(self, prompt: str) -> Battle:
+    async def start(self, prompt: str) -> Battle:
         """A battle on `prompt` between two models drawn at random (one asked twice when only one can chat)."""
         if not self.models:
             raise APIError(503, "no served model has a chat template, so the arena has nobody to ask",
                            type="server_error", code="no_chat_models")
         a, b = self.pick.sample(self.models, 2) if len(self.models) >= 2 else self.models * 2
         for served in (a, b):
-            _chat_prompt(served, prompt)  # refuse a prompt that does not fit now, not halfway through
+            await _chat_prompt(served, prompt)  # refuse a prompt that does not fit now, not halfway through
         battle = Battle(uuid.uuid4().hex, prompt, {"a": Answer(a), "b": Answer(b)})
         self.battles[battle.id] = battle
         while len(self.battles) > MAX_BATTLES:
@@ -144,7 +144,7 @@ async def new_battle(request: Request):
     if not body.prompt.strip():
         raise APIError(400, "the prompt is empty", param="prompt")
     limits.check_prompt_chars("prompt", len(body.prompt))
-    battle = arena.start(body.prompt)
+    battle = await arena.start(body.prompt)
     return {"battle": battle.id, "models_in_arena": len(arena.models)}
 
 
@@ -157,7 +157,7 @@ async def answer(request: Request):
         raise APIError(409, f"side {body.side!r} of this battle was already asked for; start a new battle",
                        param="side", code="answer_already_requested")
     # Tokenized again rather than kept: a thousand long prompts' token lists would be gigabytes.
-    prompt = _chat_prompt(side.model, battle.prompt)
+    prompt = await _chat_prompt(side.model, battle.prompt)
     room = side.model.engine.context - len(prompt)
     params = GenerationParams(SamplingParams(max_new_tokens=min(ARENA_MAX_TOKENS, room), **ARENA_SAMPLING))
     job = side.model.submit(prompt, params, param="prompt")
@@ -186,8 +186,8 @@ async def _answer_events(side: Answer, job: Job):
             yield {"finish_reason": piece.finish_reason}
 
 
-def _chat_prompt(served: ServedModel, prompt: str) -> list[int]:
-    return served.chat_prompt([{"role": "user", "content": prompt}], "prompt")
+async def _chat_prompt(served: ServedModel, prompt: str) -> list[int]:
+    return await served.chat_prompt([{"role": "user", "content": prompt}], "prompt")
 
 
 def append_line(path: Path, line: str, lock: threading.Lock) -> None:

@@ -56,7 +56,7 @@ async def chat_completions(request: Request):
     use = tool_use(body, served.template)
     messages, variables = with_tools([m.as_dict() for m in body.messages], use, served.template)
     limits.check_prompt_chars("messages", sum(len(m["content"]) for m in messages))
-    prompt = served.chat_prompt(messages, "messages", **variables)
+    prompt = await served.chat_prompt(messages, "messages", **variables)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     top = body.top_logprobs if body.logprobs else None

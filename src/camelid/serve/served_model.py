@@ -1,5 +1,6 @@
 """A model the server answers for, and the two things every route asks of it: a chat as a prompt, and a job."""
 
+import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,15 +25,26 @@ class ServedModel:
     created: int
     adapter: int = 0  # 0: the base
 
-    def chat_prompt(self, messages: list[dict], param: str, **variables) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], param: str, **variables) -> list[int]:
         """`messages` rendered with the model's template (and its further `variables`: tools) as token ids; 400
-        about `param` if that cannot be done or the prompt leaves no room to answer in the context."""
+        about `param` if that cannot be done or the prompt leaves no room to answer in the context.
+
+        Rendering and tokenizing run off the event loop: a template that renders slowly, up to its limit
+        (camelid.template_worker), holds up its own request only.
+        """
+        return await asyncio.to_thread(self._chat_prompt, messages, param, variables)
+
+    def _chat_prompt(self, messages: list[dict], param: str, variables: dict) -> list[int]:
         if self.template is None:
             raise APIError(400, f"model {self.name!r} has no chat template; use /v1/completions", param="model")
         try:
             text = self.template.render(messages, add_generation_prompt=True, **variables)
         except CamelidError as exc:
             raise APIError(400, f"the chat template refused the {param}: {exc}", param=param) from None
+        if len(text) > self.engine.context * self.loaded.tokenizer.longest_token_chars:  # cannot fit: not tokenized
+            raise APIError(400, f"the prompt is {len(text):,} characters, more than the context of "
+                           f"{self.engine.context} tokens can hold; shorten it", param=param,
+                           code="context_length_exceeded")
         ids = self.loaded.tokenizer.encode(text, add_special=False)
         if len(ids) >= self.engine.context:
             raise APIError(400, f"the prompt is {len(ids)} tokens but the context is {self.engine.context}; "

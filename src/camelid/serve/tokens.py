@@ -49,7 +49,7 @@ async def tokenize(request: Request):
     if body.messages is not None:
         messages, _ = with_tools([m.as_dict() for m in body.messages], None, served.template)  # tool turns as text
         request.app.state.limits.check_prompt_chars("messages", sum(len(m["content"]) for m in messages))
-        tokens = served.chat_prompt(messages, "messages")
+        tokens = await served.chat_prompt(messages, "messages")
     else:
         text = body.prompt if body.prompt is not None else body.content
         request.app.state.limits.check_prompt_chars("prompt", len(text))
