@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from camelid.config import DTYPE_NAMES, ModelConfig, gemma3_layer_types, no_rope_every
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, shown
 from camelid.files import atomic_dir
 from camelid.files import read_json
 from camelid.gguf_file import GGUFFile
@@ -238,7 +238,7 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         try:
             state.update(load_file(directory / name))
         except FileNotFoundError:
-            raise CamelidError(f"{directory}: weight shard {name} named in the index is missing") from None
+            raise CamelidError(f"{directory}: weight shard {shown(name)} named in the index is missing") from None
         except (SafetensorError, OSError) as exc:
             raise CamelidError(f"{directory / name}: unreadable safetensors file ({exc}); is it truncated?") from None
     state.pop("model.rotary_emb.inv_freq", None)  # stored by some old exports; recomputed from the config
@@ -258,7 +258,7 @@ def _check_inside(directory: Path, name) -> None:
     target = (directory / name).resolve()
     lexical = Path(os.path.normpath(root / name))
     if not (lexical.is_relative_to(root) and any(target.is_relative_to(a) for a in allowed)):
-        raise CamelidError(f"{directory}: weight file {name} lies outside the model directory; camelid loads "
+        raise CamelidError(f"{directory}: weight file {shown(name)} lies outside the model directory; camelid loads "
                            "weights only from inside it (move the file in, or fix the index)")
 
 
@@ -461,7 +461,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
                 type(value) in (int, float) and 0 < value < float("inf"))
         if not fits:
             what = "a whole number of at least 1" if kind == "count" else "a positive number"
-            raise CamelidError(f"{gguf.path}: metadata {arch}.{key} is {_shown(value)}, not {what}; the file is damaged")
+            raise CamelidError(f"{gguf.path}: metadata {arch}.{key} is {shown(value)}, not {what}; the file is damaged")
         return value
 
     heads = get("attention.head_count")
@@ -474,12 +474,6 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     except (TypeError, ValueError, ZeroDivisionError) as exc:  # a value of the wrong type that no check above names
         raise CamelidError(f"{gguf.path}: a metadata value has the wrong type or range ({type(exc).__name__}: "
                            f"{' '.join(str(exc).split())}); the file is damaged") from None
-
-
-def _shown(value) -> str:
-    """A metadata value for an error message, cut short (it may be a whole vocabulary)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_block_count(gguf: GGUFFile, layers: int) -> None:
@@ -577,8 +571,11 @@ def _llama3_scaling_from_factors(config: ModelConfig, factors: np.ndarray, path)
     raise CamelidError(f"{path}: its rope_freqs factors match no known Llama-3 scaling; this file is not supported")
 
 
-def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _unpermute_rope(w: torch.Tensor, n_heads: int, name: str = "q/k") -> torch.Tensor:
     """Undo llama.cpp's reordering of q/k rows (interleaved rotary pairs back to the HF half-split layout)."""
+    if w.shape[0] % (2 * n_heads):
+        raise CamelidError(f"tensor {name} has {w.shape[0]} rows, which do not split into rotary pairs for "
+                           f"{n_heads} heads; the file's tensors do not fit its metadata")
     half = w.shape[0] // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -591,15 +588,15 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
             continue
         hf_name = gguf_to_hf_name(name, gguf.metadata["general.architecture"])
         if hf_name is None:
-            raise CamelidError(f"{gguf.path}: unexpected tensor {name}, which camelid's {config.model_type} has no "
+            raise CamelidError(f"{gguf.path}: unexpected tensor {shown(name)}, which camelid's {config.model_type} has no "
                            "place for; the file holds parts camelid does not run")
         w = gguf.dequantize(name)
         if config.gemma and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's gemma3 stores the whole scale; transformers and camelid its offset from 1
         if config.model_type in INTERLEAVED_ROPE_ARCHS:  # back from interleaved rotary pairs
             if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
-                w = _unpermute_rope(w, config.num_attention_heads)
+                w = _unpermute_rope(w, config.num_attention_heads, name)
             elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
-                w = _unpermute_rope(w, config.num_key_value_heads)
+                w = _unpermute_rope(w, config.num_key_value_heads, name)
         state[hf_name] = w
     return config, split_fused_projections(state, config)

@@ -6,3 +6,10 @@ class CamelidError(Exception):
 
     The message names the problem and, where there is one, the fix or the supported choices.
     """
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value read from an untrusted file (a tensor name, a metadata value), fit for a one-line error: quoted with
+    its control characters escaped, and cut to about `limit` characters (it may be a whole vocabulary)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

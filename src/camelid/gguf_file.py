@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, shown
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -89,7 +89,7 @@ class GGUFFile:
             key = self._string()
             (vtype,) = self._unpack("<I")
             if key in self.metadata:
-                raise self._damaged(f"metadata key {key} appears twice")
+                raise self._damaged(f"metadata key {shown(key)} appears twice")
             self.metadata[key] = self._value(vtype, key)
         infos = [self._tensor_info() for _ in range(n_tensors)]
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -99,19 +99,19 @@ class GGUFFile:
         self.tensors = {}
         for name, shape, ggml_type, offset in infos:
             if name in self.tensors:
-                raise self._damaged(f"tensor {name} appears twice")
+                raise self._damaged(f"tensor {shown(name)} appears twice")
             if offset % alignment:
-                raise self._damaged(f"tensor {name} starts at offset {offset}, not a multiple of the alignment "
+                raise self._damaged(f"tensor {shown(name)} starts at offset {offset}, not a multiple of the alignment "
                                     f"{alignment}")
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset)
         end = data_start
         for info in sorted(self.tensors.values(), key=lambda t: t.offset):
             if info.offset < end:
-                raise self._damaged(f"tensor {info.name}'s data overlaps the tensor before it")
+                raise self._damaged(f"tensor {shown(info.name)}'s data overlaps the tensor before it")
             end = info.offset + self._nbytes(info)
             if end > len(buf):
                 raise CamelidError(
-                    f"{self.path}: tensor {info.name} runs past the end of the file; the file is truncated"
+                    f"{self.path}: tensor {shown(info.name)} runs past the end of the file; the file is truncated"
                 )
 
     def _damaged(self, problem: str) -> CamelidError:
@@ -124,17 +124,17 @@ class GGUFFile:
         name = self._string()
         (n_dims,) = self._unpack("<I")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise self._damaged(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+            raise self._damaged(f"tensor {shown(name)} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
         dims = self._unpack(f"<{n_dims}Q")
         ggml_type, offset = self._unpack("<IQ")
         if min(dims) < 1 or math.prod(dims) > MAX_ELEMENTS:  # Python's integers: no product wraps around
-            raise self._damaged(f"tensor {name} has dimensions {list(dims)}")
+            raise self._damaged(f"tensor {shown(name)} has dimensions {list(dims)}")
         try:
             block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
         except (ValueError, KeyError):
-            raise self._damaged(f"tensor {name} has unknown GGML type {ggml_type}") from None
+            raise self._damaged(f"tensor {shown(name)} has unknown GGML type {ggml_type}") from None
         if dims[0] % block:
-            raise self._damaged(f"tensor {name}'s rows of {dims[0]} do not divide into its type's blocks of {block}")
+            raise self._damaged(f"tensor {shown(name)}'s rows of {dims[0]} do not divide into its type's blocks of {block}")
         return name, tuple(int(d) for d in reversed(dims)), ggml_type, offset
 
     def _unpack(self, fmt: str) -> tuple:
@@ -169,10 +169,10 @@ class GGUFFile:
             item_type, n = self._unpack("<IQ")
             least = np.dtype(_SCALARS[item_type][1]).itemsize if item_type in _SCALARS else 8  # a string's length
             if n * least > len(self._map) - self._pos:
-                raise self._damaged(f"metadata {key} claims {n:,} items, more than the rest of the file holds")
+                raise self._damaged(f"metadata {shown(key)} claims {n:,} items, more than the rest of the file holds")
             self._items_left -= n
             if self._items_left < 0:
-                raise self._damaged(f"its metadata arrays hold more than {MAX_METADATA_ITEMS:,} items (at {key})")
+                raise self._damaged(f"its metadata arrays hold more than {MAX_METADATA_ITEMS:,} items (at {shown(key)})")
             if item_type in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
                 arr = np.frombuffer(self._map, dtype=dtype, count=n, offset=self._pos)
@@ -183,7 +183,7 @@ class GGUFFile:
             if item_type == _ARRAY:
                 return [self._value(item_type, key) for _ in range(n)]
             vtype = item_type
-        raise self._damaged(f"metadata {key} has unknown value type {vtype}")
+        raise self._damaged(f"metadata {shown(key)} has unknown value type {vtype}")
 
     # -- tensors -------------------------------------------------------------------------------------------
     @staticmethod

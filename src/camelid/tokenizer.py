@@ -40,7 +40,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, shown
 from camelid.files import read_json, write_atomic
 
 # GGUF token types (llama.cpp's `llama_token_type`).
@@ -321,6 +321,24 @@ def _tokenizer_from_directory(directory: Path) -> Tokenizer:
     )
 
 
+# The types llama.cpp's loader reads each tokenizer key as: lists of one type, or one value.
+_GGUF_TOKENIZER_TYPES = {"tokens": (list, str), "merges": (list, str), "token_type": (list, int),
+                         "scores": (list, (int, float)), "pre": (None, str), "add_bos_token": (None, bool),
+                         "add_eos_token": (None, bool), "add_space_prefix": (None, bool)}
+
+
+def _check_gguf_tokenizer_types(metadata: dict[str, Any]) -> None:
+    for key, (container, kind) in _GGUF_TOKENIZER_TYPES.items():
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is None:
+            continue
+        items = value if container is list and isinstance(value, list) else None if container is list else [value]
+        if items is None or not all(type(item) in (kind if isinstance(kind, tuple) else (kind,)) for item in items):
+            shape = "a list of " if container is list else ""
+            name = kind.__name__ if not isinstance(kind, tuple) else "number"
+            raise CamelidError(f"GGUF metadata tokenizer.ggml.{key} is not {shape}{name} values; the file is damaged")
+
+
 def gguf_special_ids(metadata: dict[str, Any]) -> dict[str, int]:
     """The special tokens a GGUF file names (`bos_token_id`, `eos_token_id`, ... without `tokenizer.ggml.`), each
     checked to be a token of its vocabulary: an id outside it is an error that names the key (llama.cpp warns and
@@ -331,7 +349,7 @@ def gguf_special_ids(metadata: dict[str, Any]) -> dict[str, int]:
     for key, value in metadata.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
             if type(value) is not int or not 0 <= value < size:
-                raise CamelidError(f"GGUF metadata {key} is {value!r}, not a token of the {size}-token vocabulary; "
+                raise CamelidError(f"GGUF metadata {shown(key)} is {shown(value)}, not a token of the {size}-token vocabulary; "
                                    "the file is damaged")
             named[key.removeprefix("tokenizer.ggml.")] = value
     return named
@@ -348,6 +366,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
             f"GGUF tokenizer model {kind!r} is not supported; camelid reads 'gpt2' (byte-level BPE) and "
             "'llama' (SentencePiece) vocabularies"
         )
+    _check_gguf_tokenizer_types(metadata)
     # llama.cpp names an empty token so that the text -> id map stays one-to-one.
     tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
@@ -413,9 +432,13 @@ def _byte_level_bpe(vocab: dict[str, int], merges: list[str] | None, pre: str) -
         raise CamelidError(
             f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(_SPLITS_BY_PRE))}"
         )
-    backend = BackendTokenizer(
-        models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in _LLAMA3_LIKE)
-    )
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    try:
+        model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_LIKE)
+    except Exception as exc:  # tokenizers raises plain Exceptions; the file's data is what is wrong
+        raise CamelidError(f"GGUF metadata tokenizer.ggml.merges does not fit the vocabulary "
+                           f"({shown(' '.join(str(exc).split()), 120)}); the file is damaged") from None
+    backend = BackendTokenizer(model)
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
         # The splitting is done above; ByteLevel only maps bytes to its printable alphabet. Offsets are left
@@ -424,6 +447,11 @@ def _byte_level_bpe(vocab: dict[str, int], merges: list[str] | None, pre: str) -
     )
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+# The squared token lengths a SentencePiece vocabulary may sum to: its merges are found by splitting every token
+# at every place, which costs that much (Gemma 3's 262,144 tokens: 10.8M, half a second).
+MAX_SPLIT_WORK = 32_000_000
 
 
 def _sentencepiece_bpe(
@@ -437,6 +465,10 @@ def _sentencepiece_bpe(
     # llama.cpp merges the adjacent pair whose joined text is the best-scoring token (leftmost on a tie), whatever
     # its type: control, unknown and byte tokens too, which only text that is not parsed for special tokens can
     # spell. That is BPE whose merges are every split of a token into two tokens, ranked by the joined token's score.
+    work = sum(len(token) ** 2 for token in tokens)  # what the splits below cost
+    if work > MAX_SPLIT_WORK:
+        raise CamelidError(f"GGUF metadata tokenizer.ggml.tokens holds longer tokens than any released SentencePiece "
+                           f"vocabulary (squared lengths summing to {work:,}, Gemma 3's: 10.8M); the file is damaged")
     mergeable = sorted(range(len(tokens)), key=lambda i: -scores[i])
     # One comprehension: for Gemma's 262K tokens it tests 1.1M splits, half a second of the load.
     merges = [
