@@ -20,6 +20,7 @@ from camelid.errors import CamelidError, shown
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NAME_BYTES = 65535  # the longest key the GGUF specification allows (camelid holds tensor names to it too)
 MAX_ELEMENTS = 1 << 40  # elements one tensor may have (the largest embeddings of released models: ~2**30)
 # Items in all metadata arrays together, as Python lists ~8 times their bytes on disk: a 262K-token vocabulary's
 # tokens, scores, types and merges are ~1M.
@@ -86,7 +87,7 @@ class GGUFFile:
         self._items_left = MAX_METADATA_ITEMS
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = self._string()
+            key = self._name("a metadata key")
             (vtype,) = self._unpack("<I")
             if key in self.metadata:
                 raise self._damaged(f"metadata key {shown(key)} appears twice")
@@ -121,7 +122,7 @@ class GGUFFile:
         """One tensor's entry, checked: 1 to 4 dimensions of at least 1, a known type whose blocks fit the rows."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        name = self._string()
+        name = self._name("a tensor name")
         (n_dims,) = self._unpack("<I")
         if not 1 <= n_dims <= MAX_DIMS:
             raise self._damaged(f"tensor {shown(name)} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
@@ -141,6 +142,13 @@ class GGUFFile:
         out = struct.unpack_from(fmt, self._map, self._pos)
         self._pos += struct.calcsize(fmt)
         return out
+
+    def _name(self, what: str) -> str:
+        """A key or tensor name: GGUF allows 65,535 bytes, and a longer one is a damaged length, not read."""
+        (size,) = struct.unpack_from("<Q", self._map, self._pos)
+        if size > MAX_NAME_BYTES:
+            raise self._damaged(f"{what} at byte {self._pos} claims {size:,} bytes (GGUF allows {MAX_NAME_BYTES:,})")
+        return self._string()
 
     def _string(self) -> str:
         return self._strings(1)[0]
