@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 and Gemma 3 GGUFs, real ShareGPT texts, and markers for optional references."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{deselected:>5} deselected (by -m or -k; `make test` runs every test)")
     if reasons:
         terminalreporter.write_line(FULL_RUN)
+
+
+@pytest.fixture(scope="module")
+def tuned_adapter(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2 after three LoRA steps on the identity set at a high learning rate: enough to change its answers."""
+    from camelid.data.identity import identity_conversations
+    from camelid.train.loop import train
+    from camelid.train.recipe import build_config
+
+    directory = tmp_path_factory.mktemp("tuned")
+    data = directory / "identity.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in identity_conversations()))
+    cfg = build_config({"model": DEFAULT_MODEL, "data": [str(data)], "out": str(directory / "run"), "seq_len": 256,
+                        "batch_size": 4, "micro_batch_size": 4, "max_steps": 3, "lr": 3e-3, "warmup_ratio": 0.0,
+                        "seed": 3})
+    return train(cfg, progress=False, log=lambda message: None).model_dir

@@ -17,7 +17,7 @@ import torch
 from camelid.checkpoint import LoadedModel, load_model, save_model
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
-from camelid.export import GGUF_TYPES, export_gguf, export_hf, gguf_vocabulary
+from camelid.export import GGUF_TYPES, export_gguf, export_gguf_adapter, export_hf, gguf_vocabulary
 from camelid.gguf_file import GGUFFile
 from camelid.model import Llama
 from camelid.tokenizer import load_tokenizer
@@ -189,23 +189,6 @@ def test_llama_cpp_tokenizes_the_export_as_camelid_does(smollm2_model, smollm2_e
 # -- a fine-tuned model ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tuned_adapter(tmp_path_factory) -> Path:
-    """SmolLM2 after three LoRA steps on the identity set at a high learning rate: enough to change its answers."""
-    from camelid.named_models import DEFAULT_MODEL
-    from camelid.data.identity import identity_conversations
-    from camelid.train.loop import train
-    from camelid.train.recipe import build_config
-
-    directory = tmp_path_factory.mktemp("tuned")
-    data = directory / "identity.jsonl"
-    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in identity_conversations()))
-    cfg = build_config({"model": DEFAULT_MODEL, "data": [str(data)], "out": str(directory / "run"), "seq_len": 256,
-                        "batch_size": 4, "micro_batch_size": 4, "max_steps": 3, "lr": 3e-3, "warmup_ratio": 0.0,
-                        "seed": 3})
-    return train(cfg, progress=False, log=lambda message: None).model_dir
-
-
 TUNED_PROMPTS = ["Who are you?", "What is your name?", "Who created you?"]
 
 
@@ -252,6 +235,53 @@ def test_fine_tuned_export_answers_in_llama_cpp_as_in_camelid(tuned_adapter, smo
 
 
 # -- architecture variants on tiny random models ---------------------------------------------------------------
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_a_trained_adapter_as_gguf_runs_in_llama_cpp_as_camelids_merged_model(
+        tuned_adapter, smollm2_gguf, smollm2_export, eval_sequences, tmp_path):
+    """`export gguf-adapter` of the trained LoRA, applied by llama.cpp (lora_path=) to the base: on camelid's f32
+    export of the base, llama.cpp's next token is the merged model's at >= 99% of 400 real positions, as for the
+    base alone; on SmolLM2's own Q4_1 file, whose 8-bit activations cost a few percent already without an adapter,
+    at >= 93%, and closer than the base alone."""
+    path = export_gguf_adapter(tuned_adapter, tmp_path / "adapter.gguf")
+    assert path.stat().st_size < 0.1 * smollm2_gguf.stat().st_size  # an adapter, not a model
+    merged = camelid_logits(load_model(tuned_adapter, device="cpu", dtype="float32").model, eval_sequences)
+    on_f32 = agreement(merged, llama_cpp_logits(smollm2_export("f32"), eval_sequences, lora_path=str(path)))
+    on_q4 = agreement(merged, llama_cpp_logits(smollm2_gguf, eval_sequences, lora_path=str(path)))
+    base = agreement(merged, llama_cpp_logits(smollm2_gguf, eval_sequences))
+    print(f"\nllama.cpp with the adapter GGUF vs camelid's merged model, top-1 over 400 positions: on the f32 base "
+          f"{on_f32:.4f}, on the Q4_1 file {on_q4:.4f} (the Q4_1 file without the adapter: {base:.4f})")
+    assert on_f32 >= 0.99 and on_q4 >= 0.93 and on_q4 > base
+
+
+def test_export_gguf_adapter_refuses_bad_input_in_one_line_and_writes_nothing(tiny_chat_dir, smollm2_gguf, tmp_path):
+    from camelid.lora import LoRAConfig, apply_lora, save_adapter
+
+    tiny = load_model(tiny_chat_dir, device="cpu")
+    save_adapter(apply_lora(tiny.model, LoRAConfig(r=2, targets=("q_proj", "v_proj"))), tmp_path / "adapter",
+                 base_model=str(tiny_chat_dir))
+    out = tmp_path / "adapter.gguf"
+    cases = [
+        (dict(base=smollm2_gguf), r"^the adapter does not fit the base .*SmolLM2.*: .*no tensor for model\.layers\.10\."
+                                  r"self_attn\.q_proj\.lora_A\.weight \(0 unexpected, 112 missing\)"),
+        (dict(type="q4_0"), r"^unknown adapter GGUF type 'q4_0'; choose f32 or f16$"),
+    ]
+    for options, message in cases:
+        with pytest.raises(CamelidError, match=message) as caught:
+            export_gguf_adapter(tmp_path / "adapter", out, **options)
+        assert "\n" not in str(caught.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing written, not even a temp file
+    with pytest.raises(CamelidError, match=r"not a LoRA adapter directory"):
+        export_gguf_adapter(tiny_chat_dir, out)
+    export_gguf_adapter(tmp_path / "adapter", out)
+    before = out.read_bytes()
+    with pytest.raises(CamelidError, match=r"already exists; choose another path, or pass --force"):
+        export_gguf_adapter(tmp_path / "adapter", out)
+    assert out.read_bytes() == before
+    export_gguf_adapter(tmp_path / "adapter", out, type="f16", overwrite=True)
+    assert GGUFFile(out).metadata["general.type"] == "adapter" and out.read_bytes() != before
+
 
 TINY = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "bos_token_id": 1,

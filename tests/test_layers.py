@@ -15,14 +15,14 @@ PACKAGE = Path(camelid.__file__).parent
 # Layer by layer, bottom up. A module not named here is a test failure: a new file must say where it belongs.
 LAYERS = [
     # files and formats
-    {"errors", "files", "gguf_file", "config", "tokenizer", "chat_template", "template_worker", "named_models", "pipeline_report",
-     "plots", "client"},
+    {"errors", "files", "gguf_file", "config", "tokenizer", "chat_template", "template_worker", "named_models",
+     "pipeline_report", "plots", "client"},
     # the model and its weights
     {"model", "checkpoint", "lora", "adapters", "quantize", "native"},
     # generation and examples
     {"generate", "examples", "chat", "llamacpp", "backend", "jobs", "engine", "grammar"},
     # the stages, in the loop's order: each may import those before it
-    {"data"}, {"train"}, {"eval"}, {"export"}, {"serve"}, {"cost"},
+    {"data"}, {"train"}, {"eval"}, {"export", "ollama"}, {"serve"}, {"cost"},
     # the command line
     {"cli", "__main__"},
 ]

@@ -30,7 +30,8 @@ RUN_LAYOUT = ["checkpoints", "config.json", "loss.png", "metrics.jsonl", "model"
 IN_A_RUN = re.compile(r"config\.json|metrics\.jsonl|loss\.png|model|checkpoints(/step-\d{6}(/model)?)?")
 QUICKSTART_RUN = "run"  # `camelid quickstart [alpaca] --out OUT` trains into OUT/run
 TRAINED = "runs/mine"  # the run whose commands are run below
-RUN_HERE = [("train",), ("export", "gguf"), ("export", "hf"), ("export", "merge"), ("eval", "perplexity"),
+RUN_HERE = [("train",), ("export", "gguf"), ("export", "hf"), ("export", "merge"), ("export", "gguf-adapter"),
+            ("export", "ollama"), ("eval", "perplexity"),
             ("eval", "choice")]
 NOT_RUN_HERE = {("chat",): "it waits for a person at a terminal",
                 ("eval", "answers"): "it generates up to 1,024 tokens for each of MT-bench's 80 questions",
@@ -191,4 +192,5 @@ def test_commands_on_a_trained_run_run_as_written(tiny_chat_dir, tmp_path, monke
         if verb_of(argv) in RUN_HERE and verb_of(argv) != ("train",):
             run_as_written(argv, capsys)
     assert Path("mine.gguf").is_file() and Path("mine-hf/config.json").is_file()
+    assert Path("mine-lora.gguf").is_file() and Path("mine-ollama/Modelfile").is_file()
     assert Path("out/merged/config.json").is_file()

@@ -8,6 +8,7 @@ tied embeddings. The vocabulary is rebuilt from the tokenizer as GGUF metadata a
 written, so a tokenizer GGUF cannot express is refused instead of exported to tokenize differently.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from camelid.checkpoint import (
+    FUSED_PROJECTIONS,
     GGUF_ARCHS,
     INTERLEAVED_ROPE_ARCHS,
     SMOLLM3_NOPE_STEP,
@@ -43,6 +45,8 @@ from camelid.tokenizer import (
     Tokenizer,
     tokenizer_from_gguf,
 )
+
+FUSED_PARTS = {path.split(".")[1]: parts for path, parts in FUSED_PROJECTIONS.items()}  # qkv_proj -> q, k, v
 
 # 4- and 5-bit files keep the vocabulary projection (output.weight, or the tied embedding that serves as one) in
 # Q8_0: llama-quantize keeps it at 6 bits or more for these types, since every logit goes through it.
@@ -77,7 +81,7 @@ def export_gguf(
     the run's name for a model `camelid train` wrote, the Hub id an HF directory came from, else the file or
     directory name). The file appears whole or not at all; an existing `out` is replaced only with `overwrite`.
     """
-    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf import GGMLQuantizationType
 
     qtype = _gguf_type(type)
     out = Path(out)
@@ -90,10 +94,7 @@ def export_gguf(
     metadata = gguf_vocabulary(loaded.tokenizer, config.vocab_size)
     tensors = _gguf_tensor_plan(config, loaded.model.state_dict(), type)
 
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    writer = GGUFWriter(tmp, gguf_architecture(config))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with _gguf_writer(out, gguf_architecture(config)) as writer:
         _add_model_metadata(writer, config, name or _default_name(loaded.source), qtype)
         for key, value in metadata.items():
             _add_value(writer, key, value)
@@ -115,6 +116,20 @@ def export_gguf(
                 data = _encode(gguf_name, tensor, tensor_type, config)  # one tensor in memory at a time
                 writer.write_tensor_data(data)
                 bar.update(data.nbytes)
+    return out
+
+
+@contextlib.contextmanager
+def _gguf_writer(out: Path, arch: str):
+    """A GGUFWriter on a temporary file beside `out`, which becomes `out` when the block ends without an error and
+    is removed when it does not: a GGUF file appears whole or not at all."""
+    from gguf import GGUFWriter
+
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = GGUFWriter(tmp, arch)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield writer
         writer.close()
         os.replace(tmp, out)
     except OSError as exc:
@@ -122,6 +137,95 @@ def export_gguf(
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
+
+
+ADAPTER_TYPES = ("f32", "f16")  # what an adapter GGUF's lora_a / lora_b tensors are stored as
+
+
+def export_gguf_adapter(adapter: str | Path, out: str | Path, *, base: str | Path | None = None,
+                        type: str = "f32", overwrite: bool = False) -> Path:
+    """Write a LoRA adapter directory as llama.cpp's adapter GGUF, for `llama-cli --lora` or llama-cpp-python's
+    `lora_path=` on the base model's GGUF: `general.type` adapter, `adapter.type` lora, `adapter.lora.alpha`, and
+    `blk.N.<tensor>.weight.lora_a` ([r, in]) and `.lora_b` ([out, r]) beside each adapted tensor's GGUF name.
+
+    `base` is the model the adapter is meant for (its GGUF, HF directory or name; default: the base its
+    adapter_config.json names); the adapter must fit it, tensor by tensor. Laid out as camelid's `export gguf`
+    writes the base: q/k rows of B in llama.cpp's interleaved rotary order where the architecture has it, and
+    adapters on Phi-3's q/k/v (gate/up) as one adapter on the fused tensor (A stacked, B block-diagonal). llama.cpp
+    scales each tensor's update by alpha / its rank; where that is not the adapter's scale (a fused tensor's rank
+    is the parts' sum), the factor is folded into B, so the file computes exactly the merged model's weights.
+    """
+    from camelid.checkpoint import resolve_model_path
+    from camelid.lora import adapter_base, is_adapter_dir, read_adapter
+
+    if type not in ADAPTER_TYPES:
+        raise CamelidError(f"unknown adapter GGUF type {type!r}; choose {' or '.join(ADAPTER_TYPES)}")
+    adapter, out = Path(adapter), Path(out)
+    if not is_adapter_dir(adapter):
+        raise CamelidError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json); `camelid export "
+                           "gguf` writes whole models")
+    if out.is_dir():
+        raise CamelidError(f"{out} is a directory; give the file to write, e.g. {out / 'adapter.gguf'}")
+    check_output(out, overwrite=overwrite)
+    base_path = resolve_model_path(base if base is not None else adapter_base(adapter))
+    if is_adapter_dir(base_path):
+        raise CamelidError(f"{base_path} is an adapter itself; give the base model's GGUF file or directory")
+    config = _base_config(base_path)
+    _check_exportable_config(config)
+    with torch.device("meta"):
+        from camelid.model import Llama
+
+        skeleton = Llama(config)  # shapes only: the adapter is checked against the base without its weights
+    try:
+        lora, weights = read_adapter(skeleton, adapter)
+    except CamelidError as exc:
+        raise CamelidError(f"the adapter does not fit the base {base_path}: {exc}") from None
+    tensors = _adapter_tensors(weights, lora, config)
+
+    with _gguf_writer(out, gguf_architecture(config)) as writer:
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(lora.alpha))
+        writer.add_name(f"{_default_name(adapter)} (LoRA adapter)")
+        dtype = np.float32 if type == "f32" else np.float16
+        for name, tensor in tensors.items():
+            writer.add_tensor(name, np.ascontiguousarray(tensor.numpy().astype(dtype)))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    return out
+
+
+def _base_config(path: Path) -> ModelConfig:
+    from camelid.checkpoint import config_from_gguf
+    from camelid.gguf_file import GGUFFile
+
+    return ModelConfig.load(path) if path.is_dir() else config_from_gguf(GGUFFile(path))
+
+
+def _adapter_tensors(weights: dict[str, torch.Tensor], lora, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor of an adapter's A and B, laid out as llama.cpp applies them to the base."""
+    from camelid.lora import _fuse_adapters
+
+    weights = {k: v.detach().float().cpu() for k, v in weights.items()}
+    targets = {k.split(".")[-3] for k in weights}
+    scale = {t: lora.alpha_of(t) / lora.rank(t) for t in targets}  # the update each target adds, per unit of BA
+    if config.fused_projections:
+        weights, patterns = _fuse_adapters(weights, lora, config)
+        parts = {fused: FUSED_PARTS[fused] for fused in patterns["rank_pattern"]}
+        scale.update({fused: scale[next(p for p in ps if p in targets)] for fused, ps in parts.items()})
+    arch = gguf_architecture(config)
+    out = {}
+    for name, tensor in weights.items():
+        module, which = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]  # model.layers.3.self_attn.q_proj, lora_A
+        gguf_name = hf_to_gguf_name(f"{module}.weight", arch)
+        if which == "lora_B":
+            rank = tensor.shape[1]
+            tensor = tensor * (scale[module.rsplit(".", 1)[1]] * rank / lora.alpha)  # llama.cpp: alpha / rank
+            if arch in INTERLEAVED_ROPE_ARCHS and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
+                heads = config.num_attention_heads if ".attn_q." in gguf_name else config.num_key_value_heads
+                tensor = _permute_rope(tensor, heads)
+        out[f"{gguf_name}.{which.lower()}"] = tensor
     return out
 
 
@@ -141,7 +245,7 @@ def _loaded(model: LoadedModel | str | Path) -> LoadedModel:
 
 
 def _check_exportable(loaded: LoadedModel) -> None:
-    model, config = loaded.model, loaded.config
+    model = loaded.model
     if model.quantization != "none":
         raise CamelidError(
             f"this model was loaded with --quantize {model.quantization}; "
@@ -149,6 +253,11 @@ def _check_exportable(loaded: LoadedModel) -> None:
         )
     if model.lora is not None:
         raise CamelidError("this model has unmerged LoRA adapters; merge them first (merge_lora)")
+    _check_exportable_config(loaded.config)
+
+
+def _check_exportable_config(config: ModelConfig) -> None:
+    """A one-line refusal where llama.cpp's architecture cannot hold a model of this config."""
     if config.mlp_bias:
         raise CamelidError("this model has MLP biases, which GGUF's llama architecture has no tensors for")
     if config.model_type == "smollm3" and config.no_rope_layers not in (

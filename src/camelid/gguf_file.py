@@ -116,7 +116,7 @@ class GGUFFile:
                 )
 
     def _damaged(self, problem: str) -> CamelidError:
-        return CamelidError(f"{self.path}: {problem}; the file is damaged or not a model file")
+        return CamelidError(f"{self.path}: {problem}; the file is damaged or truncated")
 
     def _tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
         """One tensor's entry, checked: 1 to 4 dimensions of at least 1, a known type whose blocks fit the rows."""

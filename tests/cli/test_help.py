@@ -25,7 +25,7 @@ print(json.dumps({"helps": found, "torch": "torch" in sys.modules,
                   "camelid": sorted(m for m in sys.modules if m.startswith("camelid."))}))
 """
 VERBS = ["models", "chat", "generate", "convert", "train", "quickstart", "cost", "serve", "export", "data", "eval"]
-SUBVERBS = {"export": ["gguf", "hf", "merge"], "data": ["selfinstruct", "sharegpt", "mix", "curate", "stats", "pairs"],
+SUBVERBS = {"export": ["gguf", "gguf-adapter", "hf", "merge", "ollama"], "data": ["selfinstruct", "sharegpt", "mix", "curate", "stats", "pairs"],
             "eval": ["answers", "judge", "report", "perplexity", "choice", "ratings", "ifeval"]}
 
 
