@@ -15,8 +15,8 @@ PACKAGE = Path(camelid.__file__).parent
 # Layer by layer, bottom up. A module not named here is a test failure: a new file must say where it belongs.
 LAYERS = [
     # files and formats
-    {"errors", "files", "gguf_file", "config", "tokenizer", "chat_template", "template_worker", "named_models",
-     "pipeline_report", "plots", "client"},
+    {"errors", "files", "gguf_file", "kquants", "config", "tokenizer", "chat_template", "template_worker",
+     "named_models", "pipeline_report", "plots", "client"},
     # the model and its weights
     {"model", "checkpoint", "lora", "adapters", "quantize", "native"},
     # generation and examples

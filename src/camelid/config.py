@@ -38,10 +38,11 @@ QUANTIZATIONS = ("none", "f16", "int8")
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
                "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}  # how camelid.quantize stores the linear weights for decoding
-# What `camelid export gguf --type` offers: everything the `gguf` package quantizes in Python bit for bit as
-# ggml's reference code does. The K-quants are missing there (the package only dequantizes them); llama.cpp's
-# llama-quantize makes them from an f16 or f32 export.
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# What `camelid export gguf --type` offers: the types the `gguf` package quantizes in Python bit for bit as ggml's
+# reference code does, and llama.cpp's K-quant mixes (camelid.kquants writes their blocks; each mix gives some
+# tensors more bits, as llama-quantize does).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
+              "q4_0")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from camelid.checkpoint import (
 )
 from camelid.config import GGUF_TYPES, ModelConfig, no_rope_every  # GGUF_TYPES: what --type offers
 from camelid.errors import CamelidError
+from camelid.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 from camelid.model import rope_inv_freq
 from camelid.tokenizer import (
     BYTE,
@@ -285,11 +286,12 @@ def gguf_architecture(config: ModelConfig) -> str:
 
 
 def _gguf_type(kind: str):
-    from gguf import GGMLQuantizationType
+    """The file type `kind` names: a tensor type, or a K-quant mix (LlamaFileType's MOSTLY_Q4_K_M, ...)."""
+    from gguf import GGMLQuantizationType, LlamaFileType
 
     if kind not in GGUF_TYPES:
         raise CamelidError(f"unknown GGUF type {kind!r}; choose one of: {', '.join(GGUF_TYPES)}")
-    return GGMLQuantizationType[kind.upper()]
+    return LlamaFileType[f"MOSTLY_{kind.upper()}"] if kind in K_MIXES else GGMLQuantizationType[kind.upper()]
 
 
 def _default_name(source: str | Path) -> str:
@@ -356,12 +358,52 @@ def _gguf_tensor_plan(config: ModelConfig, state: dict[str, torch.Tensor], kind:
         # llama.cpp keeps Llama-3.1 scaling as per-frequency divisors of the plain frequencies.
         plain = rope_inv_freq(ModelConfig(**{**config.__dict__, "rope_scaling": None}))
         plan["rope_freqs.weight"] = ((plain / rope_inv_freq(config)).float(), "f32")
+    counts = {}  # of the attn_v (or attn_qkv) tensors so far, as llama-quantize counts them
     for hf_name, tensor in fuse_projections(state, config).items():  # Phi-3's attn_qkv and gate-and-up ffn_up
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp uses token_embd for the output when there is no output.weight
         gguf_name = hf_to_gguf_name(hf_name, gguf_architecture(config))
-        plan[gguf_name] = (tensor, _tensor_type(gguf_name, tensor.shape, kind, config))
+        if kind in K_MIXES and len(tensor.shape) >= 2 and gguf_name.endswith(".weight"):
+            part = gguf_name.split(".")[-2]
+            group = "attn_v" if part in ("attn_v", "attn_qkv") else part
+            index = counts[group] = counts.get(group, -1) + 1
+            plan[gguf_name] = (tensor, _k_mix_type(gguf_name, tensor.shape[-1], kind, index, config))
+        else:
+            plan[gguf_name] = (tensor, _tensor_type(gguf_name, tensor.shape, kind, config))
     return plan
+
+
+# A K-quant mix -> the type of most of its tensors. llama-quantize gives some tensors more bits (_k_mix_type).
+K_MIXES = {"q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
+# A 256-weight K-quant block that a row is too short for -> the 32-weight type llama-quantize uses instead.
+_K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: ModelConfig) -> str:
+    """The type llama-quantize gives a 2-D weight in a file of K-quant `mix` (its llama_tensor_get_type for
+    models without experts): the vocabulary projection Q6_K; attn_v (attn_qkv) and ffn_down Q6_K in the first
+    and last eighth of the layers and every third between for the _M mixes, Q5_K in the first few for Q4_K_S;
+    the rest the mix's type. `index` counts the tensors of the same kind before this one. Rows not a multiple of
+    256 wide take a 32-weight type (Q5_0, Q5_1, Q8_0), rows not a multiple of 32 f16."""
+    layers = config.num_hidden_layers
+    more_bits = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
+    part = gguf_name.split(".")[-2]
+    kind = K_MIXES[mix]
+    if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and config.tie_word_embeddings):
+        kind = "q8_0" if columns % 256 else "q6_k"
+    elif part in ("attn_v", "attn_qkv"):
+        if mix in ("q4_k_m", "q5_k_m") and more_bits:
+            kind = "q6_k"
+        elif mix == "q4_k_s" and index < 4:
+            kind = "q5_k"
+    elif part == "ffn_down":
+        if mix in ("q4_k_m", "q5_k_m") and more_bits:
+            kind = "q6_k"
+        elif mix == "q4_k_s" and index < layers // 8:
+            kind = "q5_k"
+    if kind in _K_FALLBACK and columns % 256:
+        kind = _K_FALLBACK[kind]
+    return "f16" if columns % 32 else kind
 
 
 def _tensor_type(gguf_name: str, shape, kind: str, config: ModelConfig) -> str:
@@ -405,7 +447,12 @@ def _encode(gguf_name: str, tensor: torch.Tensor, kind: str, config: ModelConfig
             w = _permute_rope(w, config.num_attention_heads)
         elif ".attn_k." in gguf_name:
             w = _permute_rope(w, config.num_key_value_heads)
+    if kind in _K_QUANTIZERS:
+        return _K_QUANTIZERS[kind](w.numpy().reshape(-1, w.shape[-1]))
     return quantize(np.ascontiguousarray(w.numpy()), GGMLQuantizationType[kind.upper()])
+
+
+_K_QUANTIZERS = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
 
 
 def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:
@@ -413,7 +460,8 @@ def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:
 
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_file_type(LlamaFileType["ALL_F32" if qtype.name == "F32" else f"MOSTLY_{qtype.name}"])
+    writer.add_file_type(qtype if isinstance(qtype, LlamaFileType) else
+                         LlamaFileType["ALL_F32" if qtype.name == "F32" else f"MOSTLY_{qtype.name}"])
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
     context = config.max_position_embeddings

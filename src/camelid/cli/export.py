@@ -21,8 +21,9 @@ def add_export(sub) -> None:
     p.add_argument("out", metavar="OUT.gguf", help="the file to write (refused if it exists, unless --force)")
     p.add_argument("--type", default="f16", metavar="TYPE",
                    help=f"weight type: {', '.join(GGUF_TYPES)} (default f16: half the size of f32 and practically "
-                   "lossless; q8_0: a quarter of f32, slightly lossy; q5_1 to q4_0: smaller again and lossy, "
-                   "meant for 7B-size models; the K-quants come from llama.cpp's llama-quantize on an f16 file)")
+                   "lossless; q8_0: a quarter of f32, slightly lossy; q6_k to q4_0: smaller again and lossy, meant for "
+                   "7B-size models; q4_k_m is what most people download; the _k mixes are byte for byte what "
+                   "llama.cpp's llama-quantize writes)")
     p.add_argument("--name", help="the model name stored in the file, which llama.cpp and its front ends show "
                    "(general.name; default: a GGUF's own; for a `camelid train` run's RUN/model, the run's name; "
                    "for an HF directory, the Hub id in its config.json; else the file or directory name)")
