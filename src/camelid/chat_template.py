@@ -228,10 +228,10 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "phi-3": _PHI_3,
 }
 _BUILTIN_SOURCES = frozenset(BUILTIN_TEMPLATES.values())
-# Real templates are a few thousand characters (Llama 3.1's with tools: ~5,000), and render a conversation plus
-# at most some thousands of characters of their own (tool definitions are the caller's, counted as messages).
+# Real templates are a few thousand characters (Llama 3.1's with tools: ~5,000), and render what they are given
+# (the conversation, tool definitions) plus at most some thousands of characters of their own.
 MAX_TEMPLATE_CHARS = 200_000
-MAX_RENDER_CHARS = 1_000_000  # what a template may write beyond twice its messages' text
+MAX_RENDER_CHARS = 1_000_000  # what a model's template may write beyond twice its variables' size as JSON
 
 
 # -- the sandbox -------------------------------------------------------------------------------------------

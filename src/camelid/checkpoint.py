@@ -176,9 +176,10 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     layers = {int(m[1]) for name in state if (m := re.match(r"model\.layers\.(\d+)\.", name))}
-    if (max(layers) + 1 if layers else 0) != config.num_hidden_layers:  # before the layers are built
+    have = max(layers) + 1 if layers else 0
+    if have != config.num_hidden_layers:  # before the layers are built
         raise CamelidError(f"the config says {config.num_hidden_layers} layers, but the checkpoint has tensors for "
-                           f"{max(layers) + 1 if layers else 0}; config and weights do not belong together")
+                           f"{have}; config and weights do not belong together")
     with torch.device("meta"):
         model = Llama(config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())

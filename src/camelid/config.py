@@ -31,13 +31,13 @@ ROPE_KEYS = {
 # The precisions a model's weights are loaded in and written as, by name. They live here, free of torch, so that
 # `camelid --help` lists them without loading it (camelid.checkpoint maps the names to torch's dtypes).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "f16", "int8")
+QUANTIZATIONS = ("none", "f16", "int8")  # how camelid.quantize stores the linear weights for decoding
 # The largest each size may be, far above released models' (vocabulary 262,144, width 16,384, MLP 53,248,
 # 126 layers, 128 heads, head_dim 256, 10M positions), so that a damaged or hostile config.json or GGUF file
 # cannot make camelid build a billion layers before its tensors are looked at.
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
-               "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}  # how camelid.quantize stores the linear weights for decoding
+               "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
 # What `camelid export gguf --type` offers: the types the `gguf` package quantizes in Python bit for bit as ggml's
 # reference code does, and llama.cpp's K-quant mixes (camelid.kquants writes their blocks; each mix gives some
 # tensors more bits, as llama-quantize does).

@@ -20,15 +20,18 @@ def _f32(value) -> np.float32:
     return np.float32(value)
 
 
-def _running_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum over the last axis, element by element in float32 from the first, as ggml's loops add (numpy's own
-    sums pair the terms up and round differently). The terms are laid out term by term first, so that each
-    addition runs over contiguous memory."""
-    by_term = np.ascontiguousarray(np.moveaxis(terms, -1, 0))
+def _sum_in_order(by_term: np.ndarray) -> np.ndarray:
+    """Sum over the first axis, term by term in float32 from the first, as ggml's loops add (numpy's own sums
+    pair the terms up and round differently); each addition runs over a contiguous row."""
     total = by_term[0].copy()
     for row in by_term[1:]:
         total += row
     return total
+
+
+def _running_sum(terms: np.ndarray) -> np.ndarray:
+    """_sum_in_order over the last axis."""
+    return _sum_in_order(np.ascontiguousarray(np.moveaxis(terms, -1, 0)))
 
 
 def _chunked(quantize):
@@ -132,12 +135,7 @@ def _qkx2_scales(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rde
 
     The work is laid out element by element ([size, n]), so that the sums ggml takes in order add contiguous rows."""
     x, weights = np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T)
-
-    def total(terms):
-        out = terms[0].copy()
-        for row in terms[1:]:
-            out += row
-        return out
+    total = _sum_in_order
 
     low = np.minimum(x.min(0), _f32(0))
     high = x.max(0)

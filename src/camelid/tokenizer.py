@@ -328,15 +328,21 @@ _GGUF_TOKENIZER_TYPES = {"tokens": (list, str), "merges": (list, str), "token_ty
 
 
 def _check_gguf_tokenizer_types(metadata: dict[str, Any]) -> None:
+    """Each tokenizer key of the type llama.cpp reads it as, and token_type and scores one value per token."""
+    tokens = metadata["tokenizer.ggml.tokens"]
     for key, (container, kind) in _GGUF_TOKENIZER_TYPES.items():
         value = metadata.get(f"tokenizer.ggml.{key}")
         if value is None:
             continue
-        items = value if container is list and isinstance(value, list) else None if container is list else [value]
-        if items is None or not all(type(item) in (kind if isinstance(kind, tuple) else (kind,)) for item in items):
-            shape = "a list of " if container is list else ""
-            name = kind.__name__ if not isinstance(kind, tuple) else "number"
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        items = [value] if container is None else value if isinstance(value, list) else [None]
+        if not all(type(item) in kinds for item in items):
+            shape = "" if container is None else "a list of "
+            name = "number" if isinstance(kind, tuple) else kind.__name__
             raise CamelidError(f"GGUF metadata tokenizer.ggml.{key} is not {shape}{name} values; the file is damaged")
+        if key in ("token_type", "scores") and len(value) != len(tokens):
+            raise CamelidError(f"GGUF metadata tokenizer.ggml.{key} does not give one value per token of the "
+                               f"{len(tokens)}; the file is damaged")
 
 
 def gguf_special_ids(metadata: dict[str, Any]) -> dict[str, int]:
@@ -376,12 +382,6 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
 
     def special_id(key: str, default: int | None) -> int | None:
         return named.get(key, default)
-
-    for key, values in (("token_type", metadata.get("tokenizer.ggml.token_type")),
-                        ("scores", metadata.get("tokenizer.ggml.scores"))):
-        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
-            raise CamelidError(f"GGUF metadata tokenizer.ggml.{key} does not give one value per token of the "
-                               f"{len(tokens)}; the file is damaged")
 
     for text in END_OF_GENERATION_TOKENS:  # control tokens whatever the file says, as in llama.cpp
         if text in vocab:
