@@ -46,7 +46,8 @@ def add_export(sub) -> None:
         "ollama", help="write a GGUF file and an Ollama Modelfile (template, stops, system prompt) in a directory",
         description="Writes DIR/model.gguf (as `export gguf`) and DIR/Modelfile for `ollama create NAME -f "
         "DIR/Modelfile`: a TEMPLATE in Ollama's Go-template syntax that renders chats exactly as camelid's chat "
-        "template does (checked before it is written), PARAMETER stop for every end-of-turn token the template "
+        "template does, tools, tool calls and their results included where the template writes them (checked "
+        "before it is written), PARAMETER stop for every end-of-turn token the template "
         "writes, the default SYSTEM prompt if the template has one, and the sampling defaults. A template that "
         "cannot be translated is said so, and the Modelfile is written without a TEMPLATE rather than a wrong one.",
     )
