@@ -3,6 +3,7 @@ llama-quantize of the same f32 GGUF, in one run, with the bytes compared tensor 
 
     python bench/kquants.py                                  # SmolLM2-135M-Instruct, q4_k_m
     python bench/kquants.py --shape tinyllama-1.1b --mixes q4_k_m,q6_k   # random weights of TinyLlama's shape
+    python bench/kquants.py --perplexity README.md            # and llama.cpp's perplexity of each file on a text
 
 camelid's time is the whole export (the tensors' K-quant blocks in numpy, and the file written); llama.cpp's is
 llama_model_quantize from the f32 file, with as many threads as --threads.
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FTYPES = {"q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+FTYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
+          "q6_k": 18}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
 def cpu() -> str:
@@ -49,6 +51,28 @@ def model(args):
     return LoadedModel(build_model(config, state), base.tokenizer, base.chat_template, Path(args.shape))
 
 
+def perplexity(path: Path, text: str, args) -> float:
+    """llama.cpp's perplexity of `path` on `text`: every next token of the first --windows windows of 512 tokens."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
+    try:
+        tokens = llm.tokenize(text.encode(), add_bos=True)
+        total, count = 0.0, 0
+        for start in range(0, min(len(tokens) - 1, 512 * args.windows), 512):
+            window = tokens[start : start + 512]
+            llm.reset()
+            llm.eval(window)
+            logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            total -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+            count += len(window) - 1
+    finally:
+        llm.close()
+    return float(np.exp(total / count))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct",
@@ -58,6 +82,9 @@ def main() -> None:
     parser.add_argument("--mixes", default="q4_k_m", help="comma-separated K-quant mixes (default q4_k_m; "
                         f"choose from {', '.join(FTYPES)})")
     parser.add_argument("--threads", type=int, default=2, help="threads for llama-quantize and torch (default 2)")
+    parser.add_argument("--perplexity", metavar="TEXT", help="a text file: llama.cpp's perplexity of camelid's file, "
+                        "of llama-quantize's and of the f32 file over its first windows of 512 tokens")
+    parser.add_argument("--windows", type=int, default=8, help="windows of 512 tokens for --perplexity (default 8)")
     args = parser.parse_args()
     import llama_cpp
 
@@ -71,8 +98,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         f32 = export_gguf(loaded, tmp / "f32.gguf", type="f32", progress=False)
-        print("| mix | camelid export s | llama-quantize s | ratio | tensors identical |")
-        print("|---|---:|---:|---:|---|")
+        text = Path(args.perplexity).read_text() if args.perplexity else None
+        head = "| mix | camelid export s | llama-quantize s | ratio | tensors identical |"
+        if text is not None:
+            print(f"llama.cpp's perplexity of {args.perplexity}: the f32 file {perplexity(f32, text, args):.4f}")
+            head += " perplexity, camelid's file | perplexity, llama-quantize's |"
+        print(head)
+        print("|---" * head.count("|", 1) + "|")
         for mix in args.mixes.split(","):
             start = time.perf_counter()
             ours = export_gguf(loaded, tmp / f"{mix}.gguf", type=mix, progress=False)
@@ -86,7 +118,10 @@ def main() -> None:
             a, b = GGUFFile(ours), GGUFFile(tmp / "l.gguf")
             same = sum(a.tensors[n].ggml_type == i.ggml_type and np.array_equal(a.raw(n), b.raw(n))
                        for n, i in b.tensors.items())
-            print(f"| {mix} | {camelid_s:.1f} | {llama_s:.1f} | {camelid_s / llama_s:.1f}x | {same} of {len(b.tensors)} |")
+            row = f"| {mix} | {camelid_s:.1f} | {llama_s:.1f} | {camelid_s / llama_s:.1f}x | {same} of {len(b.tensors)} |"
+            if text is not None:
+                row += f" {perplexity(ours, text, args):.4f} | {perplexity(tmp / 'l.gguf', text, args):.4f} |"
+            print(row)
             (tmp / f"{mix}.gguf").unlink()
     sys.stdout.flush()
 

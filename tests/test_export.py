@@ -512,9 +512,9 @@ def test_export_gguf_command_writes_the_type_asked_for(tiny_dir, tmp_path, capsy
 def test_export_gguf_refuses_an_unknown_type_in_one_line(tiny_dir, tmp_path, capsys):
     from camelid.cli import main
 
-    assert main(["export", "gguf", str(tiny_dir), str(tmp_path / "x.gguf"), "--type", "q3_k_m"]) == 1
+    assert main(["export", "gguf", str(tiny_dir), str(tmp_path / "x.gguf"), "--type", "iq2_xs"]) == 1
     err = capsys.readouterr().err
-    assert err == f"camelid: error: unknown GGUF type 'q3_k_m'; choose one of: {', '.join(GGUF_TYPES)}\n"
+    assert err == f"camelid: error: unknown GGUF type 'iq2_xs'; choose one of: {', '.join(GGUF_TYPES)}\n"
     assert not any(tmp_path.iterdir())
 
 

@@ -14,11 +14,12 @@ from camelid.checkpoint import LoadedModel
 from camelid.config import ModelConfig
 from camelid.export import K_MIXES, export_gguf
 from camelid.gguf_file import GGUFFile
-from camelid.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
+from camelid.kquants import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from camelid.model import Llama
 from camelid.tokenizer import load_tokenizer
 
-FTYPES = {"q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+FTYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
+          "q6_k": 18}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
 def llama_quantize(src, dst, mix: str):
@@ -48,16 +49,46 @@ def test_blocks_of_zeros_and_of_one_value_are_what_ggml_writes():
     rows = np.zeros((3, 256), np.float32)
     rows[1, 16:] = np.linspace(-1, 1, 240, dtype=np.float32)
     rows[2] = 0.25
-    for quantize, size in ((quantize_q4_k, 144), (quantize_q5_k, 176), (quantize_q6_k, 210)):
+    for quantize, size in ((quantize_q2_k, 84), (quantize_q3_k, 110), (quantize_q4_k, 144), (quantize_q5_k, 176),
+                           (quantize_q6_k, 210)):
         out = quantize(rows)
         assert out.shape == (3, size) and not out[0].any()  # zeros quantize to zero bytes
     # dequantized by the gguf package (llama.cpp's own layout), the values come back within a block's step
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
-    for quantize, qtype, levels in ((quantize_q4_k, Q.Q4_K, 15), (quantize_q5_k, Q.Q5_K, 31), (quantize_q6_k, Q.Q6_K, 63)):
+    for quantize, qtype, levels in ((quantize_q2_k, Q.Q2_K, 3), (quantize_q3_k, Q.Q3_K, 7), (quantize_q4_k, Q.Q4_K, 15),
+                                    (quantize_q5_k, Q.Q5_K, 31), (quantize_q6_k, Q.Q6_K, 63)):
         back = dequantize(quantize(rows), qtype).reshape(rows.shape)
         assert np.abs(back - rows).max() <= 2.5 / levels
+
+
+BLOCKS = {"q2_K": (quantize_q2_k, 84), "q3_K": (quantize_q3_k, 110), "q4_K": (quantize_q4_k, 144),
+          "q5_K": (quantize_q5_k, 176), "q6_K": (quantize_q6_k, 210)}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_blocks_are_byte_identical_to_ggmls_reference_quantizer(kind):
+    """Each block type against ggml's own quantize_row_<kind>_ref (the C that llama-quantize runs without an
+    importance matrix), called in llama-cpp-python's libggml-base, on weights of several distributions."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from pathlib import Path
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    quantize, size = BLOCKS[kind]
+    rng = np.random.default_rng(0)
+    cases = {"normal": rng.normal(0, 0.02, (300, 256)), "heavy tails": rng.standard_t(3, (300, 256)),
+             "sparse": np.where(rng.random((300, 256)) < 0.3, 0, rng.normal(0, 1, (300, 256))),
+             "one sign": np.abs(rng.normal(0, 1, (100, 256))), "edges": np.zeros((3, 256))}
+    cases["edges"][1, 16:], cases["edges"][2] = np.linspace(-1, 1, 240), 0.25
+    for name, x in cases.items():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        theirs = np.zeros((len(x), size), np.uint8)
+        getattr(lib, f"quantize_row_{kind}_ref")(x.ctypes.data_as(ctypes.c_void_p),
+                                                 theirs.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+        differing = np.nonzero((quantize(x) != theirs).any(-1))[0]
+        assert len(differing) == 0, f"{kind} {name}: blocks {differing[:10]} of {len(x)} differ"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +106,7 @@ def test_smollm2_k_quants_are_byte_identical_to_llama_quantize(mix, smollm2_mode
     theirs = llama_quantize(smollm2_f32, tmp_path / "theirs.gguf", mix)
     assert differences(ours, theirs) == []
     types = {info.ggml_type for info in GGUFFile(ours).tensors.values()}
-    assert types & {12, 13, 14}  # some K-quant tensors were compared
+    assert types & {10, 11, 12, 13, 14}  # some K-quant tensors (Q2_K to Q6_K) were compared
 
 
 # Rows of 256 and 512 so that every linear layer is a K-quant, eight layers so that the mixes' choice of layers
@@ -90,6 +121,8 @@ FAMILIES = {
     "gemma3": ModelConfig(**{**TINY, "head_dim": 64}, model_type="gemma3_text", hidden_act="gelu_pytorch_tanh",
                           query_pre_attn_scalar=64, tie_word_embeddings=True),
     "phi3": ModelConfig(**{**TINY, "num_key_value_heads": 4}, model_type="phi3"),
+    # four query heads a key/value head: Q2_K gives attn_v more bits
+    "llama-gqa4": ModelConfig(**{**TINY, "num_attention_heads": 8}),
 }
 
 

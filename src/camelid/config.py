@@ -42,7 +42,7 @@ SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size
 # reference code does, and llama.cpp's K-quant mixes (camelid.kquants writes their blocks; each mix gives some
 # tensors more bits, as llama-quantize does).
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
-              "q4_0")
+              "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 
 
 @dataclass

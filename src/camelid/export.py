@@ -34,7 +34,7 @@ from camelid.checkpoint import (
 )
 from camelid.config import GGUF_TYPES, ModelConfig, no_rope_every  # GGUF_TYPES: what --type offers
 from camelid.errors import CamelidError
-from camelid.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
+from camelid.kquants import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from camelid.model import rope_inv_freq
 from camelid.tokenizer import (
     BYTE,
@@ -374,17 +374,19 @@ def _gguf_tensor_plan(config: ModelConfig, state: dict[str, torch.Tensor], kind:
 
 
 # A K-quant mix -> the type of most of its tensors. llama-quantize gives some tensors more bits (_k_mix_type).
-K_MIXES = {"q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
+K_MIXES = {"q2_k": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k", "q4_k_m": "q4_k",
+           "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
 # A 256-weight K-quant block that a row is too short for -> the 32-weight type llama-quantize uses instead.
-_K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: ModelConfig) -> str:
     """The type llama-quantize gives a 2-D weight in a file of K-quant `mix` (its llama_tensor_get_type for
-    models without experts): the vocabulary projection Q6_K; attn_v (attn_qkv) and ffn_down Q6_K in the first
-    and last eighth of the layers and every third between for the _M mixes, Q5_K in the first few for Q4_K_S;
-    the rest the mix's type. `index` counts the tensors of the same kind before this one. Rows not a multiple of
-    256 wide take a 32-weight type (Q5_0, Q5_1, Q8_0), rows not a multiple of 32 f16."""
+    models without experts): the vocabulary projection Q6_K; more bits for attn_v (attn_qkv), ffn_down and, in
+    the 2- and 3-bit mixes, attn_output (for the _M mixes in the first and last eighth of the layers and every
+    third between; for Q4_K_S and Q3_K_M in the first few); the rest the mix's type. `index` counts the tensors
+    of the same kind before this one. Rows not a multiple of 256 wide take a 32-weight type (Q4_0, Q5_0, Q5_1,
+    Q8_0), rows not a multiple of 32 f16."""
     layers = config.num_hidden_layers
     more_bits = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
     part = gguf_name.split(".")[-2]
@@ -392,15 +394,29 @@ def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: Mode
     if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and config.tie_word_embeddings):
         kind = "q8_0" if columns % 256 else "q6_k"
     elif part in ("attn_v", "attn_qkv"):
-        if mix in ("q4_k_m", "q5_k_m") and more_bits:
+        if mix == "q2_k":
+            kind = "q4_k" if config.num_attention_heads // config.num_key_value_heads >= 4 else "q3_k"
+        elif mix == "q3_k_m":
+            kind = "q5_k" if index < 2 else "q4_k"
+        elif mix == "q3_k_l":
+            kind = "q5_k"
+        elif mix in ("q4_k_m", "q5_k_m") and more_bits:
             kind = "q6_k"
         elif mix == "q4_k_s" and index < 4:
             kind = "q5_k"
     elif part == "ffn_down":
-        if mix in ("q4_k_m", "q5_k_m") and more_bits:
+        if mix == "q2_k":
+            kind = "q3_k"
+        elif mix == "q3_k_m":
+            kind = "q5_k" if index < layers // 16 else "q4_k"
+        elif mix == "q3_k_l":
+            kind = "q5_k"
+        elif mix in ("q4_k_m", "q5_k_m") and more_bits:
             kind = "q6_k"
         elif mix == "q4_k_s" and index < layers // 8:
             kind = "q5_k"
+    elif part == "attn_output":
+        kind = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, kind)
     if kind in _K_FALLBACK and columns % 256:
         kind = _K_FALLBACK[kind]
     return "f16" if columns % 32 else kind
@@ -452,7 +468,8 @@ def _encode(gguf_name: str, tensor: torch.Tensor, kind: str, config: ModelConfig
     return quantize(np.ascontiguousarray(w.numpy()), GGMLQuantizationType[kind.upper()])
 
 
-_K_QUANTIZERS = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
+_K_QUANTIZERS = {"q2_k": quantize_q2_k, "q3_k": quantize_q3_k, "q4_k": quantize_q4_k, "q5_k": quantize_q5_k,
+                 "q6_k": quantize_q6_k}
 
 
 def _add_model_metadata(writer, config: ModelConfig, name: str, qtype) -> None:

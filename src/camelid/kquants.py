@@ -11,6 +11,8 @@ nearest even, as ggml's does.
 import numpy as np
 
 QK_K = 256  # weights in a super-block
+Q2_K_BYTES = QK_K // 16 + QK_K // 4 + 4  # scales, qs, d, dmin: 84
+Q3_K_BYTES = QK_K // 8 + QK_K // 4 + 12 + 2  # hmask, qs, scales, d: 110
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml's threshold below which a group counts as all zeros
 Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2  # ql, qh, scales, d: 210
 CHUNK = 2048  # super-blocks quantized at a time
@@ -128,10 +130,11 @@ def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
 
 
 
-def _qkx2_scales(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _qkx2_scales(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                 mad: bool = False):
     """ggml's make_qkx2_quants over groups [n, size]: a scale and a minimum for each group (levels 0..nmax from
-    the minimum up), the pair of least weighted squared error among the plain one and `nstep` + 1 candidates
-    fitted by least squares. (scale [n], -minimum [n], levels [n, size]).
+    the minimum up), the pair of least weighted squared error (absolute error, given `mad`) among the plain one and
+    `nstep` + 1 candidates fitted by least squares. (scale [n], -minimum [n], levels [n, size]).
 
     The work is laid out element by element ([size, n]), so that the sums ggml takes in order add contiguous rows."""
     x, weights = np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T)
@@ -147,7 +150,7 @@ def _qkx2_scales(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rde
 
     def error(scale, minimum, levels):
         diff = (scale * levels.astype(np.float32) + minimum) - x
-        return total(weights * (diff * diff))
+        return total(weights * (np.abs(diff) if mad else diff * diff))
 
     iscale = _f32(nmax) / np.where(flat, _f32(1), high - low)
     scale = _f32(1) / iscale
@@ -234,4 +237,116 @@ def quantize_q5_k(weights: np.ndarray) -> np.ndarray:
         qh |= (high[:, q, 0] << (2 * q)) | (high[:, q, 1] << (2 * q + 1))
     out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, qh, qs],
                          axis=1)
+    return out.reshape(*weights.shape[:-1], -1)
+
+
+def _two_bit_planes(levels: np.ndarray) -> np.ndarray:
+    """Levels 0..3 [blocks, 256] packed as ggml's Q2_K and Q3_K pack them: per 128 weights, 32 bytes whose bit pairs
+    hold weights l, l+32, l+64, l+96 from the lowest pair up. [blocks, 64]."""
+    quarters = levels.reshape(-1, 2, 4, 32)
+    return (quarters[:, :, 0] | (quarters[:, :, 1] << 2) | (quarters[:, :, 2] << 4)
+            | (quarters[:, :, 3] << 6)).reshape(-1, QK_K // 4)
+
+
+@_chunked
+def quantize_q2_k(weights: np.ndarray) -> np.ndarray:
+    """float32 rows (a multiple of 256 wide) as Q2_K blocks, the bytes of ggml's quantize_row_q2_K_ref: 16 groups
+    of 16, each with a 4-bit scale and a 4-bit minimum (fitted weighing each weight by its magnitude, on absolute
+    error)."""
+    x = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1, QK_K // 16, 16)
+    blocks = x.shape[0]
+    groups = x.reshape(-1, 16)
+    scales, mins, levels = _qkx2_scales(groups, np.abs(groups), 3, -0.5, 0.1, 15, mad=True)
+    scales, mins, levels = scales.reshape(blocks, 16), mins.reshape(blocks, 16), levels.reshape(blocks, 16, 16)
+    top_scale = np.maximum(scales.max(-1), _f32(0))
+    top_min = np.maximum(mins.max(-1), _f32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(top_scale > 0, _f32(15) / top_scale, _f32(0)).astype(np.float32)
+        inv_min = np.where(top_min > 0, _f32(15) / top_min, _f32(0)).astype(np.float32)
+    # ggml stores these unclamped, each into a byte as C converts (a scale's in the low nibble, a minimum's high)
+    low = np.where((top_scale > 0)[:, None], _nearest(inv_scale[:, None] * scales) & 0xFF, 0)
+    high = (_nearest(inv_min[:, None] * mins) << 4) & 0xFF
+    packed = np.where((top_min > 0)[:, None], low | high, low).astype(np.uint8)
+    d = np.where(top_scale > 0, top_scale / _f32(15), _f32(0)).astype(np.float16)
+    dmin = np.where(top_min > 0, top_min / _f32(15), _f32(0)).astype(np.float16)
+    step = d.astype(np.float32)[:, None] * (packed & 0x0F).astype(np.float32)
+    offset = dmin.astype(np.float32)[:, None] * (packed >> 4).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        again = _nearest(np.where(step[..., None] != 0, (x + offset[..., None]) / step[..., None], 0))
+    levels = np.where(step[..., None] != 0, np.clip(again, 0, 3), levels).reshape(blocks, QK_K).astype(np.uint8)
+    out = np.concatenate([packed, _two_bit_planes(levels), d.view(np.uint8).reshape(-1, 2),
+                          dmin.view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(*weights.shape[:-1], -1)
+
+
+def _q3_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_q3_quants(nmax 4, do_rmse) over groups [n, 16]: the scale from the largest magnitude, then up
+    to five passes that move one level at a time while the weighted fit improves, element by element in order as
+    ggml's loop does (each move changes the sums the next one sees). (scale [n], levels [n, 16] in 0..7; an
+    all-zero group's levels are 0, as ggml leaves them.)"""
+    nmax = 4
+    amax_at = np.abs(x).argmax(-1)
+    peak = np.take_along_axis(x, amax_at[:, None], -1)[:, 0]
+    zero = np.abs(peak) < GROUP_MAX_EPS
+    iscale = _f32(-nmax) / np.where(zero, _f32(1), peak)
+    levels = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sum_lx, sum_l2 = _weighted_sums(x, w, levels)
+    for _ in range(5):  # a pass that changes nothing leaves the next unchanged, so all five run for every group
+        for i in range(x.shape[1]):
+            li = levels[:, i].astype(np.float32)
+            slx = sum_lx - wx[:, i] * li
+            sl2 = sum_l2 - (w[:, i] * li) * li
+            with np.errstate(divide="ignore", invalid="ignore"):
+                trial = _nearest(np.where(slx > 0, (x[:, i] * sl2) / slx, 0))
+            trial = np.clip(trial, -nmax, nmax - 1)
+            tf = trial.astype(np.float32)
+            new_lx = slx + wx[:, i] * tf
+            new_l2 = sl2 + (w[:, i] * tf) * tf
+            take = ((slx > 0) & (trial != levels[:, i]) & (new_l2 > 0)
+                    & ((new_lx * new_lx) * sum_l2 > (sum_lx * sum_lx) * new_l2))
+            levels[:, i] = np.where(take, trial, levels[:, i])
+            sum_lx = np.where(take, new_lx, sum_lx)
+            sum_l2 = np.where(take, new_l2, sum_l2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(sum_l2 > 0, sum_lx / sum_l2, _f32(0)).astype(np.float32)
+    scale = np.where(zero, _f32(0), scale)
+    levels = np.where(zero[:, None], 0, levels + nmax)
+    return scale, levels
+
+
+@_chunked
+def quantize_q3_k(weights: np.ndarray) -> np.ndarray:
+    """float32 rows (a multiple of 256 wide) as Q3_K blocks, the bytes of ggml's quantize_row_q3_K_ref: 16 groups
+    of 16 with 6-bit scales, 3-bit levels whose high bits go in a separate mask."""
+    x = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1, QK_K // 16, 16)
+    blocks = x.shape[0]
+    scales, levels = _q3_scales(x.reshape(-1, 16))
+    scales, levels = scales.reshape(blocks, 16), levels.reshape(blocks, 16, 16)
+    top_at = np.abs(scales).argmax(-1)
+    top = np.take_along_axis(scales, top_at[:, None], -1)[:, 0]  # the scale of largest magnitude, the first such
+    some = top != 0
+    iscale = np.where(some, _f32(-32) / np.where(some, top, _f32(1)), _f32(0)).astype(np.float32)
+    small = np.clip(_nearest(iscale[:, None] * scales), -32, 31) + 32  # 0..63
+    small = np.where(some[:, None], small, 0)
+    packed = np.zeros((blocks, 12), np.uint8)
+    packed[:, :8] = (small[:, :8] & 0xF) | ((small[:, 8:] & 0xF) << 4)
+    high = small >> 4  # two bits of group j go to byte 8 + j % 4, at bit 2 * (j // 4)
+    for j in range(16):
+        packed[:, 8 + j % 4] |= (high[:, j] << (2 * (j // 4))).astype(np.uint8)
+    with np.errstate(divide="ignore"):
+        d = np.where(some, _f32(1) / np.where(some, iscale, _f32(1)), _f32(0)).astype(np.float16)
+    # a group's scale as dequantizing sees it: unpacked from the bytes (without a scale, each reads back as -32)
+    step = d.astype(np.float32)[:, None] * (np.where(some[:, None], small, 0) - 32).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        again = _nearest(np.where(step[..., None] != 0, x / step[..., None], 0))
+    levels = np.where(step[..., None] != 0, np.clip(again, -4, 3) + 4, levels).reshape(blocks, QK_K)
+    # the high bit of weight j goes to bit j // 32 of mask byte j % 32; the low two bits as Q2_K packs them
+    hmask = np.zeros((blocks, QK_K // 8), np.uint8)
+    upper = (levels > 3).reshape(blocks, 8, 32)
+    for bit in range(8):
+        hmask |= (upper[:, bit] << bit).astype(np.uint8)
+    levels = np.where(levels > 3, levels - 4, levels).astype(np.uint8)
+    out = np.concatenate([hmask, _two_bit_planes(levels), packed, d.view(np.uint8).reshape(-1, 2)], axis=1)
     return out.reshape(*weights.shape[:-1], -1)
