@@ -3,7 +3,7 @@ llama-quantize of the same f32 GGUF, in one run, with the bytes compared tensor 
 
     python bench/kquants.py                                  # SmolLM2-135M-Instruct, q4_k_m
     python bench/kquants.py --shape tinyllama-1.1b --mixes q4_k_m,q6_k   # random weights of TinyLlama's shape
-    python bench/kquants.py --perplexity README.md            # and llama.cpp's perplexity of each file on a text
+    python bench/kquants.py --perplexity README.md            # and the perplexity of each file from llama.cpp's logits
 
 camelid's time is the whole export (the tensors' K-quant blocks in numpy, and the file written); llama.cpp's is
 llama_model_quantize from the f32 file, with as many threads as --threads.
@@ -52,7 +52,8 @@ def model(args):
 
 
 def perplexity(path: Path, text: str, args) -> float:
-    """llama.cpp's perplexity of `path` on `text`: every next token of the first --windows windows of 512 tokens."""
+    """The perplexity of `path` on `text` from llama.cpp's logits: every next token of the first --windows windows
+    of 512 tokens (the first window starts with BOS, the others do not)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
@@ -82,8 +83,10 @@ def main() -> None:
     parser.add_argument("--mixes", default="q4_k_m", help="comma-separated K-quant mixes (default q4_k_m; "
                         f"choose from {', '.join(FTYPES)})")
     parser.add_argument("--threads", type=int, default=2, help="threads for llama-quantize and torch (default 2)")
-    parser.add_argument("--perplexity", metavar="TEXT", help="a text file: llama.cpp's perplexity of camelid's file, "
-                        "of llama-quantize's and of the f32 file over its first windows of 512 tokens")
+    parser.add_argument("--perplexity", metavar="TEXT", help="a text file: the perplexity of camelid's file, of "
+                        "llama-quantize's and of the f32 file from llama.cpp's logits, every token of its first "
+                        "windows of 512 (each from the start of its window: not llama-perplexity's method, whose "
+                        "published figures score each window's second half only)")
     parser.add_argument("--windows", type=int, default=8, help="windows of 512 tokens for --perplexity (default 8)")
     args = parser.parse_args()
     import llama_cpp
@@ -101,7 +104,8 @@ def main() -> None:
         text = Path(args.perplexity).read_text() if args.perplexity else None
         head = "| mix | camelid export s | llama-quantize s | ratio | tensors identical |"
         if text is not None:
-            print(f"llama.cpp's perplexity of {args.perplexity}: the f32 file {perplexity(f32, text, args):.4f}")
+            f32_perplexity = perplexity(f32, text, args)
+            print(f"perplexity of {args.perplexity} from llama.cpp's logits: the f32 file {f32_perplexity:.4f}")
             head += " perplexity, camelid's file | perplexity, llama-quantize's |"
         print(head)
         print("|---" * head.count("|", 1) + "|")
@@ -118,7 +122,8 @@ def main() -> None:
             a, b = GGUFFile(ours), GGUFFile(tmp / "l.gguf")
             same = sum(a.tensors[n].ggml_type == i.ggml_type and np.array_equal(a.raw(n), b.raw(n))
                        for n, i in b.tensors.items())
-            row = f"| {mix} | {camelid_s:.1f} | {llama_s:.1f} | {camelid_s / llama_s:.1f}x | {same} of {len(b.tensors)} |"
+            row = (f"| {mix} | {camelid_s:.1f} | {llama_s:.1f} | {camelid_s / llama_s:.1f}x | "
+                   f"{same} of {len(b.tensors)} |")
             if text is not None:
                 row += f" {perplexity(ours, text, args):.4f} | {perplexity(tmp / 'l.gguf', text, args):.4f} |"
             print(row)

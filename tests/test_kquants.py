@@ -160,3 +160,18 @@ def test_a_tiny_llama_in_q4_k_m_is_byte_identical_to_llama_quantize(tokenizer, t
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tiny_models_of_each_family_are_byte_identical_to_llama_quantize(family, tokenizer, tmp_path):
     check_family(family, list(K_MIXES), tokenizer, tmp_path)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_an_80_layer_model_gets_llama_cpps_70b_choices(tokenizer, tmp_path):
+    """llama.cpp counts a llama with 80 layers and grouped keys as 70B and gives its attn_v Q5_K where a mix has
+    Q3_K or Q4_K: so does camelid (a narrow 80-layer model, two of the mixes that change)."""
+    FAMILIES["llama-80"] = ModelConfig(**{**TINY, "num_hidden_layers": 80})
+    try:
+        check_family("llama-80", ["q3_k_m", "q4_k_m"], tokenizer, tmp_path)
+        f32 = tiny("llama-80", tokenizer, tmp_path)
+        ours = export_gguf(f32, tmp_path / "again.gguf", type="q3_k_m", progress=False)
+        assert GGUFFile(ours).tensors["blk.40.attn_v.weight"].ggml_type == 13  # Q5_K, not q3_k_m's Q4_K
+    finally:
+        del FAMILIES["llama-80"]

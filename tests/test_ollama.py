@@ -16,41 +16,52 @@ from helpers import run_camelid
 
 from camelid.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from camelid.errors import CamelidError
-from camelid.ollama import (CHECK_CONVERSATIONS, CHECK_TOOL_CONVERSATIONS, CHECK_TOOLS, GGUF_NAME, MODELFILE,
-                            export_ollama, go_template, modelfile, turn_layout)
+from camelid.ollama import (CHECK_CONVERSATIONS, CHECK_TOOL_CONVERSATIONS, CHECK_TOOLS, GGUF_NAME, MODELFILE, NO_ORDER,
+                            ONE_CALL, export_ollama, go_template, modelfile, turn_layout)
 
-# Executes a TEMPLATE as Ollama's template.Execute does for a chat: `.Messages` (Role, Content, ToolCalls), `.System`
-# and `.Tools`, in structs shaped as Ollama's API types, with Ollama's `json` function (Go's json.Marshal). A case
-# whose execution fails comes back as "error: ..." (Ollama answers such a request with the error).
+# Executes a TEMPLATE as Ollama's template package does for a chat (written here after its documented behaviour):
+# parsing refuses a template, action or branch without a pipeline; consecutive messages of one role (but tool's)
+# are joined by a blank line; `.Messages` (Role, Content, ToolCalls with Function.Name and .Arguments, a map),
+# `.System` (the system messages joined) and `.Tools` (type, then function: name, description, parameters: type,
+# required, properties) are given in structs shaped as Ollama's, with its `json` function (Go's json.Marshal). A
+# case whose execution fails comes back as "error: ..." (Ollama answers such a request with the error).
 GO_PROGRAM = """\
 package main
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"strings"
 	"text/template"
+	"text/template/parse"
 )
 
 type ToolCallFunction struct {
-	Name      string         `json:"name"`
-	Arguments map[string]any `json:"arguments"`
+	Name      string
+	Arguments map[string]any
 }
 
 type ToolCall struct {
-	Function ToolCallFunction `json:"function"`
+	Function ToolCallFunction
 }
 
 type Message struct {
-	Role      string     `json:"role"`
-	Content   string     `json:"content"`
-	ToolCalls []ToolCall `json:"tool_calls"`
+	Role      string
+	Content   string
+	ToolCalls []ToolCall
+}
+
+type Parameters struct {
+	Type       string                     `json:"type"`
+	Required   []string                   `json:"required,omitempty"`
+	Properties map[string]json.RawMessage `json:"properties"`
 }
 
 type ToolFunction struct {
-	Name        string          `json:"name"`
-	Description string          `json:"description"`
-	Parameters  json.RawMessage `json:"parameters"`
+	Name        string     `json:"name"`
+	Description string     `json:"description"`
+	Parameters  Parameters `json:"parameters"`
 }
 
 type Tool struct {
@@ -70,6 +81,62 @@ type Job struct {
 
 var funcs = template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
 
+// pipelines fails on a template call, action or branch without a pipeline, as Ollama's parser does
+func pipelines(node parse.Node) error {
+	switch n := node.(type) {
+	case *parse.ListNode:
+		if n == nil {
+			return nil
+		}
+		for _, child := range n.Nodes {
+			if err := pipelines(child); err != nil {
+				return err
+			}
+		}
+	case *parse.TemplateNode:
+		if n.Pipe == nil {
+			return errors.New("undefined template specified")
+		}
+	case *parse.ActionNode:
+		if n.Pipe == nil {
+			return errors.New("undefined action in template")
+		}
+	case *parse.IfNode:
+		return branch(&n.BranchNode)
+	case *parse.RangeNode:
+		return branch(&n.BranchNode)
+	case *parse.WithNode:
+		return branch(&n.BranchNode)
+	}
+	return nil
+}
+
+func branch(b *parse.BranchNode) error {
+	if b.Pipe == nil {
+		return errors.New("undefined branch")
+	}
+	if err := pipelines(b.List); err != nil {
+		return err
+	}
+	return pipelines(b.ElseList)
+}
+
+func collate(messages []Message) (string, []Message) {
+	var system []string
+	var out []Message
+	for _, m := range messages {
+		if m.Role == "system" {
+			system = append(system, m.Content)
+		}
+		if len(out) > 0 && out[len(out)-1].Role == m.Role && m.Role != "tool" {
+			out[len(out)-1].Content += "\\n\\n" + m.Content
+		} else {
+			out = append(out, m)
+		}
+	}
+	return strings.Join(system, "\\n\\n"), out
+}
+
 func main() {
 	var jobs []Job
 	if err := json.NewDecoder(os.Stdin).Decode(&jobs); err != nil {
@@ -78,16 +145,14 @@ func main() {
 	var out [][]string
 	for _, job := range jobs {
 		tmpl := template.Must(template.New("t").Funcs(funcs).Parse(job.Template))
+		if err := pipelines(tmpl.Tree.Root); err != nil {
+			panic("Ollama would refuse this TEMPLATE: " + err.Error())
+		}
 		var rendered []string
 		for _, c := range job.Cases {
-			var system []string
-			for _, m := range c.Messages {
-				if m.Role == "system" {
-					system = append(system, m.Content)
-				}
-			}
+			system, messages := collate(c.Messages)
 			var b strings.Builder
-			data := map[string]any{"Messages": c.Messages, "System": strings.Join(system, "\\n\\n"), "Tools": c.Tools}
+			data := map[string]any{"Messages": messages, "System": system, "Tools": c.Tools}
 			if err := tmpl.Execute(&b, data); err != nil {
 				rendered = append(rendered, "error: "+err.Error())
 			} else {
@@ -108,14 +173,32 @@ def go_render(tmp_path, jobs: list[tuple[str, list[tuple[list[dict], list[dict] 
         pytest.skip("Go is not installed (Debian: apt-get install golang-go)")
     program = tmp_path / "render.go"
     program.write_text(GO_PROGRAM)
-    payload = [{"template": t, "cases": [{"messages": messages, "tools": tools} for messages, tools in cases]}
-               for t, cases in jobs]
+    payload = [{"template": t, "cases": [{"messages": [as_ollama_message(m) for m in messages], "tools": tools}
+                                         for messages, tools in cases]} for t, cases in jobs]
     env = {"HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
            "PATH": "/usr/bin:/bin", "GO111MODULE": "off"}
     done = subprocess.run([go, "run", str(program)], input=json.dumps(payload), capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def as_ollama_message(message: dict) -> dict:
+    calls = [{"Function": {"Name": c["function"]["name"], "Arguments": c["function"]["arguments"]}}
+             for c in message.get("tool_calls") or []]
+    return {"Role": message["role"], "Content": message["content"], "ToolCalls": calls}
+
+
+def as_ollama_tool(tool: dict) -> dict:
+    """A tool with its fields in the order Ollama's structs marshal them (parameters: type, required, then the
+    properties by name)."""
+    function, parameters = tool["function"], tool["function"]["parameters"]
+    ordered = {"type": parameters["type"]}
+    if parameters.get("required"):
+        ordered["required"] = parameters["required"]
+    ordered["properties"] = dict(sorted(parameters["properties"].items()))
+    return {"type": tool["type"], "function": {"name": function["name"], "description": function["description"],
+                                               "parameters": ordered}}
 
 
 def go_json(value, sort_keys: bool = False) -> str:
@@ -128,8 +211,9 @@ def as_ollama_writes_json(prompt: str, messages: list[dict], tools: list[dict] |
     """camelid's `prompt` with each JSON text the template wrote (a tool, a call's arguments, a content written as
     a JSON string) as Ollama's serializer writes the same value: the prompt Ollama's TEMPLATE must write."""
     for tool in tools or []:
-        value = tool["function"] if layout.tools.function_only else tool
-        prompt = prompt.replace(json.dumps(value, ensure_ascii=False, indent=layout.tools.indent), go_json(value))
+        ours, theirs = (tool["function"], as_ollama_tool(tool)["function"]) if layout.tools.function_only else (
+            tool, as_ollama_tool(tool))
+        prompt = prompt.replace(json.dumps(ours, ensure_ascii=False, indent=layout.tools.indent), go_json(theirs))
     for message in messages:
         for call in message.get("tool_calls") or []:
             arguments = call["function"]["arguments"]
@@ -170,7 +254,8 @@ def templates(family_tok, smollm2_tokenizer_and_template) -> dict[str, ChatTempl
 
 def go_template_checked(tmp_path, cases_of: dict[str, tuple[ChatTemplate, list[tuple[list[dict], list | None]]]]):
     """Each template's TEMPLATE (from its layouts), executed by Go for its cases (messages, tools), writes the prompt
-    camelid's template renders, JSON texts as Ollama writes them. Returns the layouts."""
+    camelid's template renders, JSON texts as Ollama writes them, or refuses where camelid's does (or, for
+    UNUSUAL_ORDERS, where the layout does not cover their order). Returns the layouts."""
     jobs, expected, layouts = [], [], {}
     for name, (template, cases) in cases_of.items():
         plain = turn_layout(template)
@@ -183,9 +268,12 @@ def go_template_checked(tmp_path, cases_of: dict[str, tuple[ChatTemplate, list[t
                          for messages, tools in cases])
     for name, ours, theirs in zip(cases_of, expected, go_render(tmp_path, jobs)):
         for i, (want, got) in enumerate(zip(ours, theirs, strict=True)):
+            unusual = any(cases_of[name][1][i][0] is c for c in UNUSUAL_ORDERS)
+            refused = got.startswith("error: ") and (ONE_CALL in got or NO_ORDER in got)
             if want is None:  # the template refuses the conversation (two calls a message, a system message)
-                assert got.startswith("error: ") and ("takes one tool call a message" in got or
-                                                      "takes no system message" in got), (name, i, got)
+                assert refused, (name, i, got)
+            elif unusual:  # an order Go may refuse where the template writes it otherwise than elsewhere
+                assert got == want or (refused and NO_ORDER in got), (name, i)
             else:
                 assert got == want, (name, i)
     return layouts
@@ -200,11 +288,23 @@ def rendered(template: ChatTemplate, messages: list[dict], tools: list[dict] | N
     return as_ollama_writes_json(prompt, messages, tools, layout)
 
 
+# Orders of messages beyond system-user-assistant turns: the TEMPLATE writes each as camelid does, or refuses it
+UNUSUAL_ORDERS = [
+    [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Tell me a joke."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "system", "content": "From now on, answer in French."}, {"role": "user", "content": "How are you?"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "assistant", "content": "Welcome!"},
+     {"role": "user", "content": "Thanks."}],
+    [{"role": "user", "content": "Continue this: once upon"}, {"role": "assistant", "content": "a time"}],
+]
+
+
 def test_go_renders_the_modelfile_template_as_camelid_renders_the_chat(
         family_tok, smollm2_tokenizer_and_template, chats, tmp_path):
     found = templates(family_tok, smollm2_tokenizer_and_template)
-    go_template_checked(tmp_path, {name: (t, [(c, None) for c in chats]) for name, t in found.items()})
-    print(f"\n{len(found)} templates x {len(chats)} chats: Go's text/template wrote camelid's prompt every time")
+    cases = [(c, None) for c in chats + UNUSUAL_ORDERS]
+    go_template_checked(tmp_path, {name: (t, cases) for name, t in found.items()})
+    print(f"\n{len(found)} templates x {len(cases)} chats: Go's text/template wrote camelid's prompt every time")
 
 
 # The families' own templates, as llama.cpp's source keeps them for its tests (read from the llama-cpp-python source
@@ -247,7 +347,7 @@ def family_templates(tmp_path_factory) -> dict[str, ChatTemplate]:
 def test_go_renders_each_familys_own_template_with_tools_as_camelid_does(family_templates, chats, tmp_path):
     cases_of = {}
     for name, template in family_templates.items():
-        cases = [(c, None) for c in chats]
+        cases = [(c, None) for c in chats + UNUSUAL_ORDERS]
         if FAMILY_TEMPLATES[name][1]:
             cases += [(c, None) for c in CHECK_TOOL_CONVERSATIONS]
             cases += [(c, tools) for c in chats[:20] + CHECK_TOOL_CONVERSATIONS
@@ -292,9 +392,16 @@ def test_the_modelfile_stops_at_every_end_of_turn_and_keeps_the_default_system(
     if name in DEFAULT_SYSTEMS:
         assert system[0] == f'SYSTEM """{DEFAULT_SYSTEMS[name]}"""'
     assert "PARAMETER temperature 0.8" in lines and "PARAMETER top_k 40" in lines
-    # Gemma's and Llama 3's templates trim each message, which Go cannot: said, not hidden
-    assert missing == (["the template trims the whitespace around each message, which a Go template cannot: Ollama "
-                        "writes messages as they are sent"] if name in ("gemma", "llama-3") else [])
+    # said, not hidden: Gemma's and Llama 3's templates trim each message, which Go cannot; the templates that
+    # write any role as a turn also write tool results, but not the calls before them, so Ollama refuses those
+    expected = []
+    if name in ("smollm2", "chatml", "qwen", "llama-3", "phi-3"):
+        expected.append("tool calls and results: the template writes them in a way this TEMPLATE cannot, so Ollama "
+                        "refuses conversations that hold them")
+    if name in ("gemma", "llama-3"):
+        expected.append("the template trims the whitespace around each message, which a Go template cannot: Ollama "
+                        "writes messages as they are sent")
+    assert missing == expected
 
 
 def test_a_template_that_is_not_a_layout_of_turns_gets_no_template_but_a_note(family_tok):
@@ -326,11 +433,12 @@ def test_what_cannot_be_translated_is_named(family_tok):
     source = "{% if tools %}{% for t in tools %}def {{ t.function.name }}(): ...\n{% endfor %}{% endif %}" + CHAT
     text, missing = modelfile(ChatTemplate(source), family_tok, source="x", sampling={})
     assert 'TEMPLATE """' in text and ".Tools" not in text
-    assert len(missing) == 1 and missing[0].startswith("tools:")
+    # (and, as CHAT writes a tool's result as any turn but not the calls before it, that is said too)
+    assert [note.split(":")[0] for note in missing] == ["tools", "tool calls and results"]
     # today's date, as Llama 3.2's template writes it, is fixed at the export
     source = "<|im_start|>system\nToday: {{ strftime_now('%d %b %Y') }}<|im_end|>\n" + CHAT
     text, missing = modelfile(ChatTemplate(source), family_tok, source="x", sampling={})
-    assert 'TEMPLATE """' in text and len(missing) == 1 and "today's date" in missing[0]
+    assert 'TEMPLATE """' in text and "today's date" in missing[-1]
 
 
 def test_export_ollama_writes_the_gguf_and_the_modelfile_at_once(tiny_chat_dir, tmp_path):

@@ -382,11 +382,11 @@ _K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "
 
 def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: ModelConfig) -> str:
     """The type llama-quantize gives a 2-D weight in a file of K-quant `mix` (its llama_tensor_get_type for
-    models without experts): the vocabulary projection Q6_K; more bits for attn_v (attn_qkv), ffn_down and, in
-    the 2- and 3-bit mixes, attn_output (for the _M mixes in the first and last eighth of the layers and every
-    third between; for Q4_K_S and Q3_K_M in the first few); the rest the mix's type. `index` counts the tensors
-    of the same kind before this one. Rows not a multiple of 256 wide take a 32-weight type (Q4_0, Q5_0, Q5_1,
-    Q8_0), rows not a multiple of 32 f16."""
+    models without experts): the vocabulary projection Q6_K; more bits for attn_v (attn_qkv) and ffn_down (for
+    q4_k_m and q5_k_m in the first and last eighth of the layers and every third between; for q4_k_s and q3_k_m
+    in the first few), and for attn_output in q3_k_m, q3_k_l and q2_k; attn_v at least Q5_K in a 70B model;
+    the rest the mix's type. `index` counts the tensors of the same kind before this one. Rows not a multiple of
+    256 wide take a 32-weight type (Q4_0, Q5_0, Q5_1, Q8_0), rows not a multiple of 32 f16."""
     layers = config.num_hidden_layers
     more_bits = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
     part = gguf_name.split(".")[-2]
@@ -404,6 +404,8 @@ def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: Mode
             kind = "q6_k"
         elif mix == "q4_k_s" and index < 4:
             kind = "q5_k"
+        if _is_70b(config) and kind in ("q3_k", "q4_k"):  # 70B's attn_v is small (8 query heads to one): cheap
+            kind = "q5_k"
     elif part == "ffn_down":
         if mix == "q2_k":
             kind = "q3_k"
@@ -420,6 +422,13 @@ def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: Mode
     if kind in _K_FALLBACK and columns % 256:
         kind = _K_FALLBACK[kind]
     return "f16" if columns % 32 else kind
+
+
+def _is_70b(config: ModelConfig) -> bool:
+    """Whether llama.cpp counts the model as 70B (80 layers: Llama 2/3 70B with grouped keys, Qwen2 72B)."""
+    arch = gguf_architecture(config)
+    return config.num_hidden_layers == 80 and (
+        arch == "qwen2" or (arch == "llama" and config.num_attention_heads != config.num_key_value_heads))
 
 
 def _tensor_type(gguf_name: str, shape, kind: str, config: ModelConfig) -> str:

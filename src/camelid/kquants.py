@@ -11,8 +11,6 @@ nearest even, as ggml's does.
 import numpy as np
 
 QK_K = 256  # weights in a super-block
-Q2_K_BYTES = QK_K // 16 + QK_K // 4 + 4  # scales, qs, d, dmin: 84
-Q3_K_BYTES = QK_K // 8 + QK_K // 4 + 12 + 2  # hmask, qs, scales, d: 110
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml's threshold below which a group counts as all zeros
 Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2  # ql, qh, scales, d: 210
 CHUNK = 2048  # super-blocks quantized at a time
@@ -337,8 +335,8 @@ def quantize_q3_k(weights: np.ndarray) -> np.ndarray:
         packed[:, 8 + j % 4] |= (high[:, j] << (2 * (j // 4))).astype(np.uint8)
     with np.errstate(divide="ignore"):
         d = np.where(some, _f32(1) / np.where(some, iscale, _f32(1)), _f32(0)).astype(np.float16)
-    # a group's scale as dequantizing sees it: unpacked from the bytes (without a scale, each reads back as -32)
-    step = d.astype(np.float32)[:, None] * (np.where(some[:, None], small, 0) - 32).astype(np.float32)
+    # a group's scale as dequantizing sees it (without a scale, the zero bytes read back as -32, times d = 0)
+    step = d.astype(np.float32)[:, None] * (small - 32).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         again = _nearest(np.where(step[..., None] != 0, x / step[..., None], 0))
     levels = np.where(step[..., None] != 0, np.clip(again, -4, 3) + 4, levels).reshape(blocks, QK_K)

@@ -32,8 +32,10 @@ from camelid.errors import CamelidError
 MODELFILE = "Modelfile"
 GGUF_NAME = "model.gguf"
 
-# What the Go template refuses as the chat template does (by naming a template that does not exist: an error)
-NO_SYSTEM = "this template takes no system message"
+# What the Go template refuses (by naming a template that does not exist: an error Ollama answers with): an order
+# of messages it was not shown how to write (one the chat template refuses, or writes inconsistently), and a
+# second tool call in a message where the chat template takes one.
+NO_ORDER = "this template does not write messages in this order"
 ONE_CALL = "this template takes one tool call a message"
 # Glue is what a template writes between two contents: one string, or (before, after) the list of tools.
 Glue = tuple[str, ...]
@@ -92,27 +94,18 @@ class Layout:
         """Whether the template writes system messages (Gemma 2's refuses them)."""
         return ("", "system") in self.glue
 
-    def key(self, prev: str, kind: str) -> tuple[str, str]:
-        """The glue a message of `kind` after one of `prev` gets: its own, or that of the nearest order written."""
-        if kind == "system" and not self.takes_system:
-            raise CamelidError(NO_SYSTEM)
-        if (prev, kind) in self.glue:
-            return prev, kind
-        if prev == "":
-            return "", "system" if kind == "system" else "user"
-        if prev == "system":
-            return "system", "user"
-        if kind in ("assistant", "calls"):
-            return ("user", kind) if ("user", kind) in self.glue else ("user", "assistant")
-        return "assistant", "user"
+    def _known(self, glue: Glue | None) -> Glue:
+        if glue is None:
+            raise CamelidError(NO_ORDER)
+        return glue
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt the Go template (go_template) writes for `messages` (and `tools`, given to a layout with
         tools), JSON written as the Jinja template writes it: the layout, applied in Python."""
         out, prev = [], ""
         for message in messages:
-            kind = _kind(message) if self.calls is not None else message["role"]
-            out.append(self._glue(self.glue[self.key(prev, kind)], tools))
+            kind = _kind(message)
+            out.append(self._glue(self._known(self.glue.get((prev, kind))), tools))
             content = message.get("content") or ""
             if kind == "calls":
                 calls = self.calls
@@ -129,7 +122,7 @@ class Layout:
             else:
                 out.append(_json(content) if kind in self.json_content else content)
             prev = kind
-        out.append(self._glue(self.end.get(prev, self.end["user"]), tools))
+        out.append(self._glue(self._known(self.end.get(prev)), tools))
         return "".join(out)
 
     def _glue(self, glue: Glue, tools: list[dict] | None) -> str:
@@ -139,23 +132,13 @@ class Layout:
         """The layout as Go text/template actions over Ollama's `.Messages` (and `$.Tools`). Every literal is a
         quoted Go string inside an action, so that no whitespace trimming can touch it."""
         cases = [(f'and (eq $prev "{prev}") (eq $kind "{kind}")', glue) for (prev, kind), glue in self.glue.items()]
-        # orders the template was not probed in get the glue `key` chooses
-        cases += [('eq $prev ""', self.glue[("", "user")])]
-        if self.takes_system:
-            cases.append(('eq $prev "system"', self.glue[("system", "user")]))
-        else:  # no such template: Ollama refuses the request, as camelid's template does
-            cases.insert(0, ('eq $kind "system"', None))
-        if ("user", "calls") in self.glue:
-            cases.append(('eq $kind "calls"', self.glue[("user", "calls")]))
-        cases += [('eq $kind "assistant"', self.glue[("user", "assistant")]), (None, self.glue[("assistant", "user")])]
         content = "{{ .Content }}"
         if self.json_content:
             test = " ".join(f'(eq $kind "{kind}")' for kind in sorted(self.json_content))
             content = f"{{{{ if or {test} }}}}{{{{ json .Content }}}}{{{{ else }}}}{{{{ .Content }}}}{{{{ end }}}}"
-        kind = '{{- $kind := .Role }}'
-        if self.calls is not None:
-            kind += '{{ if and (eq .Role "assistant") .ToolCalls }}{{ $kind = "calls" }}{{ end }}'
-        lines = ['{{- $prev := "" }}', "{{- range .Messages }}", kind, *self._go_cases(cases)]
+        lines = ['{{- $prev := "" }}', "{{- range .Messages }}",
+                 '{{- $kind := .Role }}{{ if and (eq .Role "assistant") .ToolCalls }}{{ $kind = "calls" }}{{ end }}',
+                 *self._go_cases(cases + [(None, None)])]
         if self.calls is None:
             lines.append('{{- "" }}' + content)
         else:
@@ -170,14 +153,13 @@ class Layout:
                       + _lit(calls.name_to_args) + "{{ json $c.Function.Arguments }}{{ end }}",
                       "{{- else }}" + content + "{{ end }}"]
         lines += ["{{- $prev = $kind }}", "{{- end }}"]
-        ends = [(f'eq $prev "{kind}"', glue) for kind, glue in self.end.items() if kind != "user"]
-        lines += self._go_cases(ends + [(None, self.end["user"])])
-        return "\n".join(lines)
+        ends = [(f'eq $prev "{kind}"', glue) for kind, glue in self.end.items()]
+        return "\n".join(lines + self._go_cases(ends + [(None, None)]))
 
     def _go_cases(self, cases: list[tuple[str | None, Glue | None]]) -> list[str]:
         """Go actions writing the glue of the first case whose test holds (a test of None: otherwise; a glue of None:
-        the refusal of a system message)."""
-        if len(cases) == 1:
+        the refusal of an order not known)."""
+        if cases[0][0] is None:
             return ['{{- "" }}' + self._go_glue(cases[0][1])]
         lines = []
         for i, (test, glue) in enumerate(cases):
@@ -187,7 +169,7 @@ class Layout:
 
     def _go_glue(self, glue: Glue | None) -> str:
         if glue is None:
-            return _refusal(NO_SYSTEM)
+            return _refusal(NO_ORDER)
         if len(glue) == 1:
             return _lit(glue[0])
         item = "json $t.Function" if self.tools.function_only else "json $t"
@@ -205,11 +187,13 @@ def go_template(plain: Layout, with_tools: Layout | None = None) -> str:
 def _refusal(reason: str) -> str:
     """A Go action that fails with `reason`: it names a template that does not exist, so Ollama answers with the
     error, as camelid's chat template refuses the conversation."""
-    return '{{ template "camelid: ' + reason + '" }}'
+    return '{{ template "camelid: ' + reason + '" . }}'  # with a pipeline, as Ollama's parser requires
 
 
 def _lit(text: str) -> str:
-    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"  # JSON's escapes are Go's too
+    # JSON's escapes are Go's too; all in ASCII, since Ollama's Modelfile reader drops characters Go does not
+    # count as printable (no-break and zero-width spaces, line separators)
+    return "{{ " + json.dumps(text) + " }}"
 
 
 def _json(value, indent: int | None = None) -> str:
@@ -332,35 +316,67 @@ def _layout(template: ChatTemplate, tools: bool, with_calls: bool) -> Layout | N
     if plain is None or (system is None and not _refuses(template, [_probe("system", 1), u1], given)):
         return None
     glue = {("", "user"): plain.glues[0], ("user", "assistant"): plain.glues[1], ("assistant", "user"): plain.glues[2]}
+    end = {"user": plain.glues[3]}
     if system is not None:  # else it takes no system message
         if plain.glues[3] != system.glues[2]:
             return None
         glue.update({("", "system"): system.glues[0], ("system", "user"): system.glues[1]})
-    between = plain.between or (system.between if system is not None else None)
     if tools:
-        tool_list = ToolList(tool_list.function_only, tool_list.indent, between)
-    layout = Layout(glue=glue, end={"user": plain.glues[3]}, tools=tool_list)
-    if not with_calls:
-        return layout
-    t1, t2 = _probe("tool", 1), _probe("tool", 2)
+        tool_list = ToolList(tool_list.function_only, tool_list.indent, plain.between)
+    _more_orders(cut, glue, end)
+    calls, json_content = _call_glue(cut, glue, end) if with_calls else (None, set())
+    if with_calls and calls is None:
+        return None
+    return Layout(glue=glue, end=end, json_content=frozenset(json_content), calls=calls, tools=tool_list)
+
+
+def _more_orders(cut, glue: dict, end: dict) -> None:
+    """Add to `glue` and `end` the orders of messages beyond those every layout is built from (an assistant
+    first, a system message later on, the generation prompt after an assistant or a system message), each where
+    the template writes it consistently with the rest; the Go template refuses those left out."""
+    u1, u2, a1 = _probe("user", 1), _probe("user", 2), _probe("assistant", 1)
+    s1, s2 = _probe("system", 1), _probe("system", 2)
+    probes = [((a1, u1), [("", "assistant"), ("assistant", "user")], "user"),
+              ((s1, a1, u1), [("", "system"), ("system", "assistant"), ("assistant", "user")], "user"),
+              ((u1, s2, u2), [("", "user"), ("user", "system"), ("system", "user")], "user"),
+              ((u1, a1, s2, u2), [("", "user"), ("user", "assistant"), ("assistant", "system"), ("system", "user")],
+               "user"),
+              ((u1, a1), [("", "user"), ("user", "assistant")], "assistant"),
+              ((s1,), [("", "system")], "system")]
+    for messages, keys, last in probes:
+        found = cut(*messages)
+        if found is None:
+            continue
+        pairs = dict(zip(keys, found.glues))
+        if any(glue.get(k, g) != g for k, g in pairs.items()) or end.get(last, found.glues[-1]) != found.glues[-1]:
+            continue  # written otherwise here than elsewhere: not a layout that covers this order
+        glue.update(pairs)
+        end[last] = found.glues[-1]
+
+
+def _call_glue(cut, glue: dict, end: dict) -> tuple[CallLayout | None, set[str]]:
+    """How the template writes tool calls and results, added to `glue` and `end`, and the kinds whose content
+    it writes as JSON strings; (None, ...) where it writes none, or not as a layout."""
+    u1, u2, a1, t1, t2 = _probe("user", 1), _probe("user", 2), _probe("assistant", 1), _probe("tool", 1), _probe(
+        "tool", 2)
     many = cut(u1, _probe("calls", 1, "AB"), t1, t2, a1, u2)
-    one = many is None and cut(u1, _probe("calls", 1, "A"), t1, t2, a1, u2)
+    first_call = many if many is not None else cut(u1, _probe("calls", 1, "A"), t1, t2, a1, u2)
     talk = cut(u1, _probe("calls", 2, "A", content="Cnt1" + _X), t1)
     again = cut(u1, _probe("calls", 1, "A"), t1, _probe("calls", 2, "B"), t2)
     after = cut(u1, _probe("calls", 1, "A"), t1, u2)
-    cuts = [c for c in (many or one, talk, again) if c]
+    cuts = [c for c in (first_call, talk, again) if c is not None]
     if len(cuts) < 3 or any(len(g) > 1 for c in cuts for g in c.glues[1:]):
-        return None  # no tool messages (or the tools listed among them)
-    g = [g[0] for g in (many or one).glues]
+        return None, set()  # no tool messages (or the tools listed among them)
+    g = [g[0] for g in first_call.glues]
     if many is not None:  # u1 | nameA argsA nameB argsB | t1 t2 a1 u2
         first, name_to_args, between, rest = g[1], g[2], g[3], g[5:]
         if g[4] != name_to_args:
-            return None
-    else:  # u1 | nameA argsA | t1 t2 a1 u2
+            return None, set()
+    else:  # u1 | nameA argsA | t1 t2 a1 u2: one call a message
         first, name_to_args, between, rest = g[1], g[2], None, g[3:]
-    glue.update({("calls", "tool"): (rest[0],), ("tool", "tool"): (rest[1],), ("tool", "assistant"): (rest[2],)})
     if (rest[3],) != glue[("assistant", "user")]:
-        return None
+        return None, set()
+    glue.update({("calls", "tool"): (rest[0],), ("tool", "tool"): (rest[1],), ("tool", "assistant"): (rest[2],)})
     if talk.dropped:  # u1 | nameA argsA | t1
         before_first, before_content, content_to_first = "", None, ""
         glue[("user", "calls")] = (first,)
@@ -369,17 +385,15 @@ def _layout(template: ChatTemplate, tools: bool, with_calls: bool) -> Layout | N
         before_first, before_content = first[len(shared):], talk.glues[1][0][len(shared):]
         content_to_first = talk.glues[2][0]
         glue[("user", "calls")] = (shared,)
-    end_tool = talk.glues[-1]
+    end["tool"] = talk.glues[-1]
     g = [g[0] for g in again.glues]  # u1 | nameA argsA | t1 | nameB argsB | t2
-    if not g[4].endswith(before_first) or (g[-1],) != end_tool:
-        return None
+    if not g[4].endswith(before_first) or (g[-1],) != end["tool"]:
+        return None, set()
     glue[("tool", "calls")] = (g[4][: len(g[4]) - len(before_first)],)
     if after is not None:
         glue[("tool", "user")] = after.glues[-2]
     json_content = set().union(*(c.json_content for c in cuts))
-    return Layout(glue=glue, end={"user": plain.glues[3], "tool": end_tool}, json_content=frozenset(json_content),
-                  calls=CallLayout(before_first, before_content, content_to_first, name_to_args, between),
-                  tools=tool_list)
+    return CallLayout(before_first, before_content, content_to_first, name_to_args, between), json_content
 
 
 def _refuses(template: ChatTemplate, messages: list[dict], tools: list[dict] | None) -> bool:
@@ -505,6 +519,9 @@ def modelfile(template: ChatTemplate, tokenizer, *, source: str, sampling: dict[
         if template.reads("tools") and with_tools is None:
             missing.append("tools: the template lists tools in a way this TEMPLATE cannot write, so it covers chat "
                            "without tools only")
+        if layout.calls is None and not _refuses(template, CHECK_TOOL_CONVERSATIONS[0], None):
+            missing.append("tool calls and results: the template writes them in a way this TEMPLATE cannot, so "
+                           "Ollama refuses conversations that hold them")
         if _trims(template):
             missing.append("the template trims the whitespace around each message, which a Go template cannot: "
                            "Ollama writes messages as they are sent")
