@@ -289,8 +289,9 @@ def main() -> int:
     rows = {"camelid, float32": measure("camelid", args, path)}
     for kind in args.quantize:
         rows[f"camelid, --quantize {kind}"] = measure("camelid", args, path, kind)
-    published = inference.gguf_quantization(path)
-    llama_name = f"llama.cpp, the published {published} file" if published else None
+    stored = inference.gguf_quantization(path)
+    named = args.model.lower() in NAMED_MODELS  # a model camelid names is its published file
+    llama_name = f"llama.cpp, the {'published ' if named else ''}{stored} file" if stored else None
     if llama_name:
         rows[llama_name] = measure("llamacpp", args, path)
     if not args.skip_transformers:

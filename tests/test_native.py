@@ -19,7 +19,7 @@ from camelid import native
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import Llama
-from camelid.native import Int8Linear, quantize_rows
+from camelid.native import Int8Linear, dequantize, quantize_rows
 from camelid.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="the int8 kernels need a C compiler")
@@ -112,6 +112,8 @@ def dequantized_reference(exact: Llama, small: Llama) -> Llama:
         mlp.down_proj.weight.data = part.down.dequantized()
     ref.lm_head = torch.nn.Linear(1, 1, bias=False)
     ref.lm_head.weight = torch.nn.Parameter(small.lm_head.dequantized())
+    embed = small.model.embed_tokens  # int8 rows too
+    ref.model.embed_tokens.weight = torch.nn.Parameter(dequantize(embed.qweight, embed.scale))
     return ref
 
 

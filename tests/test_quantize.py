@@ -82,3 +82,45 @@ def test_smollm2_perplexity_close_to_float32(smollm2_gguf, sharegpt_texts, kind,
             logits = torch.cat([stepwise[0, :-1], windows[0].view(3, 256, -1)[:, :-1].reshape(-1, windows.shape[-1])])
             ppl[name] = F.cross_entropy(logits, targets).exp().item()
     assert abs(ppl[kind] / ppl["exact"] - 1) < limit, ppl
+
+
+@pytest.mark.parametrize("kind", ["f16", pytest.param("int8", marks=needs_compiler)])
+def test_a_gguf_loads_quantized_layer_by_layer_into_the_same_model(kind, smollm2_gguf, monkeypatch):
+    """--quantize from a GGUF reads one decoder layer's weights at a time (never the whole model in float32) and
+    gives exactly the model that loading it whole and quantizing it gives."""
+    from camelid import checkpoint
+    from camelid.gguf_file import GGUFFile
+
+    whole_config, state = checkpoint.read_gguf_weights(GGUFFile(smollm2_gguf))
+    whole = quantize_model(checkpoint.build_model(whole_config, state), kind)
+    del state
+    reads, real = [], checkpoint.read_gguf_weights
+
+    def counted(gguf, keep=None, config=None):
+        config, got = real(gguf, keep, config)
+        reads.append(sorted({name.split(".")[2] if name.startswith("model.layers.") else "outside" for name in got}))
+        return config, got
+
+    monkeypatch.setattr(checkpoint, "read_gguf_weights", counted)
+    streamed = load_model(smollm2_gguf, device="cpu", dtype="float32", quantize=kind).model
+    assert reads == [["outside"]] + [[str(i)] for i in range(whole_config.num_hidden_layers)]
+    tokens = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(streamed(tokens), whole(tokens))
+    assert streamed.model.layers[3].mlp.gate_proj is None and streamed.quantization == kind
+
+
+def test_a_gguf_that_does_not_fit_its_config_is_refused_before_any_weight_is_read(smollm2_gguf, monkeypatch):
+    from camelid import checkpoint
+
+    def shrunk(gguf):
+        config = real(gguf)
+        config.intermediate_size = 1024
+        return config
+
+    real = checkpoint.config_from_gguf
+    monkeypatch.setattr(checkpoint, "config_from_gguf", shrunk)
+    monkeypatch.setattr(checkpoint, "read_gguf_weights", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(CamelidError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(1536, 576\), "
+                                           r"the config implies \(1024, 576\)"):
+        load_model(smollm2_gguf, device="cpu", dtype="float32", quantize="f16")

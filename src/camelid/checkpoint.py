@@ -103,9 +103,16 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
         template = read_chat_template(path)
     else:
         gguf = GGUFFile(path)
-        config, state = read_gguf_weights(gguf)
+        config = config_from_gguf(gguf)
+        streamed = quantize != "none" and device == "cpu" and dtype == torch.float32
+        shapes = gguf_weight_shapes(gguf, config) if streamed else None
+        state = None if streamed else read_gguf_weights(gguf, config=config)[1]
         tokenizer = tokenizer_from_gguf(gguf.metadata)
         template = gguf.metadata.get("tokenizer.chat_template")
+        if streamed:  # never the whole model in float32: a layer at a time, quantized as it comes
+            model = build_quantized_model(config, shapes, lambda keep: read_gguf_weights(gguf, keep, config)[1],
+                                          quantize)
+            return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
     model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
 
@@ -175,6 +182,42 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
     """A model holding exactly `state`, built without first allocating random weights."""
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model = _checked_skeleton(config, state)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    return _finish_model(model, config, device)
+
+
+def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], read, kind: str) -> Llama:
+    """build_model and then quantize_model (float32 on the CPU), a decoder layer at a time: the float32 weights of
+    one layer exist at once, not of the whole model. `shapes` holds a meta tensor for every weight (checked
+    before any is read); read(keep) gives the weights whose names `keep` accepts."""
+    from camelid.native import release_freed_memory
+    from camelid.quantize import check_quantizable, finish_quantization, quantize_ends, quantize_layer
+
+    check_quantizable(config, kind)
+    if config.tie_word_embeddings:
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    model = _checked_skeleton(config, shapes)
+
+    def assign(keep) -> None:
+        state = {k: v for k, v in read(keep).items() if k in shapes}
+        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False, assign=True)
+
+    assign(lambda name: not name.startswith("model.layers."))
+    model = _finish_model(model, config, "cpu")
+    quantize_ends(model, kind)
+    layers = []
+    for i, block in enumerate(model.model.layers):
+        assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix))
+        layers.append(quantize_layer(block, kind))
+        release_freed_memory()  # the layer's float32 pages, not kept by the C heap for the next
+    return finish_quantization(model, kind, layers)
+
+
+def _checked_skeleton(config: ModelConfig, state: dict[str, torch.Tensor]) -> Llama:
+    """A model of `config` on the meta device, once `state` (real or meta tensors) is checked to be exactly its
+    weights: the layers, the names and the shapes."""
     layers = {int(m[1]) for name in state if (m := re.match(r"model\.layers\.(\d+)\.", name))}
     have = max(layers) + 1 if layers else 0
     if have != config.num_hidden_layers:  # before the layers are built
@@ -197,11 +240,15 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
             raise CamelidError(
                 f"tensor {name} has shape {tuple(state[name].shape)}, the config implies {tuple(param.shape)}"
             )
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    return model
+
+
+def _finish_model(model: Llama, config: ModelConfig, device) -> Llama:
+    """The tied head and the rotary buffers of a model whose weights are assigned (the buffers were left on the
+    meta device)."""
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)  # buffers were left on the meta device
+    model.inv_freq = rope_inv_freq(config).to(device)
     if config.rope_local_base_freq is not None:
         model.inv_freq_local = rope_inv_freq(config, local=True).to(device)
     return model.eval()
@@ -581,17 +628,16 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int, name: str = "q/k") -> torch.T
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    config = config_from_gguf(gguf)
+def read_gguf_weights(gguf: GGUFFile, keep=None, config: ModelConfig | None = None
+                      ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The file's config and weights as float32 under camelid's names: all of them, or those whose name `keep`
+    accepts (each dequantized only then, and its pages of the file let go after)."""
+    config = config or config_from_gguf(gguf)
     state = {}
-    for name in gguf.tensors:
-        if name == "rope_freqs.weight":
+    for name, hf_name in _gguf_names(gguf, config).items():
+        if keep is not None and not keep(hf_name):
             continue
-        hf_name = gguf_to_hf_name(name, gguf.metadata["general.architecture"])
-        if hf_name is None:
-            raise CamelidError(f"{gguf.path}: unexpected tensor {shown(name)}, which camelid's {config.model_type} has no "
-                           "place for; the file holds parts camelid does not run")
-        w = gguf.dequantize(name)
+        w = gguf.dequantize(name, release=keep is not None)
         if config.gemma and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's gemma3 stores the whole scale; transformers and camelid its offset from 1
         if config.model_type in INTERLEAVED_ROPE_ARCHS:  # back from interleaved rotary pairs
@@ -601,3 +647,25 @@ def read_gguf_weights(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, torch.Tens
                 w = _unpermute_rope(w, config.num_key_value_heads, name)
         state[hf_name] = w
     return config, split_fused_projections(state, config)
+
+
+def gguf_weight_shapes(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every weight of the file as a meta tensor of its shape under camelid's names, read from the header only."""
+    shapes = {hf_name: torch.empty(gguf.tensors[name].shape, device="meta")
+              for name, hf_name in _gguf_names(gguf, config).items()}
+    return split_fused_projections(shapes, config)
+
+
+def _gguf_names(gguf: GGUFFile, config: ModelConfig) -> dict[str, str]:
+    """The file's tensor names -> camelid's (a fused projection's before it is split), llama.cpp's rope_freqs
+    left out; a tensor camelid has no place for is an error."""
+    names = {}
+    for name in gguf.tensors:
+        if name == "rope_freqs.weight":
+            continue
+        hf_name = gguf_to_hf_name(name, gguf.metadata["general.architecture"])
+        if hf_name is None:
+            raise CamelidError(f"{gguf.path}: unexpected tensor {shown(name)}, which camelid's {config.model_type} has "
+                               "no place for; the file holds parts camelid does not run")
+        names[name] = hf_name
+    return names

@@ -206,12 +206,28 @@ class GGUFFile:
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=self._nbytes(info), offset=info.offset)
 
-    def dequantize(self, name: str) -> torch.Tensor:
-        """The tensor as float32 in PyTorch shape, whatever type it is stored in.
+    def dequantize(self, name: str, release: bool = False) -> torch.Tensor:
+        """The tensor as float32 in PyTorch shape, whatever type it is stored in. With `release`, the pages of
+        the file it was read from are let go afterwards, so that reading a whole model tensor by tensor does not
+        keep the file resident as well (they come back from the page cache if read again).
 
         The block formats of most published files (Q8_0, Q4_0, Q4_1) are unpacked here in torch, several
         times faster than the `gguf` package's numpy code, which handles the rest.
         """
+        try:
+            return self._dequantize(name)
+        finally:
+            if release:
+                self._release(self.tensors[name])
+
+    def _release(self, info: TensorInfo) -> None:
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = info.offset + self._nbytes(info)
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # Linux and most Unix; else kept
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _dequantize(self, name: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 

@@ -22,7 +22,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camelid.errors import CamelidError
@@ -124,6 +123,24 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.repeat_interleave(SCALE_BLOCK, dim=1)[:, : q.shape[1]]
 
 
+class Int8Embedding(nn.Module):
+    """Token embeddings stored as int8 rows (a scale per SCALE_BLOCK weights, as Int8Linear's), widened to float32
+    as they are looked up: a quarter of float32's memory. `shared`: the int8 output head tied to them, whose
+    weights they are. `weight` is an empty float32 tensor that says the device and dtype, as an nn.Embedding's
+    weight would to the code that asks."""
+
+    def __init__(self, weight: Tensor, shared: "Int8Linear | None" = None):
+        super().__init__()
+        q, scale = (shared.qweight, shared.scale) if shared is not None else quantize_rows(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("weight", torch.empty(0, weight.shape[1]))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        return dequantize(self.qweight[flat], self.scale[flat]).view(*ids.shape, -1)
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (a scale per SCALE_BLOCK weights of a row); activations are rounded to
     int16 per row.
@@ -205,37 +222,16 @@ class NativeDecoder:
 
     MAX_ROWS = 512  # tokens per call: bounds the kernels' scratch memory (a prompt longer than this goes in parts)
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, layers: list | None = None):
+        """From `model`'s float layers, or from `layers` (int8_layer of each, made as the model was loaded)."""
         self.threads = threads
         config = model.config
-        if config.gemma:
-            raise CamelidError("--quantize int8 does not run Gemma's layers (scaled embeddings, norms after attention "
-                               "and MLP, GeGLU) yet; use --quantize f16")
-        if config.no_rope_layers is not None and not all(config.no_rope_layers):
-            raise CamelidError("--quantize int8 does not run layers without the rotary embedding (SmolLM3's NoPE) "
-                               "yet; use --quantize f16")
-        if config.sliding_window:
-            raise CamelidError("--quantize int8 does not run sliding-window attention yet; use --quantize f16")
-        if config.qk_norm:
-            raise CamelidError(f"--quantize int8 does not run the per-head q/k norms of {config.model_type} models "
-                               "yet; use --quantize f16")
-        if config.head_dim > 512:
-            raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}; "
-                               "use --quantize f16")
+        check_int8(config)
         self.config = config
-        self.embed = model.model.embed_tokens.weight.detach()
+        embed = model.model.embed_tokens
+        self.embed = embed if isinstance(embed, Int8Embedding) else Int8Embedding(embed.weight)
         self.inv_freq = model.inv_freq.detach().float().cpu()
-        self.layers = []
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            part = types.SimpleNamespace()
-            part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
-            part.mlp_norm = block.post_attention_layernorm.weight.detach().float().contiguous()
-            part.qkv = _stacked([attn.q_proj, attn.k_proj, attn.v_proj])
-            part.o = _stacked([attn.o_proj])
-            part.gate_up = _stacked([mlp.gate_proj, mlp.up_proj])
-            part.down = _stacked([mlp.down_proj])
-            self.layers.append(part)
+        self.layers = layers if layers is not None else [int8_layer(block) for block in model.model.layers]
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self._layers = (_Layer * len(self.layers))(*[
             _Layer(p.attn_norm.data_ptr(), p.mlp_norm.data_ptr(), _qmatrix(p.qkv), _qmatrix(p.o),
@@ -290,7 +286,7 @@ class NativeDecoder:
         for start in range(0, n, self.MAX_ROWS):
             part = slice(start, min(n, start + self.MAX_ROWS))
             m = part.stop - part.start
-            x = F.embedding(ids[part], self.embed).float().contiguous()
+            x = self.embed(ids[part]).contiguous()
             p, r = pos[part].contiguous(), rows[part].contiguous()
             cos, sin = (t.reshape(m, -1).contiguous() for t in rope_cos_sin(self.inv_freq, p[None], torch.float32))
             status = library().camelid_decoder_forward(
@@ -307,6 +303,22 @@ class NativeDecoder:
         hidden = torch.zeros(B, T, c.hidden_size)
         hidden[keep] = out
         return hidden
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). glibc keeps the
+    pages of freed tensors resident, so work that frees large temporaries again and again (a training step,
+    converting a model layer by layer) holds far more memory than it uses at once without this."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 _torch_threads_lock = threading.Lock()
@@ -339,6 +351,38 @@ def torch_single_threaded(model):
             _torch_threads_users -= 1
             if _torch_threads_users == 0:
                 torch.set_num_threads(_torch_threads_saved)
+
+
+def check_int8(config) -> None:
+    """Refuse, in one line, a family whose layers the int8 decoder does not run (before anything is loaded)."""
+    if config.gemma:
+        raise CamelidError("--quantize int8 does not run Gemma's layers (scaled embeddings, norms after attention "
+                           "and MLP, GeGLU) yet; use --quantize f16")
+    if config.no_rope_layers is not None and not all(config.no_rope_layers):
+        raise CamelidError("--quantize int8 does not run layers without the rotary embedding (SmolLM3's NoPE) "
+                           "yet; use --quantize f16")
+    if config.sliding_window:
+        raise CamelidError("--quantize int8 does not run sliding-window attention yet; use --quantize f16")
+    if config.qk_norm:
+        raise CamelidError(f"--quantize int8 does not run the per-head q/k norms of {config.model_type} models "
+                           "yet; use --quantize f16")
+    if config.head_dim > 512:
+        raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}; "
+                           "use --quantize f16")
+
+
+def int8_layer(block) -> types.SimpleNamespace:
+    """What the kernels read of one decoder layer: its norms, and its products as int8 (q/k/v and gate/up
+    stacked). The block's float weights can go once this is made."""
+    attn, mlp = block.self_attn, block.mlp
+    part = types.SimpleNamespace()
+    part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
+    part.mlp_norm = block.post_attention_layernorm.weight.detach().float().contiguous()
+    part.qkv = _stacked([attn.q_proj, attn.k_proj, attn.v_proj])
+    part.o = _stacked([attn.o_proj])
+    part.gate_up = _stacked([mlp.gate_proj, mlp.up_proj])
+    part.down = _stacked([mlp.down_proj])
+    return part
 
 
 def _stacked(layers: list[nn.Linear]) -> Int8Linear:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from camelid.config import QUANTIZATIONS  # the names, free of torch for the command line's help
 from camelid.errors import CamelidError
 from camelid.model import Llama
-from camelid.native import NO_COMPILER, Int8Linear, NativeDecoder, compiler
+from camelid.native import NO_COMPILER, Int8Embedding, Int8Linear, NativeDecoder, check_int8, compiler, int8_layer
 
 F16_MAX_ROWS = 4  # without fbgemm: up to this many rows the float16 product is the faster one
 
@@ -78,33 +78,68 @@ def quantize_model(model: Llama, kind: str) -> Llama:
     """
     if check_quantization(kind) == "none":
         return model
-    weight = model.model.embed_tokens.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    check_quantizable(model.config, kind, model.model.embed_tokens.weight)
+    layers = [quantize_layer(block, kind) for block in model.model.layers]
+    return finish_quantization(model, kind, layers)
+
+
+def check_quantizable(config, kind: str, weight: Tensor | None = None) -> None:
+    """Refuse, before any weight is converted (or loaded), what `kind` cannot run: int8 on a family its decoder
+    does not run, either on weights other than float32 on the CPU."""
+    if weight is not None and (weight.device.type != "cpu" or weight.dtype != torch.float32):
         raise CamelidError(f"--quantize {kind} is for float32 models on the CPU; on a GPU use --dtype bfloat16")
     if kind == "int8":
-        threads = torch.get_num_threads()  # captured: decoding loops set PyTorch to one thread (torch_single_threaded)
-        model.native = NativeDecoder(model, threads)
-        for layer in model.model.layers:  # the float weights are not kept: the native decoder has its own
-            layer.self_attn.q_proj = layer.self_attn.k_proj = layer.self_attn.v_proj = layer.self_attn.o_proj = None
-            layer.mlp.gate_proj = layer.mlp.up_proj = layer.mlp.down_proj = None
-        model.lm_head = Int8Linear(model.lm_head.weight, model.lm_head.bias, threads)
-        model.quantization = kind
-        return model
+        check_int8(config)
 
-    def stacked(layers: list[nn.Linear]) -> nn.Module:
-        """One layer computing several that read the same input (q, k, v; gate, up): one product, not three."""
-        biases = [lin.bias for lin in layers]
-        bias = None if biases[0] is None else torch.cat(biases)
-        return HalfWeightLinear(torch.cat([lin.weight for lin in layers]), bias)
 
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = stacked([attn.q_proj, attn.k_proj, attn.v_proj])
-        attn.q_proj = attn.k_proj = attn.v_proj = None
-        attn.o_proj = stacked([attn.o_proj])
-        mlp.gate_up_proj = stacked([mlp.gate_proj, mlp.up_proj])
-        mlp.gate_proj = mlp.up_proj = None
-        mlp.down_proj = stacked([mlp.down_proj])
-    model.lm_head = stacked([model.lm_head])
+def quantize_layer(block: nn.Module, kind: str):
+    """Convert one decoder layer in place, so that a model being loaded never holds all its float weights at
+    once: for int8 its int8 weights are returned (for the native decoder) and the float ones dropped."""
+    attn, mlp = block.self_attn, block.mlp
+    if kind == "int8":
+        part = int8_layer(block)
+        attn.q_proj = attn.k_proj = attn.v_proj = attn.o_proj = None
+        mlp.gate_proj = mlp.up_proj = mlp.down_proj = None
+        return part
+    attn.qkv_proj = _half_stacked([attn.q_proj, attn.k_proj, attn.v_proj])
+    attn.q_proj = attn.k_proj = attn.v_proj = None
+    attn.o_proj = _half_stacked([attn.o_proj])
+    mlp.gate_up_proj = _half_stacked([mlp.gate_proj, mlp.up_proj])
+    mlp.gate_proj = mlp.up_proj = None
+    mlp.down_proj = _half_stacked([mlp.down_proj])
+    return None
+
+
+def quantize_ends(model: Llama, kind: str) -> None:
+    """The output head as `kind`, and for int8 the token embeddings as int8 rows (shared with the head where it
+    is tied to them), in place; a loading model converts these first, so that their float32 copies go at once."""
+    if not isinstance(model.lm_head, nn.Linear):
+        return
+    if kind != "int8":
+        model.lm_head = _half_stacked([model.lm_head])
+        return
+    model.lm_head = Int8Linear(model.lm_head.weight, model.lm_head.bias, _threads())
+    tied = model.config.tie_word_embeddings and model.lm_head.bias is None
+    model.model.embed_tokens = Int8Embedding(model.model.embed_tokens.weight, model.lm_head if tied else None)
+
+
+def finish_quantization(model: Llama, kind: str, layers: list) -> Llama:
+    """The head and embeddings as `kind` (if not yet), and for int8 the native decoder over `layers`
+    (quantize_layer's of each)."""
+    quantize_ends(model, kind)
+    if kind == "int8":
+        model.native = NativeDecoder(model, _threads(), layers)
     model.quantization = kind
     return model
+
+
+def _threads() -> int:
+    """The kernels' threads, captured now: decoding loops set PyTorch to one thread (torch_single_threaded)."""
+    return torch.get_num_threads()
+
+
+def _half_stacked(layers: list[nn.Linear]) -> nn.Module:
+    """One layer computing several that read the same input (q, k, v; gate, up): one product, not three."""
+    biases = [lin.bias for lin in layers]
+    bias = None if biases[0] is None else torch.cat(biases)
+    return HalfWeightLinear(torch.cat([lin.weight for lin in layers]), bias)

@@ -16,8 +16,6 @@ supervised tokens of the whole global batch: 2 processes compute the same update
 """
 
 import contextlib
-import ctypes
-import functools
 import json
 import math
 import os
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from camelid import native
 from camelid.errors import CamelidError
 from camelid.files import atomic_dir, write_atomic
 from camelid.examples import Row, collate
@@ -367,14 +366,6 @@ class TrainResult:
     tokens_per_second: float  # all tokens (supervised or not) processed per second, all processes
 
 
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
 # Why training on the CPU hands freed memory back to the system, several times a step. glibc keeps the pages of
 # freed tensors resident; the temporaries a forward pass frees between the activations it keeps pile up, and
 # each pass lays its tensors out differently. Measured for SmolLM2-135M LoRA at 4 x 512 tokens (bench/train.py):
@@ -385,13 +376,13 @@ def _malloc_trim():
 
 def release_freed_memory(device: torch.device) -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim) when training on the CPU; else nothing."""
-    if device.type == "cpu" and (trim := _malloc_trim()) is not None:
-        trim(0)
+    if device.type == "cpu":
+        native.release_freed_memory()
 
 
 def release_memory_during_forward(layers: torch.nn.ModuleList, device: torch.device) -> list:
     """Release freed memory after every third of `layers` in each forward pass on the CPU. Returns the hooks."""
-    if device.type != "cpu" or _malloc_trim() is None:
+    if device.type != "cpu":
         return []
     every = max(1, len(layers) // 3)
     return [
