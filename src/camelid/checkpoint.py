@@ -97,6 +97,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     dtype = parse_dtype(dtype) or default_dtype(device)
     if is_adapter_dir(path):
         return _load_adapter_as_model(path, device=device, dtype=dtype, quantize=quantize)
+    check_memory(path, quantize, dtype, device)
     if path.is_dir():
         config, state = read_hf_weights(path)
         tokenizer = load_tokenizer(path)
@@ -115,6 +116,88 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
             return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
     model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
+
+
+OVERHEAD = 400_000_000  # bytes of Python, PyTorch and camelid themselves, measured ~0.23-0.35 GB after imports
+INT8_BYTES = 1 + 4 / 64  # an int8 weight and its share of its block's float32 scale (native.SCALE_BLOCK)
+
+
+@dataclass
+class MemoryNeed:
+    """What loading a model takes, in bytes, estimated from its config before any weight is read."""
+
+    weights: int  # the loaded model's weights
+    loading: int  # memory in use at the worst moment of loading (float32 copies, file pages), beyond OVERHEAD
+    cache_per_token: int  # the key/value cache of one sequence, per token of context
+
+    def peak(self, context: int = 0) -> int:
+        return OVERHEAD + max(self.loading, self.weights + self.cache_per_token * context)
+
+
+def memory_need(path: Path, quantize: str, dtype: torch.dtype = torch.float32) -> MemoryNeed | None:
+    """How much memory loading `path` (a GGUF file or an HF directory) at `quantize` takes; None for what has no
+    config of its own to read it from (a LoRA adapter directory)."""
+    from camelid.lora import is_adapter_dir
+
+    if path.is_dir() and (is_adapter_dir(path) or not (path / "config.json").is_file()):
+        return None
+    c = read_config(path)
+    files = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    linear, table = c.num_hidden_layers * per_layer, c.vocab_size * c.hidden_size
+    head = 0 if c.tie_word_embeddings else table
+    full = torch.finfo(dtype).bits // 8
+    if quantize == "int8":  # the embeddings as int8 rows too, shared with a tied head
+        weights, ends = INT8_BYTES * (linear + table + head), INT8_BYTES * (table + head)
+    elif quantize == "f16":  # the embeddings stay float32; the head gets a float16 copy even where tied
+        weights, ends = 2 * linear + 6 * table, 6 * table
+    else:
+        weights, ends = full * (linear + table + head), 0
+    if quantize != "none" and not path.is_dir():  # a GGUF a layer at a time: the ends first, then each layer
+        loading = max(4 * (table + head) + ends, weights + 4 * per_layer)
+    else:  # the file's pages, the model as read, and a quantized copy of it
+        loading = files + full * (linear + table + head) + (weights if quantize != "none" else 0)
+    return MemoryNeed(weights=int(weights), loading=int(loading), cache_per_token=2 * c.num_hidden_layers * kv * full)
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A model's config without its weights: an HF directory's config.json, or a GGUF file's header."""
+    return ModelConfig.load(path) if path.is_dir() else config_from_gguf(GGUFFile(path))
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: the system's available memory, or what is left under this cgroup's
+    limit if that is less; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(path: Path, quantize: str, dtype: torch.dtype, device: str, context: int = 0) -> MemoryNeed | None:
+    """Refuse, in one line and before anything is loaded, a CPU load that will not fit this machine's memory
+    (rather than the kernel's OOM killer halfway). Returns the estimate (None where there is none)."""
+    if not device.startswith("cpu"):
+        return None
+    need = memory_need(path, quantize, dtype)
+    available = available_memory()
+    if need is None or available is None or need.peak(context) <= available:
+        return need
+    others = {kind: memory_need(path, kind, dtype).peak(context) for kind in ("f16", "int8") if kind != quantize}
+    hint = ", ".join(f"--quantize {kind} needs ~{gb / 1e9:.1f} GB" for kind, gb in others.items() if gb < available)
+    raise CamelidError(f"{path.name} needs ~{need.peak(context) / 1e9:.1f} GB of memory to load at --quantize "
+                       f"{quantize} ({need.weights / 1e9:.1f} GB of weights), and {available / 1e9:.1f} GB is "
+                       f"available; {hint + ', or ' if hint else ''}use a smaller model or free memory")
 
 
 def load_tokenizer_and_template(spec: str | Path, template_name: str | None = None):

@@ -39,6 +39,25 @@ def cmd_models(args) -> None:
         print(f"{model.name:<{width}}  {model.description}")
         print(f"{'':<{width}}  {kind}; {model.size / 1e6:.0f} MB; license: {model.license}")
         print(f"{'':<{width}}  {where}")
+        if path:
+            print(f"{'':<{width}}  memory to load on the CPU: {memory_line(path)}")
+
+
+def memory_line(path) -> str:
+    """The estimated peak memory of loading `path` at each --quantize, and what is available."""
+    from camelid.checkpoint import available_memory, memory_need, read_config
+    from camelid.native import check_int8
+
+    parts = []
+    for kind in ("none", "f16", "int8"):
+        try:
+            if kind == "int8":
+                check_int8(read_config(path))
+            parts.append(f"~{memory_need(path, kind).peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
+        except CamelidError:
+            parts.append(f"{kind} n/a")
+    available = available_memory()
+    return ", ".join(parts) + (f" ({available / 1e9:.1f} GB available)" if available else "")
 
 
 def add_chat(sub) -> None:
