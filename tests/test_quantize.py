@@ -138,3 +138,24 @@ def test_a_load_that_will_not_fit_is_refused_in_one_line_before_any_weight_is_re
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{smollm2_gguf.name} needs ~{need['none'] / 1e9:.1f} GB")
     assert f"--quantize int8 needs ~{need['int8'] / 1e9:.1f} GB, or use a smaller model or free memory" in message
+
+
+@pytest.mark.parametrize("kind", ["f16", pytest.param("int8", marks=needs_compiler)])
+def test_an_hf_directory_loads_quantized_layer_by_layer_into_the_same_model(kind, tiny_chat_dir, monkeypatch):
+    from camelid import checkpoint
+
+    config, state = checkpoint.read_hf_weights(tiny_chat_dir)
+    whole = quantize_model(checkpoint.build_model(config, state), kind)
+    reads, real = [], checkpoint.HFWeights.read
+
+    def counted(self, keep=None):
+        got = real(self, keep)
+        reads.append(sorted({name.split(".")[2] if name.startswith("model.layers.") else "outside" for name in got}))
+        return got
+
+    monkeypatch.setattr(checkpoint.HFWeights, "read", counted)
+    streamed = load_model(tiny_chat_dir, device="cpu", dtype="float32", quantize=kind).model
+    assert reads == [["outside"]] + [[str(i)] for i in range(config.num_hidden_layers)]
+    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(streamed(tokens), whole(tokens))

@@ -98,23 +98,27 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     if is_adapter_dir(path):
         return _load_adapter_as_model(path, device=device, dtype=dtype, quantize=quantize)
     check_memory(path, quantize, dtype, device)
+    # quantized on the CPU, never the whole model in float32: a layer at a time, converted as it comes
+    streamed = quantize != "none" and device == "cpu" and dtype == torch.float32
     if path.is_dir():
-        config, state = read_hf_weights(path)
+        weights = HFWeights(path)
+        config = weights.config
+        state = None if streamed else weights.read()
         tokenizer = load_tokenizer(path)
         template = read_chat_template(path)
+        shapes, read = weights.shapes(), weights.read
     else:
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
-        streamed = quantize != "none" and device == "cpu" and dtype == torch.float32
         shapes = gguf_weight_shapes(gguf, config) if streamed else None
         state = None if streamed else read_gguf_weights(gguf, config=config)[1]
         tokenizer = tokenizer_from_gguf(gguf.metadata)
         template = gguf.metadata.get("tokenizer.chat_template")
-        if streamed:  # never the whole model in float32: a layer at a time, quantized as it comes
-            model = build_quantized_model(config, shapes, lambda keep: read_gguf_weights(gguf, keep, config)[1],
-                                          quantize)
-            return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
-    model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
+        read = lambda keep: read_gguf_weights(gguf, keep, config)[1]  # noqa: E731
+    if streamed:
+        model = build_quantized_model(config, shapes, read, quantize)
+    else:
+        model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
 
 
@@ -154,7 +158,7 @@ def memory_need(path: Path, quantize: str, dtype: torch.dtype = torch.float32) -
         weights, ends = 2 * linear + 6 * table, 6 * table
     else:
         weights, ends = full * (linear + table + head), 0
-    if quantize != "none" and not path.is_dir():  # a GGUF a layer at a time: the ends first, then each layer
+    if quantize != "none":  # a layer at a time (load_model): the head and embeddings first, then each layer
         loading = max(4 * (table + head) + ends, weights + 4 * per_layer)
     else:  # the file's pages, the model as read, and a quantized copy of it
         loading = files + full * (linear + table + head) + (weights if quantize != "none" else 0)
@@ -341,10 +345,66 @@ def _finish_model(model: Llama, config: ModelConfig, device) -> Llama:
 
 
 def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    weights = HFWeights(directory)
+    return weights.config, weights.read()
 
-    config = ModelConfig.load(directory)
+
+class HFWeights:
+    """An HF directory's config and safetensors weights under camelid's names, read all at once or a few at a
+    time (`read(keep)`): the shards' headers are read first, each tensor only when asked for."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.config = ModelConfig.load(directory)
+        self.files = _hf_weight_files(directory)
+        found = {}  # the checkpoint's names -> the shard holding each
+        for name in self.files:
+            with self._open(name) as shard:
+                found.update(dict.fromkeys(shard.keys(), name))
+        found.pop("model.rotary_emb.inv_freq", None)  # stored by some old exports; recomputed from the config
+        # camelid's name (before fused projections are split) -> (shard, the checkpoint's name)
+        self.where = {ours: (found[theirs], theirs) for ours, theirs in _language_model({n: n for n in found}).items()}
+
+    def _open(self, name: str):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(self.directory / name, framework="pt")
+        except FileNotFoundError:
+            raise CamelidError(f"{self.directory}: weight shard {shown(name)} named in the index is missing") from None
+        except (SafetensorError, OSError) as exc:
+            raise CamelidError(f"{self.directory / name}: unreadable safetensors file ({exc}); is it truncated?") from None
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """Every weight as a meta tensor of its shape (from the shards' headers)."""
+        shapes = {}
+        for name in self.files:
+            with self._open(name) as shard:
+                shapes.update({ours: torch.empty(shard.get_slice(theirs).get_shape(), device="meta")
+                               for ours, (file, theirs) in self.where.items() if file == name})
+        return split_fused_projections(shapes, self.config)
+
+    def read(self, keep=None) -> dict[str, torch.Tensor]:
+        """The weights whose (unsplit) names `keep` accepts, all where it is None."""
+        from safetensors import SafetensorError
+
+        state = {}
+        for name in self.files:
+            wanted = {ours: theirs for ours, (file, theirs) in self.where.items()
+                      if file == name and (keep is None or keep(ours))}
+            if not wanted:
+                continue
+            try:
+                with self._open(name) as shard:
+                    state.update({ours: shard.get_tensor(theirs) for ours, theirs in wanted.items()})
+            except (SafetensorError, OSError) as exc:
+                raise CamelidError(f"{self.directory / name}: unreadable safetensors file ({exc}); is it "
+                                   "truncated?") from None
+        return split_fused_projections(state, self.config)
+
+
+def _hf_weight_files(directory: Path) -> list[str]:
+    """The safetensors shards of an HF directory (its index's, else every *.safetensors), each checked to be in it."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "safetensors index")
@@ -364,16 +424,7 @@ def read_hf_weights(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
                 "convert them to safetensors with transformers' save_pretrained(safe_serialization=True)"
             )
         raise CamelidError(f"{directory}: no *.safetensors weights found")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            state.update(load_file(directory / name))
-        except FileNotFoundError:
-            raise CamelidError(f"{directory}: weight shard {shown(name)} named in the index is missing") from None
-        except (SafetensorError, OSError) as exc:
-            raise CamelidError(f"{directory / name}: unreadable safetensors file ({exc}); is it truncated?") from None
-    state.pop("model.rotary_emb.inv_freq", None)  # stored by some old exports; recomputed from the config
-    return config, split_fused_projections(_language_model(state), config)
+    return files
 
 
 def _check_inside(directory: Path, name) -> None:
