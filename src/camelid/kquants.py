@@ -182,6 +182,14 @@ def _qkx2_scales(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rde
     return scale, (-minimum).astype(np.float32), np.ascontiguousarray(levels.T)
 
 
+def _largest_and_factor(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each super-block's largest sub-block scale (or minimum; at least 0) [blocks], and the factor that maps it
+    to `levels` (0 where it is 0), as ggml's K-quants compute them before rounding the sub-blocks' to integers."""
+    top = np.maximum(values.max(-1), _f32(0))
+    with np.errstate(divide="ignore"):
+        return top, np.where(top > 0, _f32(levels) / top, _f32(0)).astype(np.float32)
+
+
 def _k_blocks(weights: np.ndarray, nmax: int, rmin: float, nstep: int):
     """The super-blocks of Q4_K (nmax 15) or Q5_K (31): (d, dmin as float16 [blocks], packed scales [blocks, 12],
     levels [blocks, 256]), as ggml's quantize_row_q4_K_ref / q5_K_ref compute them."""
@@ -191,11 +199,8 @@ def _k_blocks(weights: np.ndarray, nmax: int, rmin: float, nstep: int):
     av_x = np.sqrt(_running_sum(groups * groups) / _f32(32))
     scales, mins, levels = _qkx2_scales(groups, av_x[:, None] + np.abs(groups), nmax, rmin, 0.1, nstep)
     scales, mins, levels = scales.reshape(blocks, 8), mins.reshape(blocks, 8), levels.reshape(blocks, 8, 32)
-    top_scale = np.maximum(scales.max(-1), _f32(0))
-    top_min = np.maximum(mins.max(-1), _f32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(top_scale > 0, _f32(63) / top_scale, _f32(0)).astype(np.float32)
-        inv_min = np.where(top_min > 0, _f32(63) / top_min, _f32(0)).astype(np.float32)
+    top_scale, inv_scale = _largest_and_factor(scales, 63)
+    top_min, inv_min = _largest_and_factor(mins, 63)
     ls = np.minimum(63, _nearest(inv_scale[:, None] * scales).astype(np.uint8))
     lm = np.minimum(63, _nearest(inv_min[:, None] * mins).astype(np.uint8))
     packed = np.zeros((blocks, 12), np.uint8)
@@ -256,11 +261,8 @@ def quantize_q2_k(weights: np.ndarray) -> np.ndarray:
     groups = x.reshape(-1, 16)
     scales, mins, levels = _qkx2_scales(groups, np.abs(groups), 3, -0.5, 0.1, 15, mad=True)
     scales, mins, levels = scales.reshape(blocks, 16), mins.reshape(blocks, 16), levels.reshape(blocks, 16, 16)
-    top_scale = np.maximum(scales.max(-1), _f32(0))
-    top_min = np.maximum(mins.max(-1), _f32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(top_scale > 0, _f32(15) / top_scale, _f32(0)).astype(np.float32)
-        inv_min = np.where(top_min > 0, _f32(15) / top_min, _f32(0)).astype(np.float32)
+    top_scale, inv_scale = _largest_and_factor(scales, 15)
+    top_min, inv_min = _largest_and_factor(mins, 15)
     # ggml stores these unclamped, each into a byte as C converts (a scale's in the low nibble, a minimum's high)
     low = np.where((top_scale > 0)[:, None], _nearest(inv_scale[:, None] * scales) & 0xFF, 0)
     high = (_nearest(inv_min[:, None] * mins) << 4) & 0xFF
