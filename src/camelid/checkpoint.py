@@ -103,10 +103,11 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     if path.is_dir():
         weights = HFWeights(path)
         config = weights.config
+        shapes = weights.shapes() if streamed else None
         state = None if streamed else weights.read()
         tokenizer = load_tokenizer(path)
         template = read_chat_template(path)
-        shapes, read = weights.shapes(), weights.read
+        read = weights.read
     else:
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
@@ -160,8 +161,8 @@ def memory_need(path: Path, quantize: str, dtype: torch.dtype = torch.float32) -
         weights, ends = full * (linear + table + head), 0
     if quantize != "none":  # a layer at a time (load_model): the head and embeddings first, then each layer
         loading = max(4 * (table + head) + ends, weights + 4 * per_layer)
-    else:  # the file's pages, the model as read, and a quantized copy of it
-        loading = files + full * (linear + table + head) + (weights if quantize != "none" else 0)
+    else:  # the file's pages beside the model as read
+        loading = files + weights
     return MemoryNeed(weights=int(weights), loading=int(loading), cache_per_token=2 * c.num_hidden_layers * kv * full)
 
 
