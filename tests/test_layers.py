@@ -16,7 +16,7 @@ PACKAGE = Path(camelid.__file__).parent
 LAYERS = [
     # files and formats
     {"errors", "files", "gguf_file", "kquants", "config", "tokenizer", "chat_template", "template_worker",
-     "named_models", "pipeline_report", "plots", "client"},
+     "named_models", "pipeline_report", "plots", "client", "memory"},
     # the model and its weights
     {"model", "checkpoint", "lora", "adapters", "quantize", "native"},
     # generation and examples

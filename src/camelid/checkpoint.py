@@ -19,6 +19,7 @@ from camelid.errors import CamelidError, shown
 from camelid.files import atomic_dir
 from camelid.files import read_json
 from camelid.gguf_file import GGUFFile
+from camelid.memory import SKIP_CHECK, MemoryNeed, fits, memory_need
 from camelid.model import Llama, rope_inv_freq
 from camelid.named_models import NAMED_MODELS, named_model_path
 
@@ -87,7 +88,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     `quantize="f16"` or `"int8"` stores the linear weights smaller for faster CPU decoding (see camelid.quantize).
     """
     from camelid.chat_template import read_chat_template
-    from camelid.quantize import check_quantization, quantize_model
+    from camelid.quantize import check_quantizable, check_quantization, quantize_model
     from camelid.tokenizer import load_tokenizer, tokenizer_from_gguf
     from camelid.lora import is_adapter_dir
 
@@ -97,73 +98,38 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     dtype = parse_dtype(dtype) or default_dtype(device)
     if is_adapter_dir(path):
         return _load_adapter_as_model(path, device=device, dtype=dtype, quantize=quantize)
-    check_memory(path, quantize, dtype, device)
-    # quantized on the CPU, never the whole model in float32: a layer at a time, converted as it comes
+    weights = HFWeights(path) if path.is_dir() else GGUFWeights(GGUFFile(path))
+    config = weights.config
+    if quantize != "none":
+        check_quantizable(config, quantize)
+    check_memory(path, config, quantize, dtype, device)
+    # quantized on the CPU, the whole model never exists in float32: a layer at a time, converted as it comes
     streamed = quantize != "none" and device == "cpu" and dtype == torch.float32
+    shapes = weights.shapes() if streamed else None
+    state = None if streamed else weights.read()
     if path.is_dir():
-        weights = HFWeights(path)
-        config = weights.config
-        shapes = weights.shapes() if streamed else None
-        state = None if streamed else weights.read()
-        tokenizer = load_tokenizer(path)
-        template = read_chat_template(path)
-        read = weights.read
+        tokenizer, template = load_tokenizer(path), read_chat_template(path)
     else:
-        gguf = GGUFFile(path)
-        config = config_from_gguf(gguf)
-        shapes = gguf_weight_shapes(gguf, config) if streamed else None
-        state = None if streamed else read_gguf_weights(gguf, config=config)[1]
-        tokenizer = tokenizer_from_gguf(gguf.metadata)
-        template = gguf.metadata.get("tokenizer.chat_template")
-        read = lambda keep: read_gguf_weights(gguf, keep, config)[1]  # noqa: E731
+        tokenizer = tokenizer_from_gguf(weights.gguf.metadata)
+        template = weights.gguf.metadata.get("tokenizer.chat_template")
     if streamed:
-        model = build_quantized_model(config, shapes, read, quantize)
+        model = build_quantized_model(config, shapes, weights.read, quantize)
     else:
         model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
 
 
-OVERHEAD = 400_000_000  # bytes of Python, PyTorch and camelid themselves, measured ~0.23-0.35 GB after imports
-INT8_BYTES = 1 + 4 / 64  # an int8 weight and its share of its block's float32 scale (native.SCALE_BLOCK)
-
-
-@dataclass
-class MemoryNeed:
-    """What loading a model takes, in bytes, estimated from its config before any weight is read."""
-
-    weights: int  # the loaded model's weights
-    loading: int  # memory in use at the worst moment of loading (float32 copies, file pages), beyond OVERHEAD
-    cache_per_token: int  # the key/value cache of one sequence, per token of context
-
-    def peak(self, context: int = 0) -> int:
-        return OVERHEAD + max(self.loading, self.weights + self.cache_per_token * context)
-
-
-def memory_need(path: Path, quantize: str, dtype: torch.dtype = torch.float32) -> MemoryNeed | None:
-    """How much memory loading `path` (a GGUF file or an HF directory) at `quantize` takes; None for what has no
-    config of its own to read it from (a LoRA adapter directory)."""
+def memory_need_of(path: Path, quantize: str, dtype: torch.dtype = torch.float32,
+                   config: ModelConfig | None = None) -> MemoryNeed | None:
+    """camelid.memory's estimate for loading `path` (a GGUF file or an HF directory) at `quantize`; None for a
+    LoRA adapter directory, which has no config of its own."""
     from camelid.lora import is_adapter_dir
 
     if path.is_dir() and (is_adapter_dir(path) or not (path / "config.json").is_file()):
         return None
-    c = read_config(path)
     files = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
-    linear, table = c.num_hidden_layers * per_layer, c.vocab_size * c.hidden_size
-    head = 0 if c.tie_word_embeddings else table
-    full = torch.finfo(dtype).bits // 8
-    if quantize == "int8":  # the embeddings as int8 rows too, shared with a tied head
-        weights, ends = INT8_BYTES * (linear + table + head), INT8_BYTES * (table + head)
-    elif quantize == "f16":  # the embeddings stay float32; the head gets a float16 copy even where tied
-        weights, ends = 2 * linear + 6 * table, 6 * table
-    else:
-        weights, ends = full * (linear + table + head), 0
-    if quantize != "none":  # a layer at a time (load_model): the head and embeddings first, then each layer
-        loading = max(4 * (table + head) + ends, weights + 4 * per_layer)
-    else:  # the file's pages beside the model as read
-        loading = files + weights
-    return MemoryNeed(weights=int(weights), loading=int(loading), cache_per_token=2 * c.num_hidden_layers * kv * full)
+    return memory_need(config or read_config(path), quantize, dtype=dtype, file_bytes=files,
+                       from_gguf=not path.is_dir())
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -171,38 +137,31 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.load(path) if path.is_dir() else config_from_gguf(GGUFFile(path))
 
 
-def available_memory() -> int | None:
-    """Bytes this process can still take: the system's available memory, or what is left under this cgroup's
-    limit if that is less; None where neither can be read (not Linux)."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
-
-
-def check_memory(path: Path, quantize: str, dtype: torch.dtype, device: str, context: int = 0) -> MemoryNeed | None:
+def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dtype, device: str) -> None:
     """Refuse, in one line and before anything is loaded, a CPU load that will not fit this machine's memory
-    (rather than the kernel's OOM killer halfway). Returns the estimate (None where there is none)."""
+    (rather than the kernel's OOM killer halfway), naming the --quantize that would."""
+    from camelid.native import check_int8
+
     if not device.startswith("cpu"):
-        return None
-    need = memory_need(path, quantize, dtype)
-    available = available_memory()
-    if need is None or available is None or need.peak(context) <= available:
-        return need
-    others = {kind: memory_need(path, kind, dtype).peak(context) for kind in ("f16", "int8") if kind != quantize}
-    hint = ", ".join(f"--quantize {kind} needs ~{gb / 1e9:.1f} GB" for kind, gb in others.items() if gb < available)
-    raise CamelidError(f"{path.name} needs ~{need.peak(context) / 1e9:.1f} GB of memory to load at --quantize "
-                       f"{quantize} ({need.weights / 1e9:.1f} GB of weights), and {available / 1e9:.1f} GB is "
-                       f"available; {hint + ', or ' if hint else ''}use a smaller model or free memory")
+        return
+    need = memory_need_of(path, quantize, dtype, config)
+    ok, available = fits(need) if need is not None else (True, None)
+    if ok:
+        return
+    smaller = []
+    for kind in ("f16", "int8"):
+        try:
+            if kind == "int8":
+                check_int8(config)
+        except CamelidError:
+            continue
+        other = memory_need_of(path, kind, dtype, config)
+        if kind != quantize and fits(other)[0]:
+            smaller.append(f"--quantize {kind} needs ~{other.peak() / 1e9:.1f} GB")
+    raise CamelidError(f"{path.name} needs ~{need.peak() / 1e9:.1f} GB of memory to load at --quantize {quantize} "
+                       f"({need.weights / 1e9:.1f} GB of weights), and {available / 1e9:.1f} GB is available; "
+                       f"{', '.join(smaller) + ', or ' if smaller else ''}use a smaller model or free memory "
+                       f"(or set {SKIP_CHECK}=1 to try anyway)")
 
 
 def load_tokenizer_and_template(spec: str | Path, template_name: str | None = None):
@@ -280,7 +239,7 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
     """build_model and then quantize_model (float32 on the CPU), a decoder layer at a time: the float32 weights of
     one layer exist at once, not of the whole model. `shapes` holds a meta tensor for every weight (checked
     before any is read); read(keep) gives the weights whose names `keep` accepts."""
-    from camelid.native import release_freed_memory
+    from camelid.memory import release_freed_memory
     from camelid.quantize import check_quantizable, finish_quantization, quantize_ends, quantize_layer
 
     check_quantizable(config, kind)
@@ -782,6 +741,21 @@ def read_gguf_weights(gguf: GGUFFile, keep=None, config: ModelConfig | None = No
                 w = _unpermute_rope(w, config.num_key_value_heads, name)
         state[hf_name] = w
     return config, split_fused_projections(state, config)
+
+
+class GGUFWeights:
+    """A GGUF file's config and weights under camelid's names, as HFWeights gives an HF directory's: read all at
+    once or a few at a time (`read(keep)`), each tensor dequantized only then."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+        self.config = config_from_gguf(gguf)
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        return gguf_weight_shapes(self.gguf, self.config)
+
+    def read(self, keep=None) -> dict[str, torch.Tensor]:
+        return read_gguf_weights(self.gguf, keep, self.config)[1]
 
 
 def gguf_weight_shapes(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -228,8 +228,11 @@ class NativeDecoder:
         config = model.config
         check_int8(config)
         self.config = config
+        # its own references to the int8 embeddings, so that model.to() and the like cannot move what the kernels
+        # read (they replace the module's tensors, not these)
         embed = model.model.embed_tokens
-        self.embed = embed if isinstance(embed, Int8Embedding) else Int8Embedding(embed.weight)
+        embed = embed if isinstance(embed, Int8Embedding) else Int8Embedding(embed.weight)
+        self.embed_q, self.embed_scale = embed.qweight, embed.scale
         self.inv_freq = model.inv_freq.detach().float().cpu()
         self.layers = layers if layers is not None else [int8_layer(block) for block in model.model.layers]
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
@@ -286,7 +289,7 @@ class NativeDecoder:
         for start in range(0, n, self.MAX_ROWS):
             part = slice(start, min(n, start + self.MAX_ROWS))
             m = part.stop - part.start
-            x = self.embed(ids[part]).contiguous()
+            x = dequantize(self.embed_q[ids[part]], self.embed_scale[ids[part]]).contiguous()
             p, r = pos[part].contiguous(), rows[part].contiguous()
             cos, sin = (t.reshape(m, -1).contiguous() for t in rope_cos_sin(self.inv_freq, p[None], torch.float32))
             status = library().camelid_decoder_forward(
@@ -303,22 +306,6 @@ class NativeDecoder:
         hidden = torch.zeros(B, T, c.hidden_size)
         hidden[keep] = out
         return hidden
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). glibc keeps the
-    pages of freed tensors resident, so work that frees large temporaries again and again (a training step,
-    converting a model layer by layer) holds far more memory than it uses at once without this."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
 
 
 _torch_threads_lock = threading.Lock()

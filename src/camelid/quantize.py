@@ -84,8 +84,8 @@ def quantize_model(model: Llama, kind: str) -> Llama:
 
 
 def check_quantizable(config, kind: str, weight: Tensor | None = None) -> None:
-    """Refuse, before any weight is converted (or loaded), what `kind` cannot run: int8 on a family its decoder
-    does not run, either on weights other than float32 on the CPU."""
+    """Refuse, before any weight is converted (or loaded), what `kind` cannot run: weights other than float32 on
+    the CPU, and int8 on a family its decoder does not run."""
     if weight is not None and (weight.device.type != "cpu" or weight.dtype != torch.float32):
         raise CamelidError(f"--quantize {kind} is for float32 models on the CPU; on a GPU use --dtype bfloat16")
     if kind == "int8":
@@ -118,8 +118,8 @@ def quantize_ends(model: Llama, kind: str) -> None:
     if kind != "int8":
         model.lm_head = _half_stacked([model.lm_head])
         return
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     model.lm_head = Int8Linear(model.lm_head.weight, model.lm_head.bias, _threads())
-    tied = model.config.tie_word_embeddings and model.lm_head.bias is None
     model.model.embed_tokens = Int8Embedding(model.model.embed_tokens.weight, model.lm_head if tied else None)
 
 

@@ -45,15 +45,17 @@ def cmd_models(args) -> None:
 
 def memory_line(path) -> str:
     """The estimated peak memory of loading `path` at each --quantize, and what is available."""
-    from camelid.checkpoint import available_memory, memory_need, read_config
+    from camelid.checkpoint import memory_need_of, read_config
+    from camelid.memory import available_memory
     from camelid.native import check_int8
 
-    parts = []
+    config, parts = read_config(path), []
     for kind in ("none", "f16", "int8"):
         try:
             if kind == "int8":
-                check_int8(read_config(path))
-            parts.append(f"~{memory_need(path, kind).peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
+                check_int8(config)
+            need = memory_need_of(path, kind, config=config)
+            parts.append(f"~{need.peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
         except CamelidError:
             parts.append(f"{kind} n/a")
     available = available_memory()

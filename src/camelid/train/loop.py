@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from camelid import native
 from camelid.errors import CamelidError
+from camelid.memory import release_freed_memory as release_heap
 from camelid.files import atomic_dir, write_atomic
 from camelid.examples import Row, collate
 from camelid.train.recipe import RESUMABLE_KEYS, TrainConfig
@@ -377,7 +377,7 @@ class TrainResult:
 def release_freed_memory(device: torch.device) -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim) when training on the CPU; else nothing."""
     if device.type == "cpu":
-        native.release_freed_memory()
+        release_heap()
 
 
 def release_memory_during_forward(layers: torch.nn.ModuleList, device: torch.device) -> list:
