@@ -49,7 +49,10 @@ def memory_line(path) -> str:
     from camelid.memory import available_memory
     from camelid.native import check_int8
 
-    config, parts = read_config(path), []
+    try:
+        config, parts = read_config(path), []
+    except CamelidError as exc:  # a damaged file is still listed, with why there is no estimate
+        return f"no estimate ({exc})"
     for kind in ("none", "f16", "int8"):
         try:
             if kind == "int8":
