@@ -278,8 +278,8 @@ def _cut(template: ChatTemplate, messages: list[dict], tools: list[dict] | None,
         if len(holding) != 1:
             return None
         before, rest = out.glues[holding[0]][0].split(marks[0])
-        between, _, after = rest.partition(marks[1])
-        if not _ or any(mark in between + after for mark in marks):
+        between, second, after = rest.partition(marks[1])
+        if not second or any(mark in between + after for mark in marks):
             return None
         out.glues[holding[0]] = (before, after)
         out.between = between
