@@ -257,7 +257,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=500, help="prefill prompt length (default 500)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens decoded per sequence (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept (default 3)")
-    parser.add_argument("--quantize", nargs="*", default=["f16", "int8"], choices=["f16", "int8"],
+    parser.add_argument("--quantize", nargs="*", default=["f16", "int8"], choices=["f16", "int8", "int4"],
                         help="camelid's quantized kinds to measure besides float32 (default: f16 int8)")
     parser.add_argument("--train-steps", type=int, default=3, help="timed LoRA training steps (default 3)")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out transformers (slow to load)")

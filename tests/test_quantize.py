@@ -131,9 +131,10 @@ def test_a_load_that_will_not_fit_is_refused_in_one_line_before_any_weight_is_re
 
     from camelid import memory
 
-    needs = {kind: checkpoint.memory_need_of(smollm2_gguf, kind) for kind in ("none", "f16", "int8")}
+    needs = {kind: checkpoint.memory_need_of(smollm2_gguf, kind) for kind in ("none", "f16", "int8", "int4")}
     need = {kind: n.peak() for kind, n in needs.items()}
-    assert need["int8"] < need["f16"] < need["none"]  # SmolLM2's head is tied: int8 shares it with the embeddings
+    # SmolLM2's head is tied: int8 shares it with the embeddings
+    assert need["int4"] < need["int8"] < need["f16"] < need["none"]
     monkeypatch.setattr(checkpoint, "read_gguf_weights", lambda *a, **k: pytest.fail("a weight was read"))
     between = (needs["int8"].beyond_overhead() + needs["f16"].beyond_overhead()) // 2
     monkeypatch.setattr(memory, "available_memory", lambda: between)
@@ -142,12 +143,14 @@ def test_a_load_that_will_not_fit_is_refused_in_one_line_before_any_weight_is_re
         load_model(smollm2_gguf, device="cpu", dtype="float32")
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{smollm2_gguf.name} needs ~{need['none'] / 1e9:.1f} GB")
-    assert f"--quantize int8 needs ~{need['int8'] / 1e9:.1f} GB, or use a smaller model or free memory" in message
+    assert (f"--quantize int8 needs ~{need['int8'] / 1e9:.1f} GB, --quantize int4 needs ~{need['int4'] / 1e9:.1f} GB, "
+            "or use a smaller model or free memory") in message
     monkeypatch.setenv(memory.SKIP_CHECK, "1")  # the way around a wrong estimate, which the message names
     assert memory.fits(needs["none"]) == (True, between)
 
 
-@pytest.mark.parametrize("kind", ["f16", pytest.param("int8", marks=needs_compiler)])
+@pytest.mark.parametrize("kind", ["f16", pytest.param("int8", marks=needs_compiler),
+                                  pytest.param("int4", marks=needs_compiler)])
 def test_an_hf_directory_loads_quantized_layer_by_layer_into_the_same_model(kind, tiny_chat_dir, monkeypatch):
     from camelid import checkpoint
 

@@ -85,7 +85,8 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     """Load a model with its tokenizer and chat template from a name, a GGUF file or an HF directory, or a LoRA
     adapter directory (its base model with the adapter merged in).
 
-    `quantize="f16"` or `"int8"` stores the linear weights smaller for faster CPU decoding (see camelid.quantize).
+    `quantize="f16"`, `"int8"` or `"int4"` stores the linear weights smaller for faster CPU decoding (see
+    camelid.quantize).
     """
     from camelid.chat_template import read_chat_template
     from camelid.quantize import check_quantizable, check_quantization, quantize_model
@@ -113,7 +114,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
         tokenizer = tokenizer_from_gguf(weights.gguf.metadata)
         template = weights.gguf.metadata.get("tokenizer.chat_template")
     if streamed:
-        model = build_quantized_model(config, shapes, weights.read, quantize)
+        model = build_quantized_model(config, shapes, weights.read, quantize, getattr(weights, "blocks4", None))
     else:
         model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
@@ -140,7 +141,7 @@ def read_config(path: Path) -> ModelConfig:
 def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dtype, device: str) -> None:
     """Refuse, in one line and before anything is loaded, a CPU load that will not fit this machine's memory
     (rather than the kernel's OOM killer halfway), naming the --quantize that would."""
-    from camelid.native import check_int8
+    from camelid.native import check_native
 
     if not device.startswith("cpu"):
         return
@@ -149,10 +150,10 @@ def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dt
     if ok:
         return
     smaller = []
-    for kind in ("f16", "int8"):
+    for kind in ("f16", "int8", "int4"):
         try:
-            if kind == "int8":
-                check_int8(config)
+            if kind in ("int8", "int4"):
+                check_native(config, kind)
         except CamelidError:
             continue
         other = memory_need_of(path, kind, dtype, config)
@@ -235,12 +236,15 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
     return _finish_model(model, config, device)
 
 
-def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], read, kind: str) -> Llama:
+def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], read, kind: str,
+                          blocks4=None) -> Llama:
     """build_model and then quantize_model (float32 on the CPU), a decoder layer at a time: the float32 weights of
     one layer exist at once, not of the whole model. `shapes` holds a meta tensor for every weight (checked
-    before any is read); read(keep) gives the weights whose names `keep` accepts."""
+    before any is read); read(keep) gives the weights whose names `keep` accepts; blocks4(names), where given,
+    those of `names` that come as 4-bit blocks already (GGUFWeights.blocks4), for int4's 4-bit products."""
     from camelid.memory import release_freed_memory
-    from camelid.quantize import check_quantizable, finish_quantization, quantize_ends, quantize_layer
+    from camelid.native import PRODUCTS
+    from camelid.quantize import check_quantizable, finish_quantization, product_bits, quantize_ends, quantize_layer
 
     check_quantizable(config, kind)
     if config.tie_word_embeddings:
@@ -256,8 +260,14 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
     quantize_ends(model, kind)
     layers = []
     for i, block in enumerate(model.model.layers):
-        assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix))
-        layers.append(quantize_layer(block, kind))
+        # int4 takes a file's 4-bit blocks as they are: those weights are never made float
+        names = {product: [f"model.layers.{i}.{module}.{name}.weight" for name in parts]
+                 for product, (module, parts) in PRODUCTS.items()}
+        found = blocks4([n for parts in names.values() for n in parts]) if kind == "int4" and blocks4 else {}
+        bits = product_bits(kind, config, i, {p for p, parts in names.items() if all(n in found for n in parts)})
+        found = {n: b for n, b in found.items() if any(n in names[p] for p in names if bits[p] == 4)}
+        assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix) and name not in found)
+        layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}))
         release_freed_memory()  # the layer's float32 pages, not kept by the C heap for the next
     return finish_quantization(model, kind, layers)
 
@@ -756,6 +766,19 @@ class GGUFWeights:
 
     def read(self, keep=None) -> dict[str, torch.Tensor]:
         return read_gguf_weights(self.gguf, keep, self.config)[1]
+
+    def blocks4(self, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Those of the weights `names` (camelid's) that the file stores in a 4-bit type camelid's 4-bit kernels
+        take as they are (Q4_0, Q4_1, Q4_K; see GGUFFile.blocks4), by name: repacked, never made float."""
+        found = {}
+        for name, hf_name in _gguf_names(self.gguf, self.config).items():
+            if hf_name not in names or (blocks := self.gguf.blocks4(name, release=True)) is None:
+                continue
+            if self.config.model_type in INTERLEAVED_ROPE_ARCHS and name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = self.config.num_attention_heads if "attn_q" in name else self.config.num_key_value_heads
+                blocks = tuple(_unpermute_rope(t, heads, name) for t in blocks)
+            found[hf_name] = blocks
+        return found
 
 
 def gguf_weight_shapes(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:

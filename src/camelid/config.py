@@ -31,7 +31,7 @@ ROPE_KEYS = {
 # The precisions a model's weights are loaded in and written as, by name. They live here, free of torch, so that
 # `camelid --help` lists them without loading it (camelid.checkpoint maps the names to torch's dtypes).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "f16", "int8")  # how camelid.quantize stores the linear weights for decoding
+QUANTIZATIONS = ("none", "f16", "int8", "int4")  # how camelid.quantize stores the linear weights for decoding
 # The largest each size may be, far above released models' (vocabulary 262,144, width 16,384, MLP 53,248,
 # 126 layers, 128 heads, head_dim 256, 10M positions), so that a damaged or hostile config.json or GGUF file
 # cannot make camelid build a billion layers before its tensors are looked at.

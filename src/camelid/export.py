@@ -34,7 +34,7 @@ from camelid.checkpoint import (
 )
 from camelid.config import GGUF_TYPES, ModelConfig, no_rope_every  # GGUF_TYPES: what --type offers
 from camelid.errors import CamelidError
-from camelid.kquants import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from camelid.kquants import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k, use_more_bits
 from camelid.model import rope_inv_freq
 from camelid.tokenizer import (
     BYTE,
@@ -388,7 +388,7 @@ def _k_mix_type(gguf_name: str, columns: int, mix: str, index: int, config: Mode
     the rest the mix's type. `index` counts the tensors of the same kind before this one. Rows not a multiple of
     256 wide take a 32-weight type (Q4_0, Q5_0, Q5_1, Q8_0), rows not a multiple of 32 f16."""
     layers = config.num_hidden_layers
-    more_bits = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
+    more_bits = use_more_bits(index, layers)
     part = gguf_name.split(".")[-2]
     kind = K_MIXES[mix]
     if gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and config.tie_word_embeddings):

@@ -92,6 +92,12 @@ def _qx_scales(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, levels + nmax
 
 
+def use_more_bits(index: int, layers: int) -> bool:
+    """Whether llama-quantize's Q4_K_M and Q5_K_M give layer `index` of `layers` more bits (attn_v, ffn_down):
+    the first and last eighth, and every third layer between."""
+    return index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
+
+
 @_chunked
 def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
     """float32 rows (a multiple of 256 wide) as Q6_K blocks, the bytes of ggml's quantize_row_q6_K_ref."""

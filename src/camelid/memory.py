@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from camelid.config import ModelConfig
+from camelid.kquants import use_more_bits
 
 OVERHEAD = 400_000_000  # bytes of Python, PyTorch and camelid themselves (0.23-0.35 GB measured after imports)
 SCALE_BLOCK = 64  # int8 weights per float32 scale (native.c's SCALE_BLOCK)
 INT8_BYTES = 1 + 4 / SCALE_BLOCK  # an int8 weight and its share of its block's scale
+INT4_BYTES = 0.5 + 4 / 32  # a 4-bit weight and its share of its block's two float16 (native.c's Q4_BLOCK: 32)
 SKIP_CHECK = "CAMELID_SKIP_MEMORY_CHECK"  # set to 1 to load even where the estimate says it will not fit
 
 
@@ -51,6 +53,11 @@ def memory_need(config: ModelConfig, quantize: str, *, dtype: torch.dtype = torc
     full = torch.finfo(dtype).bits // 8
     if quantize == "int8":  # the embeddings as int8 rows too, shared with a tied head
         weights, ends = INT8_BYTES * (linear + table + head), INT8_BYTES * (table + head)
+    elif quantize == "int4":  # int8 ends; q/k/v and down int8 in Q4_K_M's more-bits layers (quantize.product_bits)
+        more = sum(use_more_bits(i, c.num_hidden_layers) for i in range(c.num_hidden_layers))
+        wide = more * c.hidden_size * (q + 2 * kv + c.intermediate_size)
+        ends = INT8_BYTES * (table + head)
+        weights = INT4_BYTES * (linear - wide) + INT8_BYTES * wide + ends
     elif quantize == "f16":  # the embeddings stay float32; the head gets a float16 copy even where tied
         weights, ends = 2 * linear + 6 * table, 6 * table
     else:

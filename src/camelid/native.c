@@ -256,18 +256,25 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 
 #define SCALE_BLOCK 64 /* weights per scale along a row; the last block of a row may be shorter */
 
+#define Q4_BLOCK 32 /* 4-bit weights per (scale, offset) pair */
+#define Q4_ROWS 8 /* 4-bit weight rows interleaved in one group */
+
 typedef struct {
-    const int8_t *w; /* [out, in] */
-    const float *scale; /* [out, blocks], blocks = ceil(in / SCALE_BLOCK) */
+    const void *w; /* bits 8: int8 [out, in]; bits 4: [out / Q4_ROWS, in / Q4_BLOCK, 128] bytes (see tile4) */
+    const void *scale; /* bits 8: float [out, blocks], blocks = ceil(in / SCALE_BLOCK); bits 4: float16
+                          [out / Q4_ROWS, in / Q4_BLOCK, 2, Q4_ROWS], the scales d then the offsets m */
     const float *bias; /* [out] or NULL */
-    int out, in;
+    int out, in, bits;
 } qmatrix;
 
 static inline int blocks_of(int in) { return (in + SCALE_BLOCK - 1) / SCALE_BLOCK; }
 
-typedef struct { /* n input rows as int16, [n, in], and their scales */
-    int16_t *q;
-    float *scale;
+typedef struct { /* n input rows rounded as the products need them */
+    int16_t *q; /* for int8 weights: [n, in] int16, a scale per row */
+    float *scale; /* [n] */
+    int8_t *q8; /* for 4-bit weights: [n, in] int8, a scale per block of Q4_BLOCK */
+    float *scale8; /* [n, in / Q4_BLOCK] */
+    float *sums8; /* [n, in / Q4_BLOCK]: each block's sum of its rounded values, times its scale */
     int n, in;
 } qinput;
 
@@ -308,13 +315,43 @@ static void quantize_input(const float *x, int ldx, qinput *xi) {
     }
 }
 
+/* For 4-bit weights: each block of Q4_BLOCK inputs rounded to int8 with its own scale (max |block| / 127), as
+ * llama.cpp's Q8_0; the weights' own rounding (1/30 of a block's range) stays ~10x the larger error. */
+static void quantize_input8(const float *x, int ldx, qinput *xi) {
+    const int nb = xi->in / Q4_BLOCK;
+    for (int c = 0; c < xi->n; c++)
+        for (int k = 0; k < nb; k++) {
+            const float *row = x + (int64_t)c * ldx + k * Q4_BLOCK;
+            int8_t *q = xi->q8 + (int64_t)c * xi->in + k * Q4_BLOCK;
+            float top = max_abs(row, Q4_BLOCK), s = top > 0 ? fmaxf(top / 127, FLT_MIN) : 1.0f, inv = 1.0f / s;
+            int32_t total = 0;
+            int i = 0;
+#ifdef __AVX2__
+            __m256 vinv = _mm256_set1_ps(inv);
+            __m256i v[4];
+            for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + 8 * j), vinv));
+            __m256i sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+            total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1))));
+            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)q, bytes);
+            i = Q4_BLOCK;
+#endif
+            for (; i < Q4_BLOCK; i++) total += q[i] = (int8_t)lrintf(row[i] * inv);
+            xi->scale8[(int64_t)c * nb + k] = s;
+            xi->sums8[(int64_t)c * nb + k] = s * (float)total;
+        }
+}
+
 /* y[c * ldy + r] (=|+=) x_scale[c] * sum over blocks k of w_scale[r, k] * dot(w[r, k], xq[c, k]) + bias[r], for
  * R weight rows from r0 and C input rows from c0. */
 static inline __attribute__((always_inline)) void tile(const qmatrix *m, int r0, int R, const qinput *xi, int c0,
                                                        int C, float *y, int ldy, int mode) {
     const int in = m->in, nb = blocks_of(in);
-    const int8_t *w = m->w + (int64_t)r0 * in;
-    const float *ws = m->scale + (int64_t)r0 * nb;
+    const int8_t *w = (const int8_t *)m->w + (int64_t)r0 * in;
+    const float *ws = (const float *)m->scale + (int64_t)r0 * nb;
     const int16_t *x = xi->q + (int64_t)c0 * xi->in;
     float sums[4][4] = {{0}};
 #ifdef __AVX2__
@@ -366,10 +403,122 @@ static inline __attribute__((always_inline)) void tile(const qmatrix *m, int r0,
     }
 }
 
+/* ---- 4-bit x int8 products ------------------------------------------------------------------------------- */
+
+/* 4-bit weights: each block of Q4_BLOCK weights along a row has codes q in 0..15 and a float16 pair (d, m), the
+ * weight being d q + m (5 bits a weight: a batch-1 decode reads 0.6x of int8's bytes). Rows come in groups of
+ * Q4_ROWS, interleaved as llama.cpp repacks its Q4_0 for x86: a block of a group is 128 bytes, 4 loads of 32;
+ * in load L, bytes 4j..4j+3 hold row j's weights 4L..4L+3 in their low nibbles and 16+4L..16+4L+3 in their
+ * high ones. So one u8 x s8 dot-product instruction (vpdpbusd, or vpmaddubsw and vpmaddwd without VNNI) takes
+ * 4 weights of each of the 8 rows against 4 inputs broadcast to every lane, and the 8 rows' sums come out in
+ * the 8 lanes of one register: no horizontal sums, and each block's scales applied to 8 rows at once. Over a
+ * block, w . x = d sx (q . xq) + m (sx sum(xq)), xq the input's int8 (quantize_input8). */
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, frac = h & 0x3FF, bits;
+    if (exp == 0x1F)
+        bits = sign | 0x7F800000u | (frac << 13);
+    else if (exp != 0)
+        bits = sign | ((exp + 112) << 23) | (frac << 13);
+    else if (frac == 0)
+        bits = sign;
+    else { /* subnormal: frac * 2^-24 */
+        float v = (float)frac * 5.9604644775390625e-8f;
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+#ifdef __AVX2__
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { /* acc += 4-byte dot products, per lane */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else /* no saturation: 2 x 15 x 127 fits int16 */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
+/* y[c * ldy + 8G + j] (=|+=) row 8G + j of the weights . input row c, for the C input rows from c0. */
+static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G, const qinput *xi, int c0, int C,
+                                                        float *y, int ldy, int mode) {
+    const int in = m->in, nb = in / Q4_BLOCK;
+    const uint8_t *w = (const uint8_t *)m->w + (int64_t)G * nb * 128;
+    const uint16_t *dm = (const uint16_t *)m->scale + (int64_t)G * nb * 2 * Q4_ROWS;
+    float out[4][Q4_ROWS];
+#ifdef __AVX2__
+    __m256 acc[4];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *b = w + (int64_t)k * 128;
+        _mm_prefetch((const char *)(b + 1024), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 1024 + 64), _MM_HINT_T0);
+        __m256i codes[8];
+        for (int L = 0; L < 4; L++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 * L));
+            codes[L] = _mm256_and_si256(v, nibble);
+            codes[L + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        }
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16)));
+        __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16 + 8)));
+        for (int c = 0; c < C; c++) {
+            const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
+            __m256i isum = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                int32_t four;
+                memcpy(&four, xc + 4 * g, 4);
+                isum = dot_u8s8(isum, codes[g], _mm256_set1_epi32(four));
+            }
+            int64_t at = (int64_t)(c0 + c) * nb + k;
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), d), _mm256_set1_ps(xi->scale8[at]), acc[c]);
+            acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xi->sums8[at]), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out[c], acc[c]);
+#else
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < Q4_ROWS; j++) out[c][j] = 0;
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *b = w + (int64_t)k * 128;
+        for (int j = 0; j < Q4_ROWS; j++) {
+            float d = half_to_float(dm[(int64_t)k * 16 + j]), mk = half_to_float(dm[(int64_t)k * 16 + 8 + j]);
+            for (int c = 0; c < C; c++) {
+                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
+                int32_t isum = 0;
+                for (int L = 0; L < 4; L++)
+                    for (int t = 0; t < 4; t++) {
+                        uint8_t v = b[32 * L + 4 * j + t];
+                        isum += (v & 0x0F) * xc[4 * L + t] + (v >> 4) * xc[16 + 4 * L + t];
+                    }
+                int64_t at = (int64_t)(c0 + c) * nb + k;
+                out[c][j] = fmaf((float)isum * d, xi->scale8[at], out[c][j]);
+                out[c][j] = fmaf(mk, xi->sums8[at], out[c][j]);
+            }
+        }
+    }
+#endif
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < Q4_ROWS; j++) {
+            int r = G * Q4_ROWS + j;
+            float v = out[c][j] + (m->bias ? m->bias[r] : 0.0f), *dst = y + (int64_t)(c0 + c) * ldy + r;
+            *dst = mode == ADD ? *dst + v : v;
+        }
+}
+
 #define X_BLOCK 64 /* input rows per pass over the weights: 64 x 4K int16 stay in L2 */
 
 /* Rows [lo, hi) of y = x @ w.T: the weights are read once per X_BLOCK input rows. */
-static void product_rows(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
+static void product_rows8(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     for (int c0 = 0; c0 < xi->n; c0 += X_BLOCK) {
         int c1 = c0 + X_BLOCK < xi->n ? c0 + X_BLOCK : xi->n;
         int r = lo;
@@ -387,29 +536,65 @@ static void product_rows(const qmatrix *m, int lo, int hi, const qinput *xi, flo
     }
 }
 
+/* The same for 4-bit weights, [lo, hi) whole groups of Q4_ROWS rows: a group's block is unpacked once for up
+ * to four input rows. */
+static void product_rows4(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
+    for (int c0 = 0; c0 < xi->n; c0 += X_BLOCK) {
+        int c1 = c0 + X_BLOCK < xi->n ? c0 + X_BLOCK : xi->n;
+        for (int G = lo / Q4_ROWS; G < hi / Q4_ROWS; G++) {
+            int c = c0;
+            for (; c + 4 <= c1; c += 4) tile4(m, G, xi, c, 4, y, ldy, mode);
+            if (c1 - c == 3) tile4(m, G, xi, c, 3, y, ldy, mode);
+            else if (c1 - c == 2) tile4(m, G, xi, c, 2, y, ldy, mode);
+            else if (c1 - c == 1) tile4(m, G, xi, c, 1, y, ldy, mode);
+        }
+    }
+}
+
+/* Round the input as m's weights need it, then rows [lo, hi) of y (=|+=) x @ m.T. */
+static void product(const qmatrix *m, int lo, int hi, const float *x, int ldx, qinput *xi, float *y, int ldy,
+                    int mode, int rounded) {
+    if (m->bits == 4) {
+        if (!rounded) quantize_input8(x, ldx, xi);
+        product_rows4(m, lo, hi, xi, y, ldy, mode);
+    } else {
+        if (!rounded) quantize_input(x, ldx, xi);
+        product_rows8(m, lo, hi, xi, y, ldy, mode);
+    }
+}
+
 /* Each thread rounds the whole input itself, into its own buffer (n x in: little next to n x in x out). */
 typedef struct {
     int16_t *q;
-    float *scale;
+    int8_t *q8;
+    float *scale, *scale8, *sums8;
 } thread_buffers;
 
 static qinput thread_input(const thread_buffers *b, int t, int n, int width, int in) {
-    qinput xi = {b->q + (int64_t)t * n * width, b->scale + (int64_t)t * n, n, in};
+    int64_t blocks = (int64_t)t * n * (width / Q4_BLOCK);
+    qinput xi = {b->q + (int64_t)t * n * width, b->scale + (int64_t)t * n, b->q8 + (int64_t)t * n * width,
+                 b->scale8 + blocks, b->sums8 + blocks, n, in};
     return xi;
-}
-
-static int alloc_buffers(thread_buffers *b, int nt, int n, int width) {
-    b->q = malloc(sizeof(int16_t) * (size_t)nt * n * width);
-    b->scale = malloc(sizeof(float) * (size_t)nt * n);
-    if (b->q && b->scale) return 0;
-    free(b->q);
-    free(b->scale);
-    return -1;
 }
 
 static void free_buffers(thread_buffers *b) {
     free(b->q);
+    free(b->q8);
     free(b->scale);
+    free(b->scale8);
+    free(b->sums8);
+}
+
+static int alloc_buffers(thread_buffers *b, int nt, int n, int width) {
+    size_t blocks = (size_t)nt * n * (width / Q4_BLOCK) + 1;
+    b->q = malloc(sizeof(int16_t) * (size_t)nt * n * width);
+    b->q8 = malloc((size_t)nt * n * width);
+    b->scale = malloc(sizeof(float) * (size_t)nt * n);
+    b->scale8 = malloc(sizeof(float) * blocks);
+    b->sums8 = malloc(sizeof(float) * blocks);
+    if (b->q && b->q8 && b->scale && b->scale8 && b->sums8) return 0;
+    free_buffers(b);
+    return -1;
 }
 
 typedef struct {
@@ -424,15 +609,15 @@ static void linear_run(void *p, int t, int nt) {
     linear_task *a = p;
     int lo, hi;
     qinput xi = thread_input(&a->buf, t, a->n, a->m->in, a->m->in);
-    quantize_input(a->x, a->m->in, &xi);
-    share(a->m->out, 4, t, nt, &lo, &hi);
-    product_rows(a->m, lo, hi, &xi, a->y, a->m->out, STORE);
+    share(a->m->out, Q4_ROWS, t, nt, &lo, &hi);
+    product(a->m, lo, hi, a->x, a->m->in, &xi, a->y, a->m->out, STORE, 0);
 }
 
-/* y [n, out] = x [n, in] @ w.T * scale (+ bias), on `threads` threads. Returns 0, or -1 without memory. */
-int camelid_linear(const int8_t *w, const float *scale, const float *bias, int out, int in, const float *x, int n,
-                   float *y, int threads) {
-    qmatrix m = {w, scale, bias, out, in};
+/* y [n, out] = x [n, in] @ w.T (+ bias) for int8 (bits 8) or 4-bit (bits 4) weights, on `threads` threads.
+ * Returns 0, or -1 without memory. */
+int camelid_linear(const void *w, const void *scale, const float *bias, int out, int in, int bits, const float *x,
+                   int n, float *y, int threads) {
+    qmatrix m = {w, scale, bias, out, in, bits};
     linear_task a = {&m, x, n, y};
     pthread_mutex_lock(&call_lock);
     int nt = pool_grow(threads), status = alloc_buffers(&a.buf, nt, n, in);
@@ -488,6 +673,119 @@ void camelid_quantize_rows(const float *w, int out, int in, int8_t *q, float *sc
     pthread_mutex_unlock(&call_lock);
 }
 
+/* Round each block of Q4_BLOCK weights of w [out, in] (in a multiple of Q4_BLOCK) to 4-bit codes q and a
+ * float16 pair (d, m), the weight being d q + m. The pair is the weighted least-squares fit over the codes of
+ * the best of Q4_STEPS + 1 grids between the block's minimum and maximum, each weight counted by how large it
+ * is (as llama.cpp's K-quants search theirs, without rounding d and m to 6-bit multiples of a super-block's);
+ * the codes are then rounded again on the float16 pair that is stored. */
+#define Q4_STEPS 20
+
+static inline uint16_t float_to_half(float f) {
+#ifdef __F16C__
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, mag = x & 0x7FFFFFFFu;
+    if (mag >= 0x7F800000u) return (uint16_t)(sign | 0x7C00 | (mag > 0x7F800000u ? 0x200 : 0));
+    if (mag >= 0x477FF000u) return (uint16_t)(sign | 0x7C00); /* rounds to >= 65520: infinity */
+    if (mag < 0x38800000u) { /* below the smallest normal half: a multiple of 2^-24, ties to even */
+        float a;
+        memcpy(&a, &mag, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.0f));
+    }
+    uint32_t r = mag + 0xFFF + ((mag >> 13) & 1); /* round the 13 dropped bits to nearest, ties to even */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+#endif
+}
+
+/* The weighted sums of one grid's codes l: sum wt l, sum wt l^2, sum wt l x; the codes are round(iscale * xs)
+ * clamped to 0..15, xs being the block less its minimum. */
+static inline void grid_sums(const float *xs, const float *x, const float *wt, float iscale, float *sl, float *sl2,
+                             float *slx) {
+    int i = 0;
+    float a = 0, b = 0, c = 0;
+#ifdef __AVX2__
+    __m256 va = _mm256_setzero_ps(), vb = _mm256_setzero_ps(), vc = _mm256_setzero_ps();
+    __m256 vi = _mm256_set1_ps(iscale), zero = _mm256_setzero_ps(), top = _mm256_set1_ps(15.0f);
+    for (; i < Q4_BLOCK; i += 8) {
+        __m256 l = _mm256_round_ps(_mm256_mul_ps(vi, _mm256_loadu_ps(xs + i)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        l = _mm256_min_ps(_mm256_max_ps(l, zero), top);
+        __m256 wl = _mm256_mul_ps(_mm256_loadu_ps(wt + i), l);
+        va = _mm256_add_ps(va, wl);
+        vb = _mm256_fmadd_ps(wl, l, vb);
+        vc = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x + i), vc);
+    }
+    a = hsum(va), b = hsum(vb), c = hsum(vc);
+#endif
+    for (; i < Q4_BLOCK; i++) {
+        float l = fminf(fmaxf(nearbyintf(iscale * xs[i]), 0.0f), 15.0f), wl = wt[i] * l;
+        a += wl, b += wl * l, c += wl * x[i];
+    }
+    *sl = a, *sl2 = b, *slx = c;
+}
+
+static void quantize_block4(const float *x, uint8_t *q, uint16_t *dm) {
+    float lo = x[0], hi = x[0], sum2 = 0;
+    for (int i = 0; i < Q4_BLOCK; i++) {
+        lo = fminf(lo, x[i]);
+        hi = fmaxf(hi, x[i]);
+        sum2 += x[i] * x[i];
+    }
+    float best_d = 0, best_m = lo;
+    if (hi > lo) {
+        float av = sqrtf(sum2 / Q4_BLOCK), wt[Q4_BLOCK], xs[Q4_BLOCK], sw = 0, sx = 0, sxx = 0, best = INFINITY;
+        for (int i = 0; i < Q4_BLOCK; i++) {
+            wt[i] = av + fabsf(x[i]);
+            xs[i] = x[i] - lo;
+            sw += wt[i], sx += wt[i] * x[i], sxx += wt[i] * x[i] * x[i];
+        }
+        for (int step = 0; step <= Q4_STEPS; step++) {
+            float sl, sl2, slx;
+            grid_sums(xs, x, wt, (15.0f - 1.0f + 0.1f * step) / (hi - lo), &sl, &sl2, &slx);
+            float det = sw * sl2 - sl * sl;
+            if (!(det > 0)) continue;
+            float d = (sw * slx - sl * sx) / det, m = (sl2 * sx - sl * slx) / det;
+            /* sum wt (d l + m - x)^2, expanded */
+            float err = d * d * sl2 + 2 * d * m * sl + m * m * sw - 2 * d * slx - 2 * m * sx + sxx;
+            if (err < best) best = err, best_d = d, best_m = m;
+        }
+    }
+    uint16_t hd = float_to_half(best_d), hm = float_to_half(best_m);
+    float d = half_to_float(hd), m = half_to_float(hm), inv = d != 0 ? 1.0f / d : 0.0f;
+    dm[0] = hd;
+    dm[1] = hm;
+    for (int j = 0; j < Q4_BLOCK / 2; j++) {
+        int a = (int)fminf(fmaxf(nearbyintf((x[j] - m) * inv), 0.0f), 15.0f);
+        int b = (int)fminf(fmaxf(nearbyintf((x[j + 16] - m) * inv), 0.0f), 15.0f);
+        q[j] = (uint8_t)(a | b << 4);
+    }
+}
+
+typedef struct {
+    const float *w;
+    int out, in;
+    uint8_t *q;
+    uint16_t *dm;
+} quantize4_task;
+
+static void quantize4_run(void *p, int t, int nt) {
+    quantize4_task *a = p;
+    int lo, hi, nb = a->in / Q4_BLOCK;
+    share(a->out, 1, t, nt, &lo, &hi);
+    for (int r = lo; r < hi; r++)
+        for (int k = 0; k < nb; k++)
+            quantize_block4(a->w + (int64_t)r * a->in + k * Q4_BLOCK, a->q + ((int64_t)r * nb + k) * 16,
+                            a->dm + ((int64_t)r * nb + k) * 2);
+}
+
+void camelid_quantize_rows4(const float *w, int out, int in, uint8_t *q, uint16_t *dm, int threads) {
+    quantize4_task a = {w, out, in, q, dm};
+    pthread_mutex_lock(&call_lock);
+    parallel(quantize4_run, &a, pool_grow(threads));
+    pthread_mutex_unlock(&call_lock);
+}
+
 /* ---- the decoder's layers -------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -533,10 +831,9 @@ static void mlp_norm_run(void *p, int t, int nt) { norm_run(p, t, nt, ((step *)p
 /* This thread's share of y (=|+=) x @ m.T, x [n, m->in] rounded into the thread's own buffer first. */
 static void share_product(step *s, int t, int nt, const qmatrix *m, const float *x, float *y, int ldy, int mode) {
     int lo, hi;
-    share(m->out, 4, t, nt, &lo, &hi);
+    share(m->out, Q4_ROWS, t, nt, &lo, &hi);
     qinput xi = thread_input(&s->buf, t, s->n, s->width, m->in);
-    quantize_input(x, m->in, &xi);
-    product_rows(m, lo, hi, &xi, y, ldy, mode);
+    product(m, lo, hi, x, m->in, &xi, y, ldy, mode, 0);
 }
 
 static void qkv_run(void *p, int t, int nt) {
@@ -605,11 +902,10 @@ static void gate_up_run(void *p, int t, int nt) { /* each thread owns the same c
     step *s = p;
     const qmatrix *m = &s->lw->gate_up;
     int I = s->d->inter, dim = s->d->dim, lo, hi;
-    share(I, 4, t, nt, &lo, &hi);
+    share(I, Q4_ROWS, t, nt, &lo, &hi);
     qinput xi = thread_input(&s->buf, t, s->n, s->width, dim);
-    quantize_input(s->xn, dim, &xi);
-    product_rows(m, lo, hi, &xi, s->gu, 2 * I, STORE);
-    product_rows(m, I + lo, I + hi, &xi, s->gu, 2 * I, STORE);
+    product(m, lo, hi, s->xn, dim, &xi, s->gu, 2 * I, STORE, 0);
+    product(m, I + lo, I + hi, s->xn, dim, &xi, s->gu, 2 * I, STORE, 1);
     for (int j = 0; j < s->n; j++) {
         const float *g = s->gu + (int64_t)j * 2 * I;
         swiglu(g + lo, g + I + lo, s->h + (int64_t)j * I + lo, hi - lo);
@@ -675,3 +971,5 @@ int camelid_decoder_forward(const decoder *d, int n, float *x, const int64_t *ro
 int camelid_sizeof_layer(void) { return (int)sizeof(layer_weights); }
 int camelid_sizeof_decoder(void) { return (int)sizeof(decoder); }
 int camelid_scale_block(void) { return SCALE_BLOCK; }
+int camelid_q4_block(void) { return Q4_BLOCK; }
+int camelid_q4_rows(void) { return Q4_ROWS; }

@@ -31,6 +31,8 @@ SOURCE = Path(__file__).with_name("native.c")
 NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: install gcc or clang (or set CC), "
                "or use --quantize f16")
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
+Q4_BLOCK = 32  # 4-bit weights per float16 (scale, offset) pair along a row (native.c's Q4_BLOCK)
+Q4_ROWS = 8  # 4-bit weight rows interleaved in one group (native.c's Q4_ROWS)
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 
 
@@ -80,14 +82,17 @@ def library() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.camelid_linear.argtypes = [ptr, ptr, ptr, i32, i32, ptr, i32, ptr, i32]
+    lib.camelid_linear.argtypes = [ptr, ptr, ptr, i32, i32, i32, ptr, i32, ptr, i32]
     lib.camelid_linear.restype = i32
     lib.camelid_quantize_rows.argtypes = [ptr, i32, i32, ptr, ptr, i32]
     lib.camelid_quantize_rows.restype = None
+    lib.camelid_quantize_rows4.argtypes = [ptr, i32, i32, ptr, ptr, i32]
+    lib.camelid_quantize_rows4.restype = None
     lib.camelid_decoder_forward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32]
     lib.camelid_decoder_forward.restype = i32
     for size, name in ((ctypes.sizeof(_Layer), "camelid_sizeof_layer"),
-                       (ctypes.sizeof(_Decoder), "camelid_sizeof_decoder"), (SCALE_BLOCK, "camelid_scale_block")):
+                       (ctypes.sizeof(_Decoder), "camelid_sizeof_decoder"), (SCALE_BLOCK, "camelid_scale_block"),
+                       (Q4_BLOCK, "camelid_q4_block"), (Q4_ROWS, "camelid_q4_rows")):
         if getattr(lib, name)() != size:
             raise CamelidError(f"camelid's int8 kernels in {path} do not match this camelid; delete the file")
     return lib
@@ -123,6 +128,59 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.repeat_interleave(SCALE_BLOCK, dim=1)[:, : q.shape[1]]
 
 
+def quantize_rows4(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """4-bit weights of `weight` [out, in] (in a multiple of Q4_BLOCK): codes packed two to a byte [out, in / 2]
+    (per block of 32, the low nibbles of its 16 bytes are weights 0..15, the high nibbles 16..31, as llama.cpp's
+    Q4_1) and float16 (d, m) pairs [out, in / 32, 2], each weight being d q + m (see `dequantize4`)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % Q4_BLOCK:
+        raise ValueError(f"4-bit weights are made from a 2-D CPU tensor whose rows are a multiple of {Q4_BLOCK} "
+                         f"wide, not {tuple(weight.shape)} on {weight.device}")
+    w = weight.detach().float().contiguous()
+    out, width = w.shape
+    q = torch.empty(out, width // 2, dtype=torch.uint8)
+    dm = torch.empty(out, width // Q4_BLOCK, 2, dtype=torch.float16)
+    library().camelid_quantize_rows4(w.data_ptr(), out, width, q.data_ptr(), dm.data_ptr(), torch.get_num_threads())
+    return q, dm
+
+
+def unpack4(q: Tensor) -> Tensor:
+    """The 4-bit codes 0..15 packed in `q` [out, in / 2] as uint8 [out, in], in the weights' order."""
+    blocks = q.view(q.shape[0], -1, Q4_BLOCK // 2)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).view(q.shape[0], -1)
+
+
+def pack4(codes: Tensor) -> Tensor:
+    """`unpack4` undone: codes 0..15 [out, in] packed two to a byte [out, in / 2]."""
+    blocks = codes.to(torch.uint8).view(codes.shape[0], -1, Q4_BLOCK)
+    return (blocks[:, :, : Q4_BLOCK // 2] | (blocks[:, :, Q4_BLOCK // 2 :] << 4)).reshape(codes.shape[0], -1)
+
+
+def dequantize4(q: Tensor, dm: Tensor) -> Tensor:
+    """The float32 weights that 4-bit codes `q` [out, in / 2] with (d, m) pairs `dm` [out, in / 32, 2] stand for."""
+    pairs = dm.float().repeat_interleave(Q4_BLOCK, dim=1)
+    return unpack4(q).float() * pairs[..., 0] + pairs[..., 1]
+
+
+def interleave4(q: Tensor, dm: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of 4-bit blocks (quantize_rows4's) in the kernels' layout: groups of Q4_ROWS rows, each block of a
+    group 128 bytes, in which load L (of 4 x 32 bytes) holds 4 weights of each row in turn, weights 4L..4L+3 in
+    the low nibbles and 16+4L..16+4L+3 in the high ones; the pairs as [groups, blocks, (d, m), Q4_ROWS]."""
+    out, blocks = dm.shape[0], dm.shape[1]
+    codes = unpack4(q).view(out // Q4_ROWS, Q4_ROWS, blocks, 2, 4, 4)  # group, row, block, half, load, weight
+    codes = codes.permute(0, 2, 3, 4, 1, 5)  # group, block, half, load, row, weight
+    packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(out // Q4_ROWS, blocks, 128).contiguous()
+    return packed, dm.view(out // Q4_ROWS, Q4_ROWS, blocks, 2).permute(0, 2, 3, 1).contiguous()
+
+
+def deinterleave4(packed: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """`interleave4` undone: (codes [out, in / 2], pairs [out, in / 32, 2]) in rows."""
+    groups, blocks = pairs.shape[0], pairs.shape[1]
+    v = packed.view(groups, blocks, 4, Q4_ROWS, 4)  # group, block, load, row, weight
+    codes = torch.stack([v & 0x0F, v >> 4], dim=2)  # group, block, half, load, row, weight
+    codes = codes.permute(0, 4, 1, 2, 3, 5).reshape(groups * Q4_ROWS, blocks * Q4_BLOCK)
+    return pack4(codes), pairs.permute(0, 3, 1, 2).reshape(groups * Q4_ROWS, blocks, 2)
+
+
 class Int8Embedding(nn.Module):
     """Token embeddings stored as int8 rows (a scale per SCALE_BLOCK weights, as Int8Linear's), widened to float32
     as they are looked up: a quarter of float32's memory. `shared`: the int8 output head tied to them, whose
@@ -141,25 +199,17 @@ class Int8Embedding(nn.Module):
         return dequantize(self.qweight[flat], self.scale[flat]).view(*ids.shape, -1)
 
 
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (a scale per SCALE_BLOCK weights of a row); activations are rounded to
-    int16 per row.
+class QuantLinear(nn.Module):
+    """A linear layer whose weights camelid's kernels multiply as they are stored (int8 or 4-bit); activations
+    are rounded to int16 per row. `threads`: how many threads the product runs on (None: torch.get_num_threads()
+    at each call)."""
 
-    `threads`: how many threads the product runs on (None: torch.get_num_threads() at each call).
-    """
+    bits = 0
+    qweight: Tensor
+    scale: Tensor
 
-    def __init__(self, weight: Tensor | list[Tensor], bias: Tensor | None = None, threads: int | None = None):
-        """`weight` [out, in], or several [out_i, in] to stack in order (q, k, v), each rounded as it is copied."""
-        super().__init__()
-        parts = weight if isinstance(weight, (list, tuple)) else [weight]
+    def _store(self, q: Tensor, scale: Tensor, bias: Tensor | None, threads: int | None) -> None:
         self.threads = threads
-        self.out_features, self.in_features = sum(w.shape[0] for w in parts), parts[0].shape[1]
-        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
-        scale = torch.empty(self.out_features, -(-self.in_features // SCALE_BLOCK))
-        start = 0
-        for w in parts:
-            quantize_rows(w, q[start : start + w.shape[0]], scale[start : start + w.shape[0]])
-            start += w.shape[0]
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
@@ -172,28 +222,78 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float().contiguous()
         y = torch.empty(rows.shape[0], self.out_features)
         status = library().camelid_linear(self.qweight.data_ptr(), self.scale.data_ptr(), _ptr(self.bias),
-                                          self.out_features, self.in_features, rows.data_ptr(), rows.shape[0],
-                                          y.data_ptr(), self.threads or torch.get_num_threads())
+                                          self.out_features, self.in_features, self.bits, rows.data_ptr(),
+                                          rows.shape[0], y.data_ptr(), self.threads or torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {rows.shape[0]} rows; "
                               "pass fewer rows at a time")
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> Tensor:
-        return dequantize(self.qweight, self.scale)
+        raise NotImplementedError
 
     def check(self) -> None:
         """The kernels read raw memory: refuse what `.to()`, `.half()` and the like may have made of it."""
-        tensors = [(self.qweight, torch.int8), (self.scale, torch.float32)]
+        tensors = [(self.qweight, self._dtypes[0]), (self.scale, self._dtypes[1])]
         tensors += [] if self.bias is None else [(self.bias, torch.float32)]
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t, dtype in tensors):
             raise ValueError("this int8 layer's weights were converted or moved; the int8 kernels need them as "
                              "quantized (int8 and float32, on the CPU): load the model again")
 
 
+class Int8Linear(QuantLinear):
+    """A linear layer with int8 weights (a scale per SCALE_BLOCK weights of a row)."""
+
+    bits = 8
+    _dtypes = (torch.int8, torch.float32)
+
+    def __init__(self, weight: Tensor | list[Tensor], bias: Tensor | None = None, threads: int | None = None):
+        """`weight` [out, in], or several [out_i, in] to stack in order (q, k, v), each rounded as it is copied."""
+        super().__init__()
+        parts = weight if isinstance(weight, (list, tuple)) else [weight]
+        self.out_features, self.in_features = sum(w.shape[0] for w in parts), parts[0].shape[1]
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+        scale = torch.empty(self.out_features, -(-self.in_features // SCALE_BLOCK))
+        start = 0
+        for w in parts:
+            quantize_rows(w, q[start : start + w.shape[0]], scale[start : start + w.shape[0]])
+            start += w.shape[0]
+        self._store(q, scale, bias, threads)
+
+    def dequantized(self) -> Tensor:
+        return dequantize(self.qweight, self.scale)
+
+
+class Int4Linear(QuantLinear):
+    """A linear layer with 4-bit weights: per block of Q4_BLOCK weights of a row, 4-bit codes and a float16
+    (scale, offset) pair (see `quantize_rows4`), 5 bits a weight, stored interleaved in groups of Q4_ROWS rows
+    (`interleave4`). Inputs are rounded to int8 per block of 32 inside the product."""
+
+    bits = 4
+    _dtypes = (torch.uint8, torch.float16)
+
+    def __init__(self, parts: list[Tensor | tuple[Tensor, Tensor]], bias: Tensor | None = None,
+                 threads: int | None = None):
+        """`parts` stacked in order (q, k, v): each a float weight [out_i, in] to round, or 4-bit blocks already
+        made in rows (codes [out_i, in / 2], pairs [out_i, in / 32, 2]), e.g. repacked from a GGUF file's. The
+        rows must be a multiple of Q4_BLOCK wide and come to a multiple of Q4_ROWS."""
+        super().__init__()
+        blocks = [p if isinstance(p, tuple) else quantize_rows4(p) for p in parts]
+        self.out_features = sum(q.shape[0] for q, _ in blocks)
+        self.in_features = blocks[0][0].shape[1] * 2
+        if self.out_features % Q4_ROWS:
+            raise ValueError(f"4-bit weights come in groups of {Q4_ROWS} rows, not {self.out_features}")
+        q = blocks[0][0] if len(blocks) == 1 else torch.cat([q for q, _ in blocks])
+        dm = blocks[0][1] if len(blocks) == 1 else torch.cat([dm for _, dm in blocks])
+        self._store(*interleave4(q, dm), bias, threads)
+
+    def dequantized(self) -> Tensor:
+        return dequantize4(*deinterleave4(self.qweight, self.scale))
+
+
 class _QMatrix(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("out", ctypes.c_int), ("in_", ctypes.c_int)]
+                ("out", ctypes.c_int), ("in_", ctypes.c_int), ("bits", ctypes.c_int)]
 
 
 class _Layer(ctypes.Structure):
@@ -207,9 +307,9 @@ class _Decoder(ctypes.Structure):
                 ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
 
 
-def _qmatrix(layer: Int8Linear) -> _QMatrix:
+def _qmatrix(layer: QuantLinear) -> _QMatrix:
     return _QMatrix(layer.qweight.data_ptr(), layer.scale.data_ptr(), _ptr(layer.bias), layer.out_features,
-                    layer.in_features)
+                    layer.in_features, layer.bits)
 
 
 class NativeDecoder:
@@ -223,10 +323,10 @@ class NativeDecoder:
     MAX_ROWS = 512  # tokens per call: bounds the kernels' scratch memory (a prompt longer than this goes in parts)
 
     def __init__(self, model, threads: int | None = None, layers: list | None = None):
-        """From `model`'s float layers, or from `layers` (int8_layer of each, made as the model was loaded)."""
+        """From `model`'s float layers, or from `layers` (native_layer of each, made as the model was loaded)."""
         self.threads = threads
         config = model.config
-        check_int8(config)
+        check_native(config)
         self.config = config
         # its own references to the int8 embeddings, so that model.to() and the like cannot move what the kernels
         # read (they replace the module's tensors, not these)
@@ -234,7 +334,7 @@ class NativeDecoder:
         embed = embed if isinstance(embed, Int8Embedding) else Int8Embedding(embed.weight)
         self.embed_q, self.embed_scale = embed.qweight, embed.scale
         self.inv_freq = model.inv_freq.detach().float().cpu()
-        self.layers = layers if layers is not None else [int8_layer(block) for block in model.model.layers]
+        self.layers = layers if layers is not None else [native_layer(block) for block in model.model.layers]
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self._layers = (_Layer * len(self.layers))(*[
             _Layer(p.attn_norm.data_ptr(), p.mlp_norm.data_ptr(), _qmatrix(p.qkv), _qmatrix(p.o),
@@ -340,40 +440,49 @@ def torch_single_threaded(model):
                 torch.set_num_threads(_torch_threads_saved)
 
 
-def check_int8(config) -> None:
-    """Refuse, in one line, a family whose layers the int8 decoder does not run (before anything is loaded)."""
+def check_native(config, kind: str = "int8") -> None:
+    """Refuse, in one line, a family whose layers the native decoder (int8, int4) does not run, before anything
+    is loaded."""
     if config.gemma:
-        raise CamelidError("--quantize int8 does not run Gemma's layers (scaled embeddings, norms after attention "
+        raise CamelidError(f"--quantize {kind} does not run Gemma's layers (scaled embeddings, norms after attention "
                            "and MLP, GeGLU) yet; use --quantize f16")
     if config.no_rope_layers is not None and not all(config.no_rope_layers):
-        raise CamelidError("--quantize int8 does not run layers without the rotary embedding (SmolLM3's NoPE) "
+        raise CamelidError(f"--quantize {kind} does not run layers without the rotary embedding (SmolLM3's NoPE) "
                            "yet; use --quantize f16")
     if config.sliding_window:
-        raise CamelidError("--quantize int8 does not run sliding-window attention yet; use --quantize f16")
+        raise CamelidError(f"--quantize {kind} does not run sliding-window attention yet; use --quantize f16")
     if config.qk_norm:
-        raise CamelidError(f"--quantize int8 does not run the per-head q/k norms of {config.model_type} models "
+        raise CamelidError(f"--quantize {kind} does not run the per-head q/k norms of {config.model_type} models "
                            "yet; use --quantize f16")
     if config.head_dim > 512:
-        raise CamelidError(f"--quantize int8 supports head dimensions up to 512, not {config.head_dim}; "
+        raise CamelidError(f"--quantize {kind} supports head dimensions up to 512, not {config.head_dim}; "
                            "use --quantize f16")
 
 
-def int8_layer(block) -> types.SimpleNamespace:
-    """What the kernels read of one decoder layer: its norms, and its products as int8 (q/k/v and gate/up
-    stacked). The block's float weights can go once this is made."""
-    attn, mlp = block.self_attn, block.mlp
+PRODUCTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+            "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
+def native_layer(block, bits: dict[str, int] | None = None,
+                 blocks: dict[str, tuple[Tensor, Tensor]] | None = None) -> types.SimpleNamespace:
+    """What the kernels read of one decoder layer: its norms, and its products (q/k/v and gate/up stacked) as
+    int8, or 4-bit where `bits` says so for that product (qkv, o, gate_up, down). `blocks`: 4-bit blocks already
+    made for some projections (by name, e.g. "q_proj"), taken as they are instead of rounding their float
+    weights, which need not be loaded. The block's float weights can go once this is made."""
+    bits, blocks = bits or {}, blocks or {}
     part = types.SimpleNamespace()
     part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
     part.mlp_norm = block.post_attention_layernorm.weight.detach().float().contiguous()
-    part.qkv = _stacked([attn.q_proj, attn.k_proj, attn.v_proj])
-    part.o = _stacked([attn.o_proj])
-    part.gate_up = _stacked([mlp.gate_proj, mlp.up_proj])
-    part.down = _stacked([mlp.down_proj])
+    for product, (module, names) in PRODUCTS.items():
+        owner = getattr(block, module)
+        layers = [getattr(owner, name) for name in names]
+        biases = [lin.bias for lin in layers]
+        bias = None if biases[0] is None else torch.cat(biases)
+        if bits.get(product, 8) == 4:
+            made = Int4Linear([blocks.get(name) or lin.weight for name, lin in zip(names, layers)], bias)
+        else:
+            if any(name in blocks for name in names):
+                raise ValueError(f"4-bit blocks were given for the {product} product, which is made int8")
+            made = Int8Linear([lin.weight for lin in layers], bias)
+        setattr(part, product, made)
     return part
-
-
-def _stacked(layers: list[nn.Linear]) -> Int8Linear:
-    """One int8 layer for several that read the same input (q, k, v; gate, up), their rows stacked in order."""
-    biases = [lin.bias for lin in layers]
-    bias = None if biases[0] is None else torch.cat(biases)
-    return Int8Linear([lin.weight for lin in layers], bias)

@@ -25,9 +25,12 @@ from torch import Tensor, nn
 
 from camelid.config import QUANTIZATIONS  # the names, free of torch for the command line's help
 from camelid.errors import CamelidError
+from camelid.kquants import use_more_bits
 from camelid.model import Llama
-from camelid.native import NO_COMPILER, Int8Embedding, Int8Linear, NativeDecoder, check_int8, compiler, int8_layer
+from camelid.native import (NO_COMPILER, Q4_BLOCK, Q4_ROWS, Int8Embedding, Int8Linear, NativeDecoder, check_native, compiler,
+                            native_layer)
 
+NATIVE = ("int8", "int4")  # the kinds camelid's own kernels run (camelid.native)
 F16_MAX_ROWS = 4  # without fbgemm: up to this many rows the float16 product is the faster one
 
 
@@ -65,7 +68,7 @@ def check_quantization(kind: str) -> str:
     """`kind` if it is a known quantization, else a one-line error listing them (checked before slow loads)."""
     if kind not in QUANTIZATIONS:
         raise CamelidError(f"unknown quantization {kind!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-    if kind == "int8" and compiler() is None:
+    if kind in NATIVE and compiler() is None:
         raise CamelidError(NO_COMPILER)
     return kind
 
@@ -79,25 +82,47 @@ def quantize_model(model: Llama, kind: str) -> Llama:
     if check_quantization(kind) == "none":
         return model
     check_quantizable(model.config, kind, model.model.embed_tokens.weight)
-    layers = [quantize_layer(block, kind) for block in model.model.layers]
+    layers = [quantize_layer(block, kind, product_bits(kind, model.config, i))
+              for i, block in enumerate(model.model.layers)]
     return finish_quantization(model, kind, layers)
 
 
 def check_quantizable(config, kind: str, weight: Tensor | None = None) -> None:
     """Refuse, before any weight is converted (or loaded), what `kind` cannot run: weights other than float32 on
-    the CPU, and int8 on a family its decoder does not run."""
+    the CPU, and int8 or int4 on a family the native decoder does not run."""
     if weight is not None and (weight.device.type != "cpu" or weight.dtype != torch.float32):
         raise CamelidError(f"--quantize {kind} is for float32 models on the CPU; on a GPU use --dtype bfloat16")
-    if kind == "int8":
-        check_int8(config)
+    if kind in NATIVE:
+        check_native(config, kind)
 
 
-def quantize_layer(block: nn.Module, kind: str):
+def product_bits(kind: str, config, index: int, stored4: set[str] = frozenset()) -> dict[str, int] | None:
+    """The bits of layer `index`'s products (qkv, o, gate_up, down) under `kind`: None (all int8) for int8.
+
+    int4 makes each product 4-bit except where llama.cpp's Q4_K_M gives more bits (Q6_K): attn_v and ffn_down
+    in the first and last eighth of the layers and every third between, whose products (q/k/v stacked) stay
+    int8 there, unless `stored4` names them (their weights are 4-bit already in the file: int8 would only
+    spend bytes). A product the 4-bit kernels cannot take (rows not a multiple of 32 wide, or not in whole
+    groups of 8) stays int8.
+    """
+    if kind != "int4":
+        return None
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"qkv": (q + 2 * kv, c.hidden_size), "o": (c.hidden_size, q),
+              "gate_up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
+    more = use_more_bits(index, c.num_hidden_layers)
+    return {p: 8 if rows % Q4_ROWS or width % Q4_BLOCK or (more and p in ("qkv", "down") and p not in stored4)
+            else 4 for p, (rows, width) in shapes.items()}
+
+
+def quantize_layer(block: nn.Module, kind: str, bits: dict[str, int] | None = None, blocks: dict | None = None):
     """Convert one decoder layer in place, so that a model being loaded never holds all its float weights at
-    once: for int8 its int8 weights are returned (for the native decoder) and the float ones dropped."""
+    once: for int8 and int4 the native decoder's weights are returned (`bits`: product_bits'; `blocks`: 4-bit
+    blocks already made, see native_layer) and the float ones dropped."""
     attn, mlp = block.self_attn, block.mlp
-    if kind == "int8":
-        part = int8_layer(block)
+    if kind in NATIVE:
+        part = native_layer(block, bits, blocks)
         attn.q_proj = attn.k_proj = attn.v_proj = attn.o_proj = None
         mlp.gate_proj = mlp.up_proj = mlp.down_proj = None
         return part
@@ -111,11 +136,12 @@ def quantize_layer(block: nn.Module, kind: str):
 
 
 def quantize_ends(model: Llama, kind: str) -> None:
-    """The output head as `kind`, and for int8 the token embeddings as int8 rows (shared with the head where it
-    is tied to them), in place; a loading model converts these first, so that their float32 copies go at once."""
+    """The output head as `kind`, and for int8 and int4 the output head and the token embeddings as int8 rows
+    (shared where they are tied; Q4_K_M too keeps the head in more bits, Q6_K), in place; a loading model
+    converts these first, so that their float32 copies go at once."""
     if not isinstance(model.lm_head, nn.Linear):
         return
-    if kind != "int8":
+    if kind not in NATIVE:
         model.lm_head = _half_stacked([model.lm_head])
         return
     tied = model.lm_head.weight is model.model.embed_tokens.weight
@@ -124,10 +150,10 @@ def quantize_ends(model: Llama, kind: str) -> None:
 
 
 def finish_quantization(model: Llama, kind: str, layers: list) -> Llama:
-    """The head and embeddings as `kind` (if not yet), and for int8 the native decoder over `layers`
+    """The head and embeddings as `kind` (if not yet), and for int8 and int4 the native decoder over `layers`
     (quantize_layer's of each)."""
     quantize_ends(model, kind)
-    if kind == "int8":
+    if kind in NATIVE:
         model.native = NativeDecoder(model, _threads(), layers)
     model.quantization = kind
     return model

@@ -47,16 +47,16 @@ def memory_line(path) -> str:
     """The estimated peak memory of loading `path` at each --quantize, and what is available."""
     from camelid.checkpoint import memory_need_of, read_config
     from camelid.memory import available_memory
-    from camelid.native import check_int8
+    from camelid.native import check_native
 
     try:
         config, parts = read_config(path), []
     except CamelidError as exc:  # a damaged file is still listed, with why there is no estimate
         return f"no estimate ({exc})"
-    for kind in ("none", "f16", "int8"):
+    for kind in ("none", "f16", "int8", "int4"):
         try:
-            if kind == "int8":
-                check_int8(config)
+            if kind in ("int8", "int4"):
+                check_native(config, kind)
             need = memory_need_of(path, kind, config=config)
             parts.append(f"~{need.peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
         except CamelidError:
