@@ -181,9 +181,11 @@ def describe_cpu() -> str:
     model = fields.get("model name") or platform.processor() or platform.machine()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     vector = ", ".join(name for flag, name in VECTOR_FLAGS.items() if flag in flags) or "unknown"
+    from camelid import native
+
     return (f"{model}, {os.cpu_count()} CPUs; vector instructions: {vector}. PyTorch's CPU kernels run at its "
-            f"{torch.backends.cpu.get_cpu_capability()} level; camelid's int8 kernels are compiled with "
-            "-march=native")
+            f"{torch.backends.cpu.get_cpu_capability()} level; camelid's int8/int4 kernels on their "
+            f"{native.chosen_isa()} path (of {', '.join(native.available_isas())})")
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -278,7 +280,7 @@ def main() -> int:
         about = describe_model(args.model, path)
     except CamelidError as exc:
         raise SystemExit(f"error: {exc}") from None
-    if "int8" in args.quantize:
+    if {"int8", "int4"} & set(args.quantize):
         from camelid import native
 
         try:

@@ -206,3 +206,27 @@ def test_int4_from_a_float_file_rounds_every_4_bit_product_as_quantize_model(tin
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(small(tokens), whole(tokens))
+
+
+def test_the_4_bit_decoder_agrees_on_every_instruction_set_path(monkeypatch):
+    """The whole decoder on each path this CPU has ($CAMELID_ISA), against the path chosen by default."""
+    torch.manual_seed(0)
+    small = quantize_model(Llama(ModelConfig(**{**CONFIG.__dict__, "vocab_size": 512})).eval(), "int4")
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    try:
+        for isa in native.available_isas():
+            monkeypatch.setenv(native.ISA_VARIABLE, isa)
+            native.library.cache_clear()
+            with torch.no_grad():
+                outs[isa] = small(tokens)
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    best = outs[native.chosen_isa()]
+    for isa, got in outs.items():
+        if isa != "generic":  # the same vector code: only the order of float additions may differ
+            torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-4, msg=isa)
+        else:  # plain C sums in another order, and an input that lands on a rounding tie may round the other way
+            assert (got - best).norm() < 0.01 * best.norm()
+            assert torch.equal(got.argmax(-1), best.argmax(-1))

@@ -296,3 +296,32 @@ def test_a_cache_of_another_shape_is_refused_before_the_kernels_touch_it():
         for cache in (small.new_cache(2, 8), small.new_cache(1, 8).rows(0, 0)):
             with pytest.raises(ValueError, match="this model's float32 CPU cache for 1 rows"):
                 small.hidden(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_instruction_set_path_this_cpu_has_gives_the_same_products(bits):
+    """Each path the machine runs (AVX-512 with VNNI, AVX-VNNI, AVX2, plain C) within the kernels' bound of the
+    dequantized product, and the vector paths within float rounding of each other (their integer sums are
+    exact; only the order of float additions may differ)."""
+    from camelid.native import Int4Linear
+
+    g = torch.Generator().manual_seed(bits)
+    w, x = torch.randn(72, 320, generator=g) * 0.05, torch.randn(9, 320, generator=g)
+    layer = Int8Linear(w) if bits == 8 else Int4Linear([w])
+    expected = x @ layer.dequantized().T
+    results = {isa: layer.multiply(x, native.library(isa)) for isa in native.available_isas()}
+    assert native.chosen_isa() in results and ("generic" in results or results.keys() == {"native"})
+    step = x.abs().amax(1, keepdim=True) / 65534 if bits == 8 else x.view(9, -1, 32).abs().amax(-1) / 254
+    weights = layer.dequantized().abs()
+    bound = (step * weights.sum(1) if bits == 8 else step @ weights.view(72, -1, 32).sum(-1).T) * 1.001 + 1e-5
+    for isa, got in results.items():
+        assert ((got - expected).abs() <= bound).all(), isa
+        torch.testing.assert_close(got, results[native.chosen_isa()], rtol=1e-5, atol=1e-5)
+
+
+def test_camelid_isa_picks_a_path_and_refuses_one_this_cpu_lacks(monkeypatch):
+    monkeypatch.setenv(native.ISA_VARIABLE, native.available_isas()[-1])
+    assert native.chosen_isa() == native.available_isas()[-1]
+    monkeypatch.setenv(native.ISA_VARIABLE, "avx1024")
+    with pytest.raises(CamelidError, match=r"^CAMELID_ISA=avx1024 is not a path this CPU runs; choose one of: "):
+        native.chosen_isa()

@@ -33,7 +33,21 @@ NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: ins
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 Q4_BLOCK = 32  # 4-bit weights per float16 (scale, offset) pair along a row (native.c's Q4_BLOCK)
 Q4_ROWS = 8  # 4-bit weight rows interleaved in one group (native.c's Q4_ROWS)
-FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+ISA_VARIABLE = "CAMELID_ISA"  # names the instruction-set path to use instead of the best this CPU has
+# The kernels' paths on x86-64, best first: each the compiler flags it is built with and the CPU flags
+# (/proc/cpuinfo's) it needs. The AVX-512 path runs the same 256-bit code with AVX-512's 32 registers and its
+# VNNI dot products (vpdpbusd); AVX-VNNI is the same instruction on CPUs without AVX-512; AVX2 multiplies the
+# bytes with vpmaddubsw and vpmaddwd instead; "generic" is the plain C loops the others fall back to at their
+# edges, for any x86-64. Elsewhere (ARM) one path: the compiler's -march=native.
+X86_ISAS = {
+    "avx512-vnni": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                     "-mavx512vnni"], {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                       "avx512_vnni"}),
+    "avx-vnni": (["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], {"avx2", "fma", "f16c", "avx_vnni"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "generic": ([], set()),
+}
 
 
 def compiler() -> list[str] | None:
@@ -54,22 +68,55 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled kernels, built first if this machine has no copy yet (CamelidError if it cannot be built)."""
+def _cpu_flags() -> frozenset[str]:
+    try:
+        return frozenset(next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                               if ln.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def available_isas() -> list[str]:
+    """The kernels' instruction-set paths this CPU runs, best first (on x86-64 at least "generic")."""
+    if not _is_x86():
+        return ["native"]
+    return [name for name, (_, needs) in X86_ISAS.items() if needs <= _cpu_flags()]
+
+
+def chosen_isa() -> str:
+    """The path the kernels use: $CAMELID_ISA where set (one of available_isas()), else the best this CPU has."""
+    isas, wanted = available_isas(), os.environ.get(ISA_VARIABLE, "")
+    if wanted and wanted not in isas:
+        raise CamelidError(f"{ISA_VARIABLE}={wanted} is not a path this CPU runs; choose one of: {', '.join(isas)} "
+                           f"(or unset {ISA_VARIABLE})")
+    return wanted or isas[0]
+
+
+@functools.cache
+def library(isa: str | None = None) -> ctypes.CDLL:
+    """The compiled kernels for instruction-set path `isa` (default: chosen_isa()), built first if this machine
+    has no copy yet (CamelidError if it cannot be built)."""
     cc = compiler()
     if cc is None:
         raise CamelidError(NO_COMPILER)
+    isa = isa or chosen_isa()
+    # (-mtune: scheduled for this CPU; the instructions are the path's alone)
+    flags = [*FLAGS, *(X86_ISAS[isa][0] + ["-mtune=native"] if isa in X86_ISAS else ["-march=native"])]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
-    path = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), " ".join(flags).encode(), _cpu_id().encode()]))
+    path = cache_dir() / f"native-{isa}-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
             try:
-                done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+                done = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
             except OSError as e:
                 done, first = None, str(e)
@@ -215,15 +262,19 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.multiply(x, library())
+
+    def multiply(self, x: Tensor, lib: ctypes.CDLL) -> Tensor:
+        """x @ weight.T (+ bias) by the kernels of `lib` (library(isa)'s: any instruction-set path)."""
         self.check()
         if x.device.type != "cpu":
             raise ValueError(f"camelid's int8 kernels run on the CPU and this input is on {x.device}: move it to the "
                              "CPU (on a GPU, load the model without --quantize and use --dtype bfloat16)")
         rows = x.reshape(-1, self.in_features).float().contiguous()
         y = torch.empty(rows.shape[0], self.out_features)
-        status = library().camelid_linear(self.qweight.data_ptr(), self.scale.data_ptr(), _ptr(self.bias),
-                                          self.out_features, self.in_features, self.bits, rows.data_ptr(),
-                                          rows.shape[0], y.data_ptr(), self.threads or torch.get_num_threads())
+        status = lib.camelid_linear(self.qweight.data_ptr(), self.scale.data_ptr(), _ptr(self.bias),
+                                    self.out_features, self.in_features, self.bits, rows.data_ptr(), rows.shape[0],
+                                    y.data_ptr(), self.threads or torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {rows.shape[0]} rows; "
                               "pass fewer rows at a time")
