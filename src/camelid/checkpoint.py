@@ -114,7 +114,8 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
         tokenizer = tokenizer_from_gguf(weights.gguf.metadata)
         template = weights.gguf.metadata.get("tokenizer.chat_template")
     if streamed:
-        model = build_quantized_model(config, shapes, weights.read, quantize, getattr(weights, "blocks4", None))
+        model = build_quantized_model(config, shapes, weights.read, quantize,
+                                      weights if isinstance(weights, GGUFWeights) else None)
     else:
         model = quantize_model(build_model(config, state, device=device, dtype=dtype), quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, source=path)
@@ -240,8 +241,8 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
                           blocks4=None) -> Llama:
     """build_model and then quantize_model (float32 on the CPU), a decoder layer at a time: the float32 weights of
     one layer exist at once, not of the whole model. `shapes` holds a meta tensor for every weight (checked
-    before any is read); read(keep) gives the weights whose names `keep` accepts; blocks4(names), where given,
-    those of `names` that come as 4-bit blocks already (GGUFWeights.blocks4), for int4's 4-bit products."""
+    before any is read); read(keep) gives the weights whose names `keep` accepts; `blocks4`, a GGUFWeights where
+    given, the weights that come as 4-bit blocks already (its blocks4), for int4's 4-bit products."""
     from camelid.memory import release_freed_memory
     from camelid.native import PRODUCTS
     from camelid.quantize import check_quantizable, finish_quantization, product_bits, quantize_ends, quantize_layer
@@ -263,11 +264,13 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
         # int4 takes a file's 4-bit blocks as they are: those weights are never made float
         names = {product: [f"model.layers.{i}.{module}.{name}.weight" for name in parts]
                  for product, (module, parts) in PRODUCTS.items()}
-        found = blocks4([n for parts in names.values() for n in parts]) if kind == "int4" and blocks4 else {}
+        found = blocks4.blocks4([n for parts in names.values() for n in parts]) if kind == "int4" and blocks4 else {}
         bits = product_bits(kind, config, i, {p for p, parts in names.items() if all(n in found for n in parts)})
         found = {n: b for n, b in found.items() if any(n in names[p] for p in names if bits[p] == 4)}
         assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix) and name not in found)
         layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}))
+        if found:
+            blocks4.release4(found)
         release_freed_memory()  # the layer's float32 pages, not kept by the C heap for the next
     return finish_quantization(model, kind, layers)
 
@@ -767,18 +770,27 @@ class GGUFWeights:
     def read(self, keep=None) -> dict[str, torch.Tensor]:
         return read_gguf_weights(self.gguf, keep, self.config)[1]
 
-    def blocks4(self, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def blocks4(self, names) -> dict:
         """Those of the weights `names` (camelid's) that the file stores in a 4-bit type camelid's 4-bit kernels
-        take as they are (Q4_0, Q4_1, Q4_K; see GGUFFile.blocks4), by name: repacked, never made float."""
+        take as they are (Q4_0, Q4_1, Q4_K), by name, as native.Blocks4: repacked, never made float. Their
+        pages of the file are let go by release4(found)."""
+        from camelid.native import Blocks4
+
         found = {}
         for name, hf_name in _gguf_names(self.gguf, self.config).items():
-            if hf_name not in names or (blocks := self.gguf.blocks4(name, release=True)) is None:
+            if hf_name not in names or (stored := self.gguf.blocks4(name)) is None:
                 continue
+            rows, cols = self.gguf.tensors[name].shape
+            order = None
             if self.config.model_type in INTERLEAVED_ROPE_ARCHS and name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = self.config.num_attention_heads if "attn_q" in name else self.config.num_key_value_heads
-                blocks = tuple(_unpermute_rope(t, heads, name) for t in blocks)
-            found[hf_name] = blocks
+                order = _unpermute_rope(torch.arange(rows), heads, name)
+            found[hf_name] = Blocks4(stored[0], stored[1], rows, cols, order, name)
         return found
+
+    def release4(self, found: dict) -> None:
+        for blocks in found.values():
+            self.gguf.release(blocks.name)
 
 
 def gguf_weight_shapes(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:

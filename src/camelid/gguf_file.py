@@ -227,32 +227,20 @@ class GGUFFile:
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # Linux and most Unix; else kept
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def blocks4(self, name: str, release: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A Q4_0, Q4_1 or Q4_K tensor as camelid's 4-bit blocks (native.Int4Linear's): codes two to a byte
-        [rows, cols / 2] and float16 (d, m) pairs [rows, cols / 32, 2], each weight d q + m; None for any other
-        type. Q4_0 and Q4_1 are taken exactly; Q4_K's sub-block scale and minimum (a float16 times a 6-bit
-        integer) are rounded to float16."""
+    def blocks4(self, name: str) -> tuple[np.ndarray, int] | None:
+        """A Q4_0, Q4_1 or Q4_K matrix's blocks as stored (a view into the memory map) and its ggml type number,
+        for camelid's 4-bit kernels to repack (native.Int4Linear); None for any other type. `release(name)` lets
+        the pages go afterwards."""
         from gguf import GGMLQuantizationType as Q
 
         info = self.tensors[name]
-        qtype = Q(info.ggml_type)
-        if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K) or len(info.shape) != 2:
+        if Q(info.ggml_type) not in (Q.Q4_0, Q.Q4_1, Q.Q4_K) or len(info.shape) != 2:
             return None
-        rows = info.shape[0]
-        try:
-            raw = torch.from_numpy(self.raw(name).copy())
-        finally:
-            if release:
-                self._release(info)
-        if qtype == Q.Q4_K:
-            codes, dm = _q4_k_blocks(raw.view(-1, 144))
-        else:
-            size, at = (18, 2) if qtype == Q.Q4_0 else (20, 4)
-            blocks = raw.view(-1, size)
-            codes = blocks[:, at:]
-            d = _scale(blocks, 0)
-            dm = torch.cat([d, -8 * d if qtype == Q.Q4_0 else _scale(blocks, 2)], dim=1).half()
-        return codes.reshape(rows, -1).contiguous(), dm.reshape(rows, -1, 2).contiguous()
+        return self.raw(name), int(info.ggml_type)
+
+    def release(self, name: str) -> None:
+        """Let go of the pages of the file that tensor `name` was read from (they come back if read again)."""
+        self._release(self.tensors[name])
 
     def _dequantize(self, name: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType as Q
@@ -308,17 +296,3 @@ def _q4_1(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, f16 minimum, 
     blocks = raw.view(-1, 20)
     return _unpack_nibbles(blocks[:, 4:]).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))
 
-
-def _q4_k_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K super-blocks [n, 144] (f16 d, f16 dmin, 12 bytes of 6-bit scales and minimums, 128 bytes of codes) as
-    8 blocks of 32 each: codes [n * 8, 16] in Q4_1's order and float16 (d * scale, -dmin * minimum) [n * 8, 2]."""
-    d, dmin = _scale(blocks, 0), _scale(blocks, 2)
-    packed = blocks[:, 4:16].long()
-    low, high = packed[:, :4], packed[:, 4:8]  # ggml's get_scale_min_k4
-    scales = torch.cat([low & 63, (packed[:, 8:] & 0x0F) | ((low >> 6) << 4)], dim=1)
-    mins = torch.cat([high & 63, (packed[:, 8:] >> 4) | ((high >> 6) << 4)], dim=1)
-    qs = blocks[:, 16:].reshape(-1, 4, 32)  # per 64 weights: low nibbles one block, high nibbles the next
-    codes = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 32)  # [n * 8, 32] in order
-    packed_codes = codes[:, :16] | (codes[:, 16:] << 4)
-    dm = torch.stack([d * scales.float(), -dmin * mins.float()], dim=2).reshape(-1, 2).half()
-    return packed_codes, dm

@@ -725,7 +725,7 @@ static inline void grid_sums(const float *xs, const float *x, const float *wt, f
     *sl = a, *sl2 = b, *slx = c;
 }
 
-static void quantize_block4(const float *x, uint8_t *q, uint16_t *dm) {
+static void quantize_block4(const float *x, uint8_t *block) { /* a Q4_1 block: d, m, 16 bytes */
     float lo = x[0], hi = x[0], sum2 = 0;
     for (int i = 0; i < Q4_BLOCK; i++) {
         lo = fminf(lo, x[i]);
@@ -753,8 +753,9 @@ static void quantize_block4(const float *x, uint8_t *q, uint16_t *dm) {
     }
     uint16_t hd = float_to_half(best_d), hm = float_to_half(best_m);
     float d = half_to_float(hd), m = half_to_float(hm), inv = d != 0 ? 1.0f / d : 0.0f;
-    dm[0] = hd;
-    dm[1] = hm;
+    memcpy(block, &hd, 2);
+    memcpy(block + 2, &hm, 2);
+    uint8_t *q = block + 4;
     for (int j = 0; j < Q4_BLOCK / 2; j++) {
         int a = (int)fminf(fmaxf(nearbyintf((x[j] - m) * inv), 0.0f), 15.0f);
         int b = (int)fminf(fmaxf(nearbyintf((x[j + 16] - m) * inv), 0.0f), 15.0f);
@@ -765,8 +766,7 @@ static void quantize_block4(const float *x, uint8_t *q, uint16_t *dm) {
 typedef struct {
     const float *w;
     int out, in;
-    uint8_t *q;
-    uint16_t *dm;
+    uint8_t *blocks;
 } quantize4_task;
 
 static void quantize4_run(void *p, int t, int nt) {
@@ -775,15 +775,100 @@ static void quantize4_run(void *p, int t, int nt) {
     share(a->out, 1, t, nt, &lo, &hi);
     for (int r = lo; r < hi; r++)
         for (int k = 0; k < nb; k++)
-            quantize_block4(a->w + (int64_t)r * a->in + k * Q4_BLOCK, a->q + ((int64_t)r * nb + k) * 16,
-                            a->dm + ((int64_t)r * nb + k) * 2);
+            quantize_block4(a->w + (int64_t)r * a->in + k * Q4_BLOCK, a->blocks + ((int64_t)r * nb + k) * 20);
 }
 
-void camelid_quantize_rows4(const float *w, int out, int in, uint8_t *q, uint16_t *dm, int threads) {
-    quantize4_task a = {w, out, in, q, dm};
+/* w [out, in] (in a multiple of Q4_BLOCK) as llama.cpp's Q4_1 blocks (float16 d and m, 16 bytes of codes), the
+ * pair fitted as above: camelid_pack4 takes them as it takes a GGUF file's. */
+void camelid_quantize_rows4(const float *w, int out, int in, uint8_t *blocks, int threads) {
+    quantize4_task a = {w, out, in, blocks};
     pthread_mutex_lock(&call_lock);
     parallel(quantize4_run, &a, pool_grow(threads));
     pthread_mutex_unlock(&call_lock);
+}
+
+/* ---- 4-bit blocks of GGUF files, repacked -------------------------------------------------------------- */
+
+enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q4_K = 12 }; /* ggml's type numbers */
+
+/* Block k (of Q4_BLOCK weights) of a row of `type` blocks at `row`: its 32 codes and its float16 d and m. Q4_0's
+ * m is -8 d (exact in float16); Q4_K's are its super-block's d and dmin times the sub-block's 6-bit scale and
+ * minimum (ggml's get_scale_min_k4), rounded to float16. */
+static void block_codes(const uint8_t *row, int type, int k, uint8_t codes[32], uint16_t *d, uint16_t *m) {
+    const uint8_t *qs;
+    int high = 0;
+    if (type == GGML_Q4_K) {
+        const uint8_t *sb = row + (int64_t)(k / 8) * 144, *sc = sb + 4;
+        int j = k % 8, scale, minimum;
+        uint16_t hd, hdmin;
+        memcpy(&hd, sb, 2);
+        memcpy(&hdmin, sb + 2, 2);
+        if (j < 4) {
+            scale = sc[j] & 63;
+            minimum = sc[j + 4] & 63;
+        } else {
+            scale = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+            minimum = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        }
+        *d = float_to_half(half_to_float(hd) * (float)scale);
+        *m = float_to_half(-half_to_float(hdmin) * (float)minimum);
+        qs = sb + 16 + 32 * (j / 2); /* 32 bytes per pair of sub-blocks: the even one's low nibbles, the odd's high */
+        high = j % 2;
+        for (int i = 0; i < 32; i++) codes[i] = high ? qs[i] >> 4 : qs[i] & 0x0F;
+        return;
+    }
+    const uint8_t *b = row + (int64_t)k * (type == GGML_Q4_0 ? 18 : 20);
+    memcpy(d, b, 2);
+    if (type == GGML_Q4_0)
+        *m = float_to_half(-8.0f * half_to_float(*d));
+    else
+        memcpy(m, b + 2, 2);
+    qs = b + (type == GGML_Q4_0 ? 2 : 4);
+    for (int i = 0; i < 16; i++) {
+        codes[i] = qs[i] & 0x0F;
+        codes[i + 16] = qs[i] >> 4;
+    }
+}
+
+typedef struct {
+    const uint8_t *src;
+    int type, rows, cols;
+    const int32_t *rows_from;
+    uint8_t *q;
+    uint16_t *dm;
+} pack4_task;
+
+static void pack4_run(void *p, int t, int nt) {
+    pack4_task *a = p;
+    int lo, hi, nb = a->cols / Q4_BLOCK;
+    int64_t row_bytes = a->type == GGML_Q4_K ? (int64_t)a->cols / 256 * 144 : (int64_t)nb * (a->type == GGML_Q4_0 ? 18 : 20);
+    share(a->rows / Q4_ROWS, 1, t, nt, &lo, &hi);
+    for (int G = lo; G < hi; G++)
+        for (int j = 0; j < Q4_ROWS; j++) {
+            int r = G * Q4_ROWS + j, from = a->rows_from ? a->rows_from[r] : r;
+            const uint8_t *row = a->src + from * row_bytes;
+            for (int k = 0; k < nb; k++) {
+                uint8_t codes[32], *b = a->q + ((int64_t)G * nb + k) * 128;
+                uint16_t *dm = a->dm + ((int64_t)G * nb + k) * 2 * Q4_ROWS;
+                block_codes(row, a->type, k, codes, &dm[j], &dm[Q4_ROWS + j]);
+                for (int L = 0; L < 4; L++)
+                    for (int i = 0; i < 4; i++) b[32 * L + 4 * j + i] = (uint8_t)(codes[4 * L + i] | codes[16 + 4 * L + i] << 4);
+            }
+        }
+}
+
+/* Rows of Q4_0, Q4_1 or Q4_K blocks (`type`: ggml's number) in the 4-bit kernels' layout (tile4's): q
+ * [rows / Q4_ROWS, cols / Q4_BLOCK, 128], dm [rows / Q4_ROWS, cols / Q4_BLOCK, 2, Q4_ROWS]. Output row r is the
+ * source's row rows_from[r] (NULL: r). rows must be a multiple of Q4_ROWS, cols of Q4_BLOCK (256 for Q4_K).
+ * Returns 0, or -1 for a type it does not take. */
+int camelid_pack4(const uint8_t *src, int type, int rows, int cols, const int32_t *rows_from, uint8_t *q,
+                  uint16_t *dm, int threads) {
+    if (type != GGML_Q4_0 && type != GGML_Q4_1 && type != GGML_Q4_K) return -1;
+    pack4_task a = {src, type, rows, cols, rows_from, q, dm};
+    pthread_mutex_lock(&call_lock);
+    parallel(pack4_run, &a, pool_grow(threads));
+    pthread_mutex_unlock(&call_lock);
+    return 0;
 }
 
 /* ---- the decoder's layers -------------------------------------------------------------------------------- */

@@ -9,6 +9,7 @@ ctypes: no Python headers, no build step at install time.
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -133,8 +135,10 @@ def library(isa: str | None = None) -> ctypes.CDLL:
     lib.camelid_linear.restype = i32
     lib.camelid_quantize_rows.argtypes = [ptr, i32, i32, ptr, ptr, i32]
     lib.camelid_quantize_rows.restype = None
-    lib.camelid_quantize_rows4.argtypes = [ptr, i32, i32, ptr, ptr, i32]
+    lib.camelid_quantize_rows4.argtypes = [ptr, i32, i32, ptr, i32]
     lib.camelid_quantize_rows4.restype = None
+    lib.camelid_pack4.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32]
+    lib.camelid_pack4.restype = i32
     lib.camelid_decoder_forward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32]
     lib.camelid_decoder_forward.restype = i32
     for size, name in ((ctypes.sizeof(_Layer), "camelid_sizeof_layer"),
@@ -175,19 +179,41 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.repeat_interleave(SCALE_BLOCK, dim=1)[:, : q.shape[1]]
 
 
-def quantize_rows4(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """4-bit weights of `weight` [out, in] (in a multiple of Q4_BLOCK): codes packed two to a byte [out, in / 2]
-    (per block of 32, the low nibbles of its 16 bytes are weights 0..15, the high nibbles 16..31, as llama.cpp's
-    Q4_1) and float16 (d, m) pairs [out, in / 32, 2], each weight being d q + m (see `dequantize4`)."""
+Q4_0, Q4_1, Q4_K = 2, 3, 12  # ggml's numbers for the block types camelid_pack4 takes
+
+
+@dataclasses.dataclass
+class Blocks4:
+    """A [rows, cols] weight as rows of llama.cpp's 4-bit blocks (Q4_0, Q4_1 or Q4_K, `type` ggml's number) in
+    `raw` (a uint8 numpy array or tensor, e.g. a view into a GGUF file's memory map), for Int4Linear to repack;
+    its row r is raw's row rows_from[r] (None: r). `name`: the file's tensor it came from, if any."""
+
+    raw: Any
+    type: int
+    rows: int
+    cols: int
+    rows_from: Tensor | None = None
+    name: str = ""
+
+
+def quantize_rows4(weight: Tensor) -> Blocks4:
+    """`weight` [out, in] (in a multiple of Q4_BLOCK) rounded to 4 bits as Q4_1 blocks: per 32 weights along a
+    row, 4-bit codes q and a float16 pair (d, m) fitted by weighted least squares, each weight d q + m."""
     if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % Q4_BLOCK:
         raise ValueError(f"4-bit weights are made from a 2-D CPU tensor whose rows are a multiple of {Q4_BLOCK} "
                          f"wide, not {tuple(weight.shape)} on {weight.device}")
     w = weight.detach().float().contiguous()
     out, width = w.shape
-    q = torch.empty(out, width // 2, dtype=torch.uint8)
-    dm = torch.empty(out, width // Q4_BLOCK, 2, dtype=torch.float16)
-    library().camelid_quantize_rows4(w.data_ptr(), out, width, q.data_ptr(), dm.data_ptr(), torch.get_num_threads())
-    return q, dm
+    raw = torch.empty(out, width // Q4_BLOCK * 20, dtype=torch.uint8)
+    library().camelid_quantize_rows4(w.data_ptr(), out, width, raw.data_ptr(), torch.get_num_threads())
+    return Blocks4(raw, Q4_1, out, width)
+
+
+def rows4(blocks: Blocks4) -> tuple[Tensor, Tensor]:
+    """4-bit blocks as rows: codes two to a byte [rows, cols / 2] (per 32 weights, 16 bytes whose low nibbles are
+    weights 0..15 and high nibbles 16..31) and float16 (d, m) pairs [rows, cols / 32, 2]."""
+    layer = Int4Linear([blocks])
+    return deinterleave4(layer.qweight, layer.scale)
 
 
 def unpack4(q: Tensor) -> Tensor:
@@ -208,19 +234,11 @@ def dequantize4(q: Tensor, dm: Tensor) -> Tensor:
     return unpack4(q).float() * pairs[..., 0] + pairs[..., 1]
 
 
-def interleave4(q: Tensor, dm: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of 4-bit blocks (quantize_rows4's) in the kernels' layout: groups of Q4_ROWS rows, each block of a
-    group 128 bytes, in which load L (of 4 x 32 bytes) holds 4 weights of each row in turn, weights 4L..4L+3 in
-    the low nibbles and 16+4L..16+4L+3 in the high ones; the pairs as [groups, blocks, (d, m), Q4_ROWS]."""
-    out, blocks = dm.shape[0], dm.shape[1]
-    codes = unpack4(q).view(out // Q4_ROWS, Q4_ROWS, blocks, 2, 4, 4)  # group, row, block, half, load, weight
-    codes = codes.permute(0, 2, 3, 4, 1, 5)  # group, block, half, load, row, weight
-    packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(out // Q4_ROWS, blocks, 128).contiguous()
-    return packed, dm.view(out // Q4_ROWS, Q4_ROWS, blocks, 2).permute(0, 2, 3, 1).contiguous()
-
-
 def deinterleave4(packed: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
-    """`interleave4` undone: (codes [out, in / 2], pairs [out, in / 32, 2]) in rows."""
+    """The kernels' layout of 4-bit weights (Int4Linear's: groups of Q4_ROWS rows, each block of a group 128
+    bytes, in which load L of 4 x 32 bytes holds 4 weights of each row in turn, weights 4L..4L+3 in the low
+    nibbles and 16+4L..16+4L+3 in the high ones; pairs [groups, blocks, (d, m), Q4_ROWS]) back in rows: codes
+    [out, in / 2] and pairs [out, in / 32, 2]."""
     groups, blocks = pairs.shape[0], pairs.shape[1]
     v = packed.view(groups, blocks, 4, Q4_ROWS, 4)  # group, block, load, row, weight
     codes = torch.stack([v & 0x0F, v >> 4], dim=2)  # group, block, half, load, row, weight
@@ -317,26 +335,34 @@ class Int8Linear(QuantLinear):
 
 class Int4Linear(QuantLinear):
     """A linear layer with 4-bit weights: per block of Q4_BLOCK weights of a row, 4-bit codes and a float16
-    (scale, offset) pair (see `quantize_rows4`), 5 bits a weight, stored interleaved in groups of Q4_ROWS rows
-    (`interleave4`). Inputs are rounded to int8 per block of 32 inside the product."""
+    (scale, offset) pair, 5 bits a weight, stored interleaved in groups of Q4_ROWS rows (see deinterleave4).
+    Inputs are rounded to int8 per block of 32 inside the product."""
 
     bits = 4
     _dtypes = (torch.uint8, torch.float16)
 
-    def __init__(self, parts: list[Tensor | tuple[Tensor, Tensor]], bias: Tensor | None = None,
-                 threads: int | None = None):
-        """`parts` stacked in order (q, k, v): each a float weight [out_i, in] to round, or 4-bit blocks already
-        made in rows (codes [out_i, in / 2], pairs [out_i, in / 32, 2]), e.g. repacked from a GGUF file's. The
-        rows must be a multiple of Q4_BLOCK wide and come to a multiple of Q4_ROWS."""
+    def __init__(self, parts: list[Tensor | Blocks4], bias: Tensor | None = None, threads: int | None = None):
+        """`parts` stacked in order (q, k, v): each a float weight [out_i, in] to round (quantize_rows4), or 4-bit
+        blocks (e.g. a GGUF file's, taken as they are). Each part's rows must be a multiple of Q4_ROWS, and be
+        a multiple of Q4_BLOCK wide."""
         super().__init__()
-        blocks = [p if isinstance(p, tuple) else quantize_rows4(p) for p in parts]
-        self.out_features = sum(q.shape[0] for q, _ in blocks)
-        self.in_features = blocks[0][0].shape[1] * 2
-        if self.out_features % Q4_ROWS:
-            raise ValueError(f"4-bit weights come in groups of {Q4_ROWS} rows, not {self.out_features}")
-        q = blocks[0][0] if len(blocks) == 1 else torch.cat([q for q, _ in blocks])
-        dm = blocks[0][1] if len(blocks) == 1 else torch.cat([dm for _, dm in blocks])
-        self._store(*interleave4(q, dm), bias, threads)
+        blocks = [p if isinstance(p, Blocks4) else quantize_rows4(p) for p in parts]
+        self.out_features, self.in_features = sum(b.rows for b in blocks), blocks[0].cols
+        if any(b.rows % Q4_ROWS for b in blocks):
+            raise ValueError(f"4-bit weights come in groups of {Q4_ROWS} rows, not {[b.rows for b in blocks]}")
+        nb = self.in_features // Q4_BLOCK
+        q = torch.empty(self.out_features // Q4_ROWS, nb, 128, dtype=torch.uint8)
+        dm = torch.empty(self.out_features // Q4_ROWS, nb, 2, Q4_ROWS, dtype=torch.float16)
+        group = 0
+        for b in blocks:
+            address = b.raw.data_ptr() if isinstance(b.raw, Tensor) else b.raw.ctypes.data  # a tensor or numpy
+            order = None if b.rows_from is None else b.rows_from.to(torch.int32).contiguous()
+            status = library().camelid_pack4(address, b.type, b.rows, b.cols, _ptr(order), q[group:].data_ptr(),
+                                             dm[group:].data_ptr(), torch.get_num_threads())
+            if status != 0:
+                raise ValueError(f"4-bit blocks of ggml type {b.type} cannot be taken (Q4_0, Q4_1, Q4_K only)")
+            group += b.rows // Q4_ROWS
+        self._store(q, dm, bias, threads)
 
     def dequantized(self) -> Tensor:
         return dequantize4(*deinterleave4(self.qweight, self.scale))
@@ -515,7 +541,7 @@ PRODUCTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_at
 
 
 def native_layer(block, bits: dict[str, int] | None = None,
-                 blocks: dict[str, tuple[Tensor, Tensor]] | None = None) -> types.SimpleNamespace:
+                 blocks: dict[str, Blocks4] | None = None) -> types.SimpleNamespace:
     """What the kernels read of one decoder layer: its norms, and its products (q/k/v and gate/up stacked) as
     int8, or 4-bit where `bits` says so for that product (qkv, o, gate_up, down). `blocks`: 4-bit blocks already
     made for some projections (by name, e.g. "q_proj"), taken as they are instead of rounding their float
