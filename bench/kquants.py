@@ -4,6 +4,7 @@ llama-quantize of the same f32 GGUF, in one run, with the bytes compared tensor 
     python bench/kquants.py                                  # SmolLM2-135M-Instruct, q4_k_m
     python bench/kquants.py --shape tinyllama-1.1b --mixes q4_k_m,q6_k   # random weights of TinyLlama's shape
     python bench/kquants.py --perplexity README.md            # and the perplexity of each file from llama.cpp's logits
+    python bench/kquants.py --perplexity README.md --camelid none int8 int4   # and camelid's own, at each --quantize
 
 camelid's time is the whole export (the tensors' K-quant blocks in numpy, and the file written); llama.cpp's is
 llama_model_quantize from the f32 file, with as many threads as --threads.
@@ -38,7 +39,14 @@ def model(args):
     from camelid.model import Llama
 
     if args.shape is None:
-        return load_model(args.model, device="cpu", dtype="float32")
+        loaded = load_model(args.model, device="cpu", dtype="float32")
+        if args.jitter:  # a published GGUF's weights lie on its own 4-bit grid, which favours a like format
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in loaded.model.parameters():
+                    if p.dim() == 2:
+                        p.add_(torch.randn(p.shape, generator=g) * (args.jitter * float(p.std())))
+        return loaded
     base = load_model(args.model, device="cpu", dtype="float32")  # for its tokenizer
     config = preset(args.shape)
     config.vocab_size = base.config.vocab_size
@@ -51,20 +59,28 @@ def model(args):
     return LoadedModel(build_model(config, state), base.tokenizer, base.chat_template, Path(args.shape))
 
 
-def perplexity(path: Path, text: str, args) -> float:
-    """The perplexity of `path` on `text` from llama.cpp's logits: every next token of the first --windows windows
-    of 512 tokens (the first window starts with BOS, the others do not)."""
+def perplexity(path: Path, text: str, args, kind: str | None = None) -> float:
+    """The perplexity of `path` on `text` from llama.cpp's logits (or, with `kind`, from camelid's with the file
+    loaded at --quantize `kind`, on the same tokens): every next token of the first --windows windows of 512
+    tokens (the first window starts with BOS, the others do not)."""
     import llama_cpp
 
+    from camelid.checkpoint import load_model
+
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
+    ours = None if kind is None else load_model(path, device="cpu", quantize=kind).model
     try:
         tokens = llm.tokenize(text.encode(), add_bos=True)
         total, count = 0.0, 0
         for start in range(0, min(len(tokens) - 1, 512 * args.windows), 512):
             window = tokens[start : start + 512]
-            llm.reset()
-            llm.eval(window)
-            logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+            if ours is None:
+                llm.reset()
+                llm.eval(window)
+                logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+            else:
+                with torch.inference_mode():
+                    logits = ours(torch.tensor([window[:-1]]))[0].double().numpy()
             logits -= logits.max(-1, keepdims=True)
             log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             total -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
@@ -88,6 +104,12 @@ def main() -> None:
                         "windows of 512 (each from the start of its window: not llama-perplexity's method, whose "
                         "published figures score each window's second half only)")
     parser.add_argument("--windows", type=int, default=8, help="windows of 512 tokens for --perplexity (default 8)")
+    parser.add_argument("--jitter", type=float, default=0.0, metavar="F",
+                        help="add normal noise of F times each weight matrix's standard deviation first (a published "
+                        "file's weights lie on its own 4-bit grid: SmolLM2's on Q4_1's)")
+    parser.add_argument("--camelid", nargs="*", default=[], metavar="KIND",
+                        help="with --perplexity: also camelid's perplexity of the f32 file loaded at each --quantize "
+                        "KIND (none, f16, int8, int4), on the same tokens and windows")
     args = parser.parse_args()
     import llama_cpp
 
@@ -106,6 +128,10 @@ def main() -> None:
         if text is not None:
             f32_perplexity = perplexity(f32, text, args)
             print(f"perplexity of {args.perplexity} from llama.cpp's logits: the f32 file {f32_perplexity:.4f}")
+            for kind in args.camelid:
+                ppl = perplexity(f32, text, args, kind)
+                print(f"from camelid's logits, the f32 file at --quantize {kind}: {ppl:.4f} "
+                      f"({100 * (ppl / f32_perplexity - 1):+.2f}% from llama.cpp's f32)")
             head += " perplexity, camelid's file | perplexity, llama-quantize's |"
         print(head)
         print("|---" * head.count("|", 1) + "|")

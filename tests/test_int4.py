@@ -16,7 +16,7 @@ from camelid.config import ModelConfig
 from camelid.export import export_gguf
 from camelid.gguf_file import GGUFFile
 from camelid.model import Llama
-from camelid.native import Blocks4, Int4Linear, dequantize4, quantize_rows4, rows4
+from camelid.native import FOUR_BIT, Blocks, Int4Linear, dequantize4, quantize_rows4, rows4
 from camelid.quantize import product_bits, quantize_model
 from camelid.tokenizer import load_tokenizer
 
@@ -164,11 +164,11 @@ def test_a_gguf_file_s_4_bit_blocks_are_taken_as_they_are(tiny_files, kind, monk
     path = tiny_files[kind]
     gguf = GGUFFile(path)
     for name, info in gguf.tensors.items():
-        stored = gguf.blocks4(name)
+        stored = gguf.blocks(name, FOUR_BIT)
         if stored is None:
             continue
         want = gguf.dequantize(name)
-        got = Int4Linear([Blocks4(*stored, *info.shape)]).dequantized()
+        got = Int4Linear([Blocks(*stored, *info.shape)]).dequantized()
         if kind == "q4_k_m":
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
         else:
@@ -183,7 +183,7 @@ def test_a_gguf_file_s_4_bit_blocks_are_taken_as_they_are(tiny_files, kind, monk
             if getattr(layer, product).bits == 4 for part in names}
     assert not four & set(dequantized)
     # every product is 4-bit where all its parts are stored in 4 bits (Q4_K_M's Q6_K attn_v keeps q/k/v int8)
-    stored4 = {name for name in gguf.tensors if gguf.blocks4(name) is not None}
+    stored4 = {name for name in gguf.tensors if gguf.blocks(name, FOUR_BIT) is not None}
     assert four == {f"blk.{i}.{part}.weight" for i in range(CONFIG.num_hidden_layers) for names in parts.values()
                     if all(f"blk.{i}.{n}.weight" in stored4 for n in names) for part in names}
     assert len(four) >= (14 if kind == "q4_k_m" else 28)

@@ -238,14 +238,16 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, device="
 
 
 def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], read, kind: str,
-                          blocks4=None) -> Llama:
+                          blocks=None) -> Llama:
     """build_model and then quantize_model (float32 on the CPU), a decoder layer at a time: the float32 weights of
     one layer exist at once, not of the whole model. `shapes` holds a meta tensor for every weight (checked
-    before any is read); read(keep) gives the weights whose names `keep` accepts; `blocks4`, a GGUFWeights where
-    given, the weights that come as 4-bit blocks already (its blocks4), for int4's 4-bit products."""
+    before any is read); read(keep) gives the weights whose names `keep` accepts; `blocks`, a GGUFWeights where
+    given, the weights the kernels take as the file stores them (its `blocks`): int4's 4-bit products from Q4_0,
+    Q4_1 and Q4_K, the int8 head and embeddings from Q8_0, Q4_0 and Q4_1."""
     from camelid.memory import release_freed_memory
-    from camelid.native import PRODUCTS
-    from camelid.quantize import check_quantizable, finish_quantization, product_bits, quantize_ends, quantize_layer
+    from camelid.native import EXACT, FOUR_BIT, PRODUCTS
+    from camelid.quantize import (NATIVE, check_quantizable, finish_quantization, product_bits, quantize_ends,
+                                  quantize_layer)
 
     check_quantizable(config, kind)
     if config.tie_word_embeddings:
@@ -256,21 +258,28 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
         state = {k: v for k, v in read(keep).items() if k in shapes}
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False, assign=True)
 
-    assign(lambda name: not name.startswith("model.layers."))
+    # the native kinds make the head and the embeddings int8 from a file's Q8_0/Q4_0/Q4_1 rows directly
+    ends = {}
+    if kind in NATIVE and blocks is not None and not config.gemma:
+        ends = blocks.blocks(["model.embed_tokens.weight", "lm_head.weight"], EXACT)
+    assign(lambda name: not name.startswith("model.layers.") and name not in ends)
     model = _finish_model(model, config, "cpu")
-    quantize_ends(model, kind)
+    quantize_ends(model, kind, ends)
+    if ends:
+        blocks.release(ends)
     layers = []
     for i, block in enumerate(model.model.layers):
         # int4 takes a file's 4-bit blocks as they are: those weights are never made float
         names = {product: [f"model.layers.{i}.{module}.{name}.weight" for name in parts]
                  for product, (module, parts) in PRODUCTS.items()}
-        found = blocks4.blocks4([n for parts in names.values() for n in parts]) if kind == "int4" and blocks4 else {}
+        wanted = [n for parts in names.values() for n in parts]
+        found = blocks.blocks(wanted, FOUR_BIT) if kind == "int4" and blocks is not None else {}
         bits = product_bits(kind, config, i, {p for p, parts in names.items() if all(n in found for n in parts)})
         found = {n: b for n, b in found.items() if any(n in names[p] for p in names if bits[p] == 4)}
         assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix) and name not in found)
         layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}))
         if found:
-            blocks4.release4(found)
+            blocks.release(found)
         release_freed_memory()  # the layer's float32 pages, not kept by the C heap for the next
     return finish_quantization(model, kind, layers)
 
@@ -770,25 +779,25 @@ class GGUFWeights:
     def read(self, keep=None) -> dict[str, torch.Tensor]:
         return read_gguf_weights(self.gguf, keep, self.config)[1]
 
-    def blocks4(self, names) -> dict:
-        """Those of the weights `names` (camelid's) that the file stores in a 4-bit type camelid's 4-bit kernels
-        take as they are (Q4_0, Q4_1, Q4_K), by name, as native.Blocks4: repacked, never made float. Their
-        pages of the file are let go by release4(found)."""
-        from camelid.native import Blocks4
+    def blocks(self, names, types) -> dict:
+        """Those of the weights `names` (camelid's) that the file stores in one of `types` (ggml's numbers), by
+        name, as native.Blocks for the kernels to take as they are: never made float. Their pages of the file
+        are let go by release(found)."""
+        from camelid.native import Blocks
 
         found = {}
         for name, hf_name in _gguf_names(self.gguf, self.config).items():
-            if hf_name not in names or (stored := self.gguf.blocks4(name)) is None:
+            if hf_name not in names or (stored := self.gguf.blocks(name, types)) is None:
                 continue
             rows, cols = self.gguf.tensors[name].shape
             order = None
             if self.config.model_type in INTERLEAVED_ROPE_ARCHS and name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = self.config.num_attention_heads if "attn_q" in name else self.config.num_key_value_heads
                 order = _unpermute_rope(torch.arange(rows), heads, name)
-            found[hf_name] = Blocks4(stored[0], stored[1], rows, cols, order, name)
+            found[hf_name] = Blocks(stored[0], stored[1], rows, cols, order, name)
         return found
 
-    def release4(self, found: dict) -> None:
+    def release(self, found: dict) -> None:
         for blocks in found.values():
             self.gguf.release(blocks.name)
 

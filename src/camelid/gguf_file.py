@@ -227,14 +227,12 @@ class GGUFFile:
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # Linux and most Unix; else kept
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def blocks4(self, name: str) -> tuple[np.ndarray, int] | None:
-        """A Q4_0, Q4_1 or Q4_K matrix's blocks as stored (a view into the memory map) and its ggml type number,
-        for camelid's 4-bit kernels to repack (native.Int4Linear); None for any other type. `release(name)` lets
-        the pages go afterwards."""
-        from gguf import GGMLQuantizationType as Q
-
+    def blocks(self, name: str, types) -> tuple[np.ndarray, int] | None:
+        """A matrix's blocks as stored (a view into the memory map) and its ggml type number, if that is one of
+        `types` (ggml's numbers), for camelid's kernels to take as they are (native.Blocks); else None.
+        `release(name)` lets the pages go afterwards."""
         info = self.tensors[name]
-        if Q(info.ggml_type) not in (Q.Q4_0, Q.Q4_1, Q.Q4_K) or len(info.shape) != 2:
+        if info.ggml_type not in types or len(info.shape) != 2:
             return None
         return self.raw(name), int(info.ggml_type)
 

@@ -1,5 +1,5 @@
-/* camelid's CPU kernels for quantized inference: int8 weights; float32 activations, rounded to int16 per row
- * inside the products.
+/* camelid's CPU kernels for quantized inference: int8 weights, against float32 activations rounded to int16
+ * per row inside the products; 4-bit weights, against activations rounded to int8 per block of 32.
  *
  * At batch 1 a small model's decode reads every weight once per token and does little else, so what counts is
  * how many bytes the weights take and how little happens between the products. PyTorch spends about as long
@@ -9,7 +9,8 @@
  * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
  * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int16 per row.
  *
- * Built by camelid.native with the machine's C compiler (-O3 -march=native) on first use. Work is split over a
+ * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the vector
+ * code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work is split over a
  * small pool of threads that spin between the steps of one call and sleep between calls. Every entry point
  * takes a lock: calls from several Python threads run one after another.
  */
@@ -638,32 +639,34 @@ typedef struct {
     float *scale;
 } quantize_task;
 
+static void quantize_row8(const float *w, int in, int8_t *qrow, float *srow) {
+    for (int k = 0; k < blocks_of(in); k++) {
+        int start = k * SCALE_BLOCK, n = start + SCALE_BLOCK < in ? SCALE_BLOCK : in - start;
+        const float *row = w + start;
+        int8_t *q = qrow + start;
+        float top = max_abs(row, n), s = top > 0 ? fmaxf(top / 127, FLT_MIN) : 1.0f, inv = 1.0f / s;
+        srow[k] = s;
+        int i = 0;
+#ifdef __AVX2__
+        __m256 vinv = _mm256_set1_ps(inv);
+        for (; i + 32 <= n; i += 32) {
+            __m256i v[4];
+            for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * j), vinv));
+            /* two packs leave 4-byte groups in the order a0 b0 c0 d0 | a1 b1 c1 d1: put them back in order */
+            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(q + i), bytes);
+        }
+#endif
+        for (; i < n; i++) q[i] = (int8_t)lrintf(row[i] * inv);
+    }
+}
+
 static void quantize_run(void *p, int t, int nt) {
     quantize_task *a = p;
     int lo, hi, nb = blocks_of(a->in);
     share(a->out, 1, t, nt, &lo, &hi);
-    for (int r = lo; r < hi; r++) {
-        for (int k = 0; k < nb; k++) {
-            int start = k * SCALE_BLOCK, n = start + SCALE_BLOCK < a->in ? SCALE_BLOCK : a->in - start;
-            const float *row = a->w + (int64_t)r * a->in + start;
-            int8_t *q = a->q + (int64_t)r * a->in + start;
-            float top = max_abs(row, n), s = top > 0 ? fmaxf(top / 127, FLT_MIN) : 1.0f, inv = 1.0f / s;
-            a->scale[(int64_t)r * nb + k] = s;
-            int i = 0;
-#ifdef __AVX2__
-            __m256 vinv = _mm256_set1_ps(inv);
-            for (; i + 32 <= n; i += 32) {
-                __m256i v[4];
-                for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * j), vinv));
-                /* two packs leave 4-byte groups in the order a0 b0 c0 d0 | a1 b1 c1 d1: put them back in order */
-                __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-                bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                _mm256_storeu_si256((__m256i *)(q + i), bytes);
-            }
-#endif
-            for (; i < n; i++) q[i] = (int8_t)lrintf(row[i] * inv);
-        }
-    }
+    for (int r = lo; r < hi; r++) quantize_row8(a->w + (int64_t)r * a->in, a->in, a->q + (int64_t)r * a->in, a->scale + (int64_t)r * nb);
 }
 
 void camelid_quantize_rows(const float *w, int out, int in, int8_t *q, float *scale, int threads) {
@@ -850,9 +853,21 @@ static void pack4_run(void *p, int t, int nt) {
             for (int k = 0; k < nb; k++) {
                 uint8_t codes[32], *b = a->q + ((int64_t)G * nb + k) * 128;
                 uint16_t *dm = a->dm + ((int64_t)G * nb + k) * 2 * Q4_ROWS;
+                if (a->type != GGML_Q4_K) { /* Q4_0/Q4_1 bytes are weights i and 16 + i already: 4 at a time */
+                    int size = a->type == GGML_Q4_0 ? 18 : 20;
+                    const uint8_t *blk = row + (int64_t)k * size, *qs = blk + size - 16;
+                    memcpy(&dm[j], blk, 2);
+                    if (a->type == GGML_Q4_0)
+                        dm[Q4_ROWS + j] = float_to_half(-8.0f * half_to_float(dm[j]));
+                    else
+                        memcpy(&dm[Q4_ROWS + j], blk + 2, 2);
+                    for (int L = 0; L < 4; L++) memcpy(b + 32 * L + 4 * j, qs + 4 * L, 4);
+                    continue;
+                }
                 block_codes(row, a->type, k, codes, &dm[j], &dm[Q4_ROWS + j]);
                 for (int L = 0; L < 4; L++)
-                    for (int i = 0; i < 4; i++) b[32 * L + 4 * j + i] = (uint8_t)(codes[4 * L + i] | codes[16 + 4 * L + i] << 4);
+                    for (int i = 0; i < 4; i++)
+                        b[32 * L + 4 * j + i] = (uint8_t)(codes[4 * L + i] | codes[16 + 4 * L + i] << 4);
             }
         }
 }
@@ -869,6 +884,72 @@ int camelid_pack4(const uint8_t *src, int type, int rows, int cols, const int32_
     parallel(pack4_run, &a, pool_grow(threads));
     pthread_mutex_unlock(&call_lock);
     return 0;
+}
+
+enum { GGML_Q8_0 = 8 };
+
+/* A row of Q8_0, Q4_0 or Q4_1 blocks as the float32 weights it stands for, computed as the gguf package and
+ * camelid.gguf_file do (each product of a code and a float16 scale is exact in float32, so the result is the same
+ * bits whatever the order). */
+static void dequantize_row(const uint8_t *row, int type, int cols, float *out) {
+    int size = type == GGML_Q8_0 ? 34 : type == GGML_Q4_0 ? 18 : 20;
+    for (int k = 0; k < cols / 32; k++) {
+        const uint8_t *b = row + (int64_t)k * size;
+        uint16_t hd, hm;
+        memcpy(&hd, b, 2);
+        float d = half_to_float(hd), *o = out + k * 32;
+        if (type == GGML_Q8_0) {
+            for (int i = 0; i < 32; i++) o[i] = (float)(int8_t)b[2 + i] * d;
+        } else if (type == GGML_Q4_0) {
+            for (int i = 0; i < 16; i++) {
+                o[i] = (float)((b[2 + i] & 0x0F) - 8) * d;
+                o[i + 16] = (float)((b[2 + i] >> 4) - 8) * d;
+            }
+        } else {
+            memcpy(&hm, b + 2, 2);
+            float m = half_to_float(hm);
+            for (int i = 0; i < 16; i++) {
+                o[i] = (float)(b[4 + i] & 0x0F) * d + m;
+                o[i + 16] = (float)(b[4 + i] >> 4) * d + m;
+            }
+        }
+    }
+}
+
+typedef struct {
+    const uint8_t *src;
+    int type, out, in;
+    int8_t *q;
+    float *scale;
+    int failed;
+} stored8_task;
+
+static void stored8_run(void *p, int t, int nt) {
+    stored8_task *a = p;
+    int lo, hi, nb = blocks_of(a->in), size = a->type == GGML_Q8_0 ? 34 : a->type == GGML_Q4_0 ? 18 : 20;
+    float *row = malloc(sizeof(float) * a->in);
+    if (!row) {
+        a->failed = 1;
+        return;
+    }
+    share(a->out, 1, t, nt, &lo, &hi);
+    for (int r = lo; r < hi; r++) {
+        dequantize_row(a->src + (int64_t)r * (a->in / 32) * size, a->type, a->in, row);
+        quantize_row8(row, a->in, a->q + (int64_t)r * a->in, a->scale + (int64_t)r * nb);
+    }
+    free(row);
+}
+
+/* Rows of Q8_0, Q4_0 or Q4_1 blocks (`type`: ggml's number; in a multiple of 32) as int8 weights, exactly as
+ * camelid_quantize_rows makes them from the dequantized floats, a row at a time: the float32 matrix never exists.
+ * Returns 0, -1 for a type it does not take, -2 without memory. */
+int camelid_quantize_stored_rows(const uint8_t *src, int type, int out, int in, int8_t *q, float *scale, int threads) {
+    if (type != GGML_Q8_0 && type != GGML_Q4_0 && type != GGML_Q4_1) return -1;
+    stored8_task a = {src, type, out, in, q, scale, 0};
+    pthread_mutex_lock(&call_lock);
+    parallel(stored8_run, &a, pool_grow(threads));
+    pthread_mutex_unlock(&call_lock);
+    return a.failed ? -2 : 0;
 }
 
 /* ---- the decoder's layers -------------------------------------------------------------------------------- */

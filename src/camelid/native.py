@@ -1,10 +1,11 @@
-"""camelid's own CPU kernels (native.c): int8 weights, activations rounded to int16 inside the products, and the
-decoder's layers in one call.
+"""camelid's own CPU kernels (native.c): int8 weights (activations rounded to int16 inside the products) and
+4-bit weights (activations rounded to int8 per 32), and the decoder's layers in one call.
 
 The C source ships with the package and is compiled with the machine's C compiler the first time it is needed
 (~2 s), into camelid's cache directory ($CAMELID_CACHE, else $XDG_CACHE_HOME/camelid, else ~/.cache/camelid),
-keyed by the source, the compiler and the CPU, since it is built for this CPU's instructions. It is loaded with
-ctypes: no Python headers, no build step at install time.
+once per instruction-set path (AVX-512 with VNNI, AVX-VNNI, AVX2, plain C), keyed by the source, the compiler and
+the CPU. The best path the CPU runs is used unless $CAMELID_ISA names another (the tests run each one the
+machine has). It is loaded with ctypes: no Python headers, no build step at install time.
 """
 
 import contextlib
@@ -139,6 +140,8 @@ def library(isa: str | None = None) -> ctypes.CDLL:
     lib.camelid_quantize_rows4.restype = None
     lib.camelid_pack4.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32]
     lib.camelid_pack4.restype = i32
+    lib.camelid_quantize_stored_rows.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32]
+    lib.camelid_quantize_stored_rows.restype = i32
     lib.camelid_decoder_forward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32]
     lib.camelid_decoder_forward.restype = i32
     for size, name in ((ctypes.sizeof(_Layer), "camelid_sizeof_layer"),
@@ -153,25 +156,45 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def quantize_rows(weight: Tensor, q: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_rows(weight: "Tensor | Blocks", q: Tensor | None = None,
+                  scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """int8 weights [out, in] and float32 scales [out, ceil(in / SCALE_BLOCK)]: each block of SCALE_BLOCK weights
-    along a row gets max |block| / 127, rounding to nearest (see `dequantize`).
+    along a row gets max |block| / 127, rounding to nearest (see `dequantize`). `weight` is a float tensor, or
+    Blocks of an EXACT type, made int8 a row at a time exactly as from their dequantized floats.
 
     Written into `q` and `scale` when given (contiguous, e.g. rows of a larger matrix).
     """
-    if weight.device.type != "cpu" or weight.dim() != 2:
-        raise ValueError(f"int8 weights are made from a 2-D CPU tensor, not {tuple(weight.shape)} on {weight.device}")
-    w = weight.detach().float().contiguous()
-    blocks = -(-w.shape[1] // SCALE_BLOCK)
-    q = torch.empty(w.shape, dtype=torch.int8) if q is None else q
-    scale = torch.empty(w.shape[0], blocks) if scale is None else scale
+    stored = isinstance(weight, Blocks)
+    if stored:
+        shape = (weight.rows, weight.cols)
+        if weight.type not in EXACT or weight.rows_from is not None:
+            raise ValueError(f"int8 weights are made from blocks of ggml types {EXACT} in order, not {weight.type}")
+    else:
+        if weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"int8 weights are made from a 2-D CPU tensor, not {tuple(weight.shape)} on "
+                             f"{weight.device}")
+        weight = weight.detach().float().contiguous()
+        shape = tuple(weight.shape)
+    blocks = -(-shape[1] // SCALE_BLOCK)
+    q = torch.empty(shape, dtype=torch.int8) if q is None else q
+    scale = torch.empty(shape[0], blocks) if scale is None else scale
     if not (q.dtype == torch.int8 and scale.dtype == torch.float32 and q.is_contiguous() and scale.is_contiguous()
-            and q.shape == w.shape and scale.shape == (w.shape[0], blocks)):
-        raise ValueError(f"quantize_rows writes into contiguous int8 {tuple(w.shape)} and float32 "
-                         f"{(w.shape[0], blocks)} tensors")
-    library().camelid_quantize_rows(w.data_ptr(), w.shape[0], w.shape[1], q.data_ptr(), scale.data_ptr(),
-                                    torch.get_num_threads())
+            and q.shape == shape and scale.shape == (shape[0], blocks)):
+        raise ValueError(f"quantize_rows writes into contiguous int8 {shape} and float32 {(shape[0], blocks)} "
+                         "tensors")
+    lib, threads = library(), torch.get_num_threads()
+    if stored:
+        if lib.camelid_quantize_stored_rows(_address(weight.raw), weight.type, *shape, q.data_ptr(), scale.data_ptr(),
+                                            threads) != 0:
+            raise MemoryError("camelid's int8 kernels could not allocate a row's scratch memory")
+    else:
+        lib.camelid_quantize_rows(weight.data_ptr(), *shape, q.data_ptr(), scale.data_ptr(), threads)
     return q, scale
+
+
+def _address(raw) -> int:
+    """The address of a tensor's or numpy array's first byte."""
+    return raw.data_ptr() if isinstance(raw, Tensor) else raw.ctypes.data
 
 
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
@@ -179,13 +202,15 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.repeat_interleave(SCALE_BLOCK, dim=1)[:, : q.shape[1]]
 
 
-Q4_0, Q4_1, Q4_K = 2, 3, 12  # ggml's numbers for the block types camelid_pack4 takes
+Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # ggml's numbers for the block types the kernels read
+FOUR_BIT = (Q4_0, Q4_1, Q4_K)  # what camelid_pack4 repacks for the 4-bit kernels
+EXACT = (Q8_0, Q4_0, Q4_1)  # what camelid_quantize_stored_rows makes int8 from, as from the dequantized floats
 
 
 @dataclasses.dataclass
-class Blocks4:
-    """A [rows, cols] weight as rows of llama.cpp's 4-bit blocks (Q4_0, Q4_1 or Q4_K, `type` ggml's number) in
-    `raw` (a uint8 numpy array or tensor, e.g. a view into a GGUF file's memory map), for Int4Linear to repack;
+class Blocks:
+    """A [rows, cols] weight as rows of llama.cpp's blocks (`type` ggml's number: FOUR_BIT for Int4Linear to
+    repack, EXACT for int8) in `raw` (a uint8 numpy array or tensor, e.g. a view into a GGUF file's memory map);
     its row r is raw's row rows_from[r] (None: r). `name`: the file's tensor it came from, if any."""
 
     raw: Any
@@ -196,7 +221,7 @@ class Blocks4:
     name: str = ""
 
 
-def quantize_rows4(weight: Tensor) -> Blocks4:
+def quantize_rows4(weight: Tensor) -> Blocks:
     """`weight` [out, in] (in a multiple of Q4_BLOCK) rounded to 4 bits as Q4_1 blocks: per 32 weights along a
     row, 4-bit codes q and a float16 pair (d, m) fitted by weighted least squares, each weight d q + m."""
     if weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % Q4_BLOCK:
@@ -206,10 +231,10 @@ def quantize_rows4(weight: Tensor) -> Blocks4:
     out, width = w.shape
     raw = torch.empty(out, width // Q4_BLOCK * 20, dtype=torch.uint8)
     library().camelid_quantize_rows4(w.data_ptr(), out, width, raw.data_ptr(), torch.get_num_threads())
-    return Blocks4(raw, Q4_1, out, width)
+    return Blocks(raw, Q4_1, out, width)
 
 
-def rows4(blocks: Blocks4) -> tuple[Tensor, Tensor]:
+def rows4(blocks: Blocks) -> tuple[Tensor, Tensor]:
     """4-bit blocks as rows: codes two to a byte [rows, cols / 2] (per 32 weights, 16 bytes whose low nibbles are
     weights 0..15 and high nibbles 16..31) and float16 (d, m) pairs [rows, cols / 32, 2]."""
     layer = Int4Linear([blocks])
@@ -252,12 +277,13 @@ class Int8Embedding(nn.Module):
     weights they are. `weight` is an empty float32 tensor that says the device and dtype, as an nn.Embedding's
     weight would to the code that asks."""
 
-    def __init__(self, weight: Tensor, shared: "Int8Linear | None" = None):
+    def __init__(self, weight: "Tensor | Blocks", shared: "Int8Linear | None" = None):
+        """`weight` [vocabulary, width]: a float tensor, or Blocks of a type quantize_rows takes."""
         super().__init__()
         q, scale = (shared.qweight, shared.scale) if shared is not None else quantize_rows(weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("weight", torch.empty(0, weight.shape[1]))
+        self.register_buffer("weight", torch.empty(0, q.shape[1]))
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
@@ -316,17 +342,19 @@ class Int8Linear(QuantLinear):
     bits = 8
     _dtypes = (torch.int8, torch.float32)
 
-    def __init__(self, weight: Tensor | list[Tensor], bias: Tensor | None = None, threads: int | None = None):
-        """`weight` [out, in], or several [out_i, in] to stack in order (q, k, v), each rounded as it is copied."""
+    def __init__(self, weight: "Tensor | Blocks | list", bias: Tensor | None = None, threads: int | None = None):
+        """`weight` [out, in], or several [out_i, in] to stack in order (q, k, v), each rounded as it is copied;
+        each a float tensor or Blocks of a type quantize_rows takes."""
         super().__init__()
         parts = weight if isinstance(weight, (list, tuple)) else [weight]
-        self.out_features, self.in_features = sum(w.shape[0] for w in parts), parts[0].shape[1]
+        shapes = [(w.rows, w.cols) if isinstance(w, Blocks) else tuple(w.shape) for w in parts]
+        self.out_features, self.in_features = sum(rows for rows, _ in shapes), shapes[0][1]
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
         scale = torch.empty(self.out_features, -(-self.in_features // SCALE_BLOCK))
         start = 0
-        for w in parts:
-            quantize_rows(w, q[start : start + w.shape[0]], scale[start : start + w.shape[0]])
-            start += w.shape[0]
+        for w, (rows, _) in zip(parts, shapes):
+            quantize_rows(w, q[start : start + rows], scale[start : start + rows])
+            start += rows
         self._store(q, scale, bias, threads)
 
     def dequantized(self) -> Tensor:
@@ -341,12 +369,12 @@ class Int4Linear(QuantLinear):
     bits = 4
     _dtypes = (torch.uint8, torch.float16)
 
-    def __init__(self, parts: list[Tensor | Blocks4], bias: Tensor | None = None, threads: int | None = None):
+    def __init__(self, parts: list[Tensor | Blocks], bias: Tensor | None = None, threads: int | None = None):
         """`parts` stacked in order (q, k, v): each a float weight [out_i, in] to round (quantize_rows4), or 4-bit
         blocks (e.g. a GGUF file's, taken as they are). Each part's rows must be a multiple of Q4_ROWS, and be
         a multiple of Q4_BLOCK wide."""
         super().__init__()
-        blocks = [p if isinstance(p, Blocks4) else quantize_rows4(p) for p in parts]
+        blocks = [p if isinstance(p, Blocks) else quantize_rows4(p) for p in parts]
         self.out_features, self.in_features = sum(b.rows for b in blocks), blocks[0].cols
         if any(b.rows % Q4_ROWS for b in blocks):
             raise ValueError(f"4-bit weights come in groups of {Q4_ROWS} rows, not {[b.rows for b in blocks]}")
@@ -355,9 +383,8 @@ class Int4Linear(QuantLinear):
         dm = torch.empty(self.out_features // Q4_ROWS, nb, 2, Q4_ROWS, dtype=torch.float16)
         group = 0
         for b in blocks:
-            address = b.raw.data_ptr() if isinstance(b.raw, Tensor) else b.raw.ctypes.data  # a tensor or numpy
             order = None if b.rows_from is None else b.rows_from.to(torch.int32).contiguous()
-            status = library().camelid_pack4(address, b.type, b.rows, b.cols, _ptr(order), q[group:].data_ptr(),
+            status = library().camelid_pack4(_address(b.raw), b.type, b.rows, b.cols, _ptr(order), q[group:].data_ptr(),
                                              dm[group:].data_ptr(), torch.get_num_threads())
             if status != 0:
                 raise ValueError(f"4-bit blocks of ggml type {b.type} cannot be taken (Q4_0, Q4_1, Q4_K only)")
@@ -390,7 +417,7 @@ def _qmatrix(layer: QuantLinear) -> _QMatrix:
 
 
 class NativeDecoder:
-    """The decoder's layers of a Llama with int8 weights, run by camelid_decoder_forward.
+    """The decoder's layers of a Llama with int8 or 4-bit weights, run by camelid_decoder_forward.
 
     Holds everything the kernels read, so its tensors outlive every call. It is deliberately not an nn.Module:
     `model.to()` and the like must not convert memory whose addresses the kernels hold. `hidden` stands in for
@@ -541,7 +568,7 @@ PRODUCTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_at
 
 
 def native_layer(block, bits: dict[str, int] | None = None,
-                 blocks: dict[str, Blocks4] | None = None) -> types.SimpleNamespace:
+                 blocks: dict[str, Blocks] | None = None) -> types.SimpleNamespace:
     """What the kernels read of one decoder layer: its norms, and its products (q/k/v and gate/up stacked) as
     int8, or 4-bit where `bits` says so for that product (qkv, o, gate_up, down). `blocks`: 4-bit blocks already
     made for some projections (by name, e.g. "q_proj"), taken as they are instead of rounding their float

@@ -15,7 +15,14 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
   PyTorch operations per layer, and activations rounded to int16 per row so that the products are integer dot
   products (vpmaddwd). SmolLM2's perplexity moved by +0.15% (bench/quantize.py --perplexity). One scale per
   row instead cost +0.62%, spread over all the decoder's layers, for ~15% more batch-8 speed.
-Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` needs a C compiler.
+- `int4`: the decoder's products as 4-bit weights (per 32 weights of a row, codes 0..15 and a float16 scale and
+  offset: 5 bits a weight, rounded closer than llama.cpp's Q4_K) multiplied against inputs rounded to int8 per
+  32, on the same native decoder; as llama.cpp's Q4_K_M gives some tensors more bits, q/k/v and down stay int8
+  in a third of the layers, and the head and embeddings are int8. A GGUF file's Q4_0, Q4_1 and Q4_K blocks are
+  taken as they are (repacked, never made float). At a 1.1B shape it decodes at ~1.1x llama.cpp's Q4_0 speed
+  and prefills faster.
+Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` and `int4` need a C
+compiler.
 Quantize a model loaded for inference, not one being trained: the float32 weights are not kept.
 """
 
@@ -135,18 +142,22 @@ def quantize_layer(block: nn.Module, kind: str, bits: dict[str, int] | None = No
     return None
 
 
-def quantize_ends(model: Llama, kind: str) -> None:
+def quantize_ends(model: Llama, kind: str, stored: dict | None = None) -> None:
     """The output head as `kind`, and for int8 and int4 the output head and the token embeddings as int8 rows
     (shared where they are tied; Q4_K_M too keeps the head in more bits, Q6_K), in place; a loading model
-    converts these first, so that their float32 copies go at once."""
+    converts these first, so that their float32 copies go at once. `stored`: "lm_head.weight" or
+    "model.embed_tokens.weight" as native.Blocks, made int8 from those instead of a float weight."""
     if not isinstance(model.lm_head, nn.Linear):
         return
     if kind not in NATIVE:
         model.lm_head = _half_stacked([model.lm_head])
         return
+    stored = stored or {}
     tied = model.lm_head.weight is model.model.embed_tokens.weight
-    model.lm_head = Int8Linear(model.lm_head.weight, model.lm_head.bias, _threads())
-    model.model.embed_tokens = Int8Embedding(model.model.embed_tokens.weight, model.lm_head if tied else None)
+    embed = stored.get("model.embed_tokens.weight", model.model.embed_tokens.weight)
+    model.lm_head = Int8Linear(embed if tied else stored.get("lm_head.weight", model.lm_head.weight),
+                               model.lm_head.bias, _threads())
+    model.model.embed_tokens = Int8Embedding(embed, model.lm_head if tied else None)
 
 
 def finish_quantization(model: Llama, kind: str, layers: list) -> Llama:

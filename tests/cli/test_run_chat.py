@@ -68,8 +68,8 @@ def test_models_lists_the_default_model_and_its_path(smollm2_gguf):
     assert lines[0].split()[0] == DEFAULT_MODEL
     assert lines[1].strip() == "instruction-tuned (chat); 98 MB; license: Apache-2.0"
     assert lines[2].strip() == str(smollm2_gguf)
-    assert re.fullmatch(r"memory to load on the CPU: ~[\d.]+ GB float32, ~[\d.]+ GB f16, ~[\d.]+ GB int8"
-                        r"( \([\d.]+ GB available\))?", lines[3].strip()), lines[3]
+    assert re.fullmatch(r"memory to load on the CPU: ~[\d.]+ GB float32, ~[\d.]+ GB f16, ~[\d.]+ GB int8, "
+                        r"~[\d.]+ GB int4( \([\d.]+ GB available\))?", lines[3].strip()), lines[3]
 
 
 def test_generate_prints_what_the_library_generates(tiny_loaded, tmp_path):
