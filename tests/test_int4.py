@@ -233,3 +233,11 @@ def test_the_4_bit_decoder_agrees_on_every_instruction_set_path(monkeypatch):
         else:  # plain C sums in another order, and an input that lands on a rounding tie may round the other way
             assert (got - best).norm() < 0.01 * best.norm()
             assert torch.equal(got.argmax(-1), best.argmax(-1))
+
+
+def test_the_memory_estimate_knows_a_file_whose_layers_are_4_bit_already(tiny_files):
+    """From Q4_0 layers int4 keeps every product 4-bit and never makes a layer float32: less than from f32."""
+    from camelid.checkpoint import memory_need_of
+
+    stored, converted = (memory_need_of(tiny_files[kind], "int4") for kind in ("q4_0", "f32"))
+    assert stored.weights < converted.weights and stored.loading < converted.loading

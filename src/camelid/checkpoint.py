@@ -103,7 +103,7 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
     config = weights.config
     if quantize != "none":
         check_quantizable(config, quantize)
-    check_memory(path, config, quantize, dtype, device)
+    check_memory(path, config, quantize, dtype, device, None if path.is_dir() else weights.gguf)
     # quantized on the CPU, the whole model never exists in float32: a layer at a time, converted as it comes
     streamed = quantize != "none" and device == "cpu" and dtype == torch.float32
     shapes = weights.shapes() if streamed else None
@@ -122,16 +122,24 @@ def load_model(spec: str | Path, *, device: str | None = None, dtype=None, quant
 
 
 def memory_need_of(path: Path, quantize: str, dtype: torch.dtype = torch.float32,
-                   config: ModelConfig | None = None) -> MemoryNeed | None:
+                   config: ModelConfig | None = None, gguf: GGUFFile | None = None) -> MemoryNeed | None:
     """camelid.memory's estimate for loading `path` (a GGUF file or an HF directory) at `quantize`; None for a
-    LoRA adapter directory, which has no config of its own."""
+    LoRA adapter directory, which has no config of its own. `gguf`: the file's header, where already read."""
     from camelid.lora import is_adapter_dir
 
     if path.is_dir() and (is_adapter_dir(path) or not (path / "config.json").is_file()):
         return None
     files = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+    stored = None
+    if not path.is_dir() and quantize in ("int8", "int4"):
+        from camelid.native import EXACT, FOUR_BIT
+
+        gguf = gguf or GGUFFile(path)
+        types = {name: info.ggml_type for name, info in gguf.tensors.items() if len(info.shape) == 2}
+        stored = {"four_bit": all(t in FOUR_BIT for name, t in types.items() if name.startswith("blk.")),
+                  "exact_ends": all(t in EXACT for name, t in types.items() if not name.startswith("blk."))}
     return memory_need(config or read_config(path), quantize, dtype=dtype, file_bytes=files,
-                       from_gguf=not path.is_dir())
+                       from_gguf=not path.is_dir(), stored=stored)
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -139,14 +147,15 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.load(path) if path.is_dir() else config_from_gguf(GGUFFile(path))
 
 
-def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dtype, device: str) -> None:
+def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dtype, device: str,
+                 gguf: GGUFFile | None = None) -> None:
     """Refuse, in one line and before anything is loaded, a CPU load that will not fit this machine's memory
     (rather than the kernel's OOM killer halfway), naming the --quantize that would."""
     from camelid.native import check_native
 
     if not device.startswith("cpu"):
         return
-    need = memory_need_of(path, quantize, dtype, config)
+    need = memory_need_of(path, quantize, dtype, config, gguf)
     ok, available = fits(need) if need is not None else (True, None)
     if ok:
         return
@@ -157,7 +166,7 @@ def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dt
                 check_native(config, kind)
         except CamelidError:
             continue
-        other = memory_need_of(path, kind, dtype, config)
+        other = memory_need_of(path, kind, dtype, config, gguf)
         if kind != quantize and fits(other)[0]:
             smaller.append(f"--quantize {kind} needs ~{other.peak() / 1e9:.1f} GB")
     raise CamelidError(f"{path.name} needs ~{need.peak() / 1e9:.1f} GB of memory to load at --quantize {quantize} "

@@ -41,29 +41,36 @@ class MemoryNeed:
 
 
 def memory_need(config: ModelConfig, quantize: str, *, dtype: torch.dtype = torch.float32, file_bytes: int = 0,
-                from_gguf: bool = False) -> MemoryNeed:
+                from_gguf: bool = False, stored: dict | None = None) -> MemoryNeed:
     """How much loading a model of `config` at `quantize` takes. `file_bytes`: the size of its weight files, whose
-    pages reading leaves resident; `from_gguf`: a GGUF file, which is dequantized to float32 before anything else.
-    Quantized loads go a decoder layer at a time (checkpoint.build_quantized_model)."""
+    pages reading leaves resident; `from_gguf`: a GGUF file, which is dequantized to float32 before anything else;
+    `stored` (int8, int4 from a GGUF): "four_bit", whether every layer's matrix is stored in a type the 4-bit
+    kernels take as it is (then int4 has no int8 layers and no float32 copy of a layer), "exact_ends", whether
+    the head and embeddings are made int8 from their rows (no float32 copy of them). Quantized loads go a
+    decoder layer at a time (checkpoint.build_quantized_model)."""
     c = config
+    stored = stored or {}
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
     linear, table = c.num_hidden_layers * per_layer, c.vocab_size * c.hidden_size
     head = 0 if c.tie_word_embeddings else table
     full = torch.finfo(dtype).bits // 8
+    layer_copy, ends_copy = 4 * per_layer, 4 * (table + head)  # float32 copies while converting
     if quantize == "int8":  # the embeddings as int8 rows too, shared with a tied head
         weights, ends = INT8_BYTES * (linear + table + head), INT8_BYTES * (table + head)
     elif quantize == "int4":  # int8 ends; q/k/v and down int8 in Q4_K_M's more-bits layers (quantize.product_bits)
         more = sum(use_more_bits(i, c.num_hidden_layers) for i in range(c.num_hidden_layers))
-        wide = more * c.hidden_size * (q + 2 * kv + c.intermediate_size)
+        wide = 0 if stored.get("four_bit") else more * c.hidden_size * (q + 2 * kv + c.intermediate_size)
         ends = INT8_BYTES * (table + head)
         weights = INT4_BYTES * (linear - wide) + INT8_BYTES * wide + ends
+        layer_copy = 0 if stored.get("four_bit") else layer_copy
     elif quantize == "f16":  # the embeddings stay float32; the head gets a float16 copy even where tied
         weights, ends = 2 * linear + 6 * table, 6 * table
     else:
         weights, ends = full * (linear + table + head), 0
     if quantize != "none":  # the head and embeddings first, then a layer at a time
-        loading = max(4 * (table + head) + ends, weights + 4 * per_layer)
+        ends_copy = 0 if stored.get("exact_ends") else ends_copy
+        loading = max(ends_copy + ends, weights + layer_copy)
     elif from_gguf and full != 4:  # dequantized to float32, then copied to `dtype`
         loading = file_bytes + 4 * (linear + table + head) + weights
     else:  # the file's pages beside the model as read

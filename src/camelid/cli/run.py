@@ -1,6 +1,7 @@
 """`camelid models`, `chat`, `generate`, `convert` and `quickstart`: running a model, and the first fine-tune."""
 
 import sys
+from pathlib import Path
 
 from camelid.cli.export import write_hf
 from camelid.cli.options import (
@@ -45,19 +46,21 @@ def cmd_models(args) -> None:
 
 def memory_line(path) -> str:
     """The estimated peak memory of loading `path` at each --quantize, and what is available."""
-    from camelid.checkpoint import memory_need_of, read_config
+    from camelid.checkpoint import config_from_gguf, memory_need_of, read_config
+    from camelid.gguf_file import GGUFFile
     from camelid.memory import available_memory
     from camelid.native import check_native
 
-    try:
-        config, parts = read_config(path), []
+    try:  # the header once
+        gguf = None if Path(path).is_dir() else GGUFFile(path)
+        config, parts = read_config(path) if gguf is None else config_from_gguf(gguf), []
     except CamelidError as exc:  # a damaged file is still listed, with why there is no estimate
         return f"no estimate ({exc})"
     for kind in ("none", "f16", "int8", "int4"):
         try:
             if kind in ("int8", "int4"):
                 check_native(config, kind)
-            need = memory_need_of(path, kind, config=config)
+            need = memory_need_of(path, kind, config=config, gguf=gguf)
             parts.append(f"~{need.peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
         except CamelidError:
             parts.append(f"{kind} n/a")
