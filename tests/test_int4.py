@@ -143,7 +143,7 @@ def test_native_decoder_in_int4_equals_pytorch_on_the_dequantized_weights():
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory, smollm2_gguf):
-    """A tiny llama (untied) in float32, Q4_0, Q4_1 and Q4_K_M GGUF files, exported by camelid."""
+    """A tiny llama (untied) in float32, Q8_0, Q4_0, Q4_1 and Q4_K_M GGUF files, exported by camelid."""
     where = tmp_path_factory.mktemp("int4")
     torch.manual_seed(0)
     model = Llama(CONFIG)
@@ -152,7 +152,7 @@ def tiny_files(tmp_path_factory, smollm2_gguf):
             p.normal_(1.0 if "norm" in name else 0.0, 0.05 if "norm" in name else 0.02)
     loaded = LoadedModel(model.eval(), load_tokenizer(smollm2_gguf), None, where / "tiny")
     return {kind: export_gguf(loaded, where / f"{kind}.gguf", type=kind, progress=False)
-            for kind in ("f32", "q4_0", "q4_1", "q4_k_m")}
+            for kind in ("f32", "q8_0", "q4_0", "q4_1", "q4_k_m")}
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q4_k_m"])
@@ -241,3 +241,19 @@ def test_the_memory_estimate_knows_a_file_whose_layers_are_4_bit_already(tiny_fi
 
     stored, converted = (memory_need_of(tiny_files[kind], "int4") for kind in ("q4_0", "f32"))
     assert stored.weights < converted.weights and stored.loading < converted.loading
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_int8_from_a_gguf_s_blocks_equals_int8_from_its_floats_without_making_them_float(tiny_files, kind,
+                                                                                          monkeypatch):
+    """A file's Q8_0/Q4_0/Q4_1 rows are made int8 a row at a time, the same bits as from the dequantized matrix."""
+    path = tiny_files[kind]
+    whole = quantize_model(load_model(path, device="cpu").model, "int8")
+    dequantized = []
+    real = GGUFFile.dequantize
+    monkeypatch.setattr(GGUFFile, "dequantize", lambda self, name, **kw: dequantized.append(name) or real(self, name, **kw))
+    streamed = load_model(path, device="cpu", quantize="int8").model
+    assert [n for n in dequantized if n.endswith("weight") and "norm" not in n] == []
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(streamed(tokens), whole(tokens))

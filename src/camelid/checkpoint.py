@@ -282,9 +282,12 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
         names = {product: [f"model.layers.{i}.{module}.{name}.weight" for name in parts]
                  for product, (module, parts) in PRODUCTS.items()}
         wanted = [n for parts in names.values() for n in parts]
-        found = blocks.blocks(wanted, FOUR_BIT) if kind == "int4" and blocks is not None else {}
-        bits = product_bits(kind, config, i, {p for p, parts in names.items() if all(n in found for n in parts)})
-        found = {n: b for n, b in found.items() if any(n in names[p] for p in names if bits[p] == 4)}
+        four = blocks.blocks(wanted, FOUR_BIT) if kind == "int4" and blocks is not None else {}
+        bits = product_bits(kind, config, i, {p for p, parts in names.items() if all(n in four for n in parts)})
+        # what each product takes as stored: 4-bit blocks for a 4-bit product, Q8_0/Q4_0/Q4_1 rows for an int8 one
+        exact = blocks.blocks(wanted, EXACT) if kind in NATIVE and blocks is not None else {}
+        found = {n: (four if bits and bits[p] == 4 else exact)[n] for p, parts in names.items() for n in parts
+                 if n in (four if bits and bits[p] == 4 else exact)}
         assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix) and name not in found)
         layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}))
         if found:

@@ -919,6 +919,7 @@ static void dequantize_row(const uint8_t *row, int type, int cols, float *out) {
 typedef struct {
     const uint8_t *src;
     int type, out, in;
+    const int32_t *rows_from;
     int8_t *q;
     float *scale;
     int failed;
@@ -934,7 +935,8 @@ static void stored8_run(void *p, int t, int nt) {
     }
     share(a->out, 1, t, nt, &lo, &hi);
     for (int r = lo; r < hi; r++) {
-        dequantize_row(a->src + (int64_t)r * (a->in / 32) * size, a->type, a->in, row);
+        int from = a->rows_from ? a->rows_from[r] : r;
+        dequantize_row(a->src + (int64_t)from * (a->in / 32) * size, a->type, a->in, row);
         quantize_row8(row, a->in, a->q + (int64_t)r * a->in, a->scale + (int64_t)r * nb);
     }
     free(row);
@@ -942,10 +944,12 @@ static void stored8_run(void *p, int t, int nt) {
 
 /* Rows of Q8_0, Q4_0 or Q4_1 blocks (`type`: ggml's number; in a multiple of 32) as int8 weights, exactly as
  * camelid_quantize_rows makes them from the dequantized floats, a row at a time: the float32 matrix never exists.
- * Returns 0, -1 for a type it does not take, -2 without memory. */
-int camelid_quantize_stored_rows(const uint8_t *src, int type, int out, int in, int8_t *q, float *scale, int threads) {
+ * Output row r is the source's row rows_from[r] (NULL: r). Returns 0, -1 for a type it does not take, -2 without
+ * memory. */
+int camelid_quantize_stored_rows(const uint8_t *src, int type, int out, int in, const int32_t *rows_from, int8_t *q,
+                                 float *scale, int threads) {
     if (type != GGML_Q8_0 && type != GGML_Q4_0 && type != GGML_Q4_1) return -1;
-    stored8_task a = {src, type, out, in, q, scale, 0};
+    stored8_task a = {src, type, out, in, rows_from, q, scale, 0};
     pthread_mutex_lock(&call_lock);
     parallel(stored8_run, &a, pool_grow(threads));
     pthread_mutex_unlock(&call_lock);

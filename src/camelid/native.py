@@ -140,7 +140,7 @@ def library(isa: str | None = None) -> ctypes.CDLL:
     lib.camelid_quantize_rows4.restype = None
     lib.camelid_pack4.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32]
     lib.camelid_pack4.restype = i32
-    lib.camelid_quantize_stored_rows.argtypes = [ptr, i32, i32, i32, ptr, ptr, i32]
+    lib.camelid_quantize_stored_rows.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32]
     lib.camelid_quantize_stored_rows.restype = i32
     lib.camelid_decoder_forward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, i32]
     lib.camelid_decoder_forward.restype = i32
@@ -167,8 +167,8 @@ def quantize_rows(weight: "Tensor | Blocks", q: Tensor | None = None,
     stored = isinstance(weight, Blocks)
     if stored:
         shape = (weight.rows, weight.cols)
-        if weight.type not in EXACT or weight.rows_from is not None:
-            raise ValueError(f"int8 weights are made from blocks of ggml types {EXACT} in order, not {weight.type}")
+        if weight.type not in EXACT:
+            raise ValueError(f"int8 weights are made from blocks of ggml types {EXACT}, not {weight.type}")
     else:
         if weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError(f"int8 weights are made from a 2-D CPU tensor, not {tuple(weight.shape)} on "
@@ -184,8 +184,9 @@ def quantize_rows(weight: "Tensor | Blocks", q: Tensor | None = None,
                          "tensors")
     lib, threads = library(), torch.get_num_threads()
     if stored:
-        if lib.camelid_quantize_stored_rows(_address(weight.raw), weight.type, *shape, q.data_ptr(), scale.data_ptr(),
-                                            threads) != 0:
+        order = None if weight.rows_from is None else weight.rows_from.to(torch.int32).contiguous()
+        if lib.camelid_quantize_stored_rows(_address(weight.raw), weight.type, *shape, _ptr(order), q.data_ptr(),
+                                            scale.data_ptr(), threads) != 0:
             raise MemoryError("camelid's int8 kernels could not allocate a row's scratch memory")
     else:
         lib.camelid_quantize_rows(weight.data_ptr(), *shape, q.data_ptr(), scale.data_ptr(), threads)
@@ -570,9 +571,9 @@ PRODUCTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_at
 def native_layer(block, bits: dict[str, int] | None = None,
                  blocks: dict[str, Blocks] | None = None) -> types.SimpleNamespace:
     """What the kernels read of one decoder layer: its norms, and its products (q/k/v and gate/up stacked) as
-    int8, or 4-bit where `bits` says so for that product (qkv, o, gate_up, down). `blocks`: 4-bit blocks already
-    made for some projections (by name, e.g. "q_proj"), taken as they are instead of rounding their float
-    weights, which need not be loaded. The block's float weights can go once this is made."""
+    int8, or 4-bit where `bits` says so for that product (qkv, o, gate_up, down). `blocks`: some projections'
+    weights as a file stores them (by name, e.g. "q_proj": Blocks of a type the product takes), used instead of
+    their float weights, which need not be loaded. The block's float weights can go once this is made."""
     bits, blocks = bits or {}, blocks or {}
     part = types.SimpleNamespace()
     part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
@@ -582,11 +583,7 @@ def native_layer(block, bits: dict[str, int] | None = None,
         layers = [getattr(owner, name) for name in names]
         biases = [lin.bias for lin in layers]
         bias = None if biases[0] is None else torch.cat(biases)
-        if bits.get(product, 8) == 4:
-            made = Int4Linear([blocks.get(name) or lin.weight for name, lin in zip(names, layers)], bias)
-        else:
-            if any(name in blocks for name in names):
-                raise ValueError(f"4-bit blocks were given for the {product} product, which is made int8")
-            made = Int8Linear([lin.weight for lin in layers], bias)
+        parts = [blocks.get(name) or lin.weight for name, lin in zip(names, layers)]
+        made = Int4Linear(parts, bias) if bits.get(product, 8) == 4 else Int8Linear(parts, bias)
         setattr(part, product, made)
     return part
