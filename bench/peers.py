@@ -18,10 +18,11 @@ text in the model's own tokenizer's tokens) and thread count:
   peak MB       the process's resident high-water mark (for training: bench/train.py's whole worker)
 
 Above the table: the model (its family, layers and vocabulary), the CPU and the instruction sets the engines
-use on it. What an engine refuses for this model (camelid's int8 kernels do not run Gemma's layers; a model with
-no chat template and no built-in for its family cannot be trained on chat rows) is a row or cell of "n/a" with
-the engine's own one-line reason below the table, not a crash. Below that: camelid's ratios against the issue's
-targets (batch-1 decode >= 0.6x llama.cpp's, batch-8 aggregate >= 2x llama.cpp's single stream, load <= 1 s).
+use on it. What an engine refuses for this model (a model with no chat template and no built-in for its family
+cannot be trained on chat rows; float32 that will not fit the machine's memory) is a row or cell of "n/a" with
+the engine's own one-line reason below the table, not a crash. Below that: camelid's ratios against the issues'
+targets (batch-1 decode >= 0.6x llama.cpp's, batch-8 aggregate >= 2x llama.cpp's single stream, load <= 1 s;
+prefill >= 1x and peak memory <= 1.15x llama.cpp's on the same file).
 
     python bench/peers.py [--model NAME|PATH] [--threads 2] [--quantize f16 int8] [--skip-transformers]
                           [--skip-training]
@@ -123,7 +124,7 @@ def run_worker(args) -> dict:
     prompt = inference.build_prompt(load_tokenizer(path), args.prompt_tokens)  # no weights: the engine's memory
     try:
         result = WORKERS[args.worker](args, path, prompt)
-    except CamelidError as exc:  # e.g. --quantize int8 on Gemma: a cell of the table, not a crash
+    except CamelidError as exc:  # e.g. a model that will not fit: a cell of the table, not a crash
         return {"unavailable": str(exc)}
     return {**result, "peak_mb": peak_mb()}
 

@@ -108,12 +108,18 @@ CONFIG = ModelConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, n
 
 def test_product_bits_follow_q4_k_m_and_what_the_kernels_take():
     """Q4_K_M gives attn_v and ffn_down more bits in the first and last eighth of the layers and every third
-    between (layers 0, 3, 6, 7 of 8 here): q/k/v and down stay int8 there, unless stored 4-bit already."""
+    between (layers 0, 3, 6, 7 of 8 here), and rows not a multiple of 256 wide Q5_0: int8 there, unless the
+    file stores them in 4 bits already."""
     config = ModelConfig(**{**CONFIG.__dict__, "num_hidden_layers": 8})
     wide = [i for i in range(8) if product_bits("int4", config, i)["down"] == 8]
     assert wide == [0, 3, 6, 7]
     assert product_bits("int4", config, 0) == {"qkv": 8, "o": 4, "gate_up": 4, "down": 8}
     assert product_bits("int4", config, 0, {"qkv", "down"}) == {"qkv": 4, "o": 4, "gate_up": 4, "down": 4}
+    smollm2 = ModelConfig(**{**CONFIG.__dict__, "hidden_size": 576, "num_attention_heads": 9,
+                             "num_key_value_heads": 3, "intermediate_size": 1536})
+    # rows 576 wide: Q4_K_M gives them Q5_0 (Q4_K's blocks are 256 long), so int8; down's 1536 are 4-bit
+    assert product_bits("int4", smollm2, 1) == {"qkv": 8, "o": 8, "gate_up": 8, "down": 4}
+    assert product_bits("int4", smollm2, 1, {"qkv", "o", "gate_up"}) == {"qkv": 4, "o": 4, "gate_up": 4, "down": 4}
     odd = ModelConfig(**{**CONFIG.__dict__, "intermediate_size": 500})  # rows not a multiple of 32 wide
     assert product_bits("int4", odd, 1) == {"qkv": 4, "o": 4, "gate_up": 8, "down": 8}
     assert product_bits("int8", config, 1) is None

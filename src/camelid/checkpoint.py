@@ -151,8 +151,6 @@ def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dt
                  gguf: GGUFFile | None = None) -> None:
     """Refuse, in one line and before anything is loaded, a CPU load that will not fit this machine's memory
     (rather than the kernel's OOM killer halfway), naming the --quantize that would."""
-    from camelid.native import check_native
-
     if not device.startswith("cpu"):
         return
     need = memory_need_of(path, quantize, dtype, config, gguf)
@@ -161,11 +159,6 @@ def check_memory(path: Path, config: ModelConfig, quantize: str, dtype: torch.dt
         return
     smaller = []
     for kind in ("f16", "int8", "int4"):
-        try:
-            if kind in ("int8", "int4"):
-                check_native(config, kind)
-        except CamelidError:
-            continue
         other = memory_need_of(path, kind, dtype, config, gguf)
         if kind != quantize and fits(other)[0]:
             smaller.append(f"--quantize {kind} needs ~{other.peak() / 1e9:.1f} GB")
@@ -256,7 +249,7 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
     from camelid.memory import release_freed_memory
     from camelid.native import EXACT, FOUR_BIT, PRODUCTS
     from camelid.quantize import (NATIVE, check_quantizable, finish_quantization, product_bits, quantize_ends,
-                                  quantize_layer)
+                                  quantize_layer, runs_native)
 
     check_quantizable(config, kind)
     if config.tie_word_embeddings:
@@ -276,7 +269,7 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
     quantize_ends(model, kind, ends)
     if ends:
         blocks.release(ends)
-    layers = []
+    layers, native = [], runs_native(config)
     for i, block in enumerate(model.model.layers):
         # int4 takes a file's 4-bit blocks as they are: those weights are never made float
         names = {product: [f"model.layers.{i}.{module}.{name}.weight" for name in parts]
@@ -289,7 +282,7 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
         found = {n: (four if bits and bits[p] == 4 else exact)[n] for p, parts in names.items() for n in parts
                  if n in (four if bits and bits[p] == 4 else exact)}
         assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix) and name not in found)
-        layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}))
+        layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}, native))
         if found:
             blocks.release(found)
         release_freed_memory()  # the layer's float32 pages, not kept by the C heap for the next

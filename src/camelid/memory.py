@@ -58,9 +58,15 @@ def memory_need(config: ModelConfig, quantize: str, *, dtype: torch.dtype = torc
     layer_copy, ends_copy = 4 * per_layer, 4 * (table + head)  # float32 copies while converting
     if quantize == "int8":  # the embeddings as int8 rows too, shared with a tied head
         weights, ends = INT8_BYTES * (linear + table + head), INT8_BYTES * (table + head)
-    elif quantize == "int4":  # int8 ends; q/k/v and down int8 in Q4_K_M's more-bits layers (quantize.product_bits)
+    elif quantize == "int4":  # int8 ends, and int8 products where Q4_K_M gives more bits (quantize.product_bits)
         more = sum(use_more_bits(i, c.num_hidden_layers) for i in range(c.num_hidden_layers))
-        wide = 0 if stored.get("four_bit") else more * c.hidden_size * (q + 2 * kv + c.intermediate_size)
+        layers = c.num_hidden_layers
+        by_width = {"qkv": (c.hidden_size, (q + 2 * kv) * c.hidden_size), "o": (q, c.hidden_size * q),
+                    "gate_up": (c.hidden_size, 2 * c.intermediate_size * c.hidden_size),
+                    "down": (c.intermediate_size, c.hidden_size * c.intermediate_size)}
+        wide = sum(size * (layers if width % 256 else more if p in ("qkv", "down") else 0)
+                   for p, (width, size) in by_width.items())
+        wide = 0 if stored.get("four_bit") else wide
         ends = INT8_BYTES * (table + head)
         weights = INT4_BYTES * (linear - wide) + INT8_BYTES * wide + ends
         layer_copy = 0 if stored.get("four_bit") else layer_copy

@@ -34,8 +34,8 @@ from camelid.config import QUANTIZATIONS  # the names, free of torch for the com
 from camelid.errors import CamelidError
 from camelid.kquants import use_more_bits
 from camelid.model import Llama
-from camelid.native import (NO_COMPILER, Q4_BLOCK, Q4_ROWS, Int8Embedding, Int8Linear, NativeDecoder, check_native, compiler,
-                            native_layer)
+from camelid.native import (NO_COMPILER, Q4_BLOCK, Q4_ROWS, Int8Embedding, Int8Linear, NativeDecoder, check_native,
+                            compiler, native_layer)
 
 NATIVE = ("int8", "int4")  # the kinds camelid's own kernels run (camelid.native)
 F16_MAX_ROWS = 4  # without fbgemm: up to this many rows the float16 product is the faster one
@@ -89,50 +89,60 @@ def quantize_model(model: Llama, kind: str) -> Llama:
     if check_quantization(kind) == "none":
         return model
     check_quantizable(model.config, kind, model.model.embed_tokens.weight)
-    layers = [quantize_layer(block, kind, product_bits(kind, model.config, i))
+    native = runs_native(model.config)
+    layers = [quantize_layer(block, kind, product_bits(kind, model.config, i), native=native)
               for i, block in enumerate(model.model.layers)]
     return finish_quantization(model, kind, layers)
 
 
 def check_quantizable(config, kind: str, weight: Tensor | None = None) -> None:
     """Refuse, before any weight is converted (or loaded), what `kind` cannot run: weights other than float32 on
-    the CPU, and int8 or int4 on a family the native decoder does not run."""
+    the CPU."""
     if weight is not None and (weight.device.type != "cpu" or weight.dtype != torch.float32):
         raise CamelidError(f"--quantize {kind} is for float32 models on the CPU; on a GPU use --dtype bfloat16")
-    if kind in NATIVE:
-        check_native(config, kind)
 
 
 def product_bits(kind: str, config, index: int, stored4: set[str] = frozenset()) -> dict[str, int] | None:
     """The bits of layer `index`'s products (qkv, o, gate_up, down) under `kind`: None (all int8) for int8.
 
-    int4 makes each product 4-bit except where llama.cpp's Q4_K_M gives more bits (Q6_K): attn_v and ffn_down
-    in the first and last eighth of the layers and every third between, whose products (q/k/v stacked) stay
-    int8 there, unless `stored4` names them (their weights are 4-bit already in the file: int8 would only
-    spend bytes). A product the 4-bit kernels cannot take (rows not a multiple of 32 wide, or not in whole
-    groups of 8) stays int8.
+    int4 follows llama.cpp's Q4_K_M, whose 4-bit tensors camelid's 4-bit matches or betters: a product is 4-bit
+    where Q4_K_M stores all its weights in 4 bits, and int8 where it gives any of them more: Q6_K to attn_v and
+    ffn_down in the first and last eighth of the layers and every third between (q/k/v stacked stay int8 there),
+    Q5_0 to rows not a multiple of 256 wide (its 4-bit blocks are 256 long). A product whose weights the file
+    stores in 4 bits already (`stored4`) is 4-bit regardless: int8 would only spend bytes. One the 4-bit kernels
+    cannot take (rows not a multiple of 32 wide, or not in whole groups of 8) is int8.
     """
     if kind != "int4":
         return None
     c = config
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    # (rows in whole groups: gate's and up's each, as the decoder splits their rows between threads by halves)
     shapes = {"qkv": (q + 2 * kv, c.hidden_size), "o": (c.hidden_size, q),
               "gate_up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
     more = use_more_bits(index, c.num_hidden_layers)
-    return {p: 8 if rows % Q4_ROWS or width % Q4_BLOCK or (more and p in ("qkv", "down") and p not in stored4)
-            else 4 for p, (rows, width) in shapes.items()}
+    bits = {}
+    for p, (rows, width) in shapes.items():
+        wider = (more and p in ("qkv", "down")) or width % 256
+        bits[p] = 8 if rows % Q4_ROWS or width % Q4_BLOCK or (wider and p not in stored4) else 4
+    return bits
 
 
-def quantize_layer(block: nn.Module, kind: str, bits: dict[str, int] | None = None, blocks: dict | None = None):
+def quantize_layer(block: nn.Module, kind: str, bits: dict[str, int] | None = None, blocks: dict | None = None,
+                   native: bool = True):
     """Convert one decoder layer in place, so that a model being loaded never holds all its float weights at
-    once: for int8 and int4 the native decoder's weights are returned (`bits`: product_bits'; `blocks`: 4-bit
-    blocks already made, see native_layer) and the float ones dropped."""
+    once. For int8 and int4 (`bits`: product_bits'; `blocks`: weights as a file stores them, see native_layer)
+    the native decoder's weights are returned and the float ones dropped; with `native` False (a family the
+    native decoder does not run, see runs_native) the layer keeps running in PyTorch, its products (q/k/v and
+    gate/up stacked) on camelid's kernels."""
     attn, mlp = block.self_attn, block.mlp
     if kind in NATIVE:
         part = native_layer(block, bits, blocks)
         attn.q_proj = attn.k_proj = attn.v_proj = attn.o_proj = None
         mlp.gate_proj = mlp.up_proj = mlp.down_proj = None
-        return part
+        if native:
+            return part
+        attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj = part.qkv, part.o, part.gate_up, part.down
+        return None
     attn.qkv_proj = _half_stacked([attn.q_proj, attn.k_proj, attn.v_proj])
     attn.q_proj = attn.k_proj = attn.v_proj = None
     attn.o_proj = _half_stacked([attn.o_proj])
@@ -140,6 +150,15 @@ def quantize_layer(block: nn.Module, kind: str, bits: dict[str, int] | None = No
     mlp.gate_proj = mlp.up_proj = None
     mlp.down_proj = _half_stacked([mlp.down_proj])
     return None
+
+
+def runs_native(config) -> bool:
+    """Whether the native decoder runs this family's layers (else int8 and int4 run them in PyTorch)."""
+    try:
+        check_native(config)
+    except CamelidError:
+        return False
+    return True
 
 
 def quantize_ends(model: Llama, kind: str, stored: dict | None = None) -> None:
@@ -162,9 +181,9 @@ def quantize_ends(model: Llama, kind: str, stored: dict | None = None) -> None:
 
 def finish_quantization(model: Llama, kind: str, layers: list) -> Llama:
     """The head and embeddings as `kind` (if not yet), and for int8 and int4 the native decoder over `layers`
-    (quantize_layer's of each)."""
+    (quantize_layer's of each, None where the layers run in PyTorch)."""
     quantize_ends(model, kind)
-    if kind in NATIVE:
+    if kind in NATIVE and all(part is not None for part in layers):
         model.native = NativeDecoder(model, _threads(), layers)
     model.quantization = kind
     return model

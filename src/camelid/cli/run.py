@@ -49,7 +49,6 @@ def memory_line(path) -> str:
     from camelid.checkpoint import config_from_gguf, memory_need_of, read_config
     from camelid.gguf_file import GGUFFile
     from camelid.memory import available_memory
-    from camelid.native import check_native
 
     try:  # the header once
         gguf = None if Path(path).is_dir() else GGUFFile(path)
@@ -57,13 +56,8 @@ def memory_line(path) -> str:
     except CamelidError as exc:  # a damaged file is still listed, with why there is no estimate
         return f"no estimate ({exc})"
     for kind in ("none", "f16", "int8", "int4"):
-        try:
-            if kind in ("int8", "int4"):
-                check_native(config, kind)
-            need = memory_need_of(path, kind, config=config, gguf=gguf)
-            parts.append(f"~{need.peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
-        except CamelidError:
-            parts.append(f"{kind} n/a")
+        need = memory_need_of(path, kind, config=config, gguf=gguf)
+        parts.append(f"~{need.peak() / 1e9:.1f} GB {'float32' if kind == 'none' else kind}")
     available = available_memory()
     return ", ".join(parts) + (f" ({available / 1e9:.1f} GB available)" if available else "")
 
