@@ -520,7 +520,7 @@ _torch_threads_saved = 0  # PyTorch's own setting, while any are
 
 @contextlib.contextmanager
 def torch_single_threaded(model):
-    """Run PyTorch on one thread inside, when `model` runs on the native kernels (else do nothing).
+    """Run PyTorch on one thread inside, when `model` runs on camelid's kernels (else do nothing).
 
     PyTorch's idle OpenMP threads spin for milliseconds after each of its parallel operations (sampling from
     49K logits is one), on the cores the kernels' threads need next: measured, that cost a batch-8 decode step
@@ -528,7 +528,7 @@ def torch_single_threaded(model):
     The setting is process-wide, so it is counted: the last thread to leave restores PyTorch's own.
     """
     global _torch_threads_users, _torch_threads_saved
-    if getattr(model, "native", None) is None:
+    if getattr(model, "native", None) is None and getattr(model, "quantization", None) not in ("int8", "int4"):
         yield
         return
     with _torch_threads_lock:
@@ -568,12 +568,13 @@ PRODUCTS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_at
             "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
 
 
-def native_layer(block, bits: dict[str, int] | None = None,
-                 blocks: dict[str, Blocks] | None = None) -> types.SimpleNamespace:
+def native_layer(block, bits: dict[str, int] | None = None, blocks: dict[str, Blocks] | None = None,
+                 threads: int | None = None) -> types.SimpleNamespace:
     """What the kernels read of one decoder layer: its norms, and its products (q/k/v and gate/up stacked) as
     int8, or 4-bit where `bits` says so for that product (qkv, o, gate_up, down). `blocks`: some projections'
     weights as a file stores them (by name, e.g. "q_proj": Blocks of a type the product takes), used instead of
-    their float weights, which need not be loaded. The block's float weights can go once this is made."""
+    their float weights, which need not be loaded. `threads`: the products' own (when called as modules). The
+    block's float weights can go once this is made."""
     bits, blocks = bits or {}, blocks or {}
     part = types.SimpleNamespace()
     part.attn_norm = block.input_layernorm.weight.detach().float().contiguous()
@@ -584,6 +585,6 @@ def native_layer(block, bits: dict[str, int] | None = None,
         biases = [lin.bias for lin in layers]
         bias = None if biases[0] is None else torch.cat(biases)
         parts = [blocks.get(name) or lin.weight for name, lin in zip(names, layers)]
-        made = Int4Linear(parts, bias) if bits.get(product, 8) == 4 else Int8Linear(parts, bias)
+        made = (Int4Linear if bits.get(product, 8) == 4 else Int8Linear)(parts, bias, threads)
         setattr(part, product, made)
     return part

@@ -136,7 +136,7 @@ def quantize_layer(block: nn.Module, kind: str, bits: dict[str, int] | None = No
     gate/up stacked) on camelid's kernels."""
     attn, mlp = block.self_attn, block.mlp
     if kind in NATIVE:
-        part = native_layer(block, bits, blocks)
+        part = native_layer(block, bits, blocks, _threads())
         attn.q_proj = attn.k_proj = attn.v_proj = attn.o_proj = None
         mlp.gate_proj = mlp.up_proj = mlp.down_proj = None
         if native:
