@@ -61,9 +61,12 @@ def test_int8_linear_equals_the_dequantized_product(out_features, in_features, r
     assert (got - expected).norm() < 0.1 * weights_error < 0.01 * expected.norm()
 
 
-def test_int8_linear_same_result_on_any_number_of_threads():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_and_int4_linear_same_result_on_any_number_of_threads(bits):
+    from camelid.native import Int4Linear
+
     torch.manual_seed(0)
-    layer = Int8Linear(torch.randn(203, 96))
+    layer = Int8Linear(torch.randn(203, 96)) if bits == 8 else Int4Linear([torch.randn(208, 96)])
     x = torch.randn(5, 96)
     results = []
     for threads in (1, 2, 3, 5):
@@ -189,13 +192,15 @@ def test_calls_from_several_threads_give_each_its_own_answer():
         assert torch.equal(g, e)
 
 
-def test_a_forked_child_starts_its_own_threads():
+@pytest.mark.parametrize("layer", ["Int8Linear(torch.randn(64, 32), threads=2)",
+                                   "Int4Linear([torch.randn(64, 32)], threads=2)"])
+def test_a_forked_child_starts_its_own_threads(layer):
     """After fork the parent's worker threads do not exist in the child (and, asleep, they were still waiters on
     the pool's condition variable): the child's calls must neither wait on them nor on their locks."""
     code = (
         "import os, time, torch\n"
-        "from camelid.native import Int8Linear\n"
-        "layer = Int8Linear(torch.randn(64, 32), threads=2)\n"
+        "from camelid.native import Int4Linear, Int8Linear\n"
+        f"layer = {layer}\n"
         "x = torch.randn(2, 32)\n"
         "y = layer(x)\n"
         "time.sleep(0.05)\n"  # the workers stop spinning and sleep
