@@ -163,7 +163,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out transformers (slow to load)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
-    parser.add_argument("--quantize", choices=["f16", "int8"], help="also measure camelid with this weight quantization")
+    parser.add_argument("--quantize", choices=["f16", "int8", "int4"],
+                        help="also measure camelid with this weight quantization")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

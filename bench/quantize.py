@@ -2,11 +2,11 @@
 
 Timing: for each layer shape of a model (q/k/v stacked, o, gate/up stacked, down, the output head) and each
 number of rows (1: batch-1 decode; 8: batch-8 decode; 128: a prefill chunk) it prints microseconds per product
-and the ratio to float32. The int8 product here is one call into camelid's kernels; inside the decoder the same
-products run without the call's overhead.
+and the ratio to float32. The int8 and int4 products here are one call into camelid's kernels; inside the
+decoder the same products run without the call's overhead.
 
-Perplexity (--perplexity): SmolLM2-135M-Instruct loaded as float32, f16 and int8 scores the first 4,096 tokens of
-the packaged ShareGPT file's assistant answers in 512-token windows; printed with each kind's change.
+Perplexity (--perplexity): SmolLM2-135M-Instruct loaded as float32, f16, int8 and int4 scores the first 4,096
+tokens of the packaged ShareGPT file's assistant answers in 512-token windows; printed with each kind's change.
 
     python bench/quantize.py [--preset smollm2-135m] [--threads 2] [--rows 1 8 128]
     python bench/quantize.py --perplexity [--tokens 4096]
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from camelid.config import preset
-from camelid.native import Int8Linear
+from camelid.native import Int4Linear, Int8Linear
 from camelid.quantize import HalfWeightLinear
 
 
@@ -56,7 +56,7 @@ def main() -> None:
         "down": (c.hidden_size, c.intermediate_size),
         "head": (c.vocab_size, c.hidden_size),
     }
-    kinds = {"f16": HalfWeightLinear, "int8": Int8Linear}
+    kinds = {"f16": HalfWeightLinear, "int8": Int8Linear, "int4": lambda w: Int4Linear([w])}
     print(f"{args.preset}, {args.threads} threads; microseconds per product (ratio to float32)\n")
     print("| layer | rows | float32 | " + " | ".join(kinds) + " |")
     print("|---|---:|---:|" + "---:|" * len(kinds))
@@ -92,7 +92,7 @@ def perplexity(n_tokens: int, window: int = 512) -> None:
     print("| kind | perplexity | change |")
     print("|---|---:|---:|")
     base = None
-    for kind in ("none", "f16", "int8"):
+    for kind in ("none", "f16", "int8", "int4"):
         loaded = load_model(DEFAULT_MODEL, device="cpu", quantize=kind)
         ids = torch.tensor(loaded.tokenizer.encode("\n\n".join(answers))[: n_tokens + 1])
         total = 0.0
