@@ -136,7 +136,10 @@ def memory_need_of(path: Path, quantize: str, dtype: torch.dtype = torch.float32
 
         gguf = gguf or GGUFFile(path)
         types = {name: info.ggml_type for name, info in gguf.tensors.items() if len(info.shape) == 2}
-        stored = {"four_bit": all(t in FOUR_BIT for name, t in types.items() if name.startswith("blk.")),
+        config = config or read_config(path)
+        # as build_quantized_model takes them (a fused projection's blocks it does not)
+        stored = {"four_bit": not config.fused_projections and all(
+                      t in FOUR_BIT for name, t in types.items() if name.startswith("blk.")),
                   "exact_ends": all(t in EXACT for name, t in types.items() if not name.startswith("blk."))}
     return memory_need(config or read_config(path), quantize, dtype=dtype, file_bytes=files,
                        from_gguf=not path.is_dir(), stored=stored)
@@ -262,7 +265,7 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
 
     # the native kinds make the head and the embeddings int8 from a file's Q8_0/Q4_0/Q4_1 rows directly
     ends = {}
-    if kind in NATIVE and blocks is not None and not config.gemma:
+    if kind in NATIVE and blocks is not None:
         ends = blocks.blocks(["model.embed_tokens.weight", "lm_head.weight"], EXACT)
     assign(lambda name: not name.startswith("model.layers.") and name not in ends)
     model = _finish_model(model, config, "cpu")
@@ -803,6 +806,7 @@ class GGUFWeights:
         return found
 
     def release(self, found: dict) -> None:
+        """Let go of the file's pages that the Blocks of `found` (blocks'), now repacked, were read from."""
         for blocks in found.values():
             self.gguf.release(blocks.name)
 

@@ -9,10 +9,10 @@
  * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
  * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int16 per row.
  *
- * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the vector
- * code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work is split over a
- * small pool of threads that spin between the steps of one call and sleep between calls. Every entry point
- * takes a lock: calls from several Python threads run one after another.
+ * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the
+ * vector code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work
+ * is split over a small pool of threads that spin between the steps of one call and sleep between calls. Every
+ * entry point takes a lock: calls from several Python threads run one after another.
  */
 #include <float.h>
 #include <math.h>
@@ -481,7 +481,8 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
                 isum = dot_u8s8(isum, codes[g], _mm256_set1_epi32(four));
             }
             int64_t at = (int64_t)(c0 + c) * nb + k;
-            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), d), _mm256_set1_ps(xi->scale8[at]), acc[c]);
+            __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d);
+            acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
             acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xi->sums8[at]), acc[c]);
         }
     }
@@ -651,7 +652,8 @@ static void quantize_row8(const float *w, int in, int8_t *qrow, float *srow) {
         __m256 vinv = _mm256_set1_ps(inv);
         for (; i + 32 <= n; i += 32) {
             __m256i v[4];
-            for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * j), vinv));
+            for (int j = 0; j < 4; j++)
+                v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * j), vinv));
             /* two packs leave 4-byte groups in the order a0 b0 c0 d0 | a1 b1 c1 d1: put them back in order */
             __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
             bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
@@ -666,7 +668,8 @@ static void quantize_run(void *p, int t, int nt) {
     quantize_task *a = p;
     int lo, hi, nb = blocks_of(a->in);
     share(a->out, 1, t, nt, &lo, &hi);
-    for (int r = lo; r < hi; r++) quantize_row8(a->w + (int64_t)r * a->in, a->in, a->q + (int64_t)r * a->in, a->scale + (int64_t)r * nb);
+    for (int r = lo; r < hi; r++)
+        quantize_row8(a->w + (int64_t)r * a->in, a->in, a->q + (int64_t)r * a->in, a->scale + (int64_t)r * nb);
 }
 
 void camelid_quantize_rows(const float *w, int out, int in, int8_t *q, float *scale, int threads) {
@@ -703,29 +706,38 @@ static inline uint16_t float_to_half(float f) {
 }
 
 /* The weighted sums of one grid's codes l: sum wt l, sum wt l^2, sum wt l x; the codes are round(iscale * xs)
- * clamped to 0..15, xs being the block less its minimum. */
+ * clamped to 0..15, xs being the block less its minimum. Summed in 8 lanes and then across them in the same
+ * order on every path (the plain C one imitates the vector one), so that the blocks are the same bytes. */
+static inline float lanes_sum(const float p[8]) { /* as hsum adds a vector's lanes */
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+}
+
 static inline void grid_sums(const float *xs, const float *x, const float *wt, float iscale, float *sl, float *sl2,
                              float *slx) {
-    int i = 0;
-    float a = 0, b = 0, c = 0;
 #ifdef __AVX2__
     __m256 va = _mm256_setzero_ps(), vb = _mm256_setzero_ps(), vc = _mm256_setzero_ps();
     __m256 vi = _mm256_set1_ps(iscale), zero = _mm256_setzero_ps(), top = _mm256_set1_ps(15.0f);
-    for (; i < Q4_BLOCK; i += 8) {
-        __m256 l = _mm256_round_ps(_mm256_mul_ps(vi, _mm256_loadu_ps(xs + i)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (int i = 0; i < Q4_BLOCK; i += 8) {
+        __m256 l = _mm256_round_ps(_mm256_mul_ps(vi, _mm256_loadu_ps(xs + i)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         l = _mm256_min_ps(_mm256_max_ps(l, zero), top);
         __m256 wl = _mm256_mul_ps(_mm256_loadu_ps(wt + i), l);
         va = _mm256_add_ps(va, wl);
         vb = _mm256_fmadd_ps(wl, l, vb);
         vc = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x + i), vc);
     }
-    a = hsum(va), b = hsum(vb), c = hsum(vc);
+    *sl = hsum(va), *sl2 = hsum(vb), *slx = hsum(vc);
+#else
+    float a[8] = {0}, b[8] = {0}, c[8] = {0};
+    for (int i = 0; i < Q4_BLOCK; i += 8)
+        for (int j = 0; j < 8; j++) {
+            float l = fminf(fmaxf(nearbyintf(iscale * xs[i + j]), 0.0f), 15.0f), wl = wt[i + j] * l;
+            a[j] += wl;
+            b[j] = fmaf(wl, l, b[j]);
+            c[j] = fmaf(wl, x[i + j], c[j]);
+        }
+    *sl = lanes_sum(a), *sl2 = lanes_sum(b), *slx = lanes_sum(c);
 #endif
-    for (; i < Q4_BLOCK; i++) {
-        float l = fminf(fmaxf(nearbyintf(iscale * xs[i]), 0.0f), 15.0f), wl = wt[i] * l;
-        a += wl, b += wl * l, c += wl * x[i];
-    }
-    *sl = a, *sl2 = b, *slx = c;
 }
 
 static void quantize_block4(const float *x, uint8_t *block) { /* a Q4_1 block: d, m, 16 bytes */
@@ -844,7 +856,8 @@ typedef struct {
 static void pack4_run(void *p, int t, int nt) {
     pack4_task *a = p;
     int lo, hi, nb = a->cols / Q4_BLOCK;
-    int64_t row_bytes = a->type == GGML_Q4_K ? (int64_t)a->cols / 256 * 144 : (int64_t)nb * (a->type == GGML_Q4_0 ? 18 : 20);
+    int64_t row_bytes = a->type == GGML_Q4_K ? (int64_t)a->cols / 256 * 144
+                                             : (int64_t)nb * (a->type == GGML_Q4_0 ? 18 : 20);
     share(a->rows / Q4_ROWS, 1, t, nt, &lo, &hi);
     for (int G = lo; G < hi; G++)
         for (int j = 0; j < Q4_ROWS; j++) {

@@ -36,7 +36,9 @@ NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: ins
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 Q4_BLOCK = 32  # 4-bit weights per float16 (scale, offset) pair along a row (native.c's Q4_BLOCK)
 Q4_ROWS = 8  # 4-bit weight rows interleaved in one group (native.c's Q4_ROWS)
-FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+# (-ffp-contract=off: a multiply and an add stay two roundings unless the code asks for a fused one, so that every
+# path rounds the scalar code alike: the 4-bit quantizer's blocks are the same bytes on each)
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
 ISA_VARIABLE = "CAMELID_ISA"  # names the instruction-set path to use instead of the best this CPU has
 # The kernels' paths on x86-64, best first: each the compiler flags it is built with and the CPU flags
 # (/proc/cpuinfo's) it needs. The AVX-512 path runs the same 256-bit code with AVX-512's 32 registers and its
@@ -85,14 +87,18 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def available_isas() -> list[str]:
-    """The kernels' instruction-set paths this CPU runs, best first (on x86-64 at least "generic")."""
+    """The kernels' instruction-set paths this CPU runs, best first (on x86-64 at least "generic"; where the CPU's
+    flags cannot be read, "native": the compiler's -march=native)."""
     if not _is_x86():
         return ["native"]
+    if not _cpu_flags():
+        return ["native", "generic"]
     return [name for name, (_, needs) in X86_ISAS.items() if needs <= _cpu_flags()]
 
 
 def chosen_isa() -> str:
-    """The path the kernels use: $CAMELID_ISA where set (one of available_isas()), else the best this CPU has."""
+    """The path the kernels use: $CAMELID_ISA where set (one of available_isas()), else the best this CPU has
+    (library() falls back to the next where the compiler cannot build it)."""
     isas, wanted = available_isas(), os.environ.get(ISA_VARIABLE, "")
     if wanted and wanted not in isas:
         raise CamelidError(f"{ISA_VARIABLE}={wanted} is not a path this CPU runs; choose one of: {', '.join(isas)} "
@@ -102,12 +108,27 @@ def chosen_isa() -> str:
 
 @functools.cache
 def library(isa: str | None = None) -> ctypes.CDLL:
-    """The compiled kernels for instruction-set path `isa` (default: chosen_isa()), built first if this machine
-    has no copy yet (CamelidError if it cannot be built)."""
+    """The compiled kernels for instruction-set path `isa` (default: $CAMELID_ISA, else the best path this CPU
+    runs that the compiler builds: one too old for a path's instructions falls back to the next), built first if
+    this machine has no copy yet (CamelidError if it cannot be built). `.isa` on the result names the path."""
     cc = compiler()
     if cc is None:
         raise CamelidError(NO_COMPILER)
-    isa = isa or chosen_isa()
+    if isa is not None or os.environ.get(ISA_VARIABLE):
+        isa = isa or chosen_isa()
+        if isa not in available_isas():
+            raise CamelidError(f"{isa!r} is not an instruction-set path this CPU runs; choose one of: "
+                               f"{', '.join(available_isas())}")
+        return _build(cc, isa)
+    for candidate in available_isas():
+        try:
+            return _build(cc, candidate)
+        except CamelidError as exc:
+            error = exc
+    raise error
+
+
+def _build(cc: list[str], isa: str) -> ctypes.CDLL:
     # (-mtune: scheduled for this CPU; the instructions are the path's alone)
     flags = [*FLAGS, *(X86_ISAS[isa][0] + ["-mtune=native"] if isa in X86_ISAS else ["-march=native"])]
     source = SOURCE.read_bytes()
@@ -124,8 +145,9 @@ def library(isa: str | None = None) -> ctypes.CDLL:
             except OSError as e:
                 done, first = None, str(e)
             if done is None or done.returncode != 0:
-                raise CamelidError(f"building camelid's int8 kernels with {' '.join(cc)} failed ({first}); "
-                                   "set CC to another compiler, or use --quantize f16")
+                raise CamelidError(f"building camelid's kernels ({isa} path) with {' '.join(cc)} failed ({first}); "
+                                   f"set CC to another compiler or {ISA_VARIABLE} to another path, or use "
+                                   "--quantize f16")
             os.replace(tmp, path)  # atomic: a concurrent build of the same source writes the same file
         finally:
             if os.path.exists(tmp):
@@ -149,6 +171,7 @@ def library(isa: str | None = None) -> ctypes.CDLL:
                        (Q4_BLOCK, "camelid_q4_block"), (Q4_ROWS, "camelid_q4_rows")):
         if getattr(lib, name)() != size:
             raise CamelidError(f"camelid's int8 kernels in {path} do not match this camelid; delete the file")
+    lib.isa = isa
     return lib
 
 
@@ -220,6 +243,20 @@ class Blocks:
     cols: int
     rows_from: Tensor | None = None
     name: str = ""
+
+    def __post_init__(self):
+        """The kernels read raw memory: refuse what would make them read past it."""
+        block = {Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20), Q4_K: (256, 144)}.get(self.type)
+        if block is None or self.cols <= 0 or self.cols % block[0]:
+            raise ValueError(f"blocks of ggml type {self.type} cannot hold rows {self.cols} wide")
+        size = self.raw.numel() if isinstance(self.raw, Tensor) else self.raw.nbytes
+        have = size // (self.cols // block[0] * block[1])  # rows of blocks
+        order = self.rows_from
+        if have < (self.rows if order is None else 1) or (order is not None and (
+                order.shape != (self.rows,) or int(order.min()) < 0 or int(order.max()) >= have)):
+            raise ValueError(f"{have} rows of blocks cannot give {self.rows} rows in this order")
+        if not (self.raw.is_contiguous() if isinstance(self.raw, Tensor) else self.raw.flags["C_CONTIGUOUS"]):
+            raise ValueError("blocks must be contiguous in memory")
 
 
 def quantize_rows4(weight: Tensor) -> Blocks:
@@ -293,8 +330,8 @@ class Int8Embedding(nn.Module):
 
 class QuantLinear(nn.Module):
     """A linear layer whose weights camelid's kernels multiply as they are stored (int8 or 4-bit); activations
-    are rounded to int16 per row. `threads`: how many threads the product runs on (None: torch.get_num_threads()
-    at each call)."""
+    are rounded to int16 per row for int8 weights, to int8 per 32 for 4-bit ones. `threads`: how many threads
+    the product runs on (None: torch.get_num_threads() at each call)."""
 
     bits = 0
     qweight: Tensor
@@ -333,8 +370,8 @@ class QuantLinear(nn.Module):
         tensors = [(self.qweight, self._dtypes[0]), (self.scale, self._dtypes[1])]
         tensors += [] if self.bias is None else [(self.bias, torch.float32)]
         if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t, dtype in tensors):
-            raise ValueError("this int8 layer's weights were converted or moved; the int8 kernels need them as "
-                             "quantized (int8 and float32, on the CPU): load the model again")
+            raise ValueError("this quantized layer's weights were converted or moved; camelid's kernels need them "
+                             "as quantized (on the CPU, in their own dtypes): load the model again")
 
 
 class Int8Linear(QuantLinear):
@@ -379,6 +416,8 @@ class Int4Linear(QuantLinear):
         self.out_features, self.in_features = sum(b.rows for b in blocks), blocks[0].cols
         if any(b.rows % Q4_ROWS for b in blocks):
             raise ValueError(f"4-bit weights come in groups of {Q4_ROWS} rows, not {[b.rows for b in blocks]}")
+        if any(b.cols != self.in_features for b in blocks) or (bias is not None and bias.shape != (self.out_features,)):
+            raise ValueError("stacked 4-bit parts must be equally wide, and a bias one value per row of them all")
         nb = self.in_features // Q4_BLOCK
         q = torch.empty(self.out_features // Q4_ROWS, nb, 128, dtype=torch.uint8)
         dm = torch.empty(self.out_features // Q4_ROWS, nb, 2, Q4_ROWS, dtype=torch.float16)

@@ -17,14 +17,16 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
   row instead cost +0.62%, spread over all the decoder's layers, for ~15% more batch-8 speed.
 - `int4`: the decoder's products as 4-bit weights (per 32 weights of a row, codes 0..15 and a float16 scale and
   offset: 5 bits a weight, rounded closer than llama.cpp's Q4_K) multiplied against inputs rounded to int8 per
-  32, on the same native decoder; as llama.cpp's Q4_K_M gives some tensors more bits, q/k/v and down stay int8
-  in a third of the layers, and the head and embeddings are int8. A GGUF file's Q4_0, Q4_1 and Q4_K blocks are
-  taken as they are (repacked, never made float). At a 1.1B shape it decodes at ~1.1x llama.cpp's Q4_0 speed
-  and prefills faster.
+  32, on the same native decoder; where llama.cpp's Q4_K_M gives a tensor more bits (attn_v and ffn_down in
+  about half the layers, rows not 256 wide) the product stays int8, and the head and embeddings are int8. A
+  GGUF file's Q4_0, Q4_1 and Q4_K blocks are used directly (repacked, never made float). At a 1.1B shape it
+  decodes at ~1.15x llama.cpp's speed on the same Q4_0 file and prefills ~1.3x as fast (README, "Benchmarks").
 Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` and `int4` need a C
 compiler.
 Quantize a model loaded for inference, not one being trained: the float32 weights are not kept.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +118,8 @@ def product_bits(kind: str, config, index: int, stored4: set[str] = frozenset())
         return None
     c = config
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    # (rows in whole groups: gate's and up's each, as the decoder splits their rows between threads by halves)
-    shapes = {"qkv": (q + 2 * kv, c.hidden_size), "o": (c.hidden_size, q),
+    # (each part's rows in whole groups: q's, k's and v's; gate's and up's, which the decoder splits by halves)
+    shapes = {"qkv": (math.gcd(q, kv), c.hidden_size), "o": (c.hidden_size, q),
               "gate_up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
     more = use_more_bits(index, c.num_hidden_layers)
     bits = {}
