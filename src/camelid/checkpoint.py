@@ -4,6 +4,7 @@
 tokenizer and its chat template. `save_model` writes an HF directory that transformers loads, atomically.
 """
 
+import functools
 import json
 import os
 import re
@@ -282,8 +283,10 @@ def build_quantized_model(config: ModelConfig, shapes: dict[str, torch.Tensor], 
         bits = product_bits(kind, config, i, {p for p, parts in names.items() if all(n in four for n in parts)})
         # what each product takes as stored: 4-bit blocks for a 4-bit product, Q8_0/Q4_0/Q4_1 rows for an int8 one
         exact = blocks.blocks(wanted, EXACT) if kind in NATIVE and blocks is not None else {}
-        found = {n: (four if bits and bits[p] == 4 else exact)[n] for p, parts in names.items() for n in parts
-                 if n in (four if bits and bits[p] == 4 else exact)}
+        found = {}
+        for product, parts in names.items():
+            source = four if bits and bits[product] == 4 else exact
+            found.update({n: source[n] for n in parts if n in source})
         assign(lambda name, prefix=f"model.layers.{i}.": name.startswith(prefix) and name not in found)
         layers.append(quantize_layer(block, kind, bits, {name.split(".")[-2]: b for name, b in found.items()}, native))
         if found:
@@ -794,7 +797,7 @@ class GGUFWeights:
         from camelid.native import Blocks
 
         found = {}
-        for name, hf_name in _gguf_names(self.gguf, self.config).items():
+        for name, hf_name in self._names.items():
             if hf_name not in names or (stored := self.gguf.blocks(name, types)) is None:
                 continue
             rows, cols = self.gguf.tensors[name].shape
@@ -804,6 +807,10 @@ class GGUFWeights:
                 order = _unpermute_rope(torch.arange(rows), heads, name)
             found[hf_name] = Blocks(stored[0], stored[1], rows, cols, order, name)
         return found
+
+    @functools.cached_property
+    def _names(self) -> dict[str, str]:
+        return _gguf_names(self.gguf, self.config)
 
     def release(self, found: dict) -> None:
         """Let go of the file's pages that the Blocks of `found` (blocks'), now repacked, were read from."""

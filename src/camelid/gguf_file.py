@@ -293,4 +293,3 @@ def _q4_0(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, 16 bytes of 4
 def _q4_1(raw: torch.Tensor) -> torch.Tensor:  # block: f16 scale, f16 minimum, 16 bytes of 4-bit values
     blocks = raw.view(-1, 20)
     return _unpack_nibbles(blocks[:, 4:]).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))
-
