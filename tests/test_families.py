@@ -152,10 +152,17 @@ def test_f16_and_int8_weights_stay_close_in_every_family(family):
     if loaded.native is None:
         assert name in ("qwen3", "mistral-window", "qwen2-window", "phi3-window", "smollm3", "smollm3-step4",
                         "gemma3", "gemma3-published")
-        reference = logits(on_int8_weights(load_model(directory, device="cpu").model, loaded), tokens)
-        assert (small - reference).abs().max() < 0.005 * reference.abs().max()  # the inputs' int16 rounding
-        # the weights' own rounding: on these random models up to 28% of the largest logit (Gemma's 6 layers)
-        assert torch.corrcoef(torch.stack([small.flatten(), exact.flatten()]))[0, 1] > 0.99
+        from camelid.native import PANEL_MIN
+
+        # a prompt shorter than PANEL_MIN, whose products keep int16 inputs (a longer one's are rounded to int8,
+        # whose ties PyTorch's float sums may break the other way: test_native checks those against PyTorch)
+        short = tokens[:, : PANEL_MIN - 1]
+        reference = logits(on_int8_weights(load_model(directory, device="cpu").model, loaded), short)
+        got = logits(loaded, short)
+        assert (got - reference).abs().max() < 0.005 * reference.abs().max()  # the inputs' int16 rounding
+        # the weights' own rounding: on these random models up to 28% of the largest logit (Gemma's 6 layers),
+        # and the 64-token prompt's inputs rounded to int8: correlation 0.989 at least (gemma3-published)
+        assert torch.corrcoef(torch.stack([small.flatten(), exact.flatten()]))[0, 1] > 0.98
         return
     # Measured on this random model: 4.7% of the largest logit at most, correlation 0.9995; the kernels without
     # Qwen2's q/k/v biases gave 122% and 0.54.

@@ -276,6 +276,9 @@ typedef struct { /* n input rows rounded as the products need them */
     int8_t *q8; /* for 4-bit weights: [n, in] int8, a scale per block of Q4_BLOCK */
     float *scale8; /* [n, in / Q4_BLOCK] */
     float *sums8; /* [n, in / Q4_BLOCK]: each block's sum of its rounded values, times its scale */
+    int32_t *total8; /* [n, in / Q4_BLOCK]: the same sums, not scaled */
+    uint8_t *panel; /* for int8 weights and many rows: [in / Q4_BLOCK, 256], one group of rows (see panel8) */
+    float *pd; /* [in / Q4_BLOCK, Q4_ROWS], the group's scales */
     int n, in;
 } qinput;
 
@@ -343,8 +346,23 @@ static void quantize_input8(const float *x, int ldx, qinput *xi) {
             for (; i < Q4_BLOCK; i++) total += q[i] = (int8_t)lrintf(row[i] * inv);
             xi->scale8[(int64_t)c * nb + k] = s;
             xi->sums8[(int64_t)c * nb + k] = s * (float)total;
+            xi->total8[(int64_t)c * nb + k] = total;
         }
 }
+
+#ifdef __AVX2__
+/* acc += per lane, the two products of int16 pairs (vpdpwssd, or vpmaddwd and vpaddd without VNNI): exact, as
+ * int8 x int16 pairs summed over a block stay far inside int32. */
+static inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+#endif
 
 /* y[c * ldy + r] (=|+=) x_scale[c] * sum over blocks k of w_scale[r, k] * dot(w[r, k], xq[c, k]) + bias[r], for
  * R weight rows from r0 and C input rows from c0. */
@@ -376,7 +394,7 @@ static inline __attribute__((always_inline)) void tile(const qmatrix *m, int r0,
                     wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (int64_t)r * in + i)));
                 for (int c = 0; c < C; c++) {
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (int64_t)c * in + i));
-                    for (int r = 0; r < R; r++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[r], xv));
+                    for (int r = 0; r < R; r++) acc[r][c] = dot_s16(acc[r][c], wv[r], xv);
                 }
             }
             for (int r = 0; r < R; r++) {
@@ -447,6 +465,42 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { /* acc += 4-
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
+
+/* How a block's codes stand for its weights: */
+enum {
+    CODES_4BIT, /* w = d q + m, q in 0..15 */
+    CODES_OFFSET, /* int8: q = w + 128, unsigned; m unused */
+    CODES_SIGNED, /* int8: q = w, for paths without VNNI (vpmaddubsw would saturate on (w + 128) x xq pairs) */
+};
+
+/* acc[c] += for block k of Q4_BLOCK and input rows c0 + c, the 8 rows' w . x: codes[g] holds weights 4g..4g+3
+ * of each row, one row a lane, as `form` says. 4-bit: d sx (q . xq) + m (sx sum(xq)). int8: d sx (w . xq), the
+ * integer dot product exact on every path (the offset taken off as 128 sum(xq); signed codes multiplied as
+ * |w| . sign(xq, w)), so that every path rounds alike. */
+static inline __attribute__((always_inline)) void block_dots(const __m256i codes[8], __m256 d, __m256 mv,
+                                                             const qinput *xi, int c0, int C, int k, __m256 *acc,
+                                                             int form) {
+    const int in = xi->in, nb = in / Q4_BLOCK;
+    __m256i size[8];
+    if (form == CODES_SIGNED)
+        for (int g = 0; g < 8; g++) size[g] = _mm256_abs_epi8(codes[g]);
+    for (int c = 0; c < C; c++) {
+        const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
+        int64_t at = (int64_t)(c0 + c) * nb + k;
+        __m256i isum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            int32_t four;
+            memcpy(&four, xc + 4 * g, 4);
+            __m256i x4 = _mm256_set1_epi32(four);
+            isum = form == CODES_SIGNED ? dot_u8s8(isum, size[g], _mm256_sign_epi8(x4, codes[g]))
+                                        : dot_u8s8(isum, codes[g], x4);
+        }
+        if (form == CODES_OFFSET) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * xi->total8[at]));
+        __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d);
+        acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
+        if (form == CODES_4BIT) acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xi->sums8[at]), acc[c]);
+    }
+}
 #endif
 
 /* y[c * ldy + 8G + j] (=|+=) row 8G + j of the weights . input row c, for the C input rows from c0. */
@@ -472,19 +526,7 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
         }
         __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16)));
         __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16 + 8)));
-        for (int c = 0; c < C; c++) {
-            const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
-            __m256i isum = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++) {
-                int32_t four;
-                memcpy(&four, xc + 4 * g, 4);
-                isum = dot_u8s8(isum, codes[g], _mm256_set1_epi32(four));
-            }
-            int64_t at = (int64_t)(c0 + c) * nb + k;
-            __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d);
-            acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
-            acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xi->sums8[at]), acc[c]);
-        }
+        block_dots(codes, d, mv, xi, c0, C, k, acc, CODES_4BIT);
     }
     for (int c = 0; c < C; c++) _mm256_storeu_ps(out[c], acc[c]);
 #else
@@ -517,8 +559,116 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
         }
 }
 
+/* ---- int8 x int8 products, for many input rows ----------------------------------------------------------- */
+
+/* From PANEL_MIN input rows (a prompt), int8 weights are multiplied as 4-bit ones are: the inputs rounded to
+ * int8 per block of Q4_BLOCK (quantize_input8, as llama.cpp rounds them for its Q8_0), and each group of Q4_ROWS
+ * weight rows copied once per pass into a panel in tile4's layout after unpacking: 8 loads of 32 bytes per
+ * block, load g holding weights 4g..4g+3 of each row (with VNNI, each weight plus 128 as an unsigned byte:
+ * CODES_OFFSET). One u8 x s8 instruction then does 32 of the products where the int16 path's does 16, and each
+ * block's scales are applied to 8 rows at once. Fewer rows (a decode step) keep int16 inputs: their products are
+ * bound by reading the weights, not by arithmetic. */
+#ifndef PANEL_MIN
+#define PANEL_MIN 16
+#endif
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
+#define PANEL_OFFSET 0 /* the panel holds w itself (CODES_SIGNED) */
+#else
+#define PANEL_OFFSET 128
+#endif
+
+/* Rows r0..r0 + rows - 1 of m (bits 8, in a multiple of SCALE_BLOCK; rows <= Q4_ROWS) as a panel (the rest
+ * zero), with each block's Q4_ROWS scales in d [in / Q4_BLOCK, Q4_ROWS]. */
+static void panel8(const qmatrix *m, int r0, int rows, uint8_t *panel, float *d) {
+    const int in = m->in, nb = in / Q4_BLOCK, nb64 = blocks_of(in);
+    const int8_t *w = (const int8_t *)m->w + (int64_t)r0 * in;
+    const float *ws = (const float *)m->scale + (int64_t)r0 * nb64;
+    for (int k = 0; k < nb; k++) {
+        uint8_t *b = panel + (int64_t)k * 256;
+        for (int j = 0; j < Q4_ROWS; j++) d[k * Q4_ROWS + j] = j < rows ? ws[(int64_t)j * nb64 + k * Q4_BLOCK / SCALE_BLOCK] : 0;
+#ifdef __AVX2__
+        if (rows == Q4_ROWS) { /* an 8 x 8 transpose of 4-byte groups */
+            __m256i r[8], t[8], u[8];
+            for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * in + k * Q4_BLOCK));
+            for (int j = 0; j < 8; j += 2) {
+                t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+                t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+            }
+            for (int h = 0; h < 8; h += 4) {
+                u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+                u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+                u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+                u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+            }
+            const __m256i flip = _mm256_set1_epi8((char)PANEL_OFFSET);
+            for (int g = 0; g < 4; g++) {
+                _mm256_storeu_si256((__m256i *)(b + 32 * g),
+                                    _mm256_xor_si256(_mm256_permute2x128_si256(u[g], u[g + 4], 0x20), flip));
+                _mm256_storeu_si256((__m256i *)(b + 32 * (g + 4)),
+                                    _mm256_xor_si256(_mm256_permute2x128_si256(u[g], u[g + 4], 0x31), flip));
+            }
+            continue;
+        }
+#endif
+        for (int g = 0; g < 8; g++)
+            for (int j = 0; j < Q4_ROWS; j++)
+                for (int t = 0; t < 4; t++)
+                    b[32 * g + 4 * j + t] = (uint8_t)((j < rows ? w[(int64_t)j * in + k * Q4_BLOCK + 4 * g + t] : 0) + PANEL_OFFSET);
+    }
+}
+
+/* y[c * ldy + r0 + j] (=|+=) row r0 + j of the weights . input row c, for j < rows and the C input rows from c0,
+ * from the panel of those rows. */
+static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0, int rows, const uint8_t *panel,
+                                                        const float *pd, const qinput *xi, int c0, int C, float *y,
+                                                        int ldy, int mode) {
+    const int in = m->in, nb = in / Q4_BLOCK;
+    float out[4][Q4_ROWS];
+#ifdef __AVX2__
+    __m256 acc[4];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (int k = 0; k < nb; k++) {
+        __m256i codes[8];
+        for (int g = 0; g < 8; g++) codes[g] = _mm256_loadu_si256((const __m256i *)(panel + (int64_t)k * 256 + 32 * g));
+        __m256 d = _mm256_loadu_ps(pd + (int64_t)k * Q4_ROWS);
+        block_dots(codes, d, d, xi, c0, C, k, acc, PANEL_OFFSET ? CODES_OFFSET : CODES_SIGNED);
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out[c], acc[c]);
+#else
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < Q4_ROWS; j++) out[c][j] = 0;
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *b = panel + (int64_t)k * 256;
+        for (int j = 0; j < Q4_ROWS; j++) {
+            float d = pd[k * Q4_ROWS + j];
+            for (int c = 0; c < C; c++) {
+                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
+                int64_t at = (int64_t)(c0 + c) * nb + k;
+                int32_t isum = -PANEL_OFFSET * xi->total8[at];
+                for (int g = 0; g < 8; g++)
+                    for (int t = 0; t < 4; t++) isum += b[32 * g + 4 * j + t] * xc[4 * g + t];
+                out[c][j] = fmaf((float)isum * d, xi->scale8[at], out[c][j]);
+            }
+        }
+    }
+#endif
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < rows; j++) {
+            int r = r0 + j;
+            float v = out[c][j] + (m->bias ? m->bias[r] : 0.0f), *dst = y + (int64_t)(c0 + c) * ldy + r;
+            *dst = mode == ADD ? *dst + v : v;
+        }
+}
+
+static inline int panel_product(const qmatrix *m, int n) {
+    return m->bits == 8 && n >= PANEL_MIN && m->in % SCALE_BLOCK == 0;
+}
+
 #define X_BLOCK 64 /* input rows per pass over the weights: 64 x 4K int16 stay in L2 */
 
+#ifndef PREFILL_ROWS
+#define PREFILL_ROWS 1
+#endif
 /* Rows [lo, hi) of y = x @ w.T: the weights are read once per X_BLOCK input rows. */
 static void product_rows8(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     for (int c0 = 0; c0 < xi->n; c0 += X_BLOCK) {
@@ -526,11 +676,11 @@ static void product_rows8(const qmatrix *m, int lo, int hi, const qinput *xi, fl
         int r = lo;
         if (c1 - c0 == 1) { /* one input row: four weight rows share each load of it */
             for (; r + 4 <= hi; r += 4) tile(m, r, 4, xi, c0, 1, y, ldy, mode);
-        } else { /* a weight row at a time against four input rows: 4 int and 4 float sums stay in registers */
-            for (; r < hi; r++) {
+        } else { /* PREFILL_ROWS weight rows at a time against four input rows */
+            for (; r + PREFILL_ROWS <= hi; r += PREFILL_ROWS) {
                 int c = c0;
-                for (; c + 4 <= c1; c += 4) tile(m, r, 1, xi, c, 4, y, ldy, mode);
-                for (; c < c1; c++) tile(m, r, 1, xi, c, 1, y, ldy, mode);
+                for (; c + 4 <= c1; c += 4) tile(m, r, PREFILL_ROWS, xi, c, 4, y, ldy, mode);
+                for (; c < c1; c++) tile(m, r, PREFILL_ROWS, xi, c, 1, y, ldy, mode);
             }
         }
         for (; r < hi; r++)
@@ -553,10 +703,32 @@ static void product_rows4(const qmatrix *m, int lo, int hi, const qinput *xi, fl
     }
 }
 
+/* The same for int8 weights and many input rows (rounded by quantize_input8): rows [lo, hi), Q4_ROWS at a
+ * time put in a panel (panel, pd: this thread's) once per pass. */
+static void product_panels(const qmatrix *m, int lo, int hi, const qinput *xi, uint8_t *panel, float *pd, float *y,
+                           int ldy, int mode) {
+    for (int c0 = 0; c0 < xi->n; c0 += X_BLOCK) {
+        int c1 = c0 + X_BLOCK < xi->n ? c0 + X_BLOCK : xi->n;
+        for (int r = lo; r < hi; r += Q4_ROWS) {
+            int rows = hi - r < Q4_ROWS ? hi - r : Q4_ROWS, c = c0;
+            panel8(m, r, rows, panel, pd);
+            if (rows == Q4_ROWS) {
+                for (; c + 4 <= c1; c += 4) tile8(m, r, Q4_ROWS, panel, pd, xi, c, 4, y, ldy, mode);
+                for (; c < c1; c++) tile8(m, r, Q4_ROWS, panel, pd, xi, c, 1, y, ldy, mode);
+            } else {
+                for (; c < c1; c++) tile8(m, r, rows, panel, pd, xi, c, 1, y, ldy, mode);
+            }
+        }
+    }
+}
+
 /* Round the input as m's weights need it, then rows [lo, hi) of y (=|+=) x @ m.T. */
 static void product(const qmatrix *m, int lo, int hi, const float *x, int ldx, qinput *xi, float *y, int ldy,
                     int mode, int rounded) {
-    if (m->bits == 4) {
+    if (panel_product(m, xi->n)) {
+        if (!rounded) quantize_input8(x, ldx, xi);
+        product_panels(m, lo, hi, xi, xi->panel, xi->pd, y, ldy, mode);
+    } else if (m->bits == 4) {
         if (!rounded) quantize_input8(x, ldx, xi);
         product_rows4(m, lo, hi, xi, y, ldy, mode);
     } else {
@@ -569,13 +741,15 @@ static void product(const qmatrix *m, int lo, int hi, const float *x, int ldx, q
 typedef struct {
     int16_t *q;
     int8_t *q8;
-    float *scale, *scale8, *sums8;
+    float *scale, *scale8, *sums8, *pd;
+    int32_t *total8;
+    uint8_t *panel;
 } thread_buffers;
 
 static qinput thread_input(const thread_buffers *b, int t, int n, int width, int in) {
-    int64_t blocks = (int64_t)t * n * (width / Q4_BLOCK);
+    int64_t blocks = (int64_t)t * n * (width / Q4_BLOCK), group = (int64_t)t * Q4_ROWS * width;
     qinput xi = {b->q + (int64_t)t * n * width, b->scale + (int64_t)t * n, b->q8 + (int64_t)t * n * width,
-                 b->scale8 + blocks, b->sums8 + blocks, n, in};
+                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + group, b->pd + group / Q4_BLOCK, n, in};
     return xi;
 }
 
@@ -585,16 +759,22 @@ static void free_buffers(thread_buffers *b) {
     free(b->scale);
     free(b->scale8);
     free(b->sums8);
+    free(b->total8);
+    free(b->panel);
+    free(b->pd);
 }
 
 static int alloc_buffers(thread_buffers *b, int nt, int n, int width) {
-    size_t blocks = (size_t)nt * n * (width / Q4_BLOCK) + 1;
+    size_t blocks = (size_t)nt * n * (width / Q4_BLOCK) + 1, group = (size_t)nt * Q4_ROWS * width + 1;
     b->q = malloc(sizeof(int16_t) * (size_t)nt * n * width);
     b->q8 = malloc((size_t)nt * n * width);
     b->scale = malloc(sizeof(float) * (size_t)nt * n);
     b->scale8 = malloc(sizeof(float) * blocks);
     b->sums8 = malloc(sizeof(float) * blocks);
-    if (b->q && b->q8 && b->scale && b->scale8 && b->sums8) return 0;
+    b->total8 = malloc(sizeof(int32_t) * blocks);
+    b->panel = malloc(group);
+    b->pd = malloc(sizeof(float) * group);
+    if (b->q && b->q8 && b->scale && b->scale8 && b->sums8 && b->total8 && b->panel && b->pd) return 0;
     free_buffers(b);
     return -1;
 }
@@ -1156,3 +1336,4 @@ int camelid_sizeof_decoder(void) { return (int)sizeof(decoder); }
 int camelid_scale_block(void) { return SCALE_BLOCK; }
 int camelid_q4_block(void) { return Q4_BLOCK; }
 int camelid_q4_rows(void) { return Q4_ROWS; }
+int camelid_panel_min(void) { return PANEL_MIN; }

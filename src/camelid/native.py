@@ -35,6 +35,7 @@ NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: ins
                "or use --quantize f16")
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 Q4_BLOCK = 32  # 4-bit weights per float16 (scale, offset) pair along a row (native.c's Q4_BLOCK)
+PANEL_MIN = 16  # from this many input rows, int8 products of rows a multiple of SCALE_BLOCK take int8 inputs
 Q4_ROWS = 8  # 4-bit weight rows interleaved in one group (native.c's Q4_ROWS)
 # (-ffp-contract=off: a multiply and an add stay two roundings unless the code asks for a fused one, so that every
 # path rounds the scalar code alike: the 4-bit quantizer's blocks are the same bytes on each)
@@ -168,7 +169,8 @@ def _build(cc: list[str], isa: str) -> ctypes.CDLL:
     lib.camelid_decoder_forward.restype = i32
     for size, name in ((ctypes.sizeof(_Layer), "camelid_sizeof_layer"),
                        (ctypes.sizeof(_Decoder), "camelid_sizeof_decoder"), (SCALE_BLOCK, "camelid_scale_block"),
-                       (Q4_BLOCK, "camelid_q4_block"), (Q4_ROWS, "camelid_q4_rows")):
+                       (Q4_BLOCK, "camelid_q4_block"), (Q4_ROWS, "camelid_q4_rows"),
+                       (PANEL_MIN, "camelid_panel_min")):
         if getattr(lib, name)() != size:
             raise CamelidError(f"camelid's int8 kernels in {path} do not match this camelid; delete the file")
     lib.isa = isa
