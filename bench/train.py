@@ -47,7 +47,7 @@ from camelid.errors import CamelidError
 from camelid.named_models import DEFAULT_MODEL
 
 CONTENDERS = ("camelid", "peft")
-TARGETS_MIN_SPEED, TARGETS_MAX_MEMORY = 1.0, 0.6  # the issue's goals: tok/s >= 1.0x peft's, memory <= 0.6x
+TARGETS_MIN_SPEED, TARGETS_MAX_MEMORY = 1.1, 0.6  # issue 22's goals at 1.1B: tok/s >= 1.1x peft's, memory <= 0.6x
 
 
 # -- memory --------------------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_a_gguf_file_s_4_bit_blocks_are_taken_as_they_are(tiny_files, kind, monk
     with torch.no_grad():
         got, want = small(tokens)[0], full(tokens)[0]
     # (a random model's top logits lie close: q4_k_m, whose int8 products also take int8 inputs, agrees at 36 of 40)
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     assert (got - want).norm() < 0.05 * want.norm()
 
 

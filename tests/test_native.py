@@ -196,16 +196,18 @@ def test_a_prompt_s_int8_products_round_the_inputs_to_int8_as_llama_cpp_s_q8_0(n
     that lies on a rounding boundary rounds the other way for the float sums' order (measured: at one position
     in 36, 8e-3 off, and at those after it in its row), and nowhere by more than 5% of the largest logit."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # (intermediate 100: the up rows of gate_up start at row 100, inside a group of 8)
+    config = ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                          max_position_embeddings=64, **CONFIGS[name])
     exact = Llama(config).eval()
     small = quantize_model(copy.deepcopy(exact), "int8")
     ref = dequantized_reference(exact, small)
-    tokens = torch.randint(0, 301, (6, 6), generator=torch.Generator().manual_seed(1))  # short rows: a flip
-    with torch.no_grad():  # carries only to the end of its own
+    # short rows: a value rounded the other way changes only the rest of its own row
+    tokens = torch.randint(0, 301, (6, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
         got, rounded, unrounded = small(tokens), with_int8_prefill_inputs(copy.deepcopy(ref))(tokens), ref(tokens)
     same = (got - rounded).abs().amax(-1) < 1e-4
-    assert same.float().mean() >= 0.5
+    assert same.float().mean() >= 2 / 3  # two such rows at most
     assert (got - rounded).abs().max() < 0.05 * rounded.abs().max()
     assert (unrounded - rounded)[same].abs().max() > 100 * (got - rounded)[same].abs().max()  # the rounding counts
 
@@ -381,6 +383,12 @@ def test_every_instruction_set_path_this_cpu_has_gives_the_same_products(bits):
     for isa, got in results.items():
         assert ((got - expected).abs() <= bound).all(), isa
         torch.testing.assert_close(got, results[native.chosen_isa()], rtol=1e-5, atol=1e-5)
+    if bits == 8:  # a prompt's rows (int8 inputs, 8 weight rows at a time; 75 rows: a partial group): every path
+        layer = Int8Linear(torch.randn(75, 320, generator=g) * 0.05)  # sums its integers exactly, then alike
+        x = torch.randn(native.PANEL_MIN + 3, 320, generator=g)
+        panels = {isa: layer.multiply(x, native.library(isa)) for isa in native.available_isas()}
+        for isa, got in panels.items():
+            assert torch.equal(got, panels[native.chosen_isa()]), isa
 
 
 def test_camelid_isa_picks_a_path_and_refuses_one_this_cpu_lacks(monkeypatch):

@@ -1,5 +1,6 @@
 /* camelid's CPU kernels for quantized inference: int8 weights, against float32 activations rounded to int16
- * per row inside the products; 4-bit weights, against activations rounded to int8 per block of 32.
+ * per row inside the products (int8 per block of 32 for a prompt's many rows); 4-bit weights, against
+ * activations rounded to int8 per block of 32.
  *
  * At batch 1 a small model's decode reads every weight once per token and does little else, so what counts is
  * how many bytes the weights take and how little happens between the products. PyTorch spends about as long
@@ -7,7 +8,8 @@
  * the decoder's layers is one call.
  *
  * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
- * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int16 per row.
+ * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int16 per row, or
+ * from PANEL_MIN rows on to int8 per block of 32 (see panel8).
  *
  * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the
  * vector code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work
@@ -273,7 +275,7 @@ static inline int blocks_of(int in) { return (in + SCALE_BLOCK - 1) / SCALE_BLOC
 typedef struct { /* n input rows rounded as the products need them */
     int16_t *q; /* for int8 weights: [n, in] int16, a scale per row */
     float *scale; /* [n] */
-    int8_t *q8; /* for 4-bit weights: [n, in] int8, a scale per block of Q4_BLOCK */
+    int8_t *q8; /* for 4-bit weights (and int8 ones in panels): [n, in] int8, a scale per block of Q4_BLOCK */
     float *scale8; /* [n, in / Q4_BLOCK] */
     float *sums8; /* [n, in / Q4_BLOCK]: each block's sum of its rounded values, times its scale */
     int32_t *total8; /* [n, in / Q4_BLOCK]: the same sums, not scaled */
@@ -319,8 +321,9 @@ static void quantize_input(const float *x, int ldx, qinput *xi) {
     }
 }
 
-/* For 4-bit weights: each block of Q4_BLOCK inputs rounded to int8 with its own scale (max |block| / 127), as
- * llama.cpp's Q8_0; the weights' own rounding (1/30 of a block's range) stays ~10x the larger error. */
+/* For 4-bit weights (and int8 ones from PANEL_MIN rows): each block of Q4_BLOCK inputs rounded to int8 with its own
+ * scale (max |block| / 127), as llama.cpp's Q8_0; for 4-bit weights their own rounding (1/30 of a block's range)
+ * stays ~10x the larger error, for int8 ones (1/254 of a block's largest) the two are alike. */
 static void quantize_input8(const float *x, int ldx, qinput *xi) {
     const int nb = xi->in / Q4_BLOCK;
     for (int c = 0; c < xi->n; c++)
@@ -349,20 +352,6 @@ static void quantize_input8(const float *x, int ldx, qinput *xi) {
             xi->total8[(int64_t)c * nb + k] = total;
         }
 }
-
-#ifdef __AVX2__
-/* acc += per lane, the two products of int16 pairs (vpdpwssd, or vpmaddwd and vpaddd without VNNI): exact, as
- * int8 x int16 pairs summed over a block stay far inside int32. */
-static inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(acc, a, b);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpwssd_avx_epi32(acc, a, b);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
-}
-#endif
 
 /* y[c * ldy + r] (=|+=) x_scale[c] * sum over blocks k of w_scale[r, k] * dot(w[r, k], xq[c, k]) + bias[r], for
  * R weight rows from r0 and C input rows from c0. */
@@ -394,7 +383,7 @@ static inline __attribute__((always_inline)) void tile(const qmatrix *m, int r0,
                     wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (int64_t)r * in + i)));
                 for (int c = 0; c < C; c++) {
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (int64_t)c * in + i));
-                    for (int r = 0; r < R; r++) acc[r][c] = dot_s16(acc[r][c], wv[r], xv);
+                    for (int r = 0; r < R; r++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(wv[r], xv));
                 }
             }
             for (int r = 0; r < R; r++) {
@@ -566,11 +555,10 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
  * weight rows copied once per pass into a panel in tile4's layout after unpacking: 8 loads of 32 bytes per
  * block, load g holding weights 4g..4g+3 of each row (with VNNI, each weight plus 128 as an unsigned byte:
  * CODES_OFFSET). One u8 x s8 instruction then does 32 of the products where the int16 path's does 16, and each
- * block's scales are applied to 8 rows at once. Fewer rows (a decode step) keep int16 inputs: their products are
- * bound by reading the weights, not by arithmetic. */
-#ifndef PANEL_MIN
+ * block's scales are applied to 8 rows at once. Fewer rows (a decode step of fewer than PANEL_MIN sequences) keep
+ * int16 inputs: their products are bound by reading the weights, not by arithmetic, and a panel per call would
+ * cost 1.5x. The choice is made per call: a sequence's rounding depends on how many rows share its call. */
 #define PANEL_MIN 16
-#endif
 #if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
 #define PANEL_OFFSET 0 /* the panel holds w itself (CODES_SIGNED) */
 #else
@@ -585,11 +573,13 @@ static void panel8(const qmatrix *m, int r0, int rows, uint8_t *panel, float *d)
     const float *ws = (const float *)m->scale + (int64_t)r0 * nb64;
     for (int k = 0; k < nb; k++) {
         uint8_t *b = panel + (int64_t)k * 256;
-        for (int j = 0; j < Q4_ROWS; j++) d[k * Q4_ROWS + j] = j < rows ? ws[(int64_t)j * nb64 + k * Q4_BLOCK / SCALE_BLOCK] : 0;
+        for (int j = 0; j < Q4_ROWS; j++)
+            d[k * Q4_ROWS + j] = j < rows ? ws[(int64_t)j * nb64 + k * Q4_BLOCK / SCALE_BLOCK] : 0;
 #ifdef __AVX2__
         if (rows == Q4_ROWS) { /* an 8 x 8 transpose of 4-byte groups */
             __m256i r[8], t[8], u[8];
-            for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * in + k * Q4_BLOCK));
+            for (int j = 0; j < 8; j++)
+                r[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * in + k * Q4_BLOCK));
             for (int j = 0; j < 8; j += 2) {
                 t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
                 t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
@@ -613,7 +603,8 @@ static void panel8(const qmatrix *m, int r0, int rows, uint8_t *panel, float *d)
         for (int g = 0; g < 8; g++)
             for (int j = 0; j < Q4_ROWS; j++)
                 for (int t = 0; t < 4; t++)
-                    b[32 * g + 4 * j + t] = (uint8_t)((j < rows ? w[(int64_t)j * in + k * Q4_BLOCK + 4 * g + t] : 0) + PANEL_OFFSET);
+                    b[32 * g + 4 * j + t] =
+                        (uint8_t)((j < rows ? w[(int64_t)j * in + k * Q4_BLOCK + 4 * g + t] : 0) + PANEL_OFFSET);
     }
 }
 
@@ -622,7 +613,7 @@ static void panel8(const qmatrix *m, int r0, int rows, uint8_t *panel, float *d)
 static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0, int rows, const uint8_t *panel,
                                                         const float *pd, const qinput *xi, int c0, int C, float *y,
                                                         int ldy, int mode) {
-    const int in = m->in, nb = in / Q4_BLOCK;
+    const int nb = m->in / Q4_BLOCK;
     float out[4][Q4_ROWS];
 #ifdef __AVX2__
     __m256 acc[4];
@@ -642,7 +633,7 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
         for (int j = 0; j < Q4_ROWS; j++) {
             float d = pd[k * Q4_ROWS + j];
             for (int c = 0; c < C; c++) {
-                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
+                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * m->in + k * Q4_BLOCK;
                 int64_t at = (int64_t)(c0 + c) * nb + k;
                 int32_t isum = -PANEL_OFFSET * xi->total8[at];
                 for (int g = 0; g < 8; g++)
@@ -666,9 +657,6 @@ static inline int panel_product(const qmatrix *m, int n) {
 
 #define X_BLOCK 64 /* input rows per pass over the weights: 64 x 4K int16 stay in L2 */
 
-#ifndef PREFILL_ROWS
-#define PREFILL_ROWS 1
-#endif
 /* Rows [lo, hi) of y = x @ w.T: the weights are read once per X_BLOCK input rows. */
 static void product_rows8(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     for (int c0 = 0; c0 < xi->n; c0 += X_BLOCK) {
@@ -676,11 +664,11 @@ static void product_rows8(const qmatrix *m, int lo, int hi, const qinput *xi, fl
         int r = lo;
         if (c1 - c0 == 1) { /* one input row: four weight rows share each load of it */
             for (; r + 4 <= hi; r += 4) tile(m, r, 4, xi, c0, 1, y, ldy, mode);
-        } else { /* PREFILL_ROWS weight rows at a time against four input rows */
-            for (; r + PREFILL_ROWS <= hi; r += PREFILL_ROWS) {
+        } else { /* a weight row at a time against four input rows: 4 int and 4 float sums stay in registers */
+            for (; r < hi; r++) {
                 int c = c0;
-                for (; c + 4 <= c1; c += 4) tile(m, r, PREFILL_ROWS, xi, c, 4, y, ldy, mode);
-                for (; c < c1; c++) tile(m, r, PREFILL_ROWS, xi, c, 1, y, ldy, mode);
+                for (; c + 4 <= c1; c += 4) tile(m, r, 1, xi, c, 4, y, ldy, mode);
+                for (; c < c1; c++) tile(m, r, 1, xi, c, 1, y, ldy, mode);
             }
         }
         for (; r < hi; r++)
@@ -749,7 +737,8 @@ typedef struct {
 static qinput thread_input(const thread_buffers *b, int t, int n, int width, int in) {
     int64_t blocks = (int64_t)t * n * (width / Q4_BLOCK), group = (int64_t)t * Q4_ROWS * width;
     qinput xi = {b->q + (int64_t)t * n * width, b->scale + (int64_t)t * n, b->q8 + (int64_t)t * n * width,
-                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + group, b->pd + group / Q4_BLOCK, n, in};
+                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + group,
+                 b->pd + group / Q4_BLOCK, n, in};
     return xi;
 }
 
@@ -773,7 +762,7 @@ static int alloc_buffers(thread_buffers *b, int nt, int n, int width) {
     b->sums8 = malloc(sizeof(float) * blocks);
     b->total8 = malloc(sizeof(int32_t) * blocks);
     b->panel = malloc(group);
-    b->pd = malloc(sizeof(float) * group);
+    b->pd = malloc(sizeof(float) * (group / Q4_BLOCK + 1));
     if (b->q && b->q8 && b->scale && b->scale8 && b->sums8 && b->total8 && b->panel && b->pd) return 0;
     free_buffers(b);
     return -1;
