@@ -39,7 +39,7 @@ def add_device(p: argparse.ArgumentParser) -> None:
         "--quantize", choices=list(QUANTIZATIONS), default="none",
         help="f16: float16 weights, ~2x faster CPU decoding (SmolLM2's perplexity +0.005%%); int8: int8 weights "
         "on camelid's own C kernels, built on first use with the system's C compiler: ~7x faster (perplexity "
-        "+0.15%%); int4: 4-bit weights on the same kernels (a GGUF's Q4_0/Q4_1/Q4_K blocks used directly), "
+        "+0.71%%, prompts rounded as llama.cpp's Q8_0); int4: 4-bit weights on the same kernels (a GGUF's Q4_0/Q4_1/Q4_K blocks used directly), "
         "about 0.6x int8's memory; none: exact float32, equal to transformers (default)",
     )
 
