@@ -156,17 +156,22 @@ def dequantized_reference(exact: Llama, small: Llama) -> Llama:
     return ref
 
 
+def int8_model_and_reference(name: str, intermediate: int) -> tuple[ModelConfig, Llama, Llama]:
+    """A random 2-layer model of CONFIGS[name]'s kind: its config, its int8 model, and PyTorch on the int8 weights."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                         max_position_embeddings=64, **CONFIGS[name])
+    exact = Llama(config).eval()
+    small = quantize_model(copy.deepcopy(exact), "int8")
+    return config, small, dequantized_reference(exact, small)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_native_decoder_equals_pytorch_on_the_same_weights(name):
     """Prefill of rows of different lengths (right-padded), then batched decode steps in which one row has
     finished: the kernels' logits equal PyTorch's on the dequantized weights, and the caches agree."""
     assert 3 * 5 < native.PANEL_MIN
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         max_position_embeddings=64, **CONFIGS[name])
-    exact = Llama(config).eval()
-    small = quantize_model(copy.deepcopy(exact), "int8")
-    ref = dequantized_reference(exact, small)
+    config, small, ref = int8_model_and_reference(name, intermediate=96)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 301, (3, 5), generator=g)  # fewer than PANEL_MIN tokens: int16 inputs throughout
     valid = torch.tensor([5, 2, 4])
@@ -195,13 +200,8 @@ def test_a_prompt_s_int8_products_round_the_inputs_to_int8_as_llama_cpp_s_q8_0(n
     dequantized weights with each product's input rounded so (with_int8_prefill_inputs), except after a value
     that lies on a rounding boundary rounds the other way for the float sums' order (measured: at one position
     in 36, 8e-3 off, and at those after it in its row), and nowhere by more than 5% of the largest logit."""
-    torch.manual_seed(0)
     # (intermediate 100: the up rows of gate_up start at row 100, inside a group of 8)
-    config = ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
-                         max_position_embeddings=64, **CONFIGS[name])
-    exact = Llama(config).eval()
-    small = quantize_model(copy.deepcopy(exact), "int8")
-    ref = dequantized_reference(exact, small)
+    _, small, ref = int8_model_and_reference(name, intermediate=100)
     # short rows: a value rounded the other way changes only the rest of its own row
     tokens = torch.randint(0, 301, (6, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
