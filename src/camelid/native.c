@@ -492,6 +492,17 @@ static inline __attribute__((always_inline)) void block_dots(const __m256i codes
 }
 #endif
 
+/* y[(c0 + c) * ldy + r0 + j] (=|+=) out[c][j] + bias[r0 + j], for j < rows and c < C: a tile's sums, stored. */
+static inline void store_group(const qmatrix *m, int r0, int rows, float out[][Q4_ROWS], int c0, int C, float *y,
+                               int ldy, int mode) {
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < rows; j++) {
+            int r = r0 + j;
+            float v = out[c][j] + (m->bias ? m->bias[r] : 0.0f), *dst = y + (int64_t)(c0 + c) * ldy + r;
+            *dst = mode == ADD ? *dst + v : v;
+        }
+}
+
 /* y[c * ldy + 8G + j] (=|+=) row 8G + j of the weights . input row c, for the C input rows from c0. */
 static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G, const qinput *xi, int c0, int C,
                                                         float *y, int ldy, int mode) {
@@ -540,12 +551,7 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
         }
     }
 #endif
-    for (int c = 0; c < C; c++)
-        for (int j = 0; j < Q4_ROWS; j++) {
-            int r = G * Q4_ROWS + j;
-            float v = out[c][j] + (m->bias ? m->bias[r] : 0.0f), *dst = y + (int64_t)(c0 + c) * ldy + r;
-            *dst = mode == ADD ? *dst + v : v;
-        }
+    store_group(m, G * Q4_ROWS, Q4_ROWS, out, c0, C, y, ldy, mode);
 }
 
 /* ---- int8 x int8 products, for many input rows ----------------------------------------------------------- */
@@ -643,12 +649,7 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
         }
     }
 #endif
-    for (int c = 0; c < C; c++)
-        for (int j = 0; j < rows; j++) {
-            int r = r0 + j;
-            float v = out[c][j] + (m->bias ? m->bias[r] : 0.0f), *dst = y + (int64_t)(c0 + c) * ldy + r;
-            *dst = mode == ADD ? *dst + v : v;
-        }
+    store_group(m, r0, rows, out, c0, C, y, ldy, mode);
 }
 
 static inline int panel_product(const qmatrix *m, int n) {

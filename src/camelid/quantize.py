@@ -22,7 +22,8 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
   32, on the same native decoder; where llama.cpp's Q4_K_M gives a tensor more bits (attn_v and ffn_down in
   about half the layers, rows not 256 wide) the product stays int8, and the head and embeddings are int8. A
   GGUF file's Q4_0, Q4_1 and Q4_K blocks are used directly (repacked, never made float). At a 1.1B shape it
-  decodes at ~1.15x llama.cpp's speed on the same Q4_0 file and prefills ~1.3x as fast (README, "Benchmarks").
+  decodes at 1.0-1.15x llama.cpp's speed on the same Q4_0 file and prefills 1.2-1.3x as fast (README,
+  "Benchmarks"; the ratios moved between runs).
 Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` and `int4` need a C
 compiler.
 Quantize a model loaded for inference, not one being trained: the float32 weights are not kept.
