@@ -152,14 +152,14 @@ def test_f16_and_int8_weights_stay_close_in_every_family(family):
     if loaded.native is None:
         assert name in ("qwen3", "mistral-window", "qwen2-window", "phi3-window", "smollm3", "smollm3-step4",
                         "gemma3", "gemma3-published")
-        from camelid.native import PANEL_MIN
+        from test_native import with_int8_inputs
 
-        # a prompt shorter than PANEL_MIN, whose products keep int16 inputs (a longer one's are rounded to int8,
-        # whose ties PyTorch's float sums may break the other way: test_native checks those against PyTorch)
-        short = tokens[:, : PANEL_MIN - 1]
-        reference = logits(on_int8_weights(load_model(directory, device="cpu").model, loaded), short)
-        got = logits(loaded, short)
-        assert (got - reference).abs().max() < 0.005 * reference.abs().max()  # the inputs' int16 rounding
+        # PyTorch on the same int8 weights, each product's input rounded to int8 per 32 as the kernels round it.
+        # Measured: 5 of the 8 families within 1.4e-6 of the largest logit; where a value lies on a rounding
+        # boundary PyTorch's float sums may round it the other way, and the rest of the row moves with it: 1.5% at
+        # most (qwen3, from the second token; without the inputs' rounding in the reference, 3% to 9%).
+        reference = logits(with_int8_inputs(on_int8_weights(load_model(directory, device="cpu").model, loaded)), tokens)
+        assert (small - reference).abs().max() < 0.025 * reference.abs().max()
         # the weights' own rounding: on these random models up to 28% of the largest logit (Gemma's 6 layers),
         # and the 64-token prompt's inputs rounded to int8: correlation 0.989 at least (gemma3-published)
         assert torch.corrcoef(torch.stack([small.flatten(), exact.flatten()]))[0, 1] > 0.98

@@ -48,7 +48,8 @@ def test_quantize_rows_rounds_each_block_to_its_own_int8_grid():
 def test_int8_linear_equals_the_dequantized_product(out_features, in_features, rows):
     """Shapes cover the vector loops' tails (37, 50, 7 rows), long rows summed in blocks (4100, 8200), groups of
     8 rows with a partial last one (50, 13 rows); batches that use every tile (1, 3, 8), more than one block of
-    input rows (70), and either side of PANEL_MIN, from where rows of a multiple of 64 take int8 inputs."""
+    input rows (70), and either side of PANEL_MIN, from where the weights are copied into panels. Rows a multiple
+    of 64 long take int8 inputs, the others int16 ones."""
     g = torch.Generator().manual_seed(out_features * rows)
     w = torch.randn(out_features, in_features, generator=g) * in_features**-0.5
     x = torch.randn(rows, in_features, generator=g)
@@ -58,7 +59,7 @@ def test_int8_linear_equals_the_dequantized_product(out_features, in_features, r
     expected = x @ deq.T + layer.bias
     got = layer(x)
     weights_error = (x @ w.T + layer.bias - expected).norm()  # what rounding the weights to int8 costs
-    if rows >= native.PANEL_MIN and in_features % native.SCALE_BLOCK == 0:
+    if in_features % native.SCALE_BLOCK == 0:
         # the inputs rounded to int8 per block of 32, as for 4-bit weights: at most max |block| / 254 each
         step = x.view(rows, -1, 32).abs().amax(-1) / 254
         bound = step @ deq.abs().view(out_features, -1, 32).sum(-1).T * 1.001 + 1e-4
@@ -73,6 +74,22 @@ def test_int8_linear_equals_the_dequantized_product(out_features, in_features, r
         assert (got - expected).norm() < 0.1 * weights_error < 0.01 * expected.norm()
 
 
+@pytest.mark.parametrize("out_features, in_features", [(75, 320), (64, 2048), (203, 4160)])
+def test_a_row_s_int8_product_does_not_depend_on_the_rows_beside_it(out_features, in_features):
+    """A decode step's few rows are read straight from the weights, a prompt's through panels: each row's result
+    is the same to the bit whether it is multiplied alone, with up to 15 others, or in a prompt of 20 (75 and 203
+    rows: a partial last group of 8; 320: a chunk of blocks not a multiple of 8)."""
+    g = torch.Generator().manual_seed(in_features)
+    layer = Int8Linear(torch.randn(out_features, in_features, generator=g) * 0.05,
+                       bias=torch.randn(out_features, generator=g))
+    x = torch.randn(20, in_features, generator=g)
+    full = layer(x)
+    for rows in range(1, native.PANEL_MIN):
+        assert torch.equal(layer(x[:rows]), full[:rows]), rows
+    for i in range(20):
+        assert torch.equal(layer(x[i : i + 1]), full[i : i + 1]), i
+
+
 def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded as the kernels round inputs to int8 (native.c's quantize_input8): each block of 32 along a
     row to the nearest multiple of max |block| / 127 (ties to even)."""
@@ -82,14 +99,12 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * (1 / step)) * step).reshape(x.shape)
 
 
-def with_int8_prefill_inputs(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` whose nn.Linear layers round their input as the int8 kernels do for a product of PANEL_MIN rows
-    or more of a multiple of SCALE_BLOCK (a prompt): PyTorch's arithmetic on the kernels' int8 inputs."""
+def with_int8_inputs(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` whose nn.Linear layers round their input as the int8 kernels do where it is a multiple of
+    SCALE_BLOCK long: PyTorch's arithmetic on the kernels' int8 inputs."""
     def round_input(module, args):
         x = args[0]
-        if x.numel() // x.shape[-1] >= native.PANEL_MIN and x.shape[-1] % native.SCALE_BLOCK == 0:
-            return (int8_rounded(x),)
-        return None
+        return (int8_rounded(x),) if x.shape[-1] % native.SCALE_BLOCK == 0 else None
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -169,35 +184,69 @@ def int8_model_and_reference(name: str, intermediate: int) -> tuple[ModelConfig,
 @pytest.mark.parametrize("name", CONFIGS)
 def test_native_decoder_equals_pytorch_on_the_same_weights(name):
     """Prefill of rows of different lengths (right-padded), then batched decode steps in which one row has
-    finished: the kernels' logits equal PyTorch's on the dequantized weights, and the caches agree."""
-    assert 3 * 5 < native.PANEL_MIN
+    finished: each row's logits and cache equal, to the bit, those of the row run alone, and PyTorch's on the
+    dequantized weights with the kernels' int8 inputs (with_int8_inputs) within 1e-2 (measured: 3.4e-3, where a
+    value on a rounding boundary rounds the other way for the float sums' order)."""
     config, small, ref = int8_model_and_reference(name, intermediate=96)
+    ref = with_int8_inputs(ref)
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 301, (3, 5), generator=g)  # fewer than PANEL_MIN tokens: int16 inputs throughout
+    tokens = torch.randint(0, 301, (3, 5), generator=g)
     valid = torch.tensor([5, 2, 4])
+    feeds = [torch.randint(0, 301, (3, 1), generator=g) for _ in range(6)]
+    lives = [torch.tensor([1, 1, 0 if step >= 2 else 1]) for step in range(6)]
     with torch.no_grad():
         caches = [m.new_cache(3, 40) for m in (small, ref)]
-        outs = [m(tokens, c, valid=valid) for m, c in zip((small, ref), caches)]
+        first = [m(tokens, c, valid=valid) for m, c in zip((small, ref), caches)]
+        steps = [[m(feed, c, valid=live) for m, c in zip((small, ref), caches)] for feed, live in zip(feeds, lives)]
         for b, n in enumerate(valid.tolist()):
-            torch.testing.assert_close(outs[0][b, :n], outs[1][b, :n], atol=2e-4, rtol=1e-4)
-        for step in range(6):
-            feed = torch.randint(0, 301, (3, 1), generator=g)
-            live = torch.tensor([1, 1, 0 if step >= 2 else 1])
-            outs = [m(feed, c, valid=live) for m, c in zip((small, ref), caches)]
-            torch.testing.assert_close(outs[0][live.bool()], outs[1][live.bool()], atol=2e-4, rtol=1e-4)
+            cache = small.new_cache(1, 40)
+            alone, batched = [small(tokens[b : b + 1, :n], cache)], [first[0][b : b + 1, :n]]
+            for feed, live, out in zip(feeds, lives, steps):
+                if live[b]:
+                    alone.append(small(feed[b : b + 1], cache))
+                    batched.append(out[0][b : b + 1])
+            assert torch.equal(torch.cat(batched, 1), torch.cat(alone, 1))
+            length = int(cache.lengths[0])
+            assert length == caches[0].lengths[b]
+            for layer in range(config.num_hidden_layers):
+                assert torch.equal(cache.k[layer][0, :, :length], caches[0].k[layer][b, :, :length])
+                assert torch.equal(cache.v[layer][0, :, :length], caches[0].v[layer][b, :, :length])
+        for b, n in enumerate(valid.tolist()):
+            torch.testing.assert_close(first[0][b, :n], first[1][b, :n], atol=1e-2, rtol=0)
+        for out, live in zip(steps, lives):
+            torch.testing.assert_close(out[0][live.bool()], out[1][live.bool()], atol=1e-2, rtol=0)
         assert torch.equal(caches[0].lengths, caches[1].lengths)
         for layer in range(config.num_hidden_layers):
             for b, n in enumerate(caches[0].lengths.tolist()):
-                torch.testing.assert_close(caches[0].k[layer][b, :, :n], caches[1].k[layer][b, :, :n], atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(caches[0].v[layer][b, :, :n], caches[1].v[layer][b, :, :n], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(caches[0].k[layer][b, :, :n], caches[1].k[layer][b, :, :n], atol=1e-2, rtol=0)
+                torch.testing.assert_close(caches[0].v[layer][b, :, :n], caches[1].v[layer][b, :, :n], atol=1e-2, rtol=0)
         # without a cache: plain causal scoring, as perplexity and multiple-choice evaluation use it
-        torch.testing.assert_close(small(tokens), ref(tokens), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(small(tokens), ref(tokens), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_token_gets_the_same_logits_in_a_prompt_in_a_batch_and_alone(name):
+    """A row's int8 products do not depend on the rows beside it, and attention is computed per token: a prompt
+    run in one call (60 rows: panels), token by token beside two other sequences (3 rows a call), and each
+    sequence alone give every token bit-identical logits."""
+    _, small, _ = int8_model_and_reference(name, intermediate=128)
+    tokens = torch.randint(0, 301, (3, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = small(tokens, small.new_cache(3, 20))
+        cache = small.new_cache(3, 20)
+        steps = torch.cat([small(tokens[:, t : t + 1], cache) for t in range(20)], 1)
+        alone = []
+        for b in range(3):
+            cache = small.new_cache(1, 20)
+            alone.append(torch.cat([small(tokens[b : b + 1, t : t + 1], cache) for t in range(20)], 1))
+    assert torch.equal(whole, steps)
+    assert torch.equal(steps, torch.cat(alone))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_a_prompt_s_int8_products_round_the_inputs_to_int8_as_llama_cpp_s_q8_0(name):
     """A prompt of PANEL_MIN tokens or more takes int8 inputs: the native decoder's logits equal PyTorch's on the
-    dequantized weights with each product's input rounded so (with_int8_prefill_inputs), except after a value
+    dequantized weights with each product's input rounded so (with_int8_inputs), except after a value
     that lies on a rounding boundary rounds the other way for the float sums' order (measured: at one position
     in 36, 8e-3 off, and at those after it in its row), and nowhere by more than 5% of the largest logit."""
     # (intermediate 100: the up rows of gate_up start at row 100, inside a group of 8)
@@ -205,7 +254,7 @@ def test_a_prompt_s_int8_products_round_the_inputs_to_int8_as_llama_cpp_s_q8_0(n
     # short rows: a value rounded the other way changes only the rest of its own row
     tokens = torch.randint(0, 301, (6, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got, rounded, unrounded = small(tokens), with_int8_prefill_inputs(copy.deepcopy(ref))(tokens), ref(tokens)
+        got, rounded, unrounded = small(tokens), with_int8_inputs(copy.deepcopy(ref))(tokens), ref(tokens)
     same = (got - rounded).abs().amax(-1) < 1e-4
     assert same.float().mean() >= 2 / 3  # two such rows at most
     assert (got - rounded).abs().max() < 0.05 * rounded.abs().max()
@@ -367,12 +416,15 @@ def test_a_cache_of_another_shape_is_refused_before_the_kernels_touch_it():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_every_instruction_set_path_this_cpu_has_gives_the_same_products(bits):
     """Each path the machine runs (AVX-512 with VNNI, AVX-VNNI, AVX2, plain C) within the kernels' bound of the
-    dequantized product, and the vector paths within float rounding of each other (their integer sums are
-    exact; only the order of float additions may differ)."""
+    dequantized product (int8 weights in rows of 200: int16 inputs), and the vector paths within float rounding
+    of each other (their integer sums are exact; only the order of float additions may differ). int8 weights
+    with int8 inputs (rows of 320) give every path the same float steps too: bit-identical, for a decode step's
+    rows (read straight from the weights) and a prompt's (panels; 75 weight rows: a partial group of 8)."""
     from camelid.native import Int4Linear
 
     g = torch.Generator().manual_seed(bits)
-    w, x = torch.randn(72, 320, generator=g) * 0.05, torch.randn(9, 320, generator=g)
+    width = 200 if bits == 8 else 320
+    w, x = torch.randn(72, width, generator=g) * 0.05, torch.randn(9, width, generator=g)
     layer = Int8Linear(w) if bits == 8 else Int4Linear([w])
     expected = x @ layer.dequantized().T
     results = {isa: layer.multiply(x, native.library(isa)) for isa in native.available_isas()}
@@ -383,12 +435,13 @@ def test_every_instruction_set_path_this_cpu_has_gives_the_same_products(bits):
     for isa, got in results.items():
         assert ((got - expected).abs() <= bound).all(), isa
         torch.testing.assert_close(got, results[native.chosen_isa()], rtol=1e-5, atol=1e-5)
-    if bits == 8:  # a prompt's rows (int8 inputs, 8 weight rows at a time; 75 rows: a partial group): every path
-        layer = Int8Linear(torch.randn(75, 320, generator=g) * 0.05)  # sums its integers exactly, then alike
-        x = torch.randn(native.PANEL_MIN + 3, 320, generator=g)
-        panels = {isa: layer.multiply(x, native.library(isa)) for isa in native.available_isas()}
-        for isa, got in panels.items():
-            assert torch.equal(got, panels[native.chosen_isa()]), isa
+    if bits == 8:
+        layer = Int8Linear(torch.randn(75, 320, generator=g) * 0.05)
+        for rows in (1, 9, native.PANEL_MIN + 3):
+            x = torch.randn(rows, 320, generator=g)
+            products = {isa: layer.multiply(x, native.library(isa)) for isa in native.available_isas()}
+            for isa, got in products.items():
+                assert torch.equal(got, products[native.chosen_isa()]), (isa, rows)
 
 
 def test_camelid_isa_picks_a_path_and_refuses_one_this_cpu_lacks(monkeypatch):

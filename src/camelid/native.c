@@ -252,10 +252,11 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 
 /* ---- int8 x int16 products -------------------------------------------------------------------------------- */
 
-/* The products are integer dot products: each input row is rounded to int16 with its own scale (max |x| /
- * 32767, a relative error of at most 1/65534 of the row's largest element, far below the weights' 1/254), and
- * int8 x int16 pairs are multiplied and summed exactly (vpmaddwd), half the instructions per weight of
- * widening the weights to float. Each block's exact int32 sum is scaled by the block's scale in float32. */
+/* The products are integer dot products. Where the rows are a multiple of SCALE_BLOCK long (every model's
+ * layers), int8 weights take their inputs rounded to int8 per block of Q4_BLOCK, as 4-bit ones do (below). The
+ * other rows' inputs are rounded to int16 with a scale per row (max |x| / 32767, a relative error of at most
+ * 1/65534 of the row's largest element, far below the weights' 1/254), and int8 x int16 pairs are multiplied
+ * and summed exactly (vpmaddwd). Each block's exact int32 sum is scaled by the block's scale in float32. */
 
 #define SCALE_BLOCK 64 /* weights per scale along a row; the last block of a row may be shorter */
 
@@ -554,16 +555,16 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
     store_group(m, G * Q4_ROWS, Q4_ROWS, out, c0, C, y, ldy, mode);
 }
 
-/* ---- int8 x int8 products, for many input rows ----------------------------------------------------------- */
+/* ---- int8 x int8 products -------------------------------------------------------------------------------- */
 
-/* From PANEL_MIN input rows (a prompt), int8 weights are multiplied as 4-bit ones are: the inputs rounded to
- * int8 per block of Q4_BLOCK (quantize_input8, as llama.cpp rounds them for its Q8_0), and each group of Q4_ROWS
- * weight rows copied once per pass into a panel in tile4's layout after unpacking: 8 loads of 32 bytes per
- * block, load g holding weights 4g..4g+3 of each row (with VNNI, each weight plus 128 as an unsigned byte:
- * CODES_OFFSET). One u8 x s8 instruction then does 32 of the products where the int16 path's does 16, and each
- * block's scales are applied to 8 rows at once. Fewer rows (a decode step of fewer than PANEL_MIN sequences) keep
- * int16 inputs: their products are bound by reading the weights, not by arithmetic, and a panel per call would
- * cost 1.5x. The choice is made per call: a sequence's rounding depends on how many rows share its call. */
+/* int8 weights (rows a multiple of SCALE_BLOCK long) are multiplied as 4-bit ones are: the inputs rounded to
+ * int8 per block of Q4_BLOCK (quantize_input8, as llama.cpp rounds them for its Q8_0), one u8 x s8 instruction
+ * doing 32 products where the int16 path's does 16, each block's scales applied to 8 rows at once. From
+ * PANEL_MIN input rows (a prompt), each group of Q4_ROWS weight rows is copied once per pass into a panel in
+ * tile4's layout after unpacking: 8 loads of 32 bytes per block, load g holding weights 4g..4g+3 of each row
+ * (with VNNI, each weight plus 128 as an unsigned byte: CODES_OFFSET). Fewer rows (a decode step) are read
+ * straight from the weights (tile8_rows): a panel per call would cost 1.5x at one row. Both give bit-identical
+ * results, so a sequence's products do not depend on how many rows share its call. */
 #define PANEL_MIN 16
 #if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
 #define PANEL_OFFSET 0 /* the panel holds w itself (CODES_SIGNED) */
@@ -652,6 +653,128 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
     store_group(m, r0, rows, out, c0, C, y, ldy, mode);
 }
 
+/* The same products as tile8 for the Q4_ROWS rows from r0, read straight from m's rows (no panel): a decode
+ * step's few input rows. Reading 8 rows side by side, 32 bytes of each at a time, measured ~25 GB/s where one
+ * row after another reads at the machine's ~40, so the rows are read one after another, ROWS_CHUNK blocks at a
+ * time: each row's exact integer dot product with each block of the input goes to `sums`, and those are then
+ * scaled and added in tile8's lanes and order. The results are bit-identical to tile8's, so a sequence's
+ * products do not depend on how many rows share its call. */
+#define ROWS_CHUNK 512 /* blocks of Q4_BLOCK: rows up to 16K weights are read whole, one after another */
+static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, int r0, const qinput *xi, int c0,
+                                                             int C, float *y, int ldy, int mode) {
+    const int in = m->in, nb = in / Q4_BLOCK, nb64 = blocks_of(in);
+    const int8_t *w = (const int8_t *)m->w + (int64_t)r0 * in;
+    const float *ws = (const float *)m->scale + (int64_t)r0 * nb64;
+    float out[4][Q4_ROWS];
+#ifdef __AVX2__
+    int32_t sums[4][Q4_ROWS][ROWS_CHUNK] __attribute__((aligned(32))); /* [c][row][block]: exact dot products */
+    __m256 acc[4];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (int k0 = 0; k0 < nb; k0 += ROWS_CHUNK) {
+        const int K = nb - k0 < ROWS_CHUNK ? nb - k0 : ROWS_CHUNK, K8 = K & ~7;
+        for (int j = 0; j < Q4_ROWS; j++) {
+            const int8_t *row = w + (int64_t)j * in + (int64_t)k0 * Q4_BLOCK;
+            for (int k = 0; k < K; k += 8) {
+                const int blocks = k < K8 ? 8 : K - k;
+                __m256i raw[8], codes[8]; /* codes as block_dots' CODES_OFFSET (w + 128) or CODES_SIGNED (|w|) */
+                for (int b = 0; b < blocks; b++) {
+                    raw[b] = _mm256_loadu_si256((const __m256i *)(row + (k + b) * Q4_BLOCK));
+                    codes[b] = PANEL_OFFSET ? _mm256_xor_si256(raw[b], _mm256_set1_epi8((char)0x80))
+                                            : _mm256_abs_epi8(raw[b]);
+                }
+                for (int c = 0; c < C; c++) {
+                    const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + (int64_t)(k0 + k) * Q4_BLOCK;
+                    __m256i dots[8];
+                    for (int b = 0; b < blocks; b++) {
+                        __m256i x = _mm256_loadu_si256((const __m256i *)(xc + b * Q4_BLOCK));
+                        dots[b] = dot_u8s8(_mm256_setzero_si256(), codes[b],
+                                           PANEL_OFFSET ? x : _mm256_sign_epi8(x, raw[b]));
+                    }
+                    if (blocks == 8) { /* the 8 blocks' lanes summed, block b in lane b */
+                        __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
+                        __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
+                        __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
+                        _mm256_store_si256((__m256i *)(sums[c][j] + k),
+                                           _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                                                            _mm256_permute2x128_si256(q0, q1, 0x31)));
+                    } else {
+                        for (int b = 0; b < blocks; b++) {
+                            __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(dots[b]),
+                                                       _mm256_extracti128_si256(dots[b], 1));
+                            d4 = _mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(1, 0, 3, 2)));
+                            sums[c][j][k + b] =
+                                _mm_cvtsi128_si32(_mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(2, 3, 0, 1))));
+                        }
+                    }
+                }
+            }
+        }
+        for (int k = 0; k < K; k += 8) {
+            const int blocks = k < K8 ? 8 : K - k;
+            __m256 d[8]; /* the 8 rows' scales of each block */
+            for (int b = 0; b < blocks; b++) {
+                const int s = (k0 + k + b) * Q4_BLOCK / SCALE_BLOCK;
+                d[b] = (k0 + k + b) % (SCALE_BLOCK / Q4_BLOCK) ? d[b - 1]
+                             : _mm256_setr_ps(ws[s], ws[nb64 + s], ws[2 * nb64 + s], ws[3 * nb64 + s], ws[4 * nb64 + s],
+                                              ws[5 * nb64 + s], ws[6 * nb64 + s], ws[7 * nb64 + s]);
+            }
+            for (int c = 0; c < C; c++) {
+                __m256i isums[8]; /* block k + b of the 8 rows, row j in lane j */
+                if (blocks == 8) { /* an 8 x 8 transpose of sums[c][.][k..k+7] */
+                    __m256i r[8], t[8], u[8];
+                    for (int j = 0; j < 8; j++) r[j] = _mm256_load_si256((const __m256i *)(sums[c][j] + k));
+                    for (int j = 0; j < 8; j += 2) {
+                        t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+                        t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+                    }
+                    for (int h = 0; h < 8; h += 4) {
+                        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+                        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+                        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+                        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+                    }
+                    for (int b = 0; b < 4; b++) {
+                        isums[b] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x20);
+                        isums[b + 4] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x31);
+                    }
+                } else {
+                    for (int b = 0; b < blocks; b++)
+                        isums[b] = _mm256_setr_epi32(sums[c][0][k + b], sums[c][1][k + b], sums[c][2][k + b],
+                                                     sums[c][3][k + b], sums[c][4][k + b], sums[c][5][k + b],
+                                                     sums[c][6][k + b], sums[c][7][k + b]);
+                }
+                for (int b = 0; b < blocks; b++) {
+                    const int kb = k0 + k + b;
+                    const int64_t at = (int64_t)(c0 + c) * nb + kb;
+                    __m256i isum = isums[b];
+                    if (PANEL_OFFSET) /* the codes held w + 128: 128 sum(xq) off, as in tile8 */
+                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(PANEL_OFFSET * xi->total8[at]));
+                    __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d[b]);
+                    acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
+                }
+            }
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out[c], acc[c]);
+#else
+    for (int c = 0; c < C; c++)
+        for (int j = 0; j < Q4_ROWS; j++) out[c][j] = 0;
+    for (int k = 0; k < nb; k++)
+        for (int j = 0; j < Q4_ROWS; j++) {
+            const int8_t *wj = w + (int64_t)j * in + k * Q4_BLOCK;
+            float d = ws[(int64_t)j * nb64 + k * Q4_BLOCK / SCALE_BLOCK];
+            for (int c = 0; c < C; c++) {
+                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
+                int64_t at = (int64_t)(c0 + c) * nb + k;
+                int32_t isum = 0;
+                for (int i = 0; i < Q4_BLOCK; i++) isum += wj[i] * xc[i];
+                out[c][j] = fmaf((float)isum * d, xi->scale8[at], out[c][j]);
+            }
+        }
+#endif
+    store_group(m, r0, Q4_ROWS, out, c0, C, y, ldy, mode);
+}
+
 static inline int panel_product(const qmatrix *m, int n) {
     return m->bits == 8 && n >= PANEL_MIN && m->in % SCALE_BLOCK == 0;
 }
@@ -711,12 +834,33 @@ static void product_panels(const qmatrix *m, int lo, int hi, const qinput *xi, u
     }
 }
 
+/* The same for fewer input rows than PANEL_MIN: rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
+ * last group of fewer rows through a panel. */
+static void product_rows8d(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
+    int r = lo;
+    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) /* a group's rows are read from memory once, for every input row */
+        for (int c0 = 0; c0 < xi->n; c0 += 4) {
+            int C = xi->n - c0 < 4 ? xi->n - c0 : 4;
+            if (C == 4) tile8_rows(m, r, xi, c0, 4, y, ldy, mode);
+            else if (C == 3) tile8_rows(m, r, xi, c0, 3, y, ldy, mode);
+            else if (C == 2) tile8_rows(m, r, xi, c0, 2, y, ldy, mode);
+            else tile8_rows(m, r, xi, c0, 1, y, ldy, mode);
+        }
+    if (r < hi) {
+        panel8(m, r, hi - r, xi->panel, xi->pd);
+        for (int c = 0; c < xi->n; c++) tile8(m, r, hi - r, xi->panel, xi->pd, xi, c, 1, y, ldy, mode);
+    }
+}
+
 /* Round the input as m's weights need it, then rows [lo, hi) of y (=|+=) x @ m.T. */
 static void product(const qmatrix *m, int lo, int hi, const float *x, int ldx, qinput *xi, float *y, int ldy,
                     int mode, int rounded) {
     if (panel_product(m, xi->n)) {
         if (!rounded) quantize_input8(x, ldx, xi);
         product_panels(m, lo, hi, xi, xi->panel, xi->pd, y, ldy, mode);
+    } else if (m->bits == 8 && m->in % SCALE_BLOCK == 0) {
+        if (!rounded) quantize_input8(x, ldx, xi);
+        product_rows8d(m, lo, hi, xi, y, ldy, mode);
     } else if (m->bits == 4) {
         if (!rounded) quantize_input8(x, ldx, xi);
         product_rows4(m, lo, hi, xi, y, ldy, mode);

@@ -12,11 +12,11 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
 - `int8`: every linear layer, the output head included, stored as int8 with a scale per block of 64 weights
   along each row, and the whole decoder run by camelid's own kernels (camelid.native: C built on first use
   with the machine's compiler). About a quarter of float32's bytes, one call per forward pass instead of ~10
-  PyTorch operations per layer, and activations rounded to int16 per row so that the products are integer dot
-  products (vpmaddwd): SmolLM2's perplexity moved by +0.15% (bench/quantize.py --perplexity). One scale per
-  row instead cost +0.62%, spread over all the decoder's layers, for ~15% more batch-8 speed. From 16 rows in
-  one call (a prompt) the activations are rounded to int8 per 32, as llama.cpp's Q8_0 rounds them, for 1.6x the
-  prompt speed: +0.71% on the same windows.
+  PyTorch operations per layer, and activations rounded to int8 per 32, as llama.cpp's Q8_0 rounds them, so
+  that the products are integer dot products (vpdpbusd: 32 a instruction): SmolLM2's perplexity moved by +0.71%
+  (bench/quantize.py --perplexity; +0.15% when the activations were rounded to int16 per row, for 0.6x the
+  prompt speed). One weight scale per row instead of per 64 cost +0.62%. A prompt's products and a decode
+  step's are bit-identical: a token's logits do not depend on the rows beside it.
 - `int4`: the decoder's products as 4-bit weights (per 32 weights of a row, codes 0..15 and a float16 scale and
   offset: 5 bits a weight, rounded closer than llama.cpp's Q4_K) multiplied against inputs rounded to int8 per
   32, on the same native decoder; where llama.cpp's Q4_K_M gives a tensor more bits (attn_v and ffn_down in
