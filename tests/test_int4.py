@@ -206,6 +206,32 @@ def test_a_gguf_file_s_4_bit_blocks_are_taken_as_they_are(tiny_files, kind, monk
     assert (got - want).norm() < 0.05 * want.norm()
 
 
+def test_q4_0_blocks_keep_only_their_scales_and_multiply_as_with_their_offsets(tiny_files):
+    """llama.cpp's Q4_0 has no offsets (each is -8 times its scale): its layers keep 4.5 bits a weight, as the
+    file does, and their products equal, to the bit on every instruction-set path, those of the same blocks with
+    the offsets stored (written as Q4_1)."""
+    gguf = GGUFFile(tiny_files["q4_0"])
+    name = "blk.0.ffn_gate.weight"
+    raw, kind = gguf.blocks(name, FOUR_BIT)
+    assert kind == native.Q4_0
+    rows, cols = gguf.tensors[name].shape
+    blocks = torch.from_numpy(np.array(raw)).view(rows, cols // 32, 18)
+    d = blocks[:, :, :2].contiguous()
+    m = (d.view(torch.float16) * -8).view(torch.uint8)
+    as_q4_1 = torch.cat([d, m, blocks[:, :, 2:]], dim=2).reshape(rows, -1)
+    scales_only = Int4Linear([Blocks(raw, kind, rows, cols)])
+    with_offsets = Int4Linear([Blocks(as_q4_1, native.Q4_1, rows, cols)])
+    assert (scales_only.pairs, with_offsets.pairs) == (1, 2)
+    assert 2 * scales_only.scale.numel() == with_offsets.scale.numel()
+    assert torch.equal(scales_only.dequantized(), with_offsets.dequantized())
+    assert torch.equal(scales_only.dequantized(), gguf.dequantize(name))
+    x = torch.randn(40, cols, generator=torch.Generator().manual_seed(5))
+    for isa in native.available_isas():
+        lib = native.library(isa)
+        for n in (1, 5, 40):
+            assert torch.equal(scales_only.multiply(x[:n], lib), with_offsets.multiply(x[:n], lib)), (isa, n)
+
+
 def test_int4_from_a_float_file_rounds_every_4_bit_product_as_quantize_model(tiny_files):
     small = load_model(tiny_files["f32"], device="cpu", quantize="int4").model
     whole = quantize_model(load_model(tiny_files["f32"], device="cpu").model, "int4")

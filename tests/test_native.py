@@ -1,9 +1,9 @@
 """camelid's int8 kernels (native.c) against PyTorch doing the same arithmetic on the dequantized weights.
 
-The kernels round weights to int8 per block of 64 along a row and activations to int16 per row; the reference
-here is PyTorch's
-float32 product with the weights rounded the same way, so what is left is the activations' rounding (at most
-1/65534 of a row's largest element) and summation order.
+The kernels round weights to int8 per block of 64 along a row and activations to int8 per block of 32 (to int16
+per row where a row is not a multiple of 64 long); the reference here is PyTorch's float32 product with the
+weights rounded the same way, and, where the tests say so, the activations too (with_int8_inputs), so that
+what is left is summation order.
 """
 
 import copy
@@ -74,11 +74,11 @@ def test_int8_linear_equals_the_dequantized_product(out_features, in_features, r
         assert (got - expected).norm() < 0.1 * weights_error < 0.01 * expected.norm()
 
 
-@pytest.mark.parametrize("out_features, in_features", [(75, 320), (64, 2048), (203, 4160)])
+@pytest.mark.parametrize("out_features, in_features", [(75, 320), (64, 2048), (203, 4160), (9, 16448)])
 def test_a_row_s_int8_product_does_not_depend_on_the_rows_beside_it(out_features, in_features):
     """A decode step's few rows are read straight from the weights, a prompt's through panels: each row's result
-    is the same to the bit whether it is multiplied alone, with up to 15 others, or in a prompt of 20 (75 and 203
-    rows: a partial last group of 8; 320: a chunk of blocks not a multiple of 8)."""
+    is the same to the bit whether it is multiplied alone, with up to 15 others, or in a prompt of 20 (75, 203 and
+    9 rows: a partial last group of 8; 320 and 16448: a row's blocks not a multiple of 8)."""
     g = torch.Generator().manual_seed(in_features)
     layer = Int8Linear(torch.randn(out_features, in_features, generator=g) * 0.05,
                        bias=torch.randn(out_features, generator=g))
@@ -185,8 +185,9 @@ def int8_model_and_reference(name: str, intermediate: int) -> tuple[ModelConfig,
 def test_native_decoder_equals_pytorch_on_the_same_weights(name):
     """Prefill of rows of different lengths (right-padded), then batched decode steps in which one row has
     finished: each row's logits and cache equal, to the bit, those of the row run alone, and PyTorch's on the
-    dequantized weights with the kernels' int8 inputs (with_int8_inputs) within 1e-2 (measured: 3.4e-3, where a
-    value on a rounding boundary rounds the other way for the float sums' order)."""
+    dequantized weights with the kernels' int8 inputs (with_int8_inputs) within 3e-2 (measured: 9e-3 at most, in
+    mha-untied's first row from its second decode step on, after a value on a rounding boundary rounds the other
+    way for the float sums' order; elsewhere ~1e-6)."""
     config, small, ref = int8_model_and_reference(name, intermediate=96)
     ref = with_int8_inputs(ref)
     g = torch.Generator().manual_seed(1)
@@ -212,16 +213,16 @@ def test_native_decoder_equals_pytorch_on_the_same_weights(name):
                 assert torch.equal(cache.k[layer][0, :, :length], caches[0].k[layer][b, :, :length])
                 assert torch.equal(cache.v[layer][0, :, :length], caches[0].v[layer][b, :, :length])
         for b, n in enumerate(valid.tolist()):
-            torch.testing.assert_close(first[0][b, :n], first[1][b, :n], atol=1e-2, rtol=0)
+            torch.testing.assert_close(first[0][b, :n], first[1][b, :n], atol=3e-2, rtol=0)
         for out, live in zip(steps, lives):
-            torch.testing.assert_close(out[0][live.bool()], out[1][live.bool()], atol=1e-2, rtol=0)
+            torch.testing.assert_close(out[0][live.bool()], out[1][live.bool()], atol=3e-2, rtol=0)
         assert torch.equal(caches[0].lengths, caches[1].lengths)
         for layer in range(config.num_hidden_layers):
             for b, n in enumerate(caches[0].lengths.tolist()):
-                torch.testing.assert_close(caches[0].k[layer][b, :, :n], caches[1].k[layer][b, :, :n], atol=1e-2, rtol=0)
-                torch.testing.assert_close(caches[0].v[layer][b, :, :n], caches[1].v[layer][b, :, :n], atol=1e-2, rtol=0)
+                torch.testing.assert_close(caches[0].k[layer][b, :, :n], caches[1].k[layer][b, :, :n], atol=3e-2, rtol=0)
+                torch.testing.assert_close(caches[0].v[layer][b, :, :n], caches[1].v[layer][b, :, :n], atol=3e-2, rtol=0)
         # without a cache: plain causal scoring, as perplexity and multiple-choice evaluation use it
-        torch.testing.assert_close(small(tokens), ref(tokens), atol=1e-2, rtol=0)
+        torch.testing.assert_close(small(tokens), ref(tokens), atol=3e-2, rtol=0)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

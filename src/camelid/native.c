@@ -1,6 +1,6 @@
-/* camelid's CPU kernels for quantized inference: int8 weights, against float32 activations rounded to int16
- * per row inside the products (int8 per block of 32 for a prompt's many rows); 4-bit weights, against
- * activations rounded to int8 per block of 32.
+/* camelid's CPU kernels for quantized inference: int8 and 4-bit weights, against float32 activations rounded to
+ * int8 per block of 32 inside the products (int8 weights in rows not a multiple of SCALE_BLOCK long: to int16 per
+ * row).
  *
  * At batch 1 a small model's decode reads every weight once per token and does little else, so what counts is
  * how many bytes the weights take and how little happens between the products. PyTorch spends about as long
@@ -8,8 +8,8 @@
  * the decoder's layers is one call.
  *
  * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
- * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int16 per row, or
- * from PANEL_MIN rows on to int8 per block of 32 (see panel8).
+ * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int8 per block of 32
+ * (see panel8 and tile8_rows), in rows not a multiple of SCALE_BLOCK long to int16 per row.
  *
  * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the
  * vector code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work
@@ -250,7 +250,7 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
     for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
 }
 
-/* ---- int8 x int16 products -------------------------------------------------------------------------------- */
+/* ---- int8 x int16 products, and what every product shares --------------------------------------------------- */
 
 /* The products are integer dot products. Where the rows are a multiple of SCALE_BLOCK long (every model's
  * layers), int8 weights take their inputs rounded to int8 per block of Q4_BLOCK, as 4-bit ones do (below). The
@@ -266,9 +266,10 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 typedef struct {
     const void *w; /* bits 8: int8 [out, in]; bits 4: [out / Q4_ROWS, in / Q4_BLOCK, 128] bytes (see tile4) */
     const void *scale; /* bits 8: float [out, blocks], blocks = ceil(in / SCALE_BLOCK); bits 4: float16
-                          [out / Q4_ROWS, in / Q4_BLOCK, 2, Q4_ROWS], the scales d then the offsets m */
+                          [out / Q4_ROWS, in / Q4_BLOCK, pairs, Q4_ROWS], the scales d then the offsets m */
     const float *bias; /* [out] or NULL */
     int out, in, bits;
+    int pairs; /* bits 4: 2 (d and m stored), or 1 (d only, m = -8 d: llama.cpp's Q4_0, 4.5 bits a weight) */
 } qmatrix;
 
 static inline int blocks_of(int in) { return (in + SCALE_BLOCK - 1) / SCALE_BLOCK; }
@@ -276,7 +277,7 @@ static inline int blocks_of(int in) { return (in + SCALE_BLOCK - 1) / SCALE_BLOC
 typedef struct { /* n input rows rounded as the products need them */
     int16_t *q; /* for int8 weights: [n, in] int16, a scale per row */
     float *scale; /* [n] */
-    int8_t *q8; /* for 4-bit weights (and int8 ones in panels): [n, in] int8, a scale per block of Q4_BLOCK */
+    int8_t *q8; /* for 4-bit and int8 weights: [n, in] int8, a scale per block of Q4_BLOCK */
     float *scale8; /* [n, in / Q4_BLOCK] */
     float *sums8; /* [n, in / Q4_BLOCK]: each block's sum of its rounded values, times its scale */
     int32_t *total8; /* [n, in / Q4_BLOCK]: the same sums, not scaled */
@@ -322,7 +323,7 @@ static void quantize_input(const float *x, int ldx, qinput *xi) {
     }
 }
 
-/* For 4-bit weights (and int8 ones from PANEL_MIN rows): each block of Q4_BLOCK inputs rounded to int8 with its own
+/* For 4-bit and int8 weights: each block of Q4_BLOCK inputs rounded to int8 with its own
  * scale (max |block| / 127), as llama.cpp's Q8_0; for 4-bit weights their own rounding (1/30 of a block's range)
  * stays ~10x the larger error, for int8 ones (1/254 of a block's largest) the two are alike. */
 static void quantize_input8(const float *x, int ldx, qinput *xi) {
@@ -507,9 +508,9 @@ static inline void store_group(const qmatrix *m, int r0, int rows, float out[][Q
 /* y[c * ldy + 8G + j] (=|+=) row 8G + j of the weights . input row c, for the C input rows from c0. */
 static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G, const qinput *xi, int c0, int C,
                                                         float *y, int ldy, int mode) {
-    const int in = m->in, nb = in / Q4_BLOCK;
+    const int in = m->in, nb = in / Q4_BLOCK, P = m->pairs;
     const uint8_t *w = (const uint8_t *)m->w + (int64_t)G * nb * 128;
-    const uint16_t *dm = (const uint16_t *)m->scale + (int64_t)G * nb * 2 * Q4_ROWS;
+    const uint16_t *dm = (const uint16_t *)m->scale + (int64_t)G * nb * P * Q4_ROWS;
     float out[4][Q4_ROWS];
 #ifdef __AVX2__
     __m256 acc[4];
@@ -525,8 +526,9 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
             codes[L] = _mm256_and_si256(v, nibble);
             codes[L + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
         }
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16)));
-        __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16 + 8)));
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * P * Q4_ROWS)));
+        __m256 mv = P == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16 + 8)))
+                           : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f)); /* exact, as float16 m = -8 d would be */
         block_dots(codes, d, mv, xi, c0, C, k, acc, CODES_4BIT);
     }
     for (int c = 0; c < C; c++) _mm256_storeu_ps(out[c], acc[c]);
@@ -536,7 +538,8 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
     for (int k = 0; k < nb; k++) {
         const uint8_t *b = w + (int64_t)k * 128;
         for (int j = 0; j < Q4_ROWS; j++) {
-            float d = half_to_float(dm[(int64_t)k * 16 + j]), mk = half_to_float(dm[(int64_t)k * 16 + 8 + j]);
+            float d = half_to_float(dm[(int64_t)k * P * Q4_ROWS + j]);
+            float mk = P == 2 ? half_to_float(dm[(int64_t)k * 16 + 8 + j]) : -8.0f * d;
             for (int c = 0; c < C; c++) {
                 const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
                 int32_t isum = 0;
@@ -655,11 +658,10 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
 
 /* The same products as tile8 for the Q4_ROWS rows from r0, read straight from m's rows (no panel): a decode
  * step's few input rows. Reading 8 rows side by side, 32 bytes of each at a time, measured ~25 GB/s where one
- * row after another reads at the machine's ~40, so the rows are read one after another, ROWS_CHUNK blocks at a
- * time: each row's exact integer dot product with each block of the input goes to `sums`, and those are then
- * scaled and added in tile8's lanes and order. The results are bit-identical to tile8's, so a sequence's
- * products do not depend on how many rows share its call. */
-#define ROWS_CHUNK 512 /* blocks of Q4_BLOCK: rows up to 16K weights are read whole, one after another */
+ * row after another reads at the machine's ~40, so the rows are read one after another: each row's exact integer
+ * dot product with each block of each input row goes to `sums` (this thread's panel buffer, unused on this path:
+ * 4 in bytes at most, of its 8 width), and those are then scaled and added in tile8's lanes and order. The results are
+ * bit-identical to tile8's, so a sequence's products do not depend on how many rows share its call. */
 static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, int r0, const qinput *xi, int c0,
                                                              int C, float *y, int ldy, int mode) {
     const int in = m->in, nb = in / Q4_BLOCK, nb64 = blocks_of(in);
@@ -667,91 +669,90 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
     const float *ws = (const float *)m->scale + (int64_t)r0 * nb64;
     float out[4][Q4_ROWS];
 #ifdef __AVX2__
-    int32_t sums[4][Q4_ROWS][ROWS_CHUNK] __attribute__((aligned(32))); /* [c][row][block]: exact dot products */
+    int32_t *sums = (int32_t *)xi->panel; /* [c][row][block]: the exact dot products */
+#define SUMS(c, j) (sums + ((int64_t)(c) * Q4_ROWS + (j)) * nb)
     __m256 acc[4];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-    for (int k0 = 0; k0 < nb; k0 += ROWS_CHUNK) {
-        const int K = nb - k0 < ROWS_CHUNK ? nb - k0 : ROWS_CHUNK, K8 = K & ~7;
-        for (int j = 0; j < Q4_ROWS; j++) {
-            const int8_t *row = w + (int64_t)j * in + (int64_t)k0 * Q4_BLOCK;
-            for (int k = 0; k < K; k += 8) {
-                const int blocks = k < K8 ? 8 : K - k;
-                __m256i raw[8], codes[8]; /* codes as block_dots' CODES_OFFSET (w + 128) or CODES_SIGNED (|w|) */
+    const int K8 = nb & ~7;
+    for (int j = 0; j < Q4_ROWS; j++) {
+        const int8_t *row = w + (int64_t)j * in;
+        for (int k = 0; k < nb; k += 8) {
+            const int blocks = k < K8 ? 8 : nb - k;
+            __m256i raw[8], codes[8]; /* codes as block_dots' CODES_OFFSET (w + 128) or CODES_SIGNED (|w|) */
+            for (int b = 0; b < blocks; b++) {
+                raw[b] = _mm256_loadu_si256((const __m256i *)(row + (k + b) * Q4_BLOCK));
+                codes[b] = PANEL_OFFSET ? _mm256_xor_si256(raw[b], _mm256_set1_epi8((char)0x80))
+                                        : _mm256_abs_epi8(raw[b]);
+            }
+            for (int c = 0; c < C; c++) {
+                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + (int64_t)k * Q4_BLOCK;
+                __m256i dots[8];
                 for (int b = 0; b < blocks; b++) {
-                    raw[b] = _mm256_loadu_si256((const __m256i *)(row + (k + b) * Q4_BLOCK));
-                    codes[b] = PANEL_OFFSET ? _mm256_xor_si256(raw[b], _mm256_set1_epi8((char)0x80))
-                                            : _mm256_abs_epi8(raw[b]);
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(xc + b * Q4_BLOCK));
+                    dots[b] = dot_u8s8(_mm256_setzero_si256(), codes[b],
+                                       PANEL_OFFSET ? x : _mm256_sign_epi8(x, raw[b]));
                 }
-                for (int c = 0; c < C; c++) {
-                    const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + (int64_t)(k0 + k) * Q4_BLOCK;
-                    __m256i dots[8];
+                if (blocks == 8) { /* the 8 blocks' lanes summed, block b in lane b */
+                    __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
+                    __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
+                    __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
+                    _mm256_storeu_si256((__m256i *)(SUMS(c, j) + k),
+                                       _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                                                        _mm256_permute2x128_si256(q0, q1, 0x31)));
+                } else {
                     for (int b = 0; b < blocks; b++) {
-                        __m256i x = _mm256_loadu_si256((const __m256i *)(xc + b * Q4_BLOCK));
-                        dots[b] = dot_u8s8(_mm256_setzero_si256(), codes[b],
-                                           PANEL_OFFSET ? x : _mm256_sign_epi8(x, raw[b]));
-                    }
-                    if (blocks == 8) { /* the 8 blocks' lanes summed, block b in lane b */
-                        __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
-                        __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
-                        __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
-                        _mm256_store_si256((__m256i *)(sums[c][j] + k),
-                                           _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
-                                                            _mm256_permute2x128_si256(q0, q1, 0x31)));
-                    } else {
-                        for (int b = 0; b < blocks; b++) {
-                            __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(dots[b]),
-                                                       _mm256_extracti128_si256(dots[b], 1));
-                            d4 = _mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(1, 0, 3, 2)));
-                            sums[c][j][k + b] =
-                                _mm_cvtsi128_si32(_mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(2, 3, 0, 1))));
-                        }
+                        __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(dots[b]),
+                                                   _mm256_extracti128_si256(dots[b], 1));
+                        d4 = _mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(1, 0, 3, 2)));
+                        SUMS(c, j)[k + b] =
+                            _mm_cvtsi128_si32(_mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(2, 3, 0, 1))));
                     }
                 }
             }
         }
-        for (int k = 0; k < K; k += 8) {
-            const int blocks = k < K8 ? 8 : K - k;
-            __m256 d[8]; /* the 8 rows' scales of each block */
-            for (int b = 0; b < blocks; b++) {
-                const int s = (k0 + k + b) * Q4_BLOCK / SCALE_BLOCK;
-                d[b] = (k0 + k + b) % (SCALE_BLOCK / Q4_BLOCK) ? d[b - 1]
-                             : _mm256_setr_ps(ws[s], ws[nb64 + s], ws[2 * nb64 + s], ws[3 * nb64 + s], ws[4 * nb64 + s],
-                                              ws[5 * nb64 + s], ws[6 * nb64 + s], ws[7 * nb64 + s]);
+    }
+    for (int k = 0; k < nb; k += 8) {
+        const int blocks = k < K8 ? 8 : nb - k;
+        __m256 d[8]; /* the 8 rows' scales of each block */
+        for (int b = 0; b < blocks; b++) {
+            const int s = (k + b) * Q4_BLOCK / SCALE_BLOCK;
+            d[b] = (k + b) % (SCALE_BLOCK / Q4_BLOCK) ? d[b - 1]
+                         : _mm256_setr_ps(ws[s], ws[nb64 + s], ws[2 * nb64 + s], ws[3 * nb64 + s], ws[4 * nb64 + s],
+                                          ws[5 * nb64 + s], ws[6 * nb64 + s], ws[7 * nb64 + s]);
+        }
+        for (int c = 0; c < C; c++) {
+            __m256i isums[8]; /* block k + b of the 8 rows, row j in lane j */
+            if (blocks == 8) { /* an 8 x 8 transpose of blocks k..k+7 of the 8 rows' sums */
+                __m256i r[8], t[8], u[8];
+                for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(SUMS(c, j) + k));
+                for (int j = 0; j < 8; j += 2) {
+                    t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+                    t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+                }
+                for (int h = 0; h < 8; h += 4) {
+                    u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+                    u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+                    u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+                    u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+                }
+                for (int b = 0; b < 4; b++) {
+                    isums[b] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x20);
+                    isums[b + 4] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x31);
+                }
+            } else {
+                for (int b = 0; b < blocks; b++)
+                    isums[b] = _mm256_setr_epi32(SUMS(c, 0)[k + b], SUMS(c, 1)[k + b], SUMS(c, 2)[k + b],
+                                                 SUMS(c, 3)[k + b], SUMS(c, 4)[k + b], SUMS(c, 5)[k + b],
+                                                 SUMS(c, 6)[k + b], SUMS(c, 7)[k + b]);
             }
-            for (int c = 0; c < C; c++) {
-                __m256i isums[8]; /* block k + b of the 8 rows, row j in lane j */
-                if (blocks == 8) { /* an 8 x 8 transpose of sums[c][.][k..k+7] */
-                    __m256i r[8], t[8], u[8];
-                    for (int j = 0; j < 8; j++) r[j] = _mm256_load_si256((const __m256i *)(sums[c][j] + k));
-                    for (int j = 0; j < 8; j += 2) {
-                        t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-                        t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-                    }
-                    for (int h = 0; h < 8; h += 4) {
-                        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
-                        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-                        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
-                        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
-                    }
-                    for (int b = 0; b < 4; b++) {
-                        isums[b] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x20);
-                        isums[b + 4] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x31);
-                    }
-                } else {
-                    for (int b = 0; b < blocks; b++)
-                        isums[b] = _mm256_setr_epi32(sums[c][0][k + b], sums[c][1][k + b], sums[c][2][k + b],
-                                                     sums[c][3][k + b], sums[c][4][k + b], sums[c][5][k + b],
-                                                     sums[c][6][k + b], sums[c][7][k + b]);
-                }
-                for (int b = 0; b < blocks; b++) {
-                    const int kb = k0 + k + b;
-                    const int64_t at = (int64_t)(c0 + c) * nb + kb;
-                    __m256i isum = isums[b];
-                    if (PANEL_OFFSET) /* the codes held w + 128: 128 sum(xq) off, as in tile8 */
-                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(PANEL_OFFSET * xi->total8[at]));
-                    __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d[b]);
-                    acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
-                }
+            for (int b = 0; b < blocks; b++) {
+                const int kb = k + b;
+                const int64_t at = (int64_t)(c0 + c) * nb + kb;
+                __m256i isum = isums[b];
+                if (PANEL_OFFSET) /* the codes held w + 128: 128 sum(xq) off, as in tile8 */
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(PANEL_OFFSET * xi->total8[at]));
+                __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d[b]);
+                acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
             }
         }
     }
@@ -833,12 +834,13 @@ static void product_panels(const qmatrix *m, int lo, int hi, const qinput *xi, u
         }
     }
 }
+#undef SUMS
 
 /* The same for fewer input rows than PANEL_MIN: rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
  * last group of fewer rows through a panel. */
 static void product_rows8d(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     int r = lo;
-    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) /* a group's rows are read from memory once, for every input row */
+    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) /* a group's rows come from memory once (from cache for inputs 5..15) */
         for (int c0 = 0; c0 < xi->n; c0 += 4) {
             int C = xi->n - c0 < 4 ? xi->n - c0 : 4;
             if (C == 4) tile8_rows(m, r, xi, c0, 4, y, ldy, mode);
@@ -929,11 +931,11 @@ static void linear_run(void *p, int t, int nt) {
     product(a->m, lo, hi, a->x, a->m->in, &xi, a->y, a->m->out, STORE, 0);
 }
 
-/* y [n, out] = x [n, in] @ w.T (+ bias) for int8 (bits 8) or 4-bit (bits 4) weights, on `threads` threads.
- * Returns 0, or -1 without memory. */
-int camelid_linear(const void *w, const void *scale, const float *bias, int out, int in, int bits, const float *x,
-                   int n, float *y, int threads) {
-    qmatrix m = {w, scale, bias, out, in, bits};
+/* y [n, out] = x [n, in] @ w.T (+ bias) for int8 (bits 8) or 4-bit (bits 4, `pairs` as qmatrix's) weights, on
+ * `threads` threads. Returns 0, or -1 without memory. */
+int camelid_linear(const void *w, const void *scale, const float *bias, int out, int in, int bits, int pairs,
+                   const float *x, int n, float *y, int threads) {
+    qmatrix m = {w, scale, bias, out, in, bits, pairs};
     linear_task a = {&m, x, n, y};
     pthread_mutex_lock(&call_lock);
     int nt = pool_grow(threads), status = alloc_buffers(&a.buf, nt, n, in);

@@ -157,7 +157,7 @@ def _build(cc: list[str], isa: str) -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.camelid_linear.argtypes = [ptr, ptr, ptr, i32, i32, i32, ptr, i32, ptr, i32]
+    lib.camelid_linear.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr, i32, ptr, i32]
     lib.camelid_linear.restype = i32
     lib.camelid_quantize_rows.argtypes = [ptr, i32, i32, ptr, ptr, i32]
     lib.camelid_quantize_rows.restype = None
@@ -304,8 +304,10 @@ def dequantize4(q: Tensor, dm: Tensor) -> Tensor:
 def deinterleave4(packed: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
     """The kernels' layout of 4-bit weights (Int4Linear's: groups of Q4_ROWS rows, each block of a group 128
     bytes, in which load L of 4 x 32 bytes holds 4 weights of each row in turn, weights 4L..4L+3 in the low
-    nibbles and 16+4L..16+4L+3 in the high ones; pairs [groups, blocks, (d, m), Q4_ROWS]) back in rows: codes
-    [out, in / 2] and pairs [out, in / 32, 2]."""
+    nibbles and 16+4L..16+4L+3 in the high ones; pairs [groups, blocks, (d, m), Q4_ROWS], or [.., (d,), ..]
+    for m = -8 d) back in rows: codes [out, in / 2] and pairs [out, in / 32, 2]."""
+    if pairs.shape[2] == 1:
+        pairs = torch.cat([pairs, pairs * -8], dim=2)  # exact in float16
     groups, blocks = pairs.shape[0], pairs.shape[1]
     v = packed.view(groups, blocks, 4, Q4_ROWS, 4)  # group, block, load, row, weight
     codes = torch.stack([v & 0x0F, v >> 4], dim=2)  # group, block, half, load, row, weight
@@ -339,6 +341,7 @@ class QuantLinear(nn.Module):
     product runs on (None: torch.get_num_threads() at each call)."""
 
     bits = 0
+    pairs = 0  # 4-bit weights: float16 numbers per block and row, 2 (d, m) or 1 (d only)
     qweight: Tensor
     scale: Tensor
 
@@ -360,8 +363,8 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).float().contiguous()
         y = torch.empty(rows.shape[0], self.out_features)
         status = lib.camelid_linear(self.qweight.data_ptr(), self.scale.data_ptr(), _ptr(self.bias),
-                                    self.out_features, self.in_features, self.bits, rows.data_ptr(), rows.shape[0],
-                                    y.data_ptr(), self.threads or torch.get_num_threads())
+                                    self.out_features, self.in_features, self.bits, self.pairs, rows.data_ptr(),
+                                    rows.shape[0], y.data_ptr(), self.threads or torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"camelid's int8 kernels could not allocate scratch memory for {rows.shape[0]} rows; "
                               "pass fewer rows at a time")
@@ -407,7 +410,9 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """A linear layer with 4-bit weights: per block of Q4_BLOCK weights of a row, 4-bit codes and a float16
     (scale, offset) pair, 5 bits a weight, stored interleaved in groups of Q4_ROWS rows (see deinterleave4).
-    Inputs are rounded to int8 per block of 32 inside the product."""
+    Where every part is llama.cpp's Q4_0 (offset -8 scale throughout) only the scales are kept: 4.5 bits a
+    weight, as the file has them, and the same products to the bit. Inputs are rounded to int8 per block of 32
+    inside the product."""
 
     bits = 4
     _dtypes = (torch.uint8, torch.float16)
@@ -434,6 +439,9 @@ class Int4Linear(QuantLinear):
             if status != 0:
                 raise ValueError(f"4-bit blocks of ggml type {b.type} cannot be taken (Q4_0, Q4_1, Q4_K only)")
             group += b.rows // Q4_ROWS
+        if all(b.type == Q4_0 for b in blocks):
+            dm = dm[:, :, :1].contiguous()  # the offsets are -8 d: the kernels make them
+        self.pairs = dm.shape[2]
         self._store(q, dm, bias, threads)
 
     def dequantized(self) -> Tensor:
@@ -442,7 +450,7 @@ class Int4Linear(QuantLinear):
 
 class _QMatrix(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("out", ctypes.c_int), ("in_", ctypes.c_int), ("bits", ctypes.c_int)]
+                ("out", ctypes.c_int), ("in_", ctypes.c_int), ("bits", ctypes.c_int), ("pairs", ctypes.c_int)]
 
 
 class _Layer(ctypes.Structure):
@@ -458,7 +466,7 @@ class _Decoder(ctypes.Structure):
 
 def _qmatrix(layer: QuantLinear) -> _QMatrix:
     return _QMatrix(layer.qweight.data_ptr(), layer.scale.data_ptr(), _ptr(layer.bias), layer.out_features,
-                    layer.in_features, layer.bits)
+                    layer.in_features, layer.bits, layer.pairs)
 
 
 class NativeDecoder:
