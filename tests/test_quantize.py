@@ -48,8 +48,8 @@ def test_int8_logits_close_to_float32_in_prefill_and_decode(pair):
     tokens = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = exact(tokens)
-        # int8 rounds each weight by up to 1/254 of its block's largest, and each product's inputs by as much:
-        # logits move by ~1e-2 here, 0.024 at most
+        # int8 rounds each weight by up to 1/254 of its block's largest, and a prompt's (or one row's) inputs by as
+        # much: logits move by ~1e-2 here, 0.024 at most
         torch.testing.assert_close(small(tokens), ref, atol=3e-2, rtol=1e-2)
         cache = small.new_cache(2, 40)
         steps = [small(tokens[:, :20], cache)] + [small(tokens[:, t : t + 1], cache) for t in range(20, 30)]

@@ -1,6 +1,6 @@
 /* camelid's CPU kernels for quantized inference: int8 and 4-bit weights, against float32 activations rounded to
- * int8 per block of 32 inside the products (int8 weights in rows not a multiple of SCALE_BLOCK long: to int16 per
- * row).
+ * int8 per block of 32 inside the products (for int8 weights, when 2 to PANEL_MIN - 1 rows share a call or a row
+ * is not a multiple of SCALE_BLOCK long: to int16 per row).
  *
  * At batch 1 a small model's decode reads every weight once per token and does little else, so what counts is
  * how many bytes the weights take and how little happens between the products. PyTorch spends about as long
@@ -9,7 +9,7 @@
  *
  * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
  * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int8 per block of 32
- * (see panel8 and tile8_rows), in rows not a multiple of SCALE_BLOCK long to int16 per row.
+ * (see panel8 and tile8_rows), or to int16 per row (see PANEL_MIN).
  *
  * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the
  * vector code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work
@@ -252,9 +252,9 @@ static void rms_norm(const float *x, const float *w, float eps, float *y, int n)
 
 /* ---- int8 x int16 products, and what every product shares --------------------------------------------------- */
 
-/* The products are integer dot products. Where the rows are a multiple of SCALE_BLOCK long (every model's
- * layers), int8 weights take their inputs rounded to int8 per block of Q4_BLOCK, as 4-bit ones do (below). The
- * other rows' inputs are rounded to int16 with a scale per row (max |x| / 32767, a relative error of at most
+/* The products are integer dot products. int8 weights take their inputs rounded to int8 per block of Q4_BLOCK,
+ * as 4-bit ones do (below), for one input row or PANEL_MIN and more (see PANEL_MIN). Other inputs are rounded to
+ * int16 with a scale per row (max |x| / 32767, a relative error of at most
  * 1/65534 of the row's largest element, far below the weights' 1/254), and int8 x int16 pairs are multiplied
  * and summed exactly (vpmaddwd). Each block's exact int32 sum is scaled by the block's scale in float32. */
 
@@ -560,14 +560,17 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
 
 /* ---- int8 x int8 products -------------------------------------------------------------------------------- */
 
-/* int8 weights (rows a multiple of SCALE_BLOCK long) are multiplied as 4-bit ones are: the inputs rounded to
- * int8 per block of Q4_BLOCK (quantize_input8, as llama.cpp rounds them for its Q8_0), one u8 x s8 instruction
- * doing 32 products where the int16 path's does 16, each block's scales applied to 8 rows at once. From
- * PANEL_MIN input rows (a prompt), each group of Q4_ROWS weight rows is copied once per pass into a panel in
- * tile4's layout after unpacking: 8 loads of 32 bytes per block, load g holding weights 4g..4g+3 of each row
- * (with VNNI, each weight plus 128 as an unsigned byte: CODES_OFFSET). Fewer rows (a decode step) are read
- * straight from the weights (tile8_rows): a panel per call would cost 1.5x at one row. Both give bit-identical
- * results, so a sequence's products do not depend on how many rows share its call. */
+/* From PANEL_MIN input rows (a prompt), and for a single row (one sequence's decode step), int8 weights (rows a
+ * multiple of SCALE_BLOCK long) are multiplied as 4-bit ones are: the inputs rounded to int8 per block of
+ * Q4_BLOCK (quantize_input8, as llama.cpp rounds them for its Q8_0), one u8 x s8 instruction doing 32 products
+ * where the int16 path's does 16, each block's scales applied to 8 rows at once. For a prompt, each group of
+ * Q4_ROWS weight rows is copied once per pass into a panel in tile4's layout after unpacking: 8 loads of 32 bytes
+ * per block, load g holding weights 4g..4g+3 of each row (with VNNI, each weight plus 128 as an unsigned byte:
+ * CODES_OFFSET). A single row reads the weights as stored (tile8_rows; a panel per call cost 1.5x), with results
+ * bit-identical to the panels': a sequence decoded alone gets the products its prompt would. 2 to PANEL_MIN - 1
+ * rows (several sequences decoded together) keep int16 inputs: at SmolLM2-135M's widths their products are
+ * bound by arithmetic, and int8 inputs, direct or in panels, measured 20% slower at 8 rows. So a sequence's
+ * rounding depends on how many rows share its call. */
 #define PANEL_MIN 16
 #if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
 #define PANEL_OFFSET 0 /* the panel holds w itself (CODES_SIGNED) */
@@ -657,11 +660,11 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
 }
 
 /* The same products as tile8 for the Q4_ROWS rows from r0, read straight from m's rows (no panel): a decode
- * step's few input rows. Reading 8 rows side by side, 32 bytes of each at a time, measured ~25 GB/s where one
+ * step's one row (C input rows from c0, up to 4). Reading 8 rows side by side, 32 bytes of each at a time, measured ~25 GB/s where one
  * row after another reads at the machine's ~40, so the rows are read one after another: each row's exact integer
  * dot product with each block of each input row goes to `sums` (this thread's panel buffer, unused on this path:
- * 4 in bytes at most, of its 8 width), and those are then scaled and added in tile8's lanes and order. The results are
- * bit-identical to tile8's, so a sequence's products do not depend on how many rows share its call. */
+ * 4 in bytes at most, of its 8 width), and those are then scaled and added in tile8's lanes and order: results
+ * bit-identical to tile8's. */
 static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, int r0, const qinput *xi, int c0,
                                                              int C, float *y, int ldy, int mode) {
     const int in = m->in, nb = in / Q4_BLOCK, nb64 = blocks_of(in);
@@ -670,7 +673,8 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
     float out[4][Q4_ROWS];
 #ifdef __AVX2__
     int32_t *sums = (int32_t *)xi->panel; /* [c][row][block]: the exact dot products */
-#define SUMS(c, j) (sums + ((int64_t)(c) * Q4_ROWS + (j)) * nb)
+    const int stride = (nb + 7) & ~7; /* a row's sums, padded to a whole number of 8 blocks */
+#define SUMS(c, j) (sums + ((int64_t)(c) * Q4_ROWS + (j)) * stride)
     __m256 acc[4];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
     const int K8 = nb & ~7;
@@ -679,6 +683,7 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
         for (int k = 0; k < nb; k += 8) {
             const int blocks = k < K8 ? 8 : nb - k;
             __m256i raw[8], codes[8]; /* codes as block_dots' CODES_OFFSET (w + 128) or CODES_SIGNED (|w|) */
+            for (int b = blocks; b < 8; b++) raw[b] = codes[b] = _mm256_setzero_si256(); /* past the row: 0 */
             for (int b = 0; b < blocks; b++) {
                 raw[b] = _mm256_loadu_si256((const __m256i *)(row + (k + b) * Q4_BLOCK));
                 codes[b] = PANEL_OFFSET ? _mm256_xor_si256(raw[b], _mm256_set1_epi8((char)0x80))
@@ -687,27 +692,19 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
             for (int c = 0; c < C; c++) {
                 const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + (int64_t)k * Q4_BLOCK;
                 __m256i dots[8];
-                for (int b = 0; b < blocks; b++) {
-                    __m256i x = _mm256_loadu_si256((const __m256i *)(xc + b * Q4_BLOCK));
+                for (int b = 0; b < 8; b++) {
+                    __m256i x = b < blocks ? _mm256_loadu_si256((const __m256i *)(xc + b * Q4_BLOCK))
+                                           : _mm256_setzero_si256();
                     dots[b] = dot_u8s8(_mm256_setzero_si256(), codes[b],
                                        PANEL_OFFSET ? x : _mm256_sign_epi8(x, raw[b]));
                 }
-                if (blocks == 8) { /* the 8 blocks' lanes summed, block b in lane b */
-                    __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
-                    __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
-                    __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
-                    _mm256_storeu_si256((__m256i *)(SUMS(c, j) + k),
-                                       _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
-                                                        _mm256_permute2x128_si256(q0, q1, 0x31)));
-                } else {
-                    for (int b = 0; b < blocks; b++) {
-                        __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(dots[b]),
-                                                   _mm256_extracti128_si256(dots[b], 1));
-                        d4 = _mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(1, 0, 3, 2)));
-                        SUMS(c, j)[k + b] =
-                            _mm_cvtsi128_si32(_mm_add_epi32(d4, _mm_shuffle_epi32(d4, _MM_SHUFFLE(2, 3, 0, 1))));
-                    }
-                }
+                /* the 8 blocks' lanes summed, block b in lane b */
+                __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
+                __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
+                __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
+                _mm256_storeu_si256((__m256i *)(SUMS(c, j) + k),
+                                    _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                                                     _mm256_permute2x128_si256(q0, q1, 0x31)));
             }
         }
     }
@@ -722,7 +719,7 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
         }
         for (int c = 0; c < C; c++) {
             __m256i isums[8]; /* block k + b of the 8 rows, row j in lane j */
-            if (blocks == 8) { /* an 8 x 8 transpose of blocks k..k+7 of the 8 rows' sums */
+            { /* an 8 x 8 transpose of blocks k..k+7 of the 8 rows' sums (past the row: zeros) */
                 __m256i r[8], t[8], u[8];
                 for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(SUMS(c, j) + k));
                 for (int j = 0; j < 8; j += 2) {
@@ -739,11 +736,6 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
                     isums[b] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x20);
                     isums[b + 4] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x31);
                 }
-            } else {
-                for (int b = 0; b < blocks; b++)
-                    isums[b] = _mm256_setr_epi32(SUMS(c, 0)[k + b], SUMS(c, 1)[k + b], SUMS(c, 2)[k + b],
-                                                 SUMS(c, 3)[k + b], SUMS(c, 4)[k + b], SUMS(c, 5)[k + b],
-                                                 SUMS(c, 6)[k + b], SUMS(c, 7)[k + b]);
             }
             for (int b = 0; b < blocks; b++) {
                 const int kb = k + b;
@@ -836,7 +828,7 @@ static void product_panels(const qmatrix *m, int lo, int hi, const qinput *xi, u
 }
 #undef SUMS
 
-/* The same for fewer input rows than PANEL_MIN: rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
+/* The same without panels (for one input row): rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
  * last group of fewer rows through a panel. */
 static void product_rows8d(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     int r = lo;
@@ -860,7 +852,7 @@ static void product(const qmatrix *m, int lo, int hi, const float *x, int ldx, q
     if (panel_product(m, xi->n)) {
         if (!rounded) quantize_input8(x, ldx, xi);
         product_panels(m, lo, hi, xi, xi->panel, xi->pd, y, ldy, mode);
-    } else if (m->bits == 8 && m->in % SCALE_BLOCK == 0) {
+    } else if (m->bits == 8 && xi->n == 1 && m->in % SCALE_BLOCK == 0) {
         if (!rounded) quantize_input8(x, ldx, xi);
         product_rows8d(m, lo, hi, xi, y, ldy, mode);
     } else if (m->bits == 4) {
@@ -881,10 +873,14 @@ typedef struct {
     uint8_t *panel;
 } thread_buffers;
 
+/* A thread's panel buffer: a group of Q4_ROWS rows in a panel, or tile8_rows' sums (4 x Q4_ROWS rows' blocks,
+ * padded to a multiple of 8: 4 width + 896 bytes at most) */
+static inline int64_t panel_bytes(int width) { return (int64_t)Q4_ROWS * width + 1024; }
+
 static qinput thread_input(const thread_buffers *b, int t, int n, int width, int in) {
     int64_t blocks = (int64_t)t * n * (width / Q4_BLOCK), group = (int64_t)t * Q4_ROWS * width;
     qinput xi = {b->q + (int64_t)t * n * width, b->scale + (int64_t)t * n, b->q8 + (int64_t)t * n * width,
-                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + group,
+                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + t * panel_bytes(width),
                  b->pd + group / Q4_BLOCK, n, in};
     return xi;
 }
@@ -908,7 +904,7 @@ static int alloc_buffers(thread_buffers *b, int nt, int n, int width) {
     b->scale8 = malloc(sizeof(float) * blocks);
     b->sums8 = malloc(sizeof(float) * blocks);
     b->total8 = malloc(sizeof(int32_t) * blocks);
-    b->panel = malloc(group);
+    b->panel = malloc((size_t)nt * panel_bytes(width));
     b->pd = malloc(sizeof(float) * (group / Q4_BLOCK + 1));
     if (b->q && b->q8 && b->scale && b->scale8 && b->sums8 && b->total8 && b->panel && b->pd) return 0;
     free_buffers(b);

@@ -1,6 +1,6 @@
 """camelid's own CPU kernels (native.c): int8 and 4-bit weights, their activations rounded to int8 per 32 inside
-the products (to int16 per row for int8 rows not a multiple of SCALE_BLOCK long), and the decoder's layers in one
-call.
+the products (for int8 weights, to int16 per row when 2 to PANEL_MIN - 1 rows share a call), and the decoder's
+layers in one call.
 
 The C source ships with the package and is compiled with the machine's C compiler the first time it is needed
 (~2 s), into camelid's cache directory ($CAMELID_CACHE, else $XDG_CACHE_HOME/camelid, else ~/.cache/camelid),
@@ -36,8 +36,8 @@ NO_COMPILER = ("camelid's int8 kernels need a C compiler and none was found: ins
                "or use --quantize f16")
 SCALE_BLOCK = 64  # int8 weights per scale along a row (native.c's SCALE_BLOCK)
 Q4_BLOCK = 32  # 4-bit weights per float16 (scale, offset) pair along a row (native.c's Q4_BLOCK)
-PANEL_MIN = 16  # from this many input rows in one call, int8 products copy their weights into panels (native.c);
-# fewer rows are read straight from the weights, with bit-identical results
+PANEL_MIN = 16  # from this many input rows in one call, int8 products take int8 inputs in panels (native.c), as one
+# row does read straight from the weights (bit-identical); 2 to PANEL_MIN - 1 rows take int16 inputs
 Q4_ROWS = 8  # 4-bit weight rows interleaved in one group (native.c's Q4_ROWS)
 # (-ffp-contract=off: a multiply and an add stay two roundings unless the code asks for a fused one, so that every
 # path rounds the scalar code alike: the 4-bit quantizer's blocks are the same bytes on each)
@@ -336,8 +336,8 @@ class Int8Embedding(nn.Module):
 
 class QuantLinear(nn.Module):
     """A linear layer whose weights camelid's kernels multiply as they are stored (int8 or 4-bit); activations
-    are rounded to int8 per 32 (for int8 weights whose in_features is not a multiple of SCALE_BLOCK, to int16 per
-    row); a row's result does not depend on the rows beside it in the call. `threads`: how many threads the
+    are rounded to int8 per 32 (for int8 weights, to int16 per row when 2 to PANEL_MIN - 1 rows share the call or
+    in_features is not a multiple of SCALE_BLOCK): one row gets the same result alone as in a prompt. `threads`: how many threads the
     product runs on (None: torch.get_num_threads() at each call)."""
 
     bits = 0

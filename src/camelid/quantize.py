@@ -15,8 +15,9 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
   PyTorch operations per layer, and activations rounded to int8 per 32, as llama.cpp's Q8_0 rounds them, so
   that the products are integer dot products (vpdpbusd: 32 a instruction): SmolLM2's perplexity moved by +0.71%
   (bench/quantize.py --perplexity; +0.15% when the activations were rounded to int16 per row, for 0.6x the
-  prompt speed). One weight scale per row instead of per 64 cost +0.62%. A prompt's products and a decode
-  step's are bit-identical: a token's logits do not depend on the rows beside it.
+  prompt speed). One weight scale per row instead of per 64 cost +0.62%. One sequence's decode steps round
+  alike and get the products its prompt would, to the bit; 2 to 15 sequences decoded together round to int16
+  per row, which is faster there.
 - `int4`: the decoder's products as 4-bit weights (per 32 weights of a row, codes 0..15 and a float16 scale and
   offset: 5 bits a weight, rounded closer than llama.cpp's Q4_K) multiplied against inputs rounded to int8 per
   32, on the same native decoder; where llama.cpp's Q4_K_M gives a tensor more bits (attn_v and ffn_down in
