@@ -1162,7 +1162,8 @@ typedef struct {
     int type, rows, cols;
     const int32_t *rows_from;
     uint8_t *q;
-    uint16_t *dm;
+    uint16_t *dm; /* pairs (d, m) or d alone per block and row, as qmatrix's */
+    int pairs;
 } pack4_task;
 
 static void pack4_run(void *p, int t, int nt) {
@@ -1177,15 +1178,17 @@ static void pack4_run(void *p, int t, int nt) {
             const uint8_t *row = a->src + from * row_bytes;
             for (int k = 0; k < nb; k++) {
                 uint8_t codes[32], *b = a->q + ((int64_t)G * nb + k) * 128;
-                uint16_t *dm = a->dm + ((int64_t)G * nb + k) * 2 * Q4_ROWS;
+                uint16_t *dm = a->dm + ((int64_t)G * nb + k) * a->pairs * Q4_ROWS;
                 if (a->type != GGML_Q4_K) { /* Q4_0/Q4_1 bytes are weights i and 16 + i already: 4 at a time */
                     int size = a->type == GGML_Q4_0 ? 18 : 20;
                     const uint8_t *blk = row + (int64_t)k * size, *qs = blk + size - 16;
                     memcpy(&dm[j], blk, 2);
-                    if (a->type == GGML_Q4_0)
-                        dm[Q4_ROWS + j] = float_to_half(-8.0f * half_to_float(dm[j]));
-                    else
-                        memcpy(&dm[Q4_ROWS + j], blk + 2, 2);
+                    if (a->pairs == 2) { /* (with 1, Q4_0 only, the kernels make m = -8 d) */
+                        if (a->type == GGML_Q4_0)
+                            dm[Q4_ROWS + j] = float_to_half(-8.0f * half_to_float(dm[j]));
+                        else
+                            memcpy(&dm[Q4_ROWS + j], blk + 2, 2);
+                    }
                     for (int L = 0; L < 4; L++) memcpy(b + 32 * L + 4 * j, qs + 4 * L, 4);
                     continue;
                 }
@@ -1202,9 +1205,10 @@ static void pack4_run(void *p, int t, int nt) {
  * source's row rows_from[r] (NULL: r). rows must be a multiple of Q4_ROWS, cols of Q4_BLOCK (256 for Q4_K).
  * Returns 0, or -1 for a type it does not take. */
 int camelid_pack4(const uint8_t *src, int type, int rows, int cols, const int32_t *rows_from, uint8_t *q,
-                  uint16_t *dm, int threads) {
+                  uint16_t *dm, int pairs, int threads) {
     if (type != GGML_Q4_0 && type != GGML_Q4_1 && type != GGML_Q4_K) return -1;
-    pack4_task a = {src, type, rows, cols, rows_from, q, dm};
+    if (pairs != 2 && !(pairs == 1 && type == GGML_Q4_0)) return -1;
+    pack4_task a = {src, type, rows, cols, rows_from, q, dm, pairs};
     pthread_mutex_lock(&call_lock);
     parallel(pack4_run, &a, pool_grow(threads));
     pthread_mutex_unlock(&call_lock);

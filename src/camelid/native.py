@@ -163,7 +163,7 @@ def _build(cc: list[str], isa: str) -> ctypes.CDLL:
     lib.camelid_quantize_rows.restype = None
     lib.camelid_quantize_rows4.argtypes = [ptr, i32, i32, ptr, i32]
     lib.camelid_quantize_rows4.restype = None
-    lib.camelid_pack4.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32]
+    lib.camelid_pack4.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32]
     lib.camelid_pack4.restype = i32
     lib.camelid_quantize_stored_rows.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, i32]
     lib.camelid_quantize_stored_rows.restype = i32
@@ -429,19 +429,18 @@ class Int4Linear(QuantLinear):
         if any(b.cols != self.in_features for b in blocks) or (bias is not None and bias.shape != (self.out_features,)):
             raise ValueError("stacked 4-bit parts must be equally wide, and a bias one value per row of them all")
         nb = self.in_features // Q4_BLOCK
+        # Q4_0's offsets are all -8 d: only the scales are kept, and the kernels make the offsets
+        self.pairs = 1 if all(b.type == Q4_0 for b in blocks) else 2
         q = torch.empty(self.out_features // Q4_ROWS, nb, 128, dtype=torch.uint8)
-        dm = torch.empty(self.out_features // Q4_ROWS, nb, 2, Q4_ROWS, dtype=torch.float16)
+        dm = torch.empty(self.out_features // Q4_ROWS, nb, self.pairs, Q4_ROWS, dtype=torch.float16)
         group = 0
         for b in blocks:
             order = None if b.rows_from is None else b.rows_from.to(torch.int32).contiguous()
             status = library().camelid_pack4(_address(b.raw), b.type, b.rows, b.cols, _ptr(order), q[group:].data_ptr(),
-                                             dm[group:].data_ptr(), torch.get_num_threads())
+                                             dm[group:].data_ptr(), self.pairs, torch.get_num_threads())
             if status != 0:
                 raise ValueError(f"4-bit blocks of ggml type {b.type} cannot be taken (Q4_0, Q4_1, Q4_K only)")
             group += b.rows // Q4_ROWS
-        if all(b.type == Q4_0 for b in blocks):
-            dm = dm[:, :, :1].contiguous()  # the offsets are -8 d: the kernels make them
-        self.pairs = dm.shape[2]
         self._store(q, dm, bias, threads)
 
     def dequantized(self) -> Tensor:
