@@ -578,6 +578,27 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
 #define PANEL_OFFSET 128
 #endif
 
+#ifdef __AVX2__
+/* out[b] lane j = r[j] lane b: an 8 x 8 transpose of 32-bit lanes */
+static inline void transpose8(const __m256i r[8], __m256i out[8]) {
+    __m256i t[8], u[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+    }
+    for (int b = 0; b < 4; b++) {
+        out[b] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x20);
+        out[b + 4] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x31);
+    }
+}
+#endif
+
 /* Rows r0..r0 + rows - 1 of m (bits 8, in a multiple of SCALE_BLOCK; rows <= Q4_ROWS) as a panel (the rest
  * zero), with each block's Q4_ROWS scales in d [in / Q4_BLOCK, Q4_ROWS]. */
 static void panel8(const qmatrix *m, int r0, int rows, uint8_t *panel, float *d) {
@@ -590,26 +611,12 @@ static void panel8(const qmatrix *m, int r0, int rows, uint8_t *panel, float *d)
             d[k * Q4_ROWS + j] = j < rows ? ws[(int64_t)j * nb64 + k * Q4_BLOCK / SCALE_BLOCK] : 0;
 #ifdef __AVX2__
         if (rows == Q4_ROWS) { /* an 8 x 8 transpose of 4-byte groups */
-            __m256i r[8], t[8], u[8];
+            __m256i r[8], g4[8];
             for (int j = 0; j < 8; j++)
                 r[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * in + k * Q4_BLOCK));
-            for (int j = 0; j < 8; j += 2) {
-                t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-                t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-            }
-            for (int h = 0; h < 8; h += 4) {
-                u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
-                u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-                u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
-                u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
-            }
+            transpose8(r, g4);
             const __m256i flip = _mm256_set1_epi8((char)PANEL_OFFSET);
-            for (int g = 0; g < 4; g++) {
-                _mm256_storeu_si256((__m256i *)(b + 32 * g),
-                                    _mm256_xor_si256(_mm256_permute2x128_si256(u[g], u[g + 4], 0x20), flip));
-                _mm256_storeu_si256((__m256i *)(b + 32 * (g + 4)),
-                                    _mm256_xor_si256(_mm256_permute2x128_si256(u[g], u[g + 4], 0x31), flip));
-            }
+            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(b + 32 * g), _mm256_xor_si256(g4[g], flip));
             continue;
         }
 #endif
@@ -719,24 +726,9 @@ static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, i
         }
         for (int c = 0; c < C; c++) {
             __m256i isums[8]; /* block k + b of the 8 rows, row j in lane j */
-            { /* an 8 x 8 transpose of blocks k..k+7 of the 8 rows' sums (past the row: zeros) */
-                __m256i r[8], t[8], u[8];
-                for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(SUMS(c, j) + k));
-                for (int j = 0; j < 8; j += 2) {
-                    t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-                    t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-                }
-                for (int h = 0; h < 8; h += 4) {
-                    u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
-                    u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-                    u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
-                    u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
-                }
-                for (int b = 0; b < 4; b++) {
-                    isums[b] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x20);
-                    isums[b + 4] = _mm256_permute2x128_si256(u[b], u[b + 4], 0x31);
-                }
-            }
+            __m256i r[8];
+            for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(SUMS(c, j) + k));
+            transpose8(r, isums); /* blocks k..k+7 of the 8 rows' sums (past the row: zeros) */
             for (int b = 0; b < blocks; b++) {
                 const int kb = k + b;
                 const int64_t at = (int64_t)(c0 + c) * nb + kb;
