@@ -1,9 +1,9 @@
 """camelid's int8 kernels (native.c) against PyTorch doing the same arithmetic on the dequantized weights.
 
 The kernels round weights to int8 per block of 64 along a row and activations to int8 per block of 32 (to int16
-per row for 2 to PANEL_MIN - 1 rows in one call, or a row not a multiple of 64 long); the reference here is PyTorch's float32 product with the
-weights rounded the same way, and, where the tests say so, the activations too (with_int8_inputs), so that
-what is left is summation order.
+per row for 2 to PANEL_MIN - 1 rows in one call, or a row not a multiple of 64 long); the reference here is
+PyTorch's float32 product with the weights rounded the same way, and, where the tests say so, the activations too
+(with_int8_inputs), so that what is left is summation order.
 """
 
 import copy
@@ -48,8 +48,8 @@ def test_quantize_rows_rounds_each_block_to_its_own_int8_grid():
 def test_int8_linear_equals_the_dequantized_product(out_features, in_features, rows):
     """Shapes cover the vector loops' tails (37, 50, 7 rows), long rows summed in blocks (4100, 8200), groups of
     8 rows with a partial last one (50, 13 rows); batches that use every tile (1, 3, 8), more than one block of
-    input rows (70), and either side of PANEL_MIN, from where the weights are copied into panels. Rows a multiple
-    of 64 long take int8 inputs, the others int16 ones."""
+    input rows (70), and either side of PANEL_MIN, from where the weights are copied into panels. One row or
+    PANEL_MIN and more, a multiple of 64 long, take int8 inputs; the others int16 ones."""
     g = torch.Generator().manual_seed(out_features * rows)
     w = torch.randn(out_features, in_features, generator=g) * in_features**-0.5
     x = torch.randn(rows, in_features, generator=g)

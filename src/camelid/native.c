@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -666,12 +667,12 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
     store_group(m, r0, rows, out, c0, C, y, ldy, mode);
 }
 
-/* The same products as tile8 for the Q4_ROWS rows from r0, read straight from m's rows (no panel): a decode
- * step's one row (C input rows from c0, up to 4). Reading 8 rows side by side, 32 bytes of each at a time, measured ~25 GB/s where one
- * row after another reads at the machine's ~40, so the rows are read one after another: each row's exact integer
- * dot product with each block of each input row goes to `sums` (this thread's panel buffer, unused on this path:
- * 4 in bytes at most, of its 8 width), and those are then scaled and added in tile8's lanes and order: results
- * bit-identical to tile8's. */
+/* The same products as tile8 for the Q4_ROWS rows from r0, read straight from m's rows (no panel), for C input
+ * rows from c0 (up to 4; a decode step of one sequence has one). Reading 8 rows side by side, 32 bytes of each at
+ * a time, measured ~25 GB/s where one row after another reads at the machine's ~40, so the rows are read one after
+ * another: each row's exact integer dot product with each block of each input row goes to `sums` (this thread's
+ * panel buffer, unused on this path: 4 in bytes at most, of its 8 width), and those are then scaled and added in
+ * tile8's lanes and order: results bit-identical to tile8's. */
 static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, int r0, const qinput *xi, int c0,
                                                              int C, float *y, int ldy, int mode) {
     const int in = m->in, nb = in / Q4_BLOCK, nb64 = blocks_of(in);
@@ -820,21 +821,14 @@ static void product_panels(const qmatrix *m, int lo, int hi, const qinput *xi, u
 }
 #undef SUMS
 
-/* The same without panels (for one input row): rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
+/* The same for one input row, without panels: rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
  * last group of fewer rows through a panel. */
-static void product_rows8d(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
+static void product_row8(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     int r = lo;
-    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) /* a group's rows come from memory once (from cache for inputs 5..15) */
-        for (int c0 = 0; c0 < xi->n; c0 += 4) {
-            int C = xi->n - c0 < 4 ? xi->n - c0 : 4;
-            if (C == 4) tile8_rows(m, r, xi, c0, 4, y, ldy, mode);
-            else if (C == 3) tile8_rows(m, r, xi, c0, 3, y, ldy, mode);
-            else if (C == 2) tile8_rows(m, r, xi, c0, 2, y, ldy, mode);
-            else tile8_rows(m, r, xi, c0, 1, y, ldy, mode);
-        }
+    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) tile8_rows(m, r, xi, 0, 1, y, ldy, mode);
     if (r < hi) {
         panel8(m, r, hi - r, xi->panel, xi->pd);
-        for (int c = 0; c < xi->n; c++) tile8(m, r, hi - r, xi->panel, xi->pd, xi, c, 1, y, ldy, mode);
+        tile8(m, r, hi - r, xi->panel, xi->pd, xi, 0, 1, y, ldy, mode);
     }
 }
 
@@ -846,7 +840,7 @@ static void product(const qmatrix *m, int lo, int hi, const float *x, int ldx, q
         product_panels(m, lo, hi, xi, xi->panel, xi->pd, y, ldy, mode);
     } else if (m->bits == 8 && xi->n == 1 && m->in % SCALE_BLOCK == 0) {
         if (!rounded) quantize_input8(x, ldx, xi);
-        product_rows8d(m, lo, hi, xi, y, ldy, mode);
+        product_row8(m, lo, hi, xi, y, ldy, mode);
     } else if (m->bits == 4) {
         if (!rounded) quantize_input8(x, ldx, xi);
         product_rows4(m, lo, hi, xi, y, ldy, mode);
@@ -1193,9 +1187,10 @@ static void pack4_run(void *p, int t, int nt) {
 }
 
 /* Rows of Q4_0, Q4_1 or Q4_K blocks (`type`: ggml's number) in the 4-bit kernels' layout (tile4's): q
- * [rows / Q4_ROWS, cols / Q4_BLOCK, 128], dm [rows / Q4_ROWS, cols / Q4_BLOCK, 2, Q4_ROWS]. Output row r is the
- * source's row rows_from[r] (NULL: r). rows must be a multiple of Q4_ROWS, cols of Q4_BLOCK (256 for Q4_K).
- * Returns 0, or -1 for a type it does not take. */
+ * [rows / Q4_ROWS, cols / Q4_BLOCK, 128], dm [rows / Q4_ROWS, cols / Q4_BLOCK, pairs, Q4_ROWS] (pairs 2: d and m;
+ * 1, for Q4_0 only: d alone). Output row r is the source's row rows_from[r] (NULL: r). rows must be a multiple of
+ * Q4_ROWS, cols of Q4_BLOCK (256 for Q4_K). Returns 0, or -1 for a type it does not take or pairs 1 with another
+ * type than Q4_0. */
 int camelid_pack4(const uint8_t *src, int type, int rows, int cols, const int32_t *rows_from, uint8_t *q,
                   uint16_t *dm, int pairs, int threads) {
     if (type != GGML_Q4_0 && type != GGML_Q4_1 && type != GGML_Q4_K) return -1;
@@ -1461,6 +1456,7 @@ int camelid_decoder_forward(const decoder *d, int n, float *x, const int64_t *ro
 /* The structs' sizes, so that the Python side can check its mirror of them. */
 int camelid_sizeof_layer(void) { return (int)sizeof(layer_weights); }
 int camelid_sizeof_decoder(void) { return (int)sizeof(decoder); }
+int camelid_offset_pairs(void) { return (int)offsetof(qmatrix, pairs); }
 int camelid_scale_block(void) { return SCALE_BLOCK; }
 int camelid_q4_block(void) { return Q4_BLOCK; }
 int camelid_q4_rows(void) { return Q4_ROWS; }

@@ -1,6 +1,6 @@
 """camelid's own CPU kernels (native.c): int8 and 4-bit weights, their activations rounded to int8 per 32 inside
-the products (for int8 weights, to int16 per row when 2 to PANEL_MIN - 1 rows share a call), and the decoder's
-layers in one call.
+the products (for int8 weights, to int16 per row when 2 to PANEL_MIN - 1 rows share a call or a row is not a
+multiple of SCALE_BLOCK long), and the decoder's layers in one call.
 
 The C source ships with the package and is compiled with the machine's C compiler the first time it is needed
 (~2 s), into camelid's cache directory ($CAMELID_CACHE, else $XDG_CACHE_HOME/camelid, else ~/.cache/camelid),
@@ -172,7 +172,7 @@ def _build(cc: list[str], isa: str) -> ctypes.CDLL:
     for size, name in ((ctypes.sizeof(_Layer), "camelid_sizeof_layer"),
                        (ctypes.sizeof(_Decoder), "camelid_sizeof_decoder"), (SCALE_BLOCK, "camelid_scale_block"),
                        (Q4_BLOCK, "camelid_q4_block"), (Q4_ROWS, "camelid_q4_rows"),
-                       (PANEL_MIN, "camelid_panel_min")):
+                       (PANEL_MIN, "camelid_panel_min"), (_QMatrix.pairs.offset, "camelid_offset_pairs")):
         if getattr(lib, name)() != size:
             raise CamelidError(f"camelid's int8 kernels in {path} do not match this camelid; delete the file")
     lib.isa = isa
@@ -337,8 +337,8 @@ class Int8Embedding(nn.Module):
 class QuantLinear(nn.Module):
     """A linear layer whose weights camelid's kernels multiply as they are stored (int8 or 4-bit); activations
     are rounded to int8 per 32 (for int8 weights, to int16 per row when 2 to PANEL_MIN - 1 rows share the call or
-    in_features is not a multiple of SCALE_BLOCK): one row gets the same result alone as in a prompt. `threads`: how many threads the
-    product runs on (None: torch.get_num_threads() at each call)."""
+    in_features is not a multiple of SCALE_BLOCK): one row gets the same result alone as in a prompt of PANEL_MIN
+    rows or more. `threads`: how many threads the product runs on (None: torch.get_num_threads() at each call)."""
 
     bits = 0
     pairs = 0  # 4-bit weights: float16 numbers per block and row, 2 (d, m) or 1 (d only)

@@ -16,15 +16,15 @@ arithmetic; at batch 8 and in prefill the arithmetic counts too. Each kind store
   that the products are integer dot products (vpdpbusd: 32 a instruction): SmolLM2's perplexity moved by +0.71%
   (bench/quantize.py --perplexity; +0.15% when the activations were rounded to int16 per row, for 0.6x the
   prompt speed). One weight scale per row instead of per 64 cost +0.62%. One sequence's decode steps round
-  alike and get the products its prompt would, to the bit; 2 to 15 sequences decoded together round to int16
-  per row, which is faster there.
+  alike and get the products a prompt of 16 tokens or more would, to the bit; 2 to 15 rows in one call (several
+  sequences decoded together, a short prompt) round to int16 per row, which measured faster at 8 on SmolLM2.
 - `int4`: the decoder's products as 4-bit weights (per 32 weights of a row, codes 0..15 and a float16 scale and
   offset: 5 bits a weight, rounded closer than llama.cpp's Q4_K) multiplied against inputs rounded to int8 per
   32, on the same native decoder; where llama.cpp's Q4_K_M gives a tensor more bits (attn_v and ffn_down in
   about half the layers, rows not 256 wide) the product stays int8, and the head and embeddings are int8. A
-  GGUF file's Q4_0, Q4_1 and Q4_K blocks are used directly (repacked, never made float). At a 1.1B shape it
-  decodes at 1.0-1.15x llama.cpp's speed on the same Q4_0 file and prefills 1.2-1.3x as fast (README,
-  "Benchmarks"; the ratios moved between runs).
+  GGUF file's Q4_0, Q4_1 and Q4_K blocks are used directly (repacked, never made float; Q4_0's kept at its
+  4.5 bits, without offsets). At a 1.1B shape it decoded at 0.9-1.16x llama.cpp's speed on the same Q4_0 file,
+  reading the same bytes, and prefilled at 0.87-1.31x (README, "Benchmarks"; the ratios moved between runs).
 Without fbgemm (non-x86 CPUs) `f16` falls back to PyTorch's float16 products; `int8` and `int4` need a C
 compiler.
 Quantize a model loaded for inference, not one being trained: the float32 weights are not kept.
