@@ -9,7 +9,7 @@
  *
  * Weights are int8 with a float scale per block of SCALE_BLOCK weights along each row (as llama.cpp's Q8_0 has
  * per 32): one outlier weight coarsens only its own block's grid. Activations are rounded to int8 per block of 32
- * (see panel8 and tile8_rows), or to int16 per row (see PANEL_MIN).
+ * (see panel8 and tile8_row), or to int16 per row (see PANEL_MIN).
  *
  * Built by camelid.native with the machine's C compiler on first use, once per instruction-set path: the
  * vector code is written for AVX2 (with F16C and FMA) and uses VNNI's dot products where the path has them. Work
@@ -528,7 +528,7 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
             codes[L + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
         }
         __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * P * Q4_ROWS)));
-        __m256 mv = P == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16 + 8)))
+        __m256 mv = P == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + (int64_t)k * 16 + Q4_ROWS)))
                            : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f)); /* exact, as float16 m = -8 d would be */
         block_dots(codes, d, mv, xi, c0, C, k, acc, CODES_4BIT);
     }
@@ -567,7 +567,7 @@ static inline __attribute__((always_inline)) void tile4(const qmatrix *m, int G,
  * where the int16 path's does 16, each block's scales applied to 8 rows at once. For a prompt, each group of
  * Q4_ROWS weight rows is copied once per pass into a panel in tile4's layout after unpacking: 8 loads of 32 bytes
  * per block, load g holding weights 4g..4g+3 of each row (with VNNI, each weight plus 128 as an unsigned byte:
- * CODES_OFFSET). A single row reads the weights as stored (tile8_rows; a panel per call cost 1.5x), with results
+ * CODES_OFFSET). A single row reads the weights as stored (tile8_row; a panel per call cost 1.5x), with results
  * bit-identical to the panels': a sequence decoded alone gets the products its prompt would. 2 to PANEL_MIN - 1
  * rows (several sequences decoded together) keep int16 inputs: at SmolLM2-135M's widths their products are
  * bound by arithmetic, and int8 inputs, direct or in panels, measured 20% slower at 8 rows. So a sequence's
@@ -667,98 +667,76 @@ static inline __attribute__((always_inline)) void tile8(const qmatrix *m, int r0
     store_group(m, r0, rows, out, c0, C, y, ldy, mode);
 }
 
-/* The same products as tile8 for the Q4_ROWS rows from r0, read straight from m's rows (no panel), for C input
- * rows from c0 (up to 4; a decode step of one sequence has one). Reading 8 rows side by side, 32 bytes of each at
- * a time, measured ~25 GB/s where one row after another reads at the machine's ~40, so the rows are read one after
- * another: each row's exact integer dot product with each block of each input row goes to `sums` (this thread's
- * panel buffer, unused on this path: 4 in bytes at most, of its 8 width), and those are then scaled and added in
- * tile8's lanes and order: results bit-identical to tile8's. */
-static inline __attribute__((always_inline)) void tile8_rows(const qmatrix *m, int r0, const qinput *xi, int c0,
-                                                             int C, float *y, int ldy, int mode) {
+/* The same products as tile8 for the Q4_ROWS rows from r0 and one input row (a decode step of one sequence),
+ * read straight from m's rows (no panel). Reading 8 rows side by side, 32 bytes of each at a time, measured
+ * ~25 GB/s where one row after another reads at the machine's ~40, so the rows are read one after another: each
+ * row's exact integer dot product with each block of the input goes to `sums` (this thread's panel buffer,
+ * unused on this path), and those are then scaled and added in tile8's lanes and order: results bit-identical to
+ * tile8's. */
+static inline __attribute__((always_inline)) void tile8_row(const qmatrix *m, int r0, const qinput *xi, float *y,
+                                                            int mode) {
     const int in = m->in, nb = in / Q4_BLOCK, nb64 = blocks_of(in);
     const int8_t *w = (const int8_t *)m->w + (int64_t)r0 * in;
     const float *ws = (const float *)m->scale + (int64_t)r0 * nb64;
-    float out[4][Q4_ROWS];
+    float out[1][Q4_ROWS] = {{0}};
 #ifdef __AVX2__
-    int32_t *sums = (int32_t *)xi->panel; /* [c][row][block]: the exact dot products */
-    const int stride = (nb + 7) & ~7; /* a row's sums, padded to a whole number of 8 blocks */
-#define SUMS(c, j) (sums + ((int64_t)(c) * Q4_ROWS + (j)) * stride)
-    __m256 acc[4];
-    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-    const int K8 = nb & ~7;
+    /* [row][block], each row padded to a whole number of 8 blocks: in + 224 bytes at most, of the buffer's 8 in */
+    int32_t *sums = (int32_t *)xi->panel;
+    const int stride = (nb + 7) & ~7, K8 = nb & ~7;
     for (int j = 0; j < Q4_ROWS; j++) {
         const int8_t *row = w + (int64_t)j * in;
         for (int k = 0; k < nb; k += 8) {
             const int blocks = k < K8 ? 8 : nb - k;
-            __m256i raw[8], codes[8]; /* codes as block_dots' CODES_OFFSET (w + 128) or CODES_SIGNED (|w|) */
-            for (int b = blocks; b < 8; b++) raw[b] = codes[b] = _mm256_setzero_si256(); /* past the row: 0 */
-            for (int b = 0; b < blocks; b++) {
-                raw[b] = _mm256_loadu_si256((const __m256i *)(row + (k + b) * Q4_BLOCK));
-                codes[b] = PANEL_OFFSET ? _mm256_xor_si256(raw[b], _mm256_set1_epi8((char)0x80))
-                                        : _mm256_abs_epi8(raw[b]);
+            __m256i dots[8];
+            for (int b = 0; b < 8; b++) { /* past the row: zeros */
+                __m256i raw = b < blocks ? _mm256_loadu_si256((const __m256i *)(row + (k + b) * Q4_BLOCK))
+                                         : _mm256_setzero_si256();
+                __m256i x = b < blocks ? _mm256_loadu_si256((const __m256i *)(xi->q8 + (k + b) * Q4_BLOCK))
+                                       : _mm256_setzero_si256();
+                /* the codes as block_dots' CODES_OFFSET (w + 128) or CODES_SIGNED (|w| . sign(x, w)) */
+                dots[b] = PANEL_OFFSET
+                              ? dot_u8s8(_mm256_setzero_si256(), _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80)), x)
+                              : dot_u8s8(_mm256_setzero_si256(), _mm256_abs_epi8(raw), _mm256_sign_epi8(x, raw));
             }
-            for (int c = 0; c < C; c++) {
-                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + (int64_t)k * Q4_BLOCK;
-                __m256i dots[8];
-                for (int b = 0; b < 8; b++) {
-                    __m256i x = b < blocks ? _mm256_loadu_si256((const __m256i *)(xc + b * Q4_BLOCK))
-                                           : _mm256_setzero_si256();
-                    dots[b] = dot_u8s8(_mm256_setzero_si256(), codes[b],
-                                       PANEL_OFFSET ? x : _mm256_sign_epi8(x, raw[b]));
-                }
-                /* the 8 blocks' lanes summed, block b in lane b */
-                __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
-                __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
-                __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
-                _mm256_storeu_si256((__m256i *)(SUMS(c, j) + k),
-                                    _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
-                                                     _mm256_permute2x128_si256(q0, q1, 0x31)));
-            }
+            /* the 8 blocks' lanes summed, block b in lane b */
+            __m256i p0 = _mm256_hadd_epi32(dots[0], dots[1]), p1 = _mm256_hadd_epi32(dots[2], dots[3]);
+            __m256i p2 = _mm256_hadd_epi32(dots[4], dots[5]), p3 = _mm256_hadd_epi32(dots[6], dots[7]);
+            __m256i q0 = _mm256_hadd_epi32(p0, p1), q1 = _mm256_hadd_epi32(p2, p3);
+            _mm256_storeu_si256((__m256i *)(sums + (int64_t)j * stride + k),
+                                _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                                                 _mm256_permute2x128_si256(q0, q1, 0x31)));
         }
     }
+    __m256 acc = _mm256_setzero_ps();
     for (int k = 0; k < nb; k += 8) {
         const int blocks = k < K8 ? 8 : nb - k;
-        __m256 d[8]; /* the 8 rows' scales of each block */
+        __m256i r[8], isums[8]; /* isums[b]: block k + b of the 8 rows, row j in lane j */
+        for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(sums + (int64_t)j * stride + k));
+        transpose8(r, isums);
+        __m256 d = _mm256_setzero_ps(); /* the 8 rows' scales of the block */
         for (int b = 0; b < blocks; b++) {
-            const int s = (k + b) * Q4_BLOCK / SCALE_BLOCK;
-            d[b] = (k + b) % (SCALE_BLOCK / Q4_BLOCK) ? d[b - 1]
-                         : _mm256_setr_ps(ws[s], ws[nb64 + s], ws[2 * nb64 + s], ws[3 * nb64 + s], ws[4 * nb64 + s],
-                                          ws[5 * nb64 + s], ws[6 * nb64 + s], ws[7 * nb64 + s]);
-        }
-        for (int c = 0; c < C; c++) {
-            __m256i isums[8]; /* block k + b of the 8 rows, row j in lane j */
-            __m256i r[8];
-            for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(SUMS(c, j) + k));
-            transpose8(r, isums); /* blocks k..k+7 of the 8 rows' sums (past the row: zeros) */
-            for (int b = 0; b < blocks; b++) {
-                const int kb = k + b;
-                const int64_t at = (int64_t)(c0 + c) * nb + kb;
-                __m256i isum = isums[b];
-                if (PANEL_OFFSET) /* the codes held w + 128: 128 sum(xq) off, as in tile8 */
-                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(PANEL_OFFSET * xi->total8[at]));
-                __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d[b]);
-                acc[c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(xi->scale8[at]), acc[c]);
-            }
+            const int kb = k + b, s = kb * Q4_BLOCK / SCALE_BLOCK;
+            if (kb % (SCALE_BLOCK / Q4_BLOCK) == 0)
+                d = _mm256_setr_ps(ws[s], ws[nb64 + s], ws[2 * nb64 + s], ws[3 * nb64 + s], ws[4 * nb64 + s],
+                                   ws[5 * nb64 + s], ws[6 * nb64 + s], ws[7 * nb64 + s]);
+            __m256i isum = isums[b];
+            if (PANEL_OFFSET) /* the codes held w + 128: 128 sum(xq) off, as in tile8 */
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(PANEL_OFFSET * xi->total8[kb]));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), d), _mm256_set1_ps(xi->scale8[kb]), acc);
         }
     }
-    for (int c = 0; c < C; c++) _mm256_storeu_ps(out[c], acc[c]);
+    _mm256_storeu_ps(out[0], acc);
 #else
-    for (int c = 0; c < C; c++)
-        for (int j = 0; j < Q4_ROWS; j++) out[c][j] = 0;
     for (int k = 0; k < nb; k++)
         for (int j = 0; j < Q4_ROWS; j++) {
-            const int8_t *wj = w + (int64_t)j * in + k * Q4_BLOCK;
+            const int8_t *wj = w + (int64_t)j * in + k * Q4_BLOCK, *xk = xi->q8 + k * Q4_BLOCK;
             float d = ws[(int64_t)j * nb64 + k * Q4_BLOCK / SCALE_BLOCK];
-            for (int c = 0; c < C; c++) {
-                const int8_t *xc = xi->q8 + (int64_t)(c0 + c) * in + k * Q4_BLOCK;
-                int64_t at = (int64_t)(c0 + c) * nb + k;
-                int32_t isum = 0;
-                for (int i = 0; i < Q4_BLOCK; i++) isum += wj[i] * xc[i];
-                out[c][j] = fmaf((float)isum * d, xi->scale8[at], out[c][j]);
-            }
+            int32_t isum = 0;
+            for (int i = 0; i < Q4_BLOCK; i++) isum += wj[i] * xk[i];
+            out[0][j] = fmaf((float)isum * d, xi->scale8[k], out[0][j]);
         }
 #endif
-    store_group(m, r0, Q4_ROWS, out, c0, C, y, ldy, mode);
+    store_group(m, r0, Q4_ROWS, out, 0, 1, y, 0, mode);
 }
 
 static inline int panel_product(const qmatrix *m, int n) {
@@ -819,17 +797,13 @@ static void product_panels(const qmatrix *m, int lo, int hi, const qinput *xi, u
         }
     }
 }
-#undef SUMS
 
-/* The same for one input row, without panels: rows [lo, hi) Q4_ROWS at a time straight from m (tile8_rows), a
+/* The same for one input row, without panels: rows [lo, hi) Q4_ROWS at a time straight from m (tile8_row), a
  * last group of fewer rows through a panel. */
 static void product_row8(const qmatrix *m, int lo, int hi, const qinput *xi, float *y, int ldy, int mode) {
     int r = lo;
-    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) tile8_rows(m, r, xi, 0, 1, y, ldy, mode);
-    if (r < hi) {
-        panel8(m, r, hi - r, xi->panel, xi->pd);
-        tile8(m, r, hi - r, xi->panel, xi->pd, xi, 0, 1, y, ldy, mode);
-    }
+    for (; r + Q4_ROWS <= hi; r += Q4_ROWS) tile8_row(m, r, xi, y, mode);
+    if (r < hi) product_panels(m, r, hi, xi, xi->panel, xi->pd, y, ldy, mode);
 }
 
 /* Round the input as m's weights need it, then rows [lo, hi) of y (=|+=) x @ m.T. */
@@ -859,14 +833,10 @@ typedef struct {
     uint8_t *panel;
 } thread_buffers;
 
-/* A thread's panel buffer: a group of Q4_ROWS rows in a panel, or tile8_rows' sums (4 x Q4_ROWS rows' blocks,
- * padded to a multiple of 8: 4 width + 896 bytes at most) */
-static inline int64_t panel_bytes(int width) { return (int64_t)Q4_ROWS * width + 1024; }
-
 static qinput thread_input(const thread_buffers *b, int t, int n, int width, int in) {
     int64_t blocks = (int64_t)t * n * (width / Q4_BLOCK), group = (int64_t)t * Q4_ROWS * width;
     qinput xi = {b->q + (int64_t)t * n * width, b->scale + (int64_t)t * n, b->q8 + (int64_t)t * n * width,
-                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + t * panel_bytes(width),
+                 b->scale8 + blocks, b->sums8 + blocks, b->total8 + blocks, b->panel + group,
                  b->pd + group / Q4_BLOCK, n, in};
     return xi;
 }
@@ -890,7 +860,7 @@ static int alloc_buffers(thread_buffers *b, int nt, int n, int width) {
     b->scale8 = malloc(sizeof(float) * blocks);
     b->sums8 = malloc(sizeof(float) * blocks);
     b->total8 = malloc(sizeof(int32_t) * blocks);
-    b->panel = malloc((size_t)nt * panel_bytes(width));
+    b->panel = malloc(group);
     b->pd = malloc(sizeof(float) * (group / Q4_BLOCK + 1));
     if (b->q && b->q8 && b->scale && b->scale8 && b->sums8 && b->total8 && b->panel && b->pd) return 0;
     free_buffers(b);
